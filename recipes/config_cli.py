@@ -1,0 +1,81 @@
+"""Command-line options from a recipe's config dataclass: one ``--flag`` per field, defaults shown.
+
+Fields of a nested dataclass (such as ``OptimConfig``) become flags of their own, so every option
+of the optimizer is reachable from the command line without being listed twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Sequence, TypeVar
+
+C = TypeVar("C")
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """``int | None`` -> ``(int, True)``; ``float`` -> ``(float, False)``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, Any, str | None]]:
+    """(field, resolved type, name of the nested dataclass field it belongs to or None)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            out += [(inner, t, field.name) for inner, t, _ in _fields(kind)]
+        else:
+            out.append((field, kind, None))
+    return out
+
+
+def _parse_optional(kind: type):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, help_texts: dict[str, str] | None = None) -> None:
+    """Adds a ``--field-name`` option for every (nested) field of the dataclass ``cls``."""
+    help_texts = help_texts or {}
+    defaults = dataclasses.asdict(cls())
+    for field, kind, parent in _fields(cls):
+        default = defaults[parent][field.name] if parent else defaults[field.name]
+        base, optional = _base_type(kind)
+        flag = "--" + field.name.replace("_", "-")
+        text = help_texts.get(field.name, "")
+        if base is bool:
+            parser.add_argument(flag, dest=field.name, default=default, help=text,
+                                action=argparse.BooleanOptionalAction)
+        else:
+            convert = _parse_optional(base) if optional else base
+            parser.add_argument(flag, dest=field.name, default=default, type=convert, help=text or " ",
+                                metavar=base.__name__.upper())
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """Builds ``cls`` (and its nested dataclasses) from parsed arguments."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        values[field.name] = config_from_args(kind, args) if dataclasses.is_dataclass(kind) else getattr(args, field.name)
+    return cls(**values)
+
+
+def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, description: str,
+                 help_texts: dict[str, str] | None = None) -> C:
+    """Parses ``argv`` into a ``cls`` config; ``--help`` lists every option with its default."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(parser, cls, help_texts)
+    return config_from_args(cls, parser.parse_args(argv))

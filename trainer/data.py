@@ -1,0 +1,157 @@
+"""Batches in: an in-memory ``ArrayLoader`` with exact, checkpointable positions, and batch helpers.
+
+``ArrayLoader`` is a stateless description of the data (arrays, batch size, shuffling, seed).
+Iterating it gives an ``ArrayLoaderIterator`` for one epoch; the *iterator* holds the position
+(as in grain), so a loader can be shared by several ``fit`` calls and trainers without carrying
+a half-finished epoch from one into another. Epoch ``e``'s order depends only on ``(seed, e)``.
+
+Example::
+
+    loader = ArrayLoader({"image": x, "label": y}, batch_size=128, seed=0)
+    it = loader.iterator(epoch=2)           # the third epoch's order
+    first = next(it); state = it.get_state()  # {"epoch": 2, "position": 1, ...}
+    it2 = loader.iterator(); it2.set_state(state)  # continues with the same second batch
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import jax
+import numpy as np
+
+
+class ArrayLoaderIterator:
+    """One epoch of an ``ArrayLoader``: yields batches from ``position`` to the epoch's end."""
+
+    def __init__(self, loader: "ArrayLoader", epoch: int = 0, position: int = 0):
+        self._loader = loader
+        self._set(epoch, position)
+
+    def _set(self, epoch: int, position: int) -> None:
+        if not 0 <= position <= len(self._loader):
+            raise ValueError(
+                f"position={position} is outside epoch of {len(self._loader)} batches."
+            )
+        self.epoch = int(epoch)
+        self.position = int(position)
+        self._order = self._loader.epoch_order(self.epoch)
+
+    def __iter__(self) -> "ArrayLoaderIterator":
+        return self
+
+    def __len__(self) -> int:
+        return len(self._loader) - self.position
+
+    def __next__(self) -> Any:
+        if self.position >= len(self._loader):
+            raise StopIteration
+        size = self._loader.batch_size
+        index = self._order[self.position * size:(self.position + 1) * size]
+        self.position += 1
+        return jax.tree.map(lambda a: a[index], self._loader.arrays)
+
+    def get_state(self) -> dict[str, int]:
+        """Where this iterator stands: ``{"epoch", "position", "seed", "num_examples"}``."""
+        return {"epoch": self.epoch, "position": self.position,
+                "seed": self._loader.seed, "num_examples": self._loader.num_examples}
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        """Jump to a position from ``get_state()``; refuses one taken from different data."""
+        for key in ("seed", "num_examples"):
+            mine = getattr(self._loader, key)
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"iterator state has {key}={state[key]} but this loader has {key}={mine}: "
+                    "it comes from different data; build the loader as it was when the state was saved."
+                )
+        self._set(state["epoch"], state["position"])
+
+
+class ArrayLoader:
+    """Batches over in-memory arrays (any pytree of arrays sharing the first axis).
+
+    Args:
+      arrays: e.g. ``{"image": x, "label": y}`` or ``(x, y)``; numpy or anything ``np.asarray`` takes.
+      batch_size: examples per batch.
+      shuffle: reshuffle every epoch, deterministically from ``(seed, epoch)``.
+      seed: the shuffling seed.
+      drop_remainder: drop the last, smaller batch (training); ``False`` keeps it (evaluation).
+
+    Raises:
+      ValueError: empty arrays, first axes that differ, a non-positive batch size, or a batch size
+        larger than the dataset with ``drop_remainder=True``.
+    """
+
+    def __init__(self, arrays: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 drop_remainder: bool = True):
+        self.arrays = jax.tree.map(np.asarray, arrays)
+        leaves = jax.tree.leaves(self.arrays)
+        if not leaves:
+            raise ValueError("ArrayLoader got no arrays; pass e.g. {'image': x, 'label': y}.")
+        sizes = {a.shape[0] if a.ndim else None for a in leaves}
+        if len(sizes) != 1 or None in sizes:
+            raise ValueError(f"ArrayLoader arrays must share their first axis; found lengths {sorted(map(str, sizes))}.")
+        self.num_examples = sizes.pop()
+        if self.num_examples == 0:
+            raise ValueError("ArrayLoader got an empty dataset (0 examples); check the data path or split.")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+        if drop_remainder and batch_size > self.num_examples:
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the dataset ({self.num_examples} examples) "
+                "with drop_remainder=True, so an epoch would have no batch; lower batch_size or "
+                "pass drop_remainder=False."
+            )
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_remainder = drop_remainder
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, rest = divmod(self.num_examples, self.batch_size)
+        return full + (1 if rest and not self.drop_remainder else 0)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The example indices of epoch ``epoch``, in order (a permutation when shuffling)."""
+        if not self.shuffle:
+            return np.arange(self.num_examples)
+        return np.random.default_rng((self.seed, epoch)).permutation(self.num_examples)
+
+    def iterator(self, epoch: int = 0, position: int = 0) -> ArrayLoaderIterator:
+        """An iterator over epoch ``epoch``, starting at batch ``position``."""
+        return ArrayLoaderIterator(self, epoch, position)
+
+    def __iter__(self) -> Iterator[Any]:
+        """One pass in epoch 0's order (the trainer asks ``iterator(epoch)`` for the others)."""
+        return self.iterator(0)
+
+
+def batch_size_of(batch: Any) -> int:
+    """The leading dimension shared by every array of a batch."""
+    sizes = {np.shape(a)[0] for a in jax.tree.leaves(batch) if np.ndim(a)}
+    if len(sizes) != 1:
+        raise ValueError(f"batch arrays must share their first (batch) axis; found sizes {sorted(sizes)}.")
+    return sizes.pop()
+
+
+def pad_batch(batch: Any, size: int) -> tuple[Any, np.ndarray]:
+    """Pad every array of ``batch`` to ``size`` rows (repeating row 0) and a mask of real rows.
+
+    Evaluation pads its last, smaller batch so that one compiled function serves every batch
+    and the mask keeps padded rows out of every metric.
+    """
+    n = batch_size_of(batch)
+    if n > size:
+        raise ValueError(f"a batch of {n} examples is larger than the first batch ({size}); "
+                         "batches after the first may only be smaller (the last one).")
+    mask = np.arange(size) < n
+    if n == size:
+        return batch, mask
+
+    def pad(a):
+        a = np.asarray(a)
+        return np.concatenate([a, np.repeat(a[:1], size - n, axis=0)], axis=0)
+
+    return jax.tree.map(pad, batch), mask

@@ -1,0 +1,85 @@
+"""The ``Callback`` base class and the one generic dispatcher that runs callbacks in list order.
+
+Every hook takes the trainer first; callbacks are built without a trainer and can be reused.
+A callback steers through the trainer (``trainer.should_stop = True``), never by poking the loop.
+
+Example::
+
+    class StopAtLoss(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if logs["loss"] < 0.1:
+                trainer.should_stop = True
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.trainer import Trainer
+
+EVENTS = (
+    "on_fit_start", "on_epoch_start", "on_step_start", "on_step_end", "on_eval_start",
+    "on_eval_end", "on_epoch_end", "on_checkpoint_save", "on_checkpoint_restore",
+    "on_exception", "on_fit_end",
+)
+
+
+class Callback:
+    """Base class with a no-op method for every event; override the ones you need.
+
+    Hooks and what they receive (after the trainer):
+
+    - ``on_fit_start()`` / ``on_fit_end()``: once per ``fit``; ``on_fit_end`` also after a stop
+      requested through ``trainer.should_stop`` (not after an exception).
+    - ``on_epoch_start(epoch)``: ``epoch`` is 0-based.
+    - ``on_step_start(step)`` / ``on_step_end(step, metrics)``: ``step`` is the 1-based number of
+      the optimizer step (``trainer.step`` equals it once the step has run); ``metrics`` is a dict
+      of *device* scalars: read them on your own cadence (``float()`` blocks on the device).
+    - ``on_eval_start()`` / ``on_eval_end(metrics)``: ``metrics`` are host floats, prefixed as the
+      evaluation was asked (``eval/loss`` inside ``fit``). An epoch's evaluation comes before its
+      ``on_epoch_end``.
+    - ``on_epoch_end(epoch, logs)``: ``logs`` holds the epoch's mean train metrics and, when an
+      evaluation ran, its metrics.
+    - ``on_checkpoint_save(checkpoint)`` / ``on_checkpoint_restore(checkpoint)``: the dict written
+      or read.
+    - ``on_exception(exception)``: an error escaped ``fit``; it is re-raised after every callback.
+
+    ``state_dict()`` / ``load_state_dict()`` carry a callback's own state through checkpoints.
+    """
+
+    def on_fit_start(self, trainer: "Trainer") -> None: ...
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...
+    def on_step_start(self, trainer: "Trainer", step: int) -> None: ...
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: Mapping[str, Any]) -> None: ...
+    def on_eval_start(self, trainer: "Trainer") -> None: ...
+    def on_eval_end(self, trainer: "Trainer", metrics: Mapping[str, float]) -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, logs: Mapping[str, float]) -> None: ...
+    def on_checkpoint_save(self, trainer: "Trainer", checkpoint: dict) -> None: ...
+    def on_checkpoint_restore(self, trainer: "Trainer", checkpoint: dict) -> None: ...
+    def on_exception(self, trainer: "Trainer", exception: BaseException) -> None: ...
+    def on_fit_end(self, trainer: "Trainer") -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """This callback's state to checkpoint (plain Python / numpy values); empty by default."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+class CallbackList:
+    """Runs one event on every callback, in list order."""
+
+    def __init__(self, callbacks: Iterable[Callback] = ()):
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(
+                    f"callbacks must be Callback instances; got {type(cb).__name__}. "
+                    "Subclass callbacks.Callback (and pass an instance, not the class)."
+                )
+
+    def dispatch(self, event: str, trainer: "Trainer", *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(trainer, *args)

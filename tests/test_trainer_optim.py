@@ -1,0 +1,102 @@
+"""Optimizers and schedules from plain values: they build, and their learning rates are optax's."""
+
+from __future__ import annotations
+
+import numpy as np
+import optax
+import pytest
+
+from conftest import TinyMLP
+from flax import nnx
+from trainer import ArrayLoader, OptimConfig, Trainer, make_optimizer, make_schedule
+from trainer.optim import current_learning_rate
+
+STEPS = [0, 5, 10, 11, 50, 99, 100]
+
+
+@pytest.mark.parametrize("name, kwargs, reference", [
+    ("constant", {}, optax.constant_schedule(0.1)),
+    ("warmup_cosine", {"warmup_steps": 10, "end_learning_rate": 0.001},
+     optax.warmup_cosine_decay_schedule(0.0, 0.1, 10, 100, end_value=0.001)),
+    ("exponential", {"decay_rate": 0.5, "decay_steps": 20}, optax.exponential_decay(0.1, 20, 0.5)),
+    ("exponential", {"warmup_steps": 10, "decay_rate": 0.5, "decay_steps": 20},
+     optax.join_schedules([optax.linear_schedule(0.0, 0.1, 10), optax.exponential_decay(0.1, 20, 0.5)], [10])),
+    ("constant", {"warmup_steps": 10},
+     optax.join_schedules([optax.linear_schedule(0.0, 0.1, 10), optax.constant_schedule(0.1)], [10])),
+])
+def test_schedule_values_match_optax(name, kwargs, reference):
+    schedule = make_schedule(name, learning_rate=0.1, total_steps=100, **kwargs)
+    for step in STEPS:
+        assert float(schedule(step)) == pytest.approx(float(reference(step)), rel=1e-6, abs=1e-9)
+
+
+def test_warmup_rises_linearly_then_peaks():
+    schedule = make_schedule("warmup_cosine", learning_rate=0.1, total_steps=100, warmup_steps=10)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(0.05)
+    assert float(schedule(10)) == pytest.approx(0.1)
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("clip_norm", [None, 1.0])
+def test_each_optimizer_builds_and_trains(data, name, clip_norm):
+    tx = make_optimizer(name, learning_rate=0.05, weight_decay=1e-4, nesterov=(name == "sgd"), clip_norm=clip_norm)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), tx, max_epochs=4)
+    history = trainer.fit(ArrayLoader(data, 32))
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_learning_rate_is_read_from_optimizer_state_at_each_step(data):
+    config = OptimConfig(optimizer="adamw", learning_rate=0.1, schedule="warmup_cosine", warmup_steps=4)
+    schedule = config.make_schedule(total_steps=12)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), config.build(total_steps=12), max_steps=12)
+    seen = []
+    from callbacks import Callback
+
+    class Spy(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            seen.append(float(trainer.learning_rate))
+
+    trainer.callbacks.callbacks.append(Spy())
+    trainer.fit(ArrayLoader(data, 32))
+    # step k (1-based) used the schedule's value at count k - 1
+    np.testing.assert_allclose(seen, [float(schedule(k)) for k in range(12)], rtol=1e-6)
+
+
+def test_sgd_with_nesterov_momentum_matches_optax():
+    mine = make_optimizer("sgd", learning_rate=0.1, momentum=0.9, nesterov=True)
+    ref = optax.sgd(0.1, momentum=0.9, nesterov=True)
+    params = {"w": np.ones(3, np.float32)}
+    grads = {"w": np.array([1.0, -2.0, 0.5], np.float32)}
+    s1, s2 = mine.init(params), ref.init(params)
+    for _ in range(3):
+        u1, s1 = mine.update(grads, s1, params)
+        u2, s2 = ref.update(grads, s2, params)
+        np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"learning_rate": -1e-3}, "learning_rate=-0.001 must be positive"),
+    ({"learning_rate": 0.0}, "must be positive"),
+    ({"learning_rate": 1e-3, "clip_norm": 0.0}, "clip_norm"),
+    ({"learning_rate": 1e-3, "weight_decay": -1.0}, "weight_decay"),
+])
+def test_bad_optimizer_values_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_optimizer("adamw", **kwargs)
+
+
+def test_bad_schedule_values_are_refused():
+    with pytest.raises(ValueError, match="learning_rate=0 must be positive"):
+        make_schedule("constant", learning_rate=0)
+    with pytest.raises(ValueError, match="needs total_steps"):
+        make_schedule("warmup_cosine", learning_rate=0.1, warmup_steps=10)
+    with pytest.raises(ValueError, match="choose one of"):
+        make_schedule("linear_decay", learning_rate=0.1)
+    with pytest.raises(ValueError, match="choose one of"):
+        make_optimizer("lamb", learning_rate=0.1)
+
+
+def test_plain_optax_optimizer_has_no_injected_learning_rate():
+    assert current_learning_rate(optax.adam(1e-3).init({"w": np.zeros(2)})) is None

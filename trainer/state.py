@@ -17,12 +17,16 @@ from flax import nnx, struct
 
 @struct.dataclass
 class TrainState:
-    """Model parameters, the model's other state, the optimizer state and the step counter."""
+    """Model parameters, the model's other state, the optimizer state and the step counter.
+
+    ``guard`` is the non-finite guard's device state (``None`` until a ``NaNDetector`` asks for it).
+    """
 
     params: nnx.State
     model_state: nnx.State
     opt_state: optax.OptState
     step: jax.Array
+    guard: dict[str, jax.Array] | None = None
 
     @classmethod
     def create(cls, model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, "TrainState"]:

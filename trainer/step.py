@@ -2,25 +2,42 @@
 
 Each is one ``jax.jit`` of a pure function; the model is merged *inside* the trace (free at run
 time) and differentiated with ``nnx.value_and_grad`` on ``nnx.Param`` so stateful layers such as
-dropout advance their RNG counters legally. Metrics never leave the device here.
+dropout advance their RNG counters legally. Metrics never leave the device here: they are added
+up in ``clu.metrics`` objects (``Average``, ``LastValue``) inside the same compiled program.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
+from clu import metrics as clu_metrics
 from flax import nnx
 
+from trainer.optim import current_learning_rate
 from trainer.state import TrainState
 
 Metrics = dict[str, jax.Array]
-Probe = Callable[[Any, Any, Any], Mapping[str, jax.Array]]
-"""An in-step probe: ``(grads, updates, new_params) -> metrics`` traced into the train step."""
+Sums = dict[str, clu_metrics.Metric]
 
-COUNT = "count"  # key of the number of steps (train) or examples (eval) in an accumulator
+
+class StepInfo(NamedTuple):
+    """What an in-step probe sees: this step's gradients, updates, new params, new optimizer state, loss."""
+
+    grads: Any
+    updates: Any
+    params: Any
+    opt_state: Any
+    loss: jax.Array
+
+
+Probe = Callable[[StepInfo], Mapping[str, jax.Array]]
+"""An in-step probe: ``StepInfo -> metrics``, traced into the train step (no extra dispatch)."""
+
+# Non-finite guard kinds, recorded on the device when training halts.
+BAD_LOSS, BAD_GRADS = 1, 2
 
 
 def split_loss_output(out: Any, where: str) -> tuple[jax.Array, Metrics]:
@@ -39,19 +56,42 @@ def split_loss_output(out: Any, where: str) -> tuple[jax.Array, Metrics]:
     return loss, dict(metrics)
 
 
+def init_guard() -> dict[str, jax.Array]:
+    """Device state of the non-finite guard (see ``make_train_step``'s ``halt_after``)."""
+    return {"nonfinite_total": jnp.zeros((), jnp.int32), "consecutive": jnp.zeros((), jnp.int32),
+            "halted": jnp.zeros((), bool), "halt_step": jnp.full((), -1, jnp.int32),
+            "halt_kind": jnp.zeros((), jnp.int32), "halt_lr": jnp.full((), jnp.nan, jnp.float32)}
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _select(ok: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     loss_fn: Callable[[nnx.Module, Any], Any],
     probes: Sequence[Probe] = (),
+    halt_after: int | None = None,
+    reductions: Mapping[str, str] | None = None,
 ) -> tuple[Callable, Callable]:
     """Returns ``(step, accumulating_step)``.
 
-    ``step(state, batch) -> (state, metrics)`` is the uncompiled pure step (for ``eval_shape``);
-    ``accumulating_step(state, sums, batch) -> (state, sums, metrics)`` is jitted with the state
-    and ``sums`` donated: it also adds the step's metrics to every accumulator in ``sums`` (a dict
-    of name -> running sums), so windowed means cost no extra dispatch.
+    ``step(state, batch) -> (state, metrics)`` is the pure step (for ``eval_shape``);
+    ``accumulating_step(state, sums, batch) -> (state, sums, metrics)`` is jitted with the state and
+    ``sums`` donated and also merges the step's metrics into every accumulator of ``sums``.
+
+    ``halt_after``: with a guard (``state.guard``), a step whose loss or gradients are not finite
+    changes nothing (params, optimizer and model state keep their values) and is counted in
+    ``nonfinite_total``; after ``halt_after`` such steps in a row the guard halts: every later step
+    is a no-op too, and the halting step, its cause and learning rate are kept for the host to read.
     """
+    reductions = dict(reductions or {})
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         model = state.merge(graphdef)
@@ -66,32 +106,76 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, **metrics}
+        info = StepInfo(grads, updates, params, opt_state, loss)
         for probe in probes:
-            metrics.update(probe(grads, updates, params))
-        new_state = state.replace(params=params, model_state=model_state, opt_state=opt_state,
-                                  step=state.step + 1)
-        return new_state, metrics
+            metrics.update(probe(info))
+        new = state.replace(params=params, model_state=model_state, opt_state=opt_state, step=state.step + 1)
+        if halt_after is None or state.guard is None:
+            return new, metrics
+        return _guarded(state, new, metrics, info)
+
+    def _guarded(old: TrainState, new: TrainState, metrics: Metrics, info: StepInfo):
+        guard = old.guard
+        loss_ok, grads_ok = jnp.isfinite(info.loss), _all_finite(info.grads)
+        bad = ~(loss_ok & grads_ok) & ~guard["halted"]
+        ok = ~bad & ~guard["halted"]
+        consecutive = jnp.where(bad, guard["consecutive"] + 1, jnp.where(guard["halted"], guard["consecutive"], 0))
+        halt_now = bad & (consecutive >= halt_after)
+        lr = current_learning_rate(info.opt_state)
+        guard = {
+            "nonfinite_total": guard["nonfinite_total"] + bad.astype(jnp.int32),
+            "consecutive": consecutive,
+            "halted": guard["halted"] | halt_now,
+            "halt_step": jnp.where(halt_now, new.step, guard["halt_step"]),
+            "halt_kind": jnp.where(halt_now, jnp.where(loss_ok, 0, BAD_LOSS) + jnp.where(grads_ok, 0, BAD_GRADS),
+                                   guard["halt_kind"]),
+            "halt_lr": jnp.where(halt_now, jnp.nan if lr is None else jnp.asarray(lr, jnp.float32), guard["halt_lr"]),
+        }
+        kept = _select(ok, (new.params, new.model_state, new.opt_state),
+                       (old.params, old.model_state, old.opt_state))
+        state = new.replace(params=kept[0], model_state=kept[1], opt_state=kept[2], guard=guard)
+        metrics = dict(metrics, nonfinite_total=guard["nonfinite_total"], _valid=ok)
+        return state, metrics
 
     def accumulating_step(state, sums, batch):
         state, metrics = step(state, batch)
-        sums = {name: accumulate(acc, metrics) for name, acc in sums.items()}
+        batch_sums = to_sums(metrics, reductions)
+        sums = {name: merge_sums(acc, batch_sums) for name, acc in sums.items()}
+        metrics.pop("_valid", None)
         return state, sums, metrics
 
     return step, jax.jit(accumulating_step, donate_argnums=(0, 1))
 
 
-def accumulate(acc: Metrics, metrics: Metrics) -> Metrics:
-    """Adds one step's metrics (and 1 to the count) to a running sum."""
-    out = {k: acc[k] + metrics[k].astype(acc[k].dtype) for k in metrics}
-    out[COUNT] = acc[COUNT] + 1
+def to_sums(metrics: Metrics, reductions: Mapping[str, str]) -> Sums:
+    """One step's metrics as clu metrics: ``Average`` (masked by ``_valid``) or ``LastValue``."""
+    valid = metrics.get("_valid", jnp.array(True))
+    out = {}
+    for k, v in metrics.items():
+        if k == "_valid":
+            continue
+        v = jnp.asarray(v, jnp.float32)
+        if reductions.get(k, "last" if k.endswith("_total") else "mean") == "last":
+            out[k] = clu_metrics.LastValue.from_model_output(v[None])
+        else:
+            out[k] = clu_metrics.Average.from_model_output(v[None], mask=valid[None])
     return out
 
 
-def empty_sums(metric_shapes: Mapping[str, Any]) -> Metrics:
-    """Zero running sums (float32, plus an int32 count) for metrics of the given shapes."""
-    sums = {k: jnp.zeros(v.shape, jnp.float32) for k, v in metric_shapes.items()}
-    sums[COUNT] = jnp.zeros((), jnp.int32)
-    return sums
+def merge_sums(acc: Sums, new: Sums) -> Sums:
+    return {k: acc[k].merge(new[k]) for k in new}
+
+
+def empty_sums(metric_shapes: Mapping[str, Any], reductions: Mapping[str, str] | None = None) -> Sums:
+    """Zeroed accumulators for metrics of the given names."""
+    zeros = {k: jnp.zeros((), jnp.float32) for k in metric_shapes if k != "_valid"}
+    empty = to_sums(dict(zeros, _valid=jnp.array(False)), reductions or {})
+    return jax.tree.map(jnp.zeros_like, empty)
+
+
+def compute_sums(sums: Sums) -> dict[str, float]:
+    """Host floats from (host) accumulators; metrics with no valid step are left out."""
+    return {k: float(m.total / m.count) for k, m in sums.items() if int(m.count) > 0}
 
 
 def per_example_metrics(loss_fn: Callable[[nnx.Module, Any], Any]) -> Callable[[nnx.Module, Any], Metrics]:
@@ -115,36 +199,32 @@ def per_example_metrics(loss_fn: Callable[[nnx.Module, Any], Any]) -> Callable[[
 def make_eval_step(graphdef: nnx.GraphDef, metrics_fn: Callable[[nnx.Module, Any], Metrics]) -> tuple[Callable, Callable]:
     """Returns ``(batch_sums, eval_step)``.
 
-    ``batch_sums(state, batch, mask) -> sums`` is the pure masked sum of one batch's metrics (for
-    ``eval_shape``); ``eval_step(state, sums, batch, mask) -> sums`` adds it to running sums,
-    jitted with ``sums`` donated. ``metrics_fn`` returns per-example arrays of shape ``[batch]``
-    (masked exactly) or scalars (taken as the batch mean, weighted by the real examples).
+    ``batch_sums(state, batch, mask) -> sums`` is the pure masked ``Average`` of one batch's metrics
+    (for ``eval_shape``); ``eval_step(state, sums, batch, mask) -> sums`` merges it into running
+    sums, jitted with ``sums`` donated. ``metrics_fn`` returns per-example arrays of shape
+    ``[batch]`` (masked exactly) or scalars (taken as the batch mean, weighted by the real examples).
     """
 
-    def batch_sums(state: TrainState, batch: Any, mask: jax.Array) -> Metrics:
+    def batch_sums(state: TrainState, batch: Any, mask: jax.Array) -> Sums:
         model = state.merge(graphdef)
         model.eval()
-        metrics = metrics_fn(model, batch)
-        weight = mask.astype(jnp.float32)
-        real = jnp.sum(weight)
         out = {}
-        for k, v in metrics.items():
+        for k, v in metrics_fn(model, batch).items():
             v = jnp.asarray(v, jnp.float32)
             if v.ndim == 0:
-                out[k] = v * real
+                real = jnp.sum(mask.astype(jnp.int32))
+                out[k] = clu_metrics.Average(total=v * real, count=real)
             elif v.shape == mask.shape:
-                out[k] = jnp.sum(v * weight)
+                out[k] = clu_metrics.Average.from_model_output(v, mask=mask)
             else:
                 raise ValueError(
                     f"metric {k!r} has shape {v.shape}; compute_metrics must return a scalar or one "
                     f"value per example (shape {mask.shape})."
                 )
-        out[COUNT] = real
         return out
 
-    def eval_step(state: TrainState, sums: Metrics, batch: Any, mask: jax.Array) -> Metrics:
-        out = batch_sums(state, batch, mask)
-        return {k: sums[k] + out[k] for k in out}
+    def eval_step(state: TrainState, sums: Sums, batch: Any, mask: jax.Array) -> Sums:
+        return merge_sums(sums, batch_sums(state, batch, mask))
 
     return batch_sums, jax.jit(eval_step, donate_argnums=(1,))
 

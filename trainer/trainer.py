@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -23,11 +24,12 @@ from flax import nnx
 
 from trainer import losses
 from trainer.data import batch_size_of, pad_batch
+from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
 from trainer.optim import current_learning_rate
 from trainer.state import TrainState, zeros_like_tree
-from trainer.step import (COUNT, Probe, empty_sums, make_eval_step, make_predict_step,
-                          make_train_step, per_example_metrics)
+from trainer.step import (Probe, Sums, compute_sums, empty_sums, init_guard, make_eval_step,
+                          make_predict_step, make_train_step, per_example_metrics)
 
 EPOCH_SUMS = "epoch"
 
@@ -104,10 +106,17 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.eval_metrics: dict[str, float] = {}
         self.probes: list[Probe] = []
+        self.metric_reductions: dict[str, str] = {}
+        self.pending_logs: dict[str, float] = {}
+        self.data_wait_seconds = 0.0
+        self.last_batch_size = 0
+        self._halt_after: int | None = None
         self._position = 0  # batches consumed in the current epoch
-        self._sums: dict[str, dict[str, jax.Array]] = {}
+        self._sums: dict[str, Sums | None] = {}
+        self._metric_shapes: dict[str, Any] | None = None
+        self._fit_evaluators: list[Evaluator] = []
         self._train_step = None
-        self._built_probes: tuple[Probe, ...] = ()
+        self._built_signature: Any = None
         self._eval_step = self._eval_sums = None
         self._predict_step = None
         self._num_classes: int | None = None
@@ -152,18 +161,43 @@ class Trainer:
         self.stop_reason = reason
 
     def add_metric_sums(self, name: str) -> None:
-        """Registers a named running sum of the step metrics, added up inside the compiled step.
+        """Registers named running sums of the step metrics, added up inside the compiled step.
 
-        Read it with ``take_metric_sums(name)``. Register before the first step (``on_fit_start``).
+        Each metric accumulates as a ``clu.metrics.Average`` (or ``LastValue`` for metrics whose
+        ``metric_reductions`` entry is ``"last"``, and for names ending in ``_total``). Read and
+        restart them with ``take_metric_sums(name)``; ``step.compute_sums`` turns them into floats.
         """
-        self._sums.setdefault(name, None)
+        if name not in self._sums:
+            self._sums[name] = None if self._metric_shapes is None else empty_sums(self._metric_shapes, self.metric_reductions)
 
-    def take_metric_sums(self, name: str) -> dict[str, jax.Array] | None:
-        """Returns the running sums of ``name`` (device arrays, with ``count``) and restarts them."""
+    def take_metric_sums(self, name: str) -> Sums | None:
+        """Returns the running sums of ``name`` (device ``clu.metrics``) and restarts them at zero."""
         sums = self._sums.get(name)
         if sums is not None:
             self._sums[name] = zeros_like_tree(sums)
         return sums
+
+    def enable_nonfinite_guard(self, halt_after: int) -> None:
+        """Makes every step with a non-finite loss or gradient a no-op on the device.
+
+        After ``halt_after`` such steps in a row the guard halts training on the device (every
+        later step is a no-op) and ``state.guard`` records the step, the cause and the learning
+        rate; a ``NaNDetector`` reads that at its own interval and raises.
+        """
+        if not isinstance(halt_after, int) or halt_after < 1:
+            raise ValueError(f"halt_after={halt_after!r} must be a positive integer.")
+        self._halt_after = halt_after
+        if self.state.guard is None:
+            self.state = self.state.replace(guard=init_guard())
+
+    def record(self, name: str, value: float) -> None:
+        """Hands a host value (throughput, a timing) to the loggers' next write."""
+        self.pending_logs[name] = float(value)
+
+    @property
+    def evaluators(self) -> list[Evaluator]:
+        """The ``Evaluator`` callbacks, including the one ``fit(eval_data=...)`` adds."""
+        return self._fit_evaluators + [cb for cb in self.callbacks.callbacks if isinstance(cb, Evaluator)]
 
     # ----- fit / evaluate / predict --------------------------------------------------------
 
@@ -171,8 +205,8 @@ class Trainer:
         """Trains until ``max_epochs`` / ``max_steps`` or a stop request; returns ``history``.
 
         ``train_data`` is an ``ArrayLoader`` or any re-iterable of batches (each epoch iterates it
-        again). With ``eval_data`` every completed epoch ends with an evaluation whose metrics
-        (``eval/loss``, ...) reach ``on_eval_end`` and then ``on_epoch_end``.
+        again). ``eval_data`` is sugar for an ``Evaluator(eval_data)``: every completed epoch ends
+        with an evaluation whose metrics (``eval/loss``, ...) reach ``on_eval_end``, then ``on_epoch_end``.
         """
         if self._limit_reached():
             warnings.warn(
@@ -182,17 +216,21 @@ class Trainer:
             )
             return self.history
         self.should_stop, self.stop_reason = False, None
-        self._sums.setdefault(EPOCH_SUMS, None)
+        self.add_metric_sums(EPOCH_SUMS)
+        self._fit_evaluators = [Evaluator(eval_data)] if eval_data is not None else []
         self.callbacks.dispatch("on_fit_start", self)
         try:
             while not self._limit_reached() and not self.should_stop:
-                self._run_epoch(train_data, eval_data)
-            if self._position and eval_data is not None and not self.should_stop:
-                self.evaluate(eval_data, prefix="eval/")  # max_steps ended mid-epoch: final numbers
+                self._run_epoch(train_data)
+            if self._position and not self.should_stop:  # max_steps ended mid-epoch: final numbers
+                for evaluator in self.evaluators:
+                    if evaluator.every_n_epochs is not None and evaluator.last_step != self.step:
+                        evaluator.run(self)
         except BaseException as exc:
             self.callbacks.dispatch("on_exception", self, exc)
             raise
         finally:
+            self._fit_evaluators = []
             _ = self.model  # the caller's module holds the trained state, even after an error
         self.callbacks.dispatch("on_fit_end", self)
         return self.history
@@ -216,9 +254,7 @@ class Trainer:
             sums = self._eval_step(self.state, sums, padded, mask)
         if sums is None:
             raise ValueError("the evaluation data yielded no batches; pass a non-empty dataset.")
-        host = jax.device_get(sums)
-        count = host.pop(COUNT)
-        self.eval_metrics = {prefix + k: float(v / count) for k, v in host.items()}
+        self.eval_metrics = {prefix + k: v for k, v in compute_sums(jax.device_get(sums)).items()}
         self.callbacks.dispatch("on_eval_end", self, dict(self.eval_metrics))
         return dict(self.eval_metrics)
 
@@ -244,12 +280,12 @@ class Trainer:
         return (self.max_steps is not None and self.step >= self.max_steps) or (
             self.max_epochs is not None and self.epoch >= self.max_epochs)
 
-    def _run_epoch(self, train_data: Iterable[Any], eval_data: Iterable[Any] | None) -> None:
+    def _run_epoch(self, train_data: Iterable[Any]) -> None:
         epoch = self.epoch
         self.callbacks.dispatch("on_epoch_start", self, epoch)
         ran_out = True
-        for batch in self._epoch_batches(train_data, epoch):
-            if self._train_step is None or self._built_probes != tuple(self.probes):
+        for batch in self._timed(self._epoch_batches(train_data, epoch)):
+            if self._train_step is None or self._built_signature != self._step_signature():
                 self._build(batch)
             self._check_labels(batch, f"step {self.step + 1}")
             step = self.step + 1
@@ -267,7 +303,7 @@ class Trainer:
                 "to what one pass gives."
             )
         if ran_out or self._epoch_complete(train_data):
-            self._end_epoch(epoch, eval_data)
+            self._end_epoch(epoch)
 
     def _epoch_complete(self, train_data: Any) -> bool:
         return hasattr(train_data, "__len__") and self._position >= len(train_data)
@@ -286,28 +322,44 @@ class Trainer:
         self.data_iterator = iter(data)
         return self.data_iterator
 
-    def _end_epoch(self, epoch: int, eval_data: Iterable[Any] | None) -> None:
-        sums = jax.device_get(self.take_metric_sums(EPOCH_SUMS))
-        count = sums.pop(COUNT)
-        logs = {k: float(v / count) for k, v in sums.items()}
-        if eval_data is not None:
-            logs.update(self.evaluate(eval_data, prefix="eval/"))
+    def _timed(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """Yields the batches, adding the time spent waiting for each to ``data_wait_seconds``."""
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.data_wait_seconds += time.perf_counter() - started
+            self.last_batch_size = batch_size_of(batch)
+            yield batch
+
+    def _end_epoch(self, epoch: int) -> None:
+        logs = compute_sums(jax.device_get(self.take_metric_sums(EPOCH_SUMS)))
+        for evaluator in self.evaluators:
+            if evaluator.due_at_epoch_end(epoch):
+                logs.update(evaluator.run(self))
         self.history.append(dict(logs, epoch=epoch))
         self.callbacks.dispatch("on_epoch_end", self, epoch, logs)
         self.epoch, self._position = epoch + 1, 0
 
     # ----- building and checking -----------------------------------------------------------
 
+    def _step_signature(self) -> tuple:
+        return tuple(self.probes), self._halt_after, tuple(sorted(self.metric_reductions.items()))
+
     def _build(self, batch: Any) -> None:
         """Compiles the train step for this batch structure and sizes the running sums."""
-        self._built_probes = tuple(self.probes)
-        pure_step, self._train_step = make_train_step(self.graphdef, self.tx, self.compute_loss,
-                                                      self._built_probes)
+        self._built_signature = self._step_signature()
+        pure_step, self._train_step = make_train_step(
+            self.graphdef, self.tx, self.compute_loss, tuple(self.probes), self._halt_after,
+            self.metric_reductions)
         try:
             _, metric_shapes = jax.eval_shape(pure_step, self.state, batch)
         except KeyError as err:  # the default loss's message names the batch keys
             raise ValueError(err.args[0]) from err
-        self._sums = {name: empty_sums(metric_shapes) for name in self._sums}
+        self._metric_shapes = metric_shapes
+        self._sums = {name: empty_sums(metric_shapes, self.metric_reductions) for name in self._sums}
         if self.loss_fn is None and type(self).compute_loss is Trainer.compute_loss:
             out = jax.eval_shape(lambda s, b: self.predict_step(s.merge(self.graphdef), b), self.state, batch)
             self._num_classes = out.shape[-1] if hasattr(out, "shape") and out.shape else None

@@ -1,0 +1,71 @@
+"""``Evaluator``: runs the compiled eval step over a dataset every N steps and/or N epochs.
+
+It lives beside the engine (``callbacks`` re-exports it) because ``fit(eval_data=...)`` is sugar
+for ``Evaluator(eval_data)``, and the trainer runs every due epoch evaluation *before*
+``on_epoch_end``, so that every callback's ``on_epoch_end`` sees the epoch's eval metrics.
+
+Example::
+
+    from callbacks import Evaluator
+    Trainer(model, tx, max_epochs=10,
+            callbacks=[Evaluator(val_loader, every_n_steps=500, every_n_epochs=None)])
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from trainer.events import Callback
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.trainer import Trainer
+
+
+class Evaluator(Callback):
+    """Evaluates ``data`` on a cadence; metrics go to ``on_eval_end`` and ``trainer.eval_metrics``.
+
+    Args:
+      data: an iterable of batches (an ``ArrayLoader(..., shuffle=False, drop_remainder=False)``);
+        the last, smaller batch is padded and masked, so every example counts exactly once.
+      every_n_steps: also evaluate after every N-th optimizer step (``None``: never by steps).
+      every_n_epochs: evaluate at the end of every N-th epoch (``None``: never by epochs).
+      prefix: put before every metric name (``eval/loss``).
+
+    ``last_metrics`` holds the newest result, ``history`` every ``(step, metrics)``.
+    """
+
+    def __init__(self, data: Iterable[Any], *, every_n_steps: int | None = None,
+                 every_n_epochs: int | None = 1, prefix: str = "eval/"):
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name}={value!r} must be a positive integer or None.")
+        if every_n_steps is None and every_n_epochs is None:
+            raise ValueError("Evaluator needs every_n_steps or every_n_epochs; both are None.")
+        self.data = data
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.prefix = prefix
+        self.last_metrics: dict[str, float] = {}
+        self.last_step: int | None = None
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    def run(self, trainer: "Trainer") -> dict[str, float]:
+        """Evaluates now and records the result."""
+        self.last_metrics = trainer.evaluate(self.data, prefix=self.prefix)
+        self.last_step = trainer.step
+        self.history.append((trainer.step, dict(self.last_metrics)))
+        return self.last_metrics
+
+    def due_at_epoch_end(self, epoch: int) -> bool:
+        return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
+
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: Mapping[str, Any]) -> None:
+        if self.every_n_steps is not None and step % self.every_n_steps == 0:
+            self.run(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "last_metrics": dict(self.last_metrics)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.last_step = state.get("last_step")
+        self.last_metrics = dict(state.get("last_metrics", {}))

@@ -1,9 +1,31 @@
 """Plug-ins for the Trainer: each reacts to events and none owns the loop.
 
-``Callback`` (the base class, defined in ``trainer.events``) and ``EpochSummary``.
+``from callbacks import NAME`` for: ``Callback`` (the base class, defined in ``trainer.events``),
+``MetricsLogger`` and the writers ``MetricWriter``, ``ConsoleWriter``, ``JsonlWriter``,
+``CsvWriter``, ``TensorBoardWriter``; ``ProgressBar``, ``EpochSummary``, ``Evaluator``,
+``GradNormMonitor``, ``NaNDetector``, ``EarlyStopping``, ``LearningRateMonitor``, ``Throughput``,
+``Profiler``, ``Plots``, ``PredictionGrid``.
 """
 
+from trainer.evaluation import Evaluator
 from trainer.events import Callback
+from callbacks.early_stopping import EarlyStopping
 from callbacks.epoch_summary import EpochSummary
+from callbacks.grad_norm import GradNormMonitor, GradNormWarning
+from callbacks.lr_monitor import LearningRateMonitor
+from callbacks.metrics_logger import MetricsLogger
+from callbacks.nan_detector import NaNDetector, NonFiniteError
+from callbacks.plots import Plots
+from callbacks.prediction_grid import PredictionGrid
+from callbacks.profiler import Profiler
+from callbacks.progress import ProgressBar
+from callbacks.tensorboard import TensorBoardWriter
+from callbacks.throughput import Throughput
+from callbacks.writers import ConsoleWriter, CsvWriter, JsonlWriter, MetricWriter, read_jsonl
 
-__all__ = ["Callback", "EpochSummary"]
+__all__ = [
+    "Callback", "ConsoleWriter", "CsvWriter", "EarlyStopping", "EpochSummary", "Evaluator",
+    "GradNormMonitor", "GradNormWarning", "JsonlWriter", "LearningRateMonitor", "MetricWriter",
+    "MetricsLogger", "NaNDetector", "NonFiniteError", "Plots", "PredictionGrid", "Profiler",
+    "ProgressBar", "TensorBoardWriter", "Throughput", "read_jsonl",
+]

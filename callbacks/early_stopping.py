@@ -1,0 +1,97 @@
+"""``EarlyStopping``: stop when a monitored metric stops improving; optionally restore the best.
+
+Example::
+
+    Trainer(model, tx, max_epochs=50, callbacks=[EarlyStopping("eval/loss", patience=3)])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from trainer.events import Callback
+
+MODES = ("min", "max")
+
+
+class EarlyStopping(Callback):
+    """Requests a stop after ``patience`` checks without an improvement larger than ``min_delta``.
+
+    A check happens at every evaluation that reports ``monitor`` (``eval/...`` metrics), or else at
+    every epoch's end (train metrics such as ``loss``). With ``restore_best`` the parameters and
+    model state of the best check are put back when it stops the run.
+
+    Args:
+      monitor: metric name, e.g. ``eval/loss``, ``eval/accuracy``, ``loss``.
+      mode: ``min`` (lower is better) or ``max``.
+      patience: checks without improvement before stopping.
+      min_delta: the smallest change that counts as an improvement.
+      restore_best: restore the best state when stopping.
+    """
+
+    def __init__(self, monitor: str = "eval/loss", mode: str = "min", patience: int = 3,
+                 min_delta: float = 0.0, restore_best: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not known; choose 'min' (for losses) or 'max' (for accuracy).")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience={patience!r} must be a positive integer.")
+        if min_delta < 0:
+            raise ValueError(f"min_delta={min_delta} must be >= 0.")
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.min_delta, self.restore_best = min_delta, restore_best
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.best_epoch: int | None = None
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+        self._best_state = None
+        self._checked_step: int | None = None
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return not math.isnan(value)
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def _check(self, trainer: Any, value: float) -> None:
+        self._checked_step = trainer.step
+        if self._improved(value):
+            self.best, self.best_step, self.best_epoch, self.wait = value, trainer.step, trainer.epoch, 0
+            if self.restore_best:  # a copy: the step donates (reuses) the live arrays
+                state = trainer.state
+                self._best_state = jax.tree.map(jnp.copy, (state.params, state.model_state))
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = trainer.epoch
+            if self.restore_best and self._best_state is not None:
+                params, model_state = self._best_state
+                trainer.state = trainer.state.replace(params=params, model_state=model_state)
+            trainer.request_stop(
+                f"EarlyStopping: {self.monitor} did not improve for {self.patience} checks; best "
+                f"{self.best:.6g} at step {self.best_step}" + (" (restored)" if self.restore_best else ""))
+
+    def on_eval_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
+        if self.monitor in metrics:
+            self._check(trainer, float(metrics[self.monitor]))
+
+    def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
+        if self._checked_step == trainer.step:
+            return  # this epoch's evaluation already checked
+        if self.monitor not in logs:
+            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, which no evaluation or epoch reported; "
+                           f"available: {sorted(logs)}. Fix monitor= or add an Evaluator / eval_data.")
+        self._check(trainer, float(logs[self.monitor]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch,
+                "wait": self.wait, "stopped_epoch": self.stopped_epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in ("best", "best_step", "best_epoch", "wait", "stopped_epoch"):
+            setattr(self, key, state.get(key, getattr(self, key)))

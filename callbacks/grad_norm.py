@@ -1,0 +1,82 @@
+"""``GradNormMonitor``: the gradient norm, computed inside the compiled step, with range warnings.
+
+The training guide: a norm near 0 means vanishing gradients or a too-small learning rate; a
+large one means exploding gradients (clip them, lower the learning rate).
+
+Example::
+
+    Trainer(model, tx, max_epochs=3, callbacks=[GradNormMonitor(every=50), MetricsLogger(...)])
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+import jax
+import optax
+
+from callbacks.lagged import LaggedFetch
+from trainer.events import Callback
+from trainer.step import StepInfo
+
+
+class GradNormWarning(UserWarning):
+    """The gradient norm left the range a ``GradNormMonitor`` was given."""
+
+
+class GradNormMonitor(Callback):
+    """Adds ``grad_norm`` (``optax.tree.norm``, the global norm of the gradients) to the step metrics.
+
+    Args:
+      every: read the norm on the host every N steps to check the range (no per-step sync).
+      warn_below / warn_above: the healthy range; a warning names the step and the norm outside it.
+      per_layer: also ``grad_norm/<name>`` for every top-level submodule of the model.
+    """
+
+    def __init__(self, every: int = 50, warn_below: float | None = 0.1, warn_above: float | None = 10.0,
+                 per_layer: bool = False):
+        if not isinstance(every, int) or every <= 0:
+            raise ValueError(f"every={every!r} must be a positive integer.")
+        if warn_below is not None and warn_above is not None and warn_below >= warn_above:
+            raise ValueError(f"warn_below={warn_below} must be smaller than warn_above={warn_above}.")
+        self.every = every
+        self.warn_below, self.warn_above = warn_below, warn_above
+        self.per_layer = per_layer
+        self.warnings: list[tuple[int, float]] = []
+        self._fetch = LaggedFetch()
+
+    def probe(self, info: StepInfo) -> dict[str, jax.Array]:
+        """The in-step probe: global norm, and per top-level module when asked."""
+        out = {"grad_norm": optax.tree.norm(info.grads)}
+        if self.per_layer and hasattr(info.grads, "items"):
+            for name, sub in info.grads.items():
+                out[f"grad_norm/{name}"] = optax.tree.norm(sub)
+        return out
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if self.probe not in trainer.probes:
+            trainer.probes.append(self.probe)
+
+    def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
+        self._check()
+        if step % self.every == 0:
+            self._fetch.push(step, metrics["grad_norm"])
+
+    def on_fit_end(self, trainer: Any) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        popped = self._fetch.pop()
+        if popped is None:
+            return
+        step, norm = popped[0], float(popped[1])
+        if self.warn_below is not None and norm < self.warn_below:
+            hint = "vanishing gradients or a too-small learning rate"
+        elif self.warn_above is not None and norm > self.warn_above:
+            hint = "exploding gradients: clip them (clip_norm) or lower the learning rate"
+        else:
+            return
+        self.warnings.append((step, norm))
+        warnings.warn(f"gradient norm {norm:.4g} at step {step} is outside [{self.warn_below}, "
+                      f"{self.warn_above}]: {hint}.", GradNormWarning, stacklevel=2)

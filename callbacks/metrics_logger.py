@@ -1,0 +1,123 @@
+"""``MetricsLogger``: windowed means of the step metrics, written to every writer every N steps.
+
+The metrics are added up inside the compiled step (``clu.metrics`` ``Average`` / ``LastValue``
+accumulators that the trainer keeps on the device), so logging costs no extra dispatch; every
+``log_every`` steps the window is taken, its copy to the host started, and it is written one step
+later, when reading it no longer stalls the device.
+
+Example::
+
+    from callbacks import MetricsLogger, ConsoleWriter, JsonlWriter
+    logger = MetricsLogger([ConsoleWriter(), JsonlWriter("runs/x/metrics.jsonl")], log_every=50)
+    Trainer(model, tx, max_epochs=3, callbacks=[logger])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from callbacks.lagged import LaggedFetch
+from callbacks.writers import MetricWriter
+from trainer.events import Callback
+from trainer.step import compute_sums
+
+
+class MetricsLogger(Callback):
+    """Writes means of the step metrics every ``log_every`` steps, and every evaluation's metrics.
+
+    Args:
+      writers: ``MetricWriter`` instances (console, JSONL, CSV, TensorBoard).
+      log_every: steps per logged window.
+
+    At the start of ``fit`` the trainer's ``config`` goes to every writer (``write_hparams``).
+    Host values that other callbacks hand over with ``trainer.record`` join the next window.
+    ``history`` keeps every ``(step, scalars)`` written; ``write_images`` / ``write_texts`` pass
+    other outputs (plots, samples) to every writer.
+    """
+
+    def __init__(self, writers: Iterable[MetricWriter], log_every: int = 50):
+        if not isinstance(log_every, int) or log_every <= 0:
+            raise ValueError(f"log_every={log_every!r} must be a positive integer.")
+        self.writers = list(writers)
+        for writer in self.writers:
+            if not isinstance(writer, MetricWriter):
+                raise TypeError(f"writers must be MetricWriter instances; got {type(writer).__name__}.")
+        self.log_every = log_every
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.last_logged_step = 0
+        self._key = f"metrics_logger_{id(self)}"
+        self._fetch = LaggedFetch()
+
+    @property
+    def fetches(self) -> int:
+        """Device-to-host reads this logger made (one per written window)."""
+        return self._fetch.fetches
+
+    def on_fit_start(self, trainer: Any) -> None:
+        trainer.add_metric_sums(self._key)
+        for writer in self.writers:
+            writer.write_hparams(trainer.config)
+
+    def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
+        self._write_pending(trainer)
+        if step % self.log_every == 0:
+            self._fetch.push(step, trainer.take_metric_sums(self._key))
+
+    def on_eval_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
+        self._write_pending(trainer)
+        self.write_scalars(trainer.step, metrics)
+
+    def on_fit_end(self, trainer: Any) -> None:
+        self._write_pending(trainer)
+        if trainer.step > self.last_logged_step:  # the last, partial window
+            self._fetch.push(trainer.step, trainer.take_metric_sums(self._key))
+            self._write_pending(trainer)
+        self.flush()
+
+    def on_exception(self, trainer: Any, exception: BaseException) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        for writer in self.writers:
+            writer.flush()
+
+    def close(self) -> None:
+        """Closes every writer (they reopen, appending, if written to again)."""
+        for writer in self.writers:
+            writer.close()
+
+    def _write_pending(self, trainer: Any) -> None:
+        popped = self._fetch.pop()
+        if popped is None:
+            return
+        step, sums = popped
+        scalars = compute_sums(sums) if sums is not None else {}
+        scalars.update(trainer.pending_logs)
+        trainer.pending_logs.clear()
+        self.last_logged_step = step
+        if scalars:
+            self.write_scalars(step, scalars)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self.history.append((step, scalars))
+        for writer in self.writers:
+            writer.write_scalars(step, scalars)
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        for writer in self.writers:
+            writer.write_images(step, images)
+            writer.flush()
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        for writer in self.writers:
+            writer.write_texts(step, texts)
+            writer.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_logged_step": self.last_logged_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.last_logged_step = int(state.get("last_logged_step", 0))

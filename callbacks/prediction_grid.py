@@ -1,0 +1,74 @@
+"""``PredictionGrid``: a grid of input images titled with predicted and true labels, wrong ones in red.
+
+The training guide's "visualise predictions" as a PNG in the workdir at the end of ``fit``, also
+sent to the logger's writers (TensorBoard's image tab).
+
+Example::
+
+    Trainer(model, tx, max_epochs=5, workdir="runs/x",
+            callbacks=[PredictionGrid({"image": test_x[:25], "label": test_y[:25]})])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from callbacks.figures import figure_to_array, new_figure, save_png
+from callbacks.plots import find_logger
+from trainer.events import Callback
+from trainer.losses import batch_inputs, batch_labels
+
+
+class PredictionGrid(Callback):
+    """Draws ``examples`` (a batch: dict or ``(images, labels)``) with the model's predictions.
+
+    Args:
+      examples: images ``[N, H, W]`` or ``[N, H, W, C]`` with integer labels; up to 36 are drawn.
+      class_names: names for the label ids (default: the ids).
+      path: the PNG (default ``<workdir>/plots/predictions.png``).
+    """
+
+    def __init__(self, examples: Mapping[str, Any] | Sequence[Any], class_names: Sequence[str] | None = None,
+                 path: str | None = None):
+        self.images = np.asarray(batch_inputs(examples))[:36]
+        self.labels = np.asarray(batch_labels(examples))[:36]
+        if len(self.images) == 0:
+            raise ValueError("PredictionGrid got no examples.")
+        self.class_names = class_names
+        self.path = path
+        self.predicted: np.ndarray | None = None
+        self.written: Path | None = None
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if self.path is None and trainer.workdir is None:
+            raise ValueError("PredictionGrid needs a file: pass path= or give the Trainer a workdir.")
+
+    def _name(self, label: int) -> str:
+        return str(self.class_names[label]) if self.class_names is not None else str(label)
+
+    def on_fit_end(self, trainer: Any) -> None:
+        logits = trainer.predict([self.images])
+        self.predicted = np.asarray(logits).argmax(axis=-1)
+        n = len(self.images)
+        cols = int(np.ceil(np.sqrt(n)))
+        rows = int(np.ceil(n / cols))
+        figure = new_figure(1.4 * cols, 1.6 * rows)
+        for i in range(n):
+            axes = figure.add_subplot(rows, cols, i + 1)
+            image = self.images[i]
+            axes.imshow(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image, cmap="gray")
+            right = self.predicted[i] == self.labels[i]
+            axes.set_title(f"{self._name(self.predicted[i])} ({self._name(self.labels[i])})",
+                           color="black" if right else "red", fontsize=8)
+            axes.axis("off")
+        figure.suptitle("predicted (true); wrong in red", fontsize=9)
+        figure.tight_layout()
+        image = figure_to_array(figure)
+        path = Path(self.path) if self.path else Path(trainer.workdir) / "plots" / "predictions.png"
+        self.written = save_png(path, image)
+        logger = find_logger(trainer)
+        if logger is not None:
+            logger.write_images(trainer.step, {"plots/predictions": image})

@@ -1,0 +1,108 @@
+"""``ProgressBar``: a per-epoch bar (tqdm) with step, loss, steps/s and ETA; plain lines off a terminal.
+
+The loss shown is read on the host every ``refresh_every`` steps, one step late (``LaggedFetch``),
+so the bar never makes the loop wait for the device.
+
+Example::
+
+    Trainer(model, tx, max_epochs=3, callbacks=[ProgressBar()])
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Mapping, TextIO
+
+from callbacks.lagged import LaggedFetch
+from trainer.events import Callback
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class ProgressBar(Callback):
+    """Shows training progress per epoch.
+
+    Args:
+      refresh_every: steps between loss reads (and, off a terminal, between printed lines).
+      stream: where to draw (stderr by default).
+      plain: force plain lines (``None``: plain when ``stream`` is not a terminal, as in CI logs).
+    """
+
+    def __init__(self, refresh_every: int = 10, stream: TextIO | None = None, plain: bool | None = None):
+        if not isinstance(refresh_every, int) or refresh_every <= 0:
+            raise ValueError(f"refresh_every={refresh_every!r} must be a positive integer.")
+        self.refresh_every = refresh_every
+        self.stream = stream
+        self.plain = plain
+        self._bar = None
+        self._fetch = LaggedFetch()
+        self._loss: float | None = None
+        self._marks: list[tuple[float, int]] = []
+        self._done = 0
+        self._total: int | None = None
+
+    def _out(self) -> TextIO:
+        return self.stream or sys.stderr
+
+    def _is_plain(self) -> bool:
+        if self.plain is not None:
+            return self.plain
+        return not (hasattr(self._out(), "isatty") and self._out().isatty())
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        self._total = trainer.epoch_length
+        self._done = trainer.data_iterator.position if hasattr(trainer.data_iterator, "position") else 0
+        self._loss, self._marks = None, []
+        self._epoch = epoch
+        total_epochs = f"/{trainer.max_epochs}" if trainer.max_epochs else ""
+        self._label = f"epoch {epoch + 1}{total_epochs}"
+        if not self._is_plain():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self._total, initial=self._done, desc=self._label, file=self._out(),
+                             leave=True, dynamic_ncols=True, unit="step")
+
+    def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
+        self._done += 1
+        popped = self._fetch.pop()
+        if popped is not None:  # step popped[0] has finished: a true progress mark
+            self._loss = float(popped[1])
+            self._marks.append((time.perf_counter(), popped[0]))
+        if self._bar is not None:
+            self._bar.update(1)
+        if step % self.refresh_every == 0:
+            self._fetch.push(step, metrics["loss"])
+            self._show(step)
+
+    def _show(self, step: int) -> None:
+        loss = f"{self._loss:.4f}" if self._loss is not None else "-"
+        if self._bar is not None:
+            self._bar.set_postfix(step=step, loss=loss, refresh=False)
+            return
+        rate = 0.0
+        if len(self._marks) >= 2:  # between finished steps, not dispatched ones
+            (t0, s0), (t1, s1) = self._marks[0], self._marks[-1]
+            rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+        of = f"/{self._total}" if self._total is not None else ""
+        eta = f"  eta {_duration((self._total - self._done) / rate)}" if self._total and rate else ""
+        print(f"{self._label}  batch {self._done}{of}  step {step}  loss {loss}  {rate:.2f} steps/s{eta}",
+              file=self._out(), flush=True)
+
+    def _close(self) -> None:
+        self._fetch.pop()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
+        self._close()
+
+    def on_fit_end(self, trainer: Any) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Any, exception: BaseException) -> None:
+        self._close()

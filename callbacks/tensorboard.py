@@ -1,0 +1,59 @@
+"""``TensorBoardWriter``: TensorBoard event files through tensorboardX (no TensorFlow needed).
+
+Example::
+
+    MetricsLogger([TensorBoardWriter("runs/x/tb")], log_every=50)   # then: tensorboard --logdir runs/x/tb
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from callbacks.writers import MetricWriter, _plain, to_uint8
+
+
+class TensorBoardWriter(MetricWriter):
+    """Scalars, images (``[H, W, C]``), texts and hyperparameters as TensorBoard events in ``logdir``."""
+
+    def __init__(self, logdir: str | os.PathLike):
+        self.logdir = str(logdir)
+        self._writer = None
+
+    def _open(self):
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(self.logdir)
+        return self._writer
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        writer = self._open()
+        for name, value in scalars.items():
+            writer.add_scalar(name, float(value), global_step=int(step))
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        writer = self._open()
+        for name, image in images.items():
+            writer.add_image(name, to_uint8(image), global_step=int(step), dataformats="HWC")
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        writer = self._open()
+        for name, text in texts.items():
+            writer.add_text(name, text, global_step=int(step))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """The config as a text summary ``config`` (JSON): readable in the Text tab as written."""
+        self._open().add_text("config", "```\n" + json.dumps(_plain(hparams), indent=2, sort_keys=True) + "\n```", 0)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

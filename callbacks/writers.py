@@ -1,0 +1,180 @@
+"""Metric writers with one small interface modelled on CLU's ``MetricWriter``.
+
+``ConsoleWriter``, ``JsonlWriter`` and ``CsvWriter`` are plain Python; ``TensorBoardWriter`` (in
+``callbacks.tensorboard``) writes event files with tensorboardX, no TensorFlow needed. File writers
+open lazily (on the first write, in append mode), so a writer can be built before the run's
+folder exists and reused after ``close()``.
+
+Example::
+
+    writers = [ConsoleWriter(), JsonlWriter("runs/x/metrics.jsonl"), CsvWriter("runs/x/metrics.csv")]
+    MetricsLogger(writers, log_every=50)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, TextIO
+
+import numpy as np
+
+
+class MetricWriter:
+    """The writer interface: every method is optional to override; the base does nothing."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None: ...
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """``images``: name -> ``[H, W, C]`` (C of 1, 3 or 4) uint8, or float in [0, 1]."""
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None: ...
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """An image as ``[H, W, C]`` uint8 (float images are taken to be in [0, 1])."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return image
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe version of a config value."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+class ConsoleWriter(MetricWriter):
+    """``step 50  loss 0.1234  accuracy 0.9612`` lines on ``stream`` (stdout by default)."""
+
+    def __init__(self, stream: TextIO | None = None, precision: int = 4):
+        self.stream = stream
+        self.precision = precision
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout, flush=True)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        values = "  ".join(f"{k} {v:.{self.precision}g}" for k, v in scalars.items())
+        self._print(f"step {step}  {values}")
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        for name, text in texts.items():
+            self._print(f"step {step}  {name}:\n{text}")
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        self._print("config " + json.dumps(_plain(hparams), sort_keys=True))
+
+
+class _FileWriter(MetricWriter):
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = None
+
+    def _open(self):
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", newline="")
+        return self._file
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class JsonlWriter(_FileWriter):
+    """One JSON object per line: ``{"step": 50, "scalars": {...}}`` (or ``texts``, ``images``, ``hparams``).
+
+    Images are saved as PNG files in ``<name>_images/`` beside the file; the line holds their paths.
+    ``read_jsonl(path)`` reads a file back.
+    """
+
+    def _write(self, record: dict) -> None:
+        self._open().write(json.dumps(record) + "\n")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self._write({"step": int(step), "scalars": {k: float(v) for k, v in scalars.items()}})
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        self._write({"step": int(step), "texts": dict(texts)})
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        self._write({"hparams": _plain(hparams)})
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        from callbacks.figures import save_png
+
+        folder = self.path.parent / f"{self.path.stem}_images"
+        paths = {}
+        for name, image in images.items():
+            target = folder / f"{name.replace('/', '_')}_{int(step)}.png"
+            save_png(target, to_uint8(image))
+            paths[name] = str(target.relative_to(self.path.parent))
+        self._write({"step": int(step), "images": paths})
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every record of a ``JsonlWriter`` file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class CsvWriter(_FileWriter):
+    """Scalars as CSV rows ``step,<metric>,...``; when a new metric appears the header grows.
+
+    Growing rewrites the file through a temporary file and an atomic rename, so a reader (or a
+    crash) never sees a half-written file; rows written before have empty cells for new columns.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self.columns: list[str] | None = None
+
+    def _read_columns(self) -> list[str]:
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, newline="") as f:
+                return next(csv.reader(f))
+        return []
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self.columns is None:
+            self.columns = self._read_columns()
+        new = [k for k in scalars if k not in self.columns]
+        if new or not self.columns:
+            self._grow(new)
+        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        csv.DictWriter(self._open(), fieldnames=self.columns).writerow(row)
+
+    def _grow(self, new: list[str]) -> None:
+        self.close()
+        old_rows = []
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, newline="") as f:
+                old_rows = list(csv.DictReader(f))
+        self.columns = (self.columns or ["step"]) + new
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(old_rows)
+        os.replace(tmp, self.path)

@@ -1,0 +1,128 @@
+"""MetricsLogger windows, the no-sync property of the default callbacks, the LR monitor, throughput."""
+
+from __future__ import annotations
+
+import io
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from callbacks import (Callback, GradNormMonitor, LearningRateMonitor, MetricsLogger, MetricWriter,
+                       NaNDetector, ProgressBar, Throughput)
+from conftest import TinyMLP, make_data
+from trainer import ArrayLoader, OptimConfig, Trainer
+
+
+class Memory(MetricWriter):
+    def __init__(self):
+        self.scalars, self.hparams = [], None
+
+    def write_scalars(self, step, scalars):
+        self.scalars.append((step, dict(scalars)))
+
+    def write_hparams(self, hparams):
+        self.hparams = dict(hparams)
+
+
+class StepLosses(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_step_end(self, trainer, step, metrics):
+        self.losses.append(float(metrics["loss"]))
+
+
+def test_windows_are_means_of_the_step_metrics(model, data):
+    memory, spy = Memory(), StepLosses()
+    logger = MetricsLogger([memory], log_every=4)
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=10, callbacks=[logger, spy], config={"lr": 0.01})
+    trainer.fit(ArrayLoader(data, 16))  # 6 steps per epoch
+    assert memory.hparams == {"lr": 0.01}
+    steps = [s for s, _ in memory.scalars]
+    assert steps == [4, 8, 10]  # the last, partial window is written at the end
+    windows = [spy.losses[0:4], spy.losses[4:8], spy.losses[8:10]]
+    for (_, scalars), window in zip(memory.scalars, windows):
+        assert scalars["loss"] == pytest.approx(np.mean(window), rel=1e-5)
+
+
+def test_eval_metrics_are_written_at_their_step(model, data):
+    memory = Memory()
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=2, callbacks=[MetricsLogger([memory], log_every=100)])
+    trainer.fit(ArrayLoader(data, 32), eval_data=ArrayLoader(data, 32, shuffle=False))
+    evals = [(s, v["eval/loss"]) for s, v in memory.scalars if "eval/loss" in v]
+    assert [s for s, _ in evals] == [3, 6]
+    assert evals[-1][1] == pytest.approx(trainer.eval_metrics["eval/loss"])
+
+
+def test_hundred_step_fit_with_default_callbacks_makes_two_logging_transfers(monkeypatch):
+    """No per-step host sync: logging reads the device twice in 100 steps with log_every=50."""
+    data = make_data(n=1600)
+    calls = []
+    real_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: calls.append(1) or real_get(x))
+    logger = MetricsLogger([Memory()], log_every=50)
+    callbacks = [ProgressBar(refresh_every=50, plain=True, stream=io.StringIO()), logger,
+                 GradNormMonitor(every=50), NaNDetector(check_every=50), LearningRateMonitor(),
+                 Throughput(every=50)]
+    tx = OptimConfig(learning_rate=1e-2).build(total_steps=100)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), tx, max_steps=100, callbacks=callbacks)
+    trainer.fit(ArrayLoader(data, 16))
+    assert trainer.step == 100
+    assert logger.fetches == 2
+    # every other read in the loop is periodic too: nowhere near one per step
+    assert len(calls) <= 12, len(calls)
+
+
+def test_learning_rate_monitor_logs_the_schedule_value(data):
+    config = OptimConfig(learning_rate=0.1, schedule="warmup_cosine", warmup_steps=3)
+    schedule = config.make_schedule(total_steps=12)
+    memory = Memory()
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), config.build(12), max_steps=12,
+                      callbacks=[LearningRateMonitor(), MetricsLogger([memory], log_every=4)])
+    trainer.fit(ArrayLoader(data, 32))
+    logged = [(s, v["learning_rate"]) for s, v in memory.scalars]
+    assert [s for s, _ in logged] == [4, 8, 12]
+    for step, value in logged:  # the last step of the window used schedule(step - 1)
+        assert value == pytest.approx(float(schedule(step - 1)), rel=1e-6)
+
+
+def test_learning_rate_monitor_needs_an_injected_learning_rate(model, data):
+    trainer = Trainer(model, optax.adam(1e-3), max_steps=2, callbacks=[LearningRateMonitor()])
+    with pytest.raises(ValueError, match="inject_hyperparams"):
+        trainer.fit(ArrayLoader(data, 32))
+
+
+def test_throughput_arithmetic_with_an_injected_clock(model, data):
+    ticks = iter(range(100))
+    throughput = Throughput(every=5, clock=lambda: float(next(ticks)))
+    memory = Memory()
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=10,
+                      callbacks=[throughput, MetricsLogger([memory], log_every=5)])
+    trainer.fit(ArrayLoader(make_data(n=160), 16))  # 10 steps per epoch
+    # clock: 0 after step 1 finished, 1 after step 4, 2 after step 9: 3 steps, then 5 steps, a second each
+    recorded = [v for _, v in memory.scalars]
+    assert recorded[0]["throughput/steps_per_sec"] == pytest.approx(3.0)
+    assert recorded[0]["throughput/examples_per_sec"] == pytest.approx(48.0)
+    assert recorded[1]["throughput/steps_per_sec"] == pytest.approx(5.0)
+    assert 0.0 <= recorded[1]["throughput/data_share"] <= 1.0
+
+
+def test_progress_bar_plain_lines_and_terminal_bar(model, data):
+    out = io.StringIO()
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[ProgressBar(refresh_every=2, plain=True, stream=out)])
+    trainer.fit(ArrayLoader(data, 16))  # 6 steps per epoch
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("epoch 1/2  batch 2/6  step 2  loss -")
+    assert "epoch 2/2  batch 6/6  step 12  loss " in lines[-1] and "steps/s" in lines[-1]
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1,
+            callbacks=[ProgressBar(refresh_every=2, stream=tty)]).fit(ArrayLoader(data, 16))
+    assert "epoch 1/1" in tty.getvalue() and "6/6" in tty.getvalue() and "loss=" in tty.getvalue()

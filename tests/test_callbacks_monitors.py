@@ -1,0 +1,185 @@
+"""Gradient-norm probe, NaN detection (raise / skip), early stopping, evaluator cadence."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from callbacks import (Callback, EarlyStopping, Evaluator, GradNormMonitor, GradNormWarning, NaNDetector,
+                       NonFiniteError)
+from conftest import TinyMLP, make_data
+from trainer import ArrayLoader, Trainer, losses
+
+
+def params_of(trainer):
+    return [np.array(x) for x in jax.tree.leaves(trainer.state.params)]
+
+
+class Snapshots(Callback):
+    """Copies the parameters after every step (a test may sync; the library may not)."""
+
+    def __init__(self):
+        self.after = {}
+
+    def on_step_end(self, trainer, step, metrics):
+        self.after[step] = params_of(trainer)
+
+
+class FirstMetrics(Callback):
+    def __init__(self):
+        self.metrics = None
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == 1:
+            self.metrics = jax.device_get(metrics)
+
+
+def test_grad_norm_probe_equals_global_norm_of_hand_gradients(data):
+    batch = next(iter(ArrayLoader(data, 32, shuffle=False)))
+    model = TinyMLP(rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_of(p):
+        logits = nnx.merge(graphdef, p, rest)(batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    grads = jax.grad(loss_of)(params)
+    spy = FirstMetrics()
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1, callbacks=[GradNormMonitor(per_layer=True), spy])
+    trainer.fit(ArrayLoader(data, 32, shuffle=False))
+    assert spy.metrics["grad_norm"] == pytest.approx(float(optax.global_norm(grads)), rel=1e-5)
+    assert spy.metrics["grad_norm/l1"] == pytest.approx(float(optax.global_norm(grads["l1"])), rel=1e-5)
+    assert set(spy.metrics) >= {"grad_norm/l1", "grad_norm/l2"}
+
+
+def test_grad_norm_out_of_range_warns_with_step_and_norm(model, data):
+    monitor = GradNormMonitor(every=2, warn_below=None, warn_above=1e-6)
+    with pytest.warns(GradNormWarning, match=r"gradient norm [\d.e+-]+ at step 2 .*exploding"):
+        Trainer(model, optax.sgd(0.1), max_steps=3, callbacks=[monitor]).fit(ArrayLoader(data, 32))
+    assert [s for s, _ in monitor.warnings] == [2]
+
+
+def nan_at(step, data, batch=16):
+    """The data with NaN inputs in the batch of the given 1-based step (no shuffling)."""
+    x = data["x"].copy()
+    x[(step - 1) * batch] = np.nan
+    return ArrayLoader({"x": x, "label": data["label"]}, batch, shuffle=False)
+
+
+@pytest.mark.parametrize("check_every", [1, 10])
+def test_nan_raise_names_the_step_and_keeps_previous_parameters(model, data, check_every):
+    snaps = Snapshots()
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=2, callbacks=[snaps, NaNDetector(check_every=check_every)])
+    with pytest.raises(NonFiniteError, match=r"non-finite loss and gradients at step 3 \(learning rate unknown"):
+        trainer.fit(nan_at(3, data))
+    assert all(np.array_equal(a, b) for a, b in zip(params_of(trainer), snaps.after[2]))
+    assert all(np.isfinite(p).all() for p in params_of(trainer))
+    model_params = [np.array(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    assert all(np.array_equal(a, b) for a, b in zip(model_params, snaps.after[2]))
+
+
+def test_nan_raise_reports_the_learning_rate_when_injected(model, data):
+    from trainer import make_optimizer
+    tx = make_optimizer("adam", learning_rate=0.0125)
+    with pytest.raises(NonFiniteError, match=r"at step 2 \(learning rate 0.0125\)"):
+        Trainer(model, tx, max_steps=6, callbacks=[NaNDetector()]).fit(nan_at(2, data))
+
+
+def test_nan_skip_leaves_state_bitwise_unchanged_and_training_continues(model, data):
+    snaps = Snapshots()
+    opt_states = {}
+
+    class OptSnap(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            opt_states[step] = [np.array(x) for x in jax.tree.leaves(trainer.state.opt_state)]
+
+    detector = NaNDetector(policy="skip", check_every=1)
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=6, callbacks=[snaps, OptSnap(), detector])
+    with pytest.warns(RuntimeWarning, match="skipped 1 step"):
+        history = trainer.fit(nan_at(3, data))
+    assert all(np.array_equal(a, b) for a, b in zip(snaps.after[3], snaps.after[2]))
+    assert all(np.array_equal(a, b) for a, b in zip(opt_states[3], opt_states[2]))
+    assert not all(np.array_equal(a, b) for a, b in zip(snaps.after[4], snaps.after[3]))
+    assert trainer.step == 6 and detector.skipped == 1
+    assert history[0]["nonfinite_total"] == 1 and np.isfinite(history[0]["loss"])
+
+
+def test_nan_skip_raises_after_too_many_in_a_row(model, data):
+    x = data["x"].copy()
+    x[32:] = np.nan  # every step from the third on is bad
+    loader = ArrayLoader({"x": x, "label": data["label"]}, 16, shuffle=False)
+    snaps = Snapshots()
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=20,
+                      callbacks=[snaps, NaNDetector(policy="skip", max_consecutive_skips=3, check_every=5)])
+    with pytest.raises(NonFiniteError, match="3 steps in a row had non-finite values, the last at step 5"):
+        trainer.fit(loader)
+    assert all(np.array_equal(a, b) for a, b in zip(params_of(trainer), snaps.after[2]))
+
+
+def test_bad_nan_policy_is_refused():
+    with pytest.raises(ValueError, match="choose one of"):
+        NaNDetector(policy="ignore")
+
+
+class Scripted(Callback):
+    """Puts a scripted score into each epoch's logs (runs before EarlyStopping)."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        logs["score"] = self.scores[epoch]
+
+
+class EpochParams(Callback):
+    def __init__(self):
+        self.at = {}
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        self.at[epoch] = params_of(trainer)
+
+
+def test_early_stopping_stops_at_expected_epoch_and_restores_best(model, data):
+    snaps = EpochParams()
+    stopper = EarlyStopping(monitor="score", mode="max", patience=2)
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=10,
+                      callbacks=[snaps, Scripted([0.5, 0.6, 0.55, 0.58, 0.9, 0.9]), stopper])
+    trainer.fit(ArrayLoader(data, 32))
+    assert trainer.epoch == 4 and stopper.stopped_epoch == 3  # epochs 2 and 3 did not beat epoch 1
+    assert "score did not improve for 2 checks" in trainer.stop_reason
+    assert stopper.best == 0.6 and stopper.best_epoch == 1
+    assert all(np.array_equal(a, b) for a, b in zip(params_of(trainer), snaps.at[1]))
+    assert stopper.state_dict()["wait"] == 2
+
+
+def test_early_stopping_on_eval_loss_with_min_delta(data):
+    stopper = EarlyStopping(monitor="eval/loss", patience=1, min_delta=10.0, restore_best=False)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=10, callbacks=[stopper])
+    trainer.fit(ArrayLoader(data, 32), eval_data=ArrayLoader(data, 32, shuffle=False))
+    assert trainer.epoch == 2  # no improvement can beat a min_delta of 10
+
+
+def test_early_stopping_unknown_monitor_lists_available(model, data):
+    with pytest.raises(KeyError, match=r"monitors 'eval/los'.*available: \['accuracy', 'loss'\]"):
+        Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[EarlyStopping("eval/los")]).fit(ArrayLoader(data, 32))
+
+
+def test_evaluator_counts_every_example_once_with_batch_128():
+    data = make_data(n=1000, seed=3)
+    model = TinyMLP(rngs=nnx.Rngs(0))
+    evaluator = Evaluator(ArrayLoader(data, 128, shuffle=False, drop_remainder=False), every_n_steps=5, every_n_epochs=None)
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=10, callbacks=[evaluator])
+    trainer.fit(ArrayLoader(data, 100))
+    assert [s for s, _ in evaluator.history] == [5, 10]
+    logits = np.asarray(trainer.model(data["x"]))
+    assert evaluator.last_metrics["eval/accuracy"] == pytest.approx((logits.argmax(1) == data["label"]).mean(), abs=1e-7)
+    assert trainer._eval_step._cache_size() == 1  # the padded last batch did not recompile
+
+
+def test_bad_evaluator_cadence_is_refused(data):
+    with pytest.raises(ValueError, match="every_n_steps or every_n_epochs"):
+        Evaluator(data, every_n_steps=None, every_n_epochs=None)

@@ -1,0 +1,74 @@
+"""Plots and prediction grids are valid, non-trivial PNGs; the profiler leaves a trace."""
+
+from __future__ import annotations
+
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from callbacks import (GradNormMonitor, JsonlWriter, LearningRateMonitor, MetricsLogger, Plots,
+                       PredictionGrid, Profiler, read_jsonl)
+from conftest import TinyMLP
+from trainer import ArrayLoader, OptimConfig, Trainer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(path, min_colors=20):
+    from matplotlib import image
+
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    pixels = image.imread(path)
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) > 100
+    colors = np.unique((pixels[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colors) >= min_colors, len(colors)  # lines, text and axes, not a blank canvas
+    assert pixels[..., :3].std() > 0.02
+    return pixels
+
+
+class ImageMLP(nnx.Module):
+    def __init__(self, *, rngs):
+        self.dense = nnx.Linear(64, 3, rngs=rngs)
+
+    def __call__(self, images):
+        return self.dense(images.reshape(images.shape[0], -1))
+
+
+def test_plots_and_prediction_grid_are_real_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.random((96, 8, 8, 1)).astype(np.float32)
+    labels = (images[:, :4].mean(axis=(1, 2, 3)) * 6).astype(np.int32) % 3
+    data = {"image": images, "label": labels}
+    jsonl = JsonlWriter(tmp_path / "metrics.jsonl")
+    plots = Plots()
+    grid = PredictionGrid({"image": images[:9], "label": labels[:9]})
+    trainer = Trainer(ImageMLP(rngs=nnx.Rngs(0)), OptimConfig(learning_rate=1e-2).build(40), max_steps=40,
+                      workdir=tmp_path, callbacks=[MetricsLogger([jsonl], log_every=5), GradNormMonitor(every=5),
+                                                   LearningRateMonitor(), plots, grid])
+    trainer.fit(ArrayLoader(data, 16), eval_data=ArrayLoader(data, 32, shuffle=False))
+    names = sorted(p.name for p in plots.written)
+    assert names == ["curves.png", "grad_norm.png", "learning_rate.png"]
+    for path in plots.written:
+        check_png(path)
+    pixels = check_png(tmp_path / "plots" / "predictions.png")
+    np.testing.assert_array_equal(grid.predicted, np.asarray(trainer.model(images[:9])).argmax(1))
+    wrong = (grid.predicted != labels[:9]).sum()
+    red = ((pixels[..., 0] > 0.8) & (pixels[..., 1] < 0.3) & (pixels[..., 2] < 0.3)).sum()
+    assert (red > 0) == (wrong > 0)  # wrong predictions are titled in red
+    logged = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "images" in r]
+    assert {k for r in logged for k in r["images"]} == {"plots/curves", "plots/grad_norm", "plots/learning_rate",
+                                                       "plots/predictions"}
+
+
+def test_plots_need_a_folder(data):
+    with pytest.raises(ValueError, match="Plots needs a folder"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, callbacks=[Plots()]).fit(ArrayLoader(data, 32))
+
+
+def test_profiler_writes_a_trace_of_the_chosen_steps(tmp_path, data):
+    profiler = Profiler(start_step=2, num_steps=2)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=5, workdir=tmp_path, callbacks=[profiler])
+    trainer.fit(ArrayLoader(data, 16))
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000

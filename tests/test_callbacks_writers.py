@@ -1,0 +1,104 @@
+"""Each writer round-trips what it wrote: JSONL, CSV and TensorBoard files read back and compared."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+
+from callbacks import ConsoleWriter, CsvWriter, JsonlWriter, TensorBoardWriter, read_jsonl
+
+SCALARS = [(10, {"loss": 0.5, "accuracy": 0.25}), (20, {"loss": 0.25, "accuracy": 0.5, "eval/loss": 0.3})]
+
+
+def test_jsonl_round_trip(tmp_path):
+    writer = JsonlWriter(tmp_path / "run" / "metrics.jsonl")
+    writer.write_hparams({"lr": 1e-3, "nested": {"depth": 2}, "path": tmp_path})
+    for step, scalars in SCALARS:
+        writer.write_scalars(step, scalars)
+    writer.write_texts(20, {"sample": "hello world"})
+    writer.write_images(20, {"plots/grid": np.full((8, 6, 3), 200, np.uint8)})
+    writer.close()
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert records[0] == {"hparams": {"lr": 1e-3, "nested": {"depth": 2}, "path": str(tmp_path)}}
+    assert [(r["step"], r["scalars"]) for r in records[1:3]] == SCALARS
+    assert records[3] == {"step": 20, "texts": {"sample": "hello world"}}
+    image_path = tmp_path / "run" / records[4]["images"]["plots/grid"]
+    from matplotlib import image
+    assert image.imread(image_path).shape[:2] == (8, 6)
+
+
+def test_jsonl_appends_after_reopening(tmp_path):
+    writer = JsonlWriter(tmp_path / "m.jsonl")
+    writer.write_scalars(1, {"loss": 1.0})
+    writer.close()
+    writer.write_scalars(2, {"loss": 2.0})
+    writer.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "m.jsonl")] == [1, 2]
+
+
+def test_csv_header_grows_and_file_stays_valid(tmp_path):
+    path = tmp_path / "metrics.csv"
+    writer = CsvWriter(path)
+    writer.write_scalars(10, SCALARS[0][1])
+    writer.flush()
+    with open(path, newline="") as f:
+        assert next(csv.reader(f)) == ["step", "loss", "accuracy"]
+    writer.write_scalars(20, SCALARS[1][1])
+    writer.close()
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["step", "loss", "accuracy", "eval/loss"]
+    assert all(len(row) == 4 for row in rows)  # no ragged row: a valid table
+    with open(path, newline="") as f:
+        back = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in back] == [10, 20]
+    assert float(back[0]["loss"]) == 0.5 and back[0]["eval/loss"] == ""
+    assert float(back[1]["eval/loss"]) == 0.3
+    assert not (tmp_path / "metrics.csv.tmp").exists()
+
+
+def test_csv_writer_continues_an_existing_file(tmp_path):
+    path = tmp_path / "metrics.csv"
+    CsvWriter(path).write_scalars(1, {"loss": 1.0})
+    again = CsvWriter(path)
+    again.write_scalars(2, {"loss": 0.5})
+    again.close()
+    with open(path, newline="") as f:
+        assert [r["loss"] for r in csv.DictReader(f)] == ["1.0", "0.5"]
+
+
+def test_tensorboard_round_trip_without_tensorflow(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = TensorBoardWriter(tmp_path / "tb")
+    writer.write_hparams({"lr": 0.001})
+    for step, scalars in SCALARS:
+        writer.write_scalars(step, scalars)
+    writer.write_texts(5, {"sample": "the quick brown fox"})
+    writer.write_images(5, {"grid": np.linspace(0, 1, 4 * 5 * 3).reshape(4, 5, 3)})
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    loss = acc.Scalars("loss")
+    assert [(e.step, e.value) for e in loss] == [(10, 0.5), (20, 0.25)]
+    assert [(e.step, e.value) for e in acc.Scalars("eval/loss")] == [(20, pytest.approx(0.3))]
+    image = acc.Images("grid")[0]
+    assert (image.step, image.width, image.height) == (5, 5, 4)
+    texts = {tag: acc.Tensors(tag) for tag in acc.Tags()["tensors"]}
+    sample = texts["sample/text_summary"][0]
+    assert sample.step == 5 and b"the quick brown fox" in sample.tensor_proto.string_val[0]
+    assert b"0.001" in texts["config/text_summary"][0].tensor_proto.string_val[0]
+    import sys
+    assert "tensorflow" not in sys.modules
+
+
+def test_console_writer_prints_steps_and_values():
+    out = io.StringIO()
+    writer = ConsoleWriter(out)
+    writer.write_hparams({"lr": 0.1})
+    writer.write_scalars(10, {"loss": 0.123456})
+    assert out.getvalue().splitlines() == ['config {"lr": 0.1}', "step 10  loss 0.1235"]

@@ -56,7 +56,7 @@ class ProgressBar(Callback):
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         self._total = trainer.epoch_length
         self._done = trainer.data_iterator.position if hasattr(trainer.data_iterator, "position") else 0
-        self._loss, self._marks = None, []
+        self._marks = []
         self._epoch = epoch
         total_epochs = f"/{trainer.max_epochs}" if trainer.max_epochs else ""
         self._label = f"epoch {epoch + 1}{total_epochs}"
@@ -88,12 +88,12 @@ class ProgressBar(Callback):
             (t0, s0), (t1, s1) = self._marks[0], self._marks[-1]
             rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
         of = f"/{self._total}" if self._total is not None else ""
+        speed = f"  {rate:.2f} steps/s" if rate else ""
         eta = f"  eta {_duration((self._total - self._done) / rate)}" if self._total and rate else ""
-        print(f"{self._label}  batch {self._done}{of}  step {step}  loss {loss}  {rate:.2f} steps/s{eta}",
+        print(f"{self._label}  batch {self._done}{of}  step {step}  loss {loss}{speed}{eta}",
               file=self._out(), flush=True)
 
     def _close(self) -> None:
-        self._fetch.pop()
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -4,9 +4,11 @@
 ``MetricsLogger`` and the writers ``MetricWriter``, ``ConsoleWriter``, ``JsonlWriter``,
 ``CsvWriter``, ``TensorBoardWriter``; ``ProgressBar``, ``EpochSummary``, ``Evaluator``,
 ``GradNormMonitor``, ``NaNDetector``, ``EarlyStopping``, ``LearningRateMonitor``, ``Throughput``,
-``Profiler``, ``Plots``, ``PredictionGrid``.
+``Profiler``, ``Plots``, ``PredictionGrid``, ``Checkpoint`` (and its ``CheckpointError``).
 """
 
+from trainer.checkpoint import Checkpoint
+from trainer.checkpoint_store import CheckpointError
 from trainer.evaluation import Evaluator
 from trainer.events import Callback
 from callbacks.early_stopping import EarlyStopping
@@ -24,7 +26,7 @@ from callbacks.throughput import Throughput
 from callbacks.writers import ConsoleWriter, CsvWriter, JsonlWriter, MetricWriter, read_jsonl
 
 __all__ = [
-    "Callback", "ConsoleWriter", "CsvWriter", "EarlyStopping", "EpochSummary", "Evaluator",
+    "Callback", "Checkpoint", "CheckpointError", "ConsoleWriter", "CsvWriter", "EarlyStopping", "EpochSummary", "Evaluator",
     "GradNormMonitor", "GradNormWarning", "JsonlWriter", "LearningRateMonitor", "MetricWriter",
     "MetricsLogger", "NaNDetector", "NonFiniteError", "Plots", "PredictionGrid", "Profiler",
     "ProgressBar", "TensorBoardWriter", "Throughput", "read_jsonl",

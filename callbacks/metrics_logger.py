@@ -105,6 +105,7 @@ class MetricsLogger(Callback):
         self.history.append((step, scalars))
         for writer in self.writers:
             writer.write_scalars(step, scalars)
+            writer.flush()  # at the log cadence only: a killed run keeps every window it wrote
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         for writer in self.writers:
@@ -115,6 +116,13 @@ class MetricsLogger(Callback):
         for writer in self.writers:
             writer.write_texts(step, texts)
             writer.flush()
+
+    def on_checkpoint_restore(self, trainer: Any, checkpoint: dict) -> None:
+        """A resumed run: drop what the writers got after the checkpoint's step (no duplicates)."""
+        self._fetch.pop()
+        self.history = [(s, v) for s, v in self.history if s <= trainer.step]
+        for writer in self.writers:
+            writer.rewind(trainer.step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_logged_step": self.last_logged_step}

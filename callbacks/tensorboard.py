@@ -22,13 +22,20 @@ class TensorBoardWriter(MetricWriter):
     def __init__(self, logdir: str | os.PathLike):
         self.logdir = str(logdir)
         self._writer = None
+        self._purge_step: int | None = None
 
     def _open(self):
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(self.logdir)
+            self._writer = SummaryWriter(self.logdir, purge_step=self._purge_step)
+            self._purge_step = None
         return self._writer
+
+    def rewind(self, step: int) -> None:
+        """TensorBoard drops the events after ``step`` when the next file starts with a purge step."""
+        self.close()
+        self._purge_step = step + 1
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         writer = self._open()

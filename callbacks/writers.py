@@ -33,6 +33,8 @@ class MetricWriter:
     def write_hparams(self, hparams: Mapping[str, Any]) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
+    def rewind(self, step: int) -> None:
+        """Forget what was written after ``step`` (a run resumed from a checkpoint at ``step``)."""
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -101,6 +103,18 @@ class _FileWriter(MetricWriter):
             self._file = None
 
 
+def _rewrite(path: Path, keep_line) -> None:
+    """Rewrites a text file keeping the lines ``keep_line`` accepts, atomically."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        lines = f.readlines()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        f.writelines(line for i, line in enumerate(lines) if keep_line(i, line))
+    os.replace(tmp, path)
+
+
 class JsonlWriter(_FileWriter):
     """One JSON object per line: ``{"step": 50, "scalars": {...}}`` (or ``texts``, ``images``, ``hparams``).
 
@@ -130,6 +144,10 @@ class JsonlWriter(_FileWriter):
             save_png(target, to_uint8(image))
             paths[name] = str(target.relative_to(self.path.parent))
         self._write({"step": int(step), "images": paths})
+
+    def rewind(self, step: int) -> None:
+        self.close()
+        _rewrite(self.path, lambda i, line: json.loads(line).get("step", -1) <= step if line.strip() else False)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -163,6 +181,10 @@ class CsvWriter(_FileWriter):
             self._grow(new)
         row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
         csv.DictWriter(self._open(), fieldnames=self.columns).writerow(row)
+
+    def rewind(self, step: int) -> None:
+        self.close()
+        _rewrite(self.path, lambda i, line: i == 0 or int(line.split(",", 1)[0]) <= step)
 
     def _grow(self, new: list[str]) -> None:
         self.close()

@@ -173,6 +173,15 @@ def empty_sums(metric_shapes: Mapping[str, Any], reductions: Mapping[str, str] |
     return jax.tree.map(jnp.zeros_like, empty)
 
 
+def restore_sums(template: Sums, saved: Mapping[str, Sequence[float]]) -> Sums:
+    """Accumulators of ``template``'s kinds holding saved ``[total, count]`` pairs (others stay zero)."""
+    out = dict(template)
+    for k, (total, count) in saved.items():
+        if k in out:
+            out[k] = type(out[k])(total=jnp.asarray(total, jnp.float32), count=jnp.asarray(count, jnp.int32))
+    return out
+
+
 def compute_sums(sums: Sums) -> dict[str, float]:
     """Host floats from (host) accumulators; metrics with no valid step are left out."""
     return {k: float(m.total / m.count) for k, m in sums.items() if int(m.count) > 0}

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 import zlib
@@ -24,12 +25,15 @@ from flax import nnx
 
 from trainer import losses
 from trainer.data import batch_size_of, pad_batch
+from trainer import checkpoint as checkpointing
+from trainer.checkpoint import Checkpoint
 from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
 from trainer.optim import current_learning_rate
+from trainer.preemption import PreemptionHandler, Preempted
 from trainer.state import TrainState, zeros_like_tree
 from trainer.step import (Probe, Sums, compute_sums, empty_sums, init_guard, make_eval_step,
-                          make_predict_step, make_train_step, per_example_metrics)
+                          make_predict_step, make_train_step, per_example_metrics, restore_sums)
 
 EPOCH_SUMS = "epoch"
 
@@ -111,7 +115,10 @@ class Trainer:
         self.data_wait_seconds = 0.0
         self.last_batch_size = 0
         self._halt_after: int | None = None
-        self._position = 0  # batches consumed in the current epoch
+        self.position = 0  # batches consumed in the current epoch
+        self.restored_data_state: dict | None = None
+        self.restored_epoch_sums: dict | None = None
+        self._preemption = PreemptionHandler()
         self._sums: dict[str, Sums | None] = {}
         self._metric_shapes: dict[str, Any] | None = None
         self._fit_evaluators: list[Evaluator] = []
@@ -191,9 +198,21 @@ class Trainer:
         if self.state.guard is None:
             self.state = self.state.replace(guard=init_guard())
 
+    def epoch_sums_snapshot(self) -> dict[str, list[float]] | None:
+        """The current epoch's running sums as ``{metric: [total, count]}`` (for checkpoints)."""
+        sums = self._sums.get(EPOCH_SUMS)
+        if sums is None:
+            return None
+        return {k: [float(m.total), int(m.count)] for k, m in jax.device_get(sums).items()}
+
     def record(self, name: str, value: float) -> None:
         """Hands a host value (throughput, a timing) to the loggers' next write."""
         self.pending_logs[name] = float(value)
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        """The ``Checkpoint`` callbacks."""
+        return [cb for cb in self.callbacks.callbacks if isinstance(cb, Checkpoint)]
 
     @property
     def evaluators(self) -> list[Evaluator]:
@@ -202,14 +221,21 @@ class Trainer:
 
     # ----- fit / evaluate / predict --------------------------------------------------------
 
-    def fit(self, train_data: Iterable[Any], eval_data: Iterable[Any] | None = None) -> list[dict[str, float]]:
+    def fit(self, train_data: Iterable[Any], eval_data: Iterable[Any] | None = None, *,
+            resume: bool | str | Path = False) -> list[dict[str, float]]:
         """Trains until ``max_epochs`` / ``max_steps`` or a stop request; returns ``history``.
 
         ``train_data`` is an ``ArrayLoader`` or any re-iterable of batches (each epoch iterates it
         again). ``eval_data`` is sugar for an ``Evaluator(eval_data)``: every completed epoch ends
         with an evaluation whose metrics (``eval/loss``, ...) reach ``on_eval_end``, then ``on_epoch_end``.
+
+        ``resume=True`` continues from the newest good checkpoint (of the ``Checkpoint`` callback, or
+        ``<workdir>/checkpoints``; none there: a fresh start); a path resumes from that checkpoint
+        folder or step and must exist. With a ``Checkpoint`` callback, SIGTERM / SIGINT end the run
+        at the next step boundary with a synchronous save, ``on_fit_end``, and ``SystemExit`` with
+        code 143 / 130.
         """
-        if self._limit_reached():
+        if resume is False and self._limit_reached():
             warnings.warn(
                 f"fit has nothing to do: the trainer already ran {self.epoch} epochs / {self.step} "
                 f"steps (max_epochs={self.max_epochs}, max_steps={self.max_steps}); raise them to train more.",
@@ -219,18 +245,25 @@ class Trainer:
         self.should_stop, self.stop_reason = False, None
         self.add_metric_sums(EPOCH_SUMS)
         self._fit_evaluators = [Evaluator(eval_data)] if eval_data is not None else []
-        self.callbacks.dispatch("on_fit_start", self)
+        if self.checkpoints:
+            self._preemption.install()
         try:
+            self.callbacks.dispatch("on_fit_start", self)
+            if resume is not False:
+                checkpointing.restore(self, resume)
             while not self._limit_reached() and not self.should_stop:
                 self._run_epoch(train_data)
-            if self._position and not self.should_stop:  # max_steps ended mid-epoch: final numbers
+            if self.position and not self.should_stop:  # max_steps ended mid-epoch: final numbers
                 for evaluator in self.evaluators:
                     if evaluator.every_n_epochs is not None and evaluator.last_step != self.step:
                         evaluator.run(self)
+        except Preempted:
+            self._exit_preempted()
         except BaseException as exc:
             self.callbacks.dispatch("on_exception", self, exc)
             raise
         finally:
+            self._preemption.uninstall()
             self._fit_evaluators = []
             _ = self.model  # the caller's module holds the trained state, even after an error
         self.callbacks.dispatch("on_fit_end", self)
@@ -247,6 +280,8 @@ class Trainer:
         self.callbacks.dispatch("on_eval_start", self)
         sums, size = None, None
         for batch in data:
+            if self._preemption.signal:
+                raise Preempted()  # leave the evaluation; fit saves and exits
             size = size or batch_size_of(batch)
             padded, mask = pad_batch(batch, size)
             self._check_labels(batch, "eval")
@@ -294,12 +329,17 @@ class Trainer:
             step = self.step + 1
             self.callbacks.dispatch("on_step_start", self, step)
             self.state, self._sums, metrics = self._train_step(self.state, self._sums, batch)
-            self.step, self._position = step, self._position + 1
+            self.step, self.position = step, self.position + 1
             self.callbacks.dispatch("on_step_end", self, step, metrics)
+            for checkpoint in self.checkpoints:
+                if checkpoint.due_after_step(step):
+                    checkpoint.save(self)
+            if self._preemption.signal:
+                raise Preempted()
             if self.should_stop or self._limit_reached():
                 ran_out = False
                 break
-        if ran_out and self._position == 0:
+        if ran_out and self.position == 0:
             raise ValueError(
                 f"train_data yielded no batches in epoch {epoch}. A generator or iterator can be "
                 "iterated only once: pass a re-iterable (a list, an ArrayLoader) or set max_steps "
@@ -309,19 +349,22 @@ class Trainer:
             self._end_epoch(epoch)
 
     def _epoch_complete(self, train_data: Any) -> bool:
-        return hasattr(train_data, "__len__") and self._position >= len(train_data)
+        return hasattr(train_data, "__len__") and self.position >= len(train_data)
 
     def _epoch_batches(self, data: Iterable[Any], epoch: int) -> Iterator[Any]:
         if callable(getattr(data, "iterator", None)):
-            self.data_iterator = data.iterator(epoch=epoch, position=self._position)
+            self.data_iterator = data.iterator(epoch=epoch, position=self.position)
+            if self.restored_data_state is not None:  # refuses a state from other data
+                self.data_iterator.set_state(self.restored_data_state)
+                self.restored_data_state = None
             return self.data_iterator
-        if self._position:
+        if self.position:
             warnings.warn(
-                f"continuing epoch {epoch} after batch {self._position}, but {type(data).__name__} "
+                f"continuing epoch {epoch} after batch {self.position}, but {type(data).__name__} "
                 "cannot seek: it starts a fresh pass. Use ArrayLoader for exact continuation.",
                 stacklevel=3,
             )
-            self._position = 0
+            self.position = 0
         self.data_iterator = iter(data)
         return self.data_iterator
 
@@ -338,13 +381,32 @@ class Trainer:
             yield batch
 
     def _end_epoch(self, epoch: int) -> None:
-        logs = compute_sums(jax.device_get(self.take_metric_sums(EPOCH_SUMS)))
+        sums = self.take_metric_sums(EPOCH_SUMS)
+        if sums is not None:
+            logs = compute_sums(jax.device_get(sums))
+        else:  # resumed exactly at the end of an epoch: no step ran since the restore
+            saved = self.restored_epoch_sums or {}
+            logs = {k: total / count for k, (total, count) in saved.items() if count > 0}
+            self.restored_epoch_sums = None
         for evaluator in self.evaluators:
             if evaluator.due_at_epoch_end(epoch):
                 logs.update(evaluator.run(self))
         self.history.append(dict(logs, epoch=epoch))
         self.callbacks.dispatch("on_epoch_end", self, epoch, logs)
-        self.epoch, self._position = epoch + 1, 0
+        self.history[-1].update(logs)  # what callbacks added (a scripted or derived metric) is kept
+        self.epoch, self.position = epoch + 1, 0
+        for checkpoint in self.checkpoints:
+            if checkpoint.due_after_epoch(epoch):
+                checkpoint.save(self)
+
+    def _exit_preempted(self) -> None:
+        """Saves synchronously, waits for the commit, fires ``on_fit_end`` and exits 128 + signal."""
+        saved = [cb for cb in self.checkpoints if cb.save(self, wait=True)]
+        self.callbacks.dispatch("on_fit_end", self)
+        where = ", ".join(str(cb.directory) for cb in saved) or "nowhere (the state was not finite)"
+        print(f"received {self._preemption.name}: saved checkpoint step {self.step} in {where}; resume with "
+              "fit(..., resume=True) (recipes: --resume).", file=sys.stderr, flush=True)
+        raise SystemExit(128 + self._preemption.signal)
 
     # ----- building and checking -----------------------------------------------------------
 
@@ -363,6 +425,9 @@ class Trainer:
             raise ValueError(err.args[0]) from err
         self._metric_shapes = metric_shapes
         self._sums = {name: empty_sums(metric_shapes, self.metric_reductions) for name in self._sums}
+        if self.restored_epoch_sums and self._sums.get(EPOCH_SUMS) is not None:
+            self._sums[EPOCH_SUMS] = restore_sums(self._sums[EPOCH_SUMS], self.restored_epoch_sums)
+            self.restored_epoch_sums = None
         if self.loss_fn is None and type(self).compute_loss is Trainer.compute_loss:
             out = jax.eval_shape(lambda s, b: self.predict_step(s.merge(self.graphdef), b), self.state, batch)
             self._num_classes = out.shape[-1] if hasattr(out, "shape") and out.shape else None

@@ -1,0 +1,206 @@
+"""Checkpoints: exact resume, preemption, damage, mismatch, retention, what lands in the logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from callbacks import (Callback, Checkpoint, CheckpointError, EarlyStopping, JsonlWriter, MetricsLogger,
+                       NaNDetector, read_jsonl)
+from conftest import TinyMLP, make_data
+from trainer import ArrayLoader, Trainer
+
+SCRIPT = Path(__file__).parent / "checkpoint_script.py"
+
+
+def leaves_of(trainer):
+    tree = (trainer.state.params, trainer.state.opt_state, trainer.state.model_state)
+    return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+            for x in jax.tree.leaves(tree)]
+
+
+def bitwise_equal(a, b):
+    return len(a) == len(b) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+
+
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.step:
+            trainer.should_stop = True
+
+
+def make(workdir, max_steps, *extra, every=4):
+    return Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=max_steps, workdir=workdir,
+                   callbacks=[NaNDetector(), Checkpoint(every_n_steps=every, every_n_epochs=None), *extra])
+
+
+def test_resume_mid_epoch_is_bitwise_identical_to_an_unbroken_run(tmp_path):
+    data = make_data()  # 6 batches of 16 per epoch; the stop falls mid-epoch
+    unbroken = make(tmp_path / "a", 20)
+    unbroken.fit(ArrayLoader(data, 16, seed=2))
+    first = make(tmp_path / "b", 20, StopAt(10))
+    first.fit(ArrayLoader(data, 16, seed=2))
+    assert first.step == 10 and sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_10", "step_4", "step_8"]
+    second = make(tmp_path / "b", 20)
+    second.fit(ArrayLoader(data, 16, seed=2), resume=True)
+    assert (second.step, second.epoch, second.position) == (20, 3, 2)
+    assert bitwise_equal(leaves_of(second), leaves_of(unbroken))
+    assert second.history == unbroken.history
+
+
+def test_resume_true_on_an_empty_workdir_starts_fresh(tmp_path, data):
+    trainer = make(tmp_path, 3)
+    trainer.fit(ArrayLoader(data, 16), resume=True)
+    assert trainer.step == 3
+
+
+def test_explicit_missing_checkpoint_path_is_an_error(tmp_path, data):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make(tmp_path, 3).fit(ArrayLoader(data, 16), resume=tmp_path / "nowhere")
+
+
+def test_resume_from_an_explicit_step_folder(tmp_path, data):
+    make(tmp_path, 8).fit(ArrayLoader(data, 16))
+    trainer = make(tmp_path / "other", 10)
+    trainer.fit(ArrayLoader(data, 16), resume=tmp_path / "checkpoints" / "step_4")
+    assert trainer.step == 10  # started from step 4
+
+
+def flip_a_byte(step_dir: Path) -> None:
+    """Damages the largest array file of a checkpoint step in place."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    target = max(files, key=lambda p: p.stat().st_size)
+    blob = bytearray(target.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    target.write_bytes(bytes(blob))
+
+
+def test_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, data):
+    make(tmp_path, 8).fit(ArrayLoader(data, 16))  # saves 4 and 8
+    flip_a_byte(tmp_path / "checkpoints" / "step_8")
+    (tmp_path / "checkpoints" / "99").mkdir()  # foreign and empty folders are no checkpoints
+    (tmp_path / "checkpoints" / "step_77").mkdir()
+    (tmp_path / "checkpoints" / "step_12.orbax-checkpoint-tmp-123").mkdir()  # a killed save's leftover
+    restored = []
+
+    class Seen(Callback):
+        def on_checkpoint_restore(self, trainer, checkpoint):
+            restored.append(checkpoint["step"])
+
+    trainer = make(tmp_path, 8, Seen())
+    with pytest.warns(RuntimeWarning, match="step 8 cannot be restored") as caught:
+        trainer.fit(ArrayLoader(data, 16), resume=True)
+    assert restored == [4]
+    assert len([w for w in caught if "cannot be restored" in str(w.message)]) == 1
+    assert not (tmp_path / "checkpoints" / "step_12.orbax-checkpoint-tmp-123").exists()
+    assert trainer.step == 8  # and step 8 was saved again, replacing the damaged one
+    again = make(tmp_path / "unused", 8)
+    again.fit(ArrayLoader(data, 16), resume=tmp_path / "checkpoints" / "step_8")
+    assert again.step == 8
+
+
+def test_nothing_valid_left_is_a_clear_error(tmp_path, data):
+    make(tmp_path, 4, every=4).fit(ArrayLoader(data, 16))
+    flip_a_byte(tmp_path / "checkpoints" / "step_4")
+    with pytest.warns(RuntimeWarning), pytest.raises(CheckpointError, match="no usable checkpoint remains"):
+        make(tmp_path, 8).fit(ArrayLoader(data, 16), resume=True)
+
+
+def test_restoring_into_a_different_model_names_step_path_and_shapes(tmp_path, data):
+    make(tmp_path, 4).fit(ArrayLoader(data, 16))
+    other = Trainer(TinyMLP(hidden=32, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=8, workdir=tmp_path,
+                    callbacks=[NaNDetector(), Checkpoint(every_n_steps=4)])
+    with pytest.raises(CheckpointError, match=r"step 4 does not fit .* at \.params\['l1'\]\['bias'\]\.value: "
+                                              r"stored float32\[16\], expected float32\[32\]"):
+        other.fit(ArrayLoader(data, 16), resume=True)
+
+
+def test_restoring_with_another_optimizer_is_refused(tmp_path, data):
+    make(tmp_path, 4).fit(ArrayLoader(data, 16))
+    other = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, workdir=tmp_path,
+                    callbacks=[NaNDetector(), Checkpoint(every_n_steps=4)])
+    with pytest.raises(CheckpointError, match="does not fit the current model and optimizer"):
+        other.fit(ArrayLoader(data, 16), resume=True)
+
+
+def test_config_difference_warns_naming_it(tmp_path, data):
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=4, workdir=tmp_path, config={"lr": 0.01},
+            callbacks=[Checkpoint(every_n_steps=4)]).fit(ArrayLoader(data, 16))
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=6, workdir=tmp_path, config={"lr": 0.02},
+                      callbacks=[Checkpoint(every_n_steps=4)])
+    with pytest.warns(RuntimeWarning, match=r"different config: lr: saved 0.01, now 0.02"):
+        trainer.fit(ArrayLoader(data, 16), resume=True)
+
+
+def test_callback_states_and_logs_continue_without_duplicates(tmp_path, data):
+    def build(max_steps, *extra):
+        logger = MetricsLogger([JsonlWriter(tmp_path / "metrics.jsonl")], log_every=2)
+        stopper = EarlyStopping(monitor="loss", patience=50)
+        return make(tmp_path, max_steps, logger, stopper, *extra, every=4), stopper
+
+    first, stopper = build(20, StopAt(6))
+    first.fit(ArrayLoader(data, 16))  # logs steps 2, 4, 6 and checkpoints 4 and 6 (at the end)
+    second, stopper2 = build(14)
+    second.fit(ArrayLoader(data, 16), resume=tmp_path / "checkpoints" / "step_4")  # back to 4: step 6 logs again
+    steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "scalars" in r]
+    assert steps == [2, 4, 6, 8, 10, 12, 14]
+
+
+def test_max_to_keep_and_best_k_retention(tmp_path, data):
+    scores = iter([0.9, 0.1, 0.8, 0.7, 0.6, 0.5])
+
+    class Score(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            logs["score"] = next(scores)  # runs before the epoch's history entry is read for saving
+
+    cp = Checkpoint(every_n_epochs=1, max_to_keep=2, monitor="score", mode="min", keep_best=1)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=6, workdir=tmp_path,
+                      callbacks=[Score(), cp])
+    trainer.fit(ArrayLoader(data, 32))
+    kept = sorted(int(p[5:]) for p in os.listdir(tmp_path / "checkpoints") if p.startswith("step_"))
+    assert kept == [6, 15, 18]  # the best (epoch 2, step 6) and the two newest
+
+
+def run_script(*args, timeout=240):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+@pytest.mark.slow
+def test_killed_run_resumed_ends_bitwise_identical(tmp_path):
+    ref = run_script(tmp_path / "ref", 20, "--out", tmp_path / "ref.npz")
+    assert ref.returncode == 0, ref.stderr
+    killed = run_script(tmp_path / "run", 20, "--kill-at", 11)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_script(tmp_path / "run", 20, "--resume", "--out", tmp_path / "run.npz")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from checkpoint step" in resumed.stderr
+    a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
+    assert bitwise_equal([a[k] for k in a.files], [b[k] for k in b.files])
+    steps = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "scalars" in r]
+    assert steps == list(range(2, 21, 2))  # no duplicated or missing step
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_143_and_resumes_bitwise(tmp_path):
+    ref = run_script(tmp_path / "ref", 16, "--out", tmp_path / "ref.npz")
+    termed = run_script(tmp_path / "run", 16, "--term-at", 7)
+    assert termed.returncode == 143, termed.stderr
+    assert "received SIGTERM: saved checkpoint step 7" in termed.stderr and "resume" in termed.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step_7").is_dir()
+    resumed = run_script(tmp_path / "run", 16, "--resume", "--out", tmp_path / "run.npz")
+    assert resumed.returncode == 0 and "resumed from checkpoint step 7" in resumed.stderr
+    a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
+    assert bitwise_equal([a[k] for k in a.files], [b[k] for k in b.files])

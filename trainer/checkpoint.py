@@ -1,0 +1,241 @@
+"""``Checkpoint``: regular checkpoints of everything a resumed run needs, and restoring them.
+
+One checkpoint step holds the train state (parameters, model state with its RNG streams,
+optimizer state, step, the non-finite guard), the data iterator's position, every callback's
+``state_dict()``, the per-epoch history, the run config and an environment fingerprint. Saving
+happens after every callback of the step (or epoch) has run, so their states match the arrays.
+It lives beside the engine (``callbacks`` re-exports it) because ``fit(resume=...)`` and the
+preemption handler use it.
+
+Example::
+
+    from callbacks import Checkpoint
+    trainer = Trainer(model, tx, max_epochs=10, workdir="runs/x",
+                      callbacks=[Checkpoint(every_n_steps=500, max_to_keep=3)])
+    trainer.fit(train, resume=True)   # continues from the newest good one in runs/x/checkpoints/step_<N>
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import jax
+import numpy as np
+
+from trainer.checkpoint_store import (FORMAT, CheckpointError, CheckpointStore, check_structure, expected_leaves,
+                                      flatten, unflatten)
+from trainer.events import Callback
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.trainer import Trainer
+
+
+def environment() -> dict[str, Any]:
+    """What can change numerics between runs: library versions, XLA flags, x64, devices."""
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    devices = jax.devices()
+    return {**versions, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "x64": bool(jax.config.jax_enable_x64),
+            "device_kind": devices[0].device_kind, "device_count": len(devices)}
+
+
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def callback_key(index: int, callback: Callback) -> str:
+    return f"{index}:{type(callback).__name__}"
+
+
+class Checkpoint(Callback):
+    """Saves checkpoints with orbax (atomic, asynchronous, retention, best-k by a metric).
+
+    Args:
+      directory: where step folders go (default ``<workdir>/checkpoints``).
+      every_n_steps: save after every N-th step (``None``: not by steps).
+      every_n_epochs: save after every N-th epoch (``None``: not by epochs).
+      max_to_keep: newest checkpoints kept.
+      monitor / mode / keep_best: also keep the ``keep_best`` best checkpoints by the epoch metric
+        ``monitor`` (``min`` or ``max``).
+      async_save: write in the background; the trainer waits for the commit before exiting,
+        before reporting a preemption save, and at the end of ``fit``.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, *, every_n_steps: int | None = None,
+                 every_n_epochs: int | None = 1, max_to_keep: int = 3, monitor: str | None = None,
+                 mode: str = "min", keep_best: int | None = None, async_save: bool = True):
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs),
+                            ("keep_best", keep_best)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name}={value!r} must be a positive integer or None.")
+        if not isinstance(max_to_keep, int) or max_to_keep <= 0:
+            raise ValueError(f"max_to_keep={max_to_keep!r} must be a positive integer.")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode={mode!r} is not known; choose 'min' or 'max'.")
+        if keep_best and monitor is None:
+            raise ValueError("keep_best needs monitor= (the metric that ranks checkpoints).")
+        self.directory = Path(directory) if directory is not None else None
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.max_to_keep, self.monitor, self.mode, self.keep_best = max_to_keep, monitor, mode, keep_best
+        self.async_save = async_save
+        self.store: CheckpointStore | None = None
+        self.last_saved_step: int | None = None
+
+    def open(self, trainer: "Trainer") -> CheckpointStore:
+        """The store in ``directory`` (or ``<workdir>/checkpoints``), opened once."""
+        if self.store is None:
+            if self.directory is None:
+                if trainer.workdir is None:
+                    raise ValueError("Checkpoint needs a folder: pass directory= or give the Trainer a workdir.")
+                self.directory = Path(trainer.workdir) / "checkpoints"
+            self.store = CheckpointStore(self.directory, max_to_keep=self.max_to_keep, monitor=self.monitor,
+                                         mode=self.mode, keep_best=self.keep_best, async_save=self.async_save)
+        return self.store
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        self.open(trainer)
+
+    def due_after_step(self, step: int) -> bool:
+        return self.every_n_steps is not None and step % self.every_n_steps == 0
+
+    def due_after_epoch(self, epoch: int) -> bool:
+        return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
+
+    def save(self, trainer: "Trainer", *, wait: bool = False) -> bool:
+        """Saves the trainer now; returns False (with a warning) when the state is not finite."""
+        store = self.open(trainer)
+        if self.last_saved_step == trainer.step:
+            if wait:
+                store.wait()
+            return True
+        arrays, leaves = flatten(trainer.state)
+        bad = [d["path"] for d, a in zip(leaves, arrays.values())
+               if not d["path"].startswith(".guard") and a.dtype.kind == "f" and not np.isfinite(a).all()]
+        if bad:
+            warnings.warn(f"not saving step {trainer.step}: {bad[:3]} hold non-finite values; the last good "
+                          "checkpoint stays the newest.", RuntimeWarning, stacklevel=2)
+            return False
+        meta = describe(trainer, leaves)
+        metrics = {self.monitor: trainer.history[-1][self.monitor]} if (
+            self.monitor and trainer.history and self.monitor in trainer.history[-1]) else None
+        store.save(trainer.step, arrays, meta, metrics)
+        if wait or not self.async_save:
+            store.wait()
+        self.last_saved_step = trainer.step
+        trainer.callbacks.dispatch("on_checkpoint_save", trainer, meta)
+        return True
+
+    def on_fit_end(self, trainer: "Trainer") -> None:
+        """The final state is saved too (unless just saved), so a finished run can be continued."""
+        if trainer.step > 0:
+            self.save(trainer, wait=True)
+        if self.store is not None:
+            self.store.wait()
+
+    def on_exception(self, trainer: "Trainer", exception: BaseException) -> None:
+        if self.store is not None:
+            self.store.wait()  # a save in flight still commits: it is a good checkpoint
+
+
+def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
+    """The JSON half of a checkpoint."""
+    iterator = trainer.data_iterator
+    data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
+    return {
+        "format": FORMAT, "step": trainer.step, "epoch": trainer.epoch, "position": trainer.position,
+        "data_state": data_state, "history": trainer.history, "config": _jsonable(trainer.config),
+        "epoch_sums": trainer.epoch_sums_snapshot(),
+        "environment": environment(), "has_guard": trainer.state.guard is not None, "leaves": leaves,
+        "callbacks": {callback_key(i, cb): _jsonable(cb.state_dict()) for i, cb in enumerate(trainer.callbacks.callbacks)},
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def find_store(trainer: "Trainer", resume: bool | str | os.PathLike) -> tuple[CheckpointStore | None, int | None]:
+    """The store to resume from and, for a path to one step folder, that step."""
+    if resume is True:
+        checkpoints = trainer.checkpoints
+        if checkpoints:
+            return checkpoints[0].open(trainer), None
+        if trainer.workdir is None or not (Path(trainer.workdir) / "checkpoints").is_dir():
+            return None, None
+        return CheckpointStore(Path(trainer.workdir) / "checkpoints"), None
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"resume={str(resume)!r} does not exist; pass resume=True to continue from the "
+                                "newest checkpoint in the workdir, or the path of a checkpoint folder.")
+    number = path.name.rsplit("_", 1)[-1]
+    if number.isdigit() and (path / "meta").is_dir():
+        return CheckpointStore(path.parent), int(number)
+    return CheckpointStore(path), None
+
+
+def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
+    """Restores the newest good checkpoint into ``trainer``; returns its step (None: fresh start)."""
+    store, step = find_store(trainer, resume)
+    if store is None:
+        return None
+    current = trainer.state
+
+    def template(meta):
+        from trainer.step import init_guard
+
+        if meta.get("has_guard") and current.guard is None:
+            return current.replace(guard=init_guard())
+        return current if meta.get("has_guard") else current.replace(guard=None)
+
+    def check(found_step: int, meta: dict) -> None:
+        check_structure(found_step, meta["leaves"], expected_leaves(template(meta)), "model and optimizer")
+
+    found = store.restore_newest(check, step)
+    if found is None:
+        if resume is not True:
+            raise CheckpointError(f"no usable checkpoint in {store.directory}.")
+        if store.steps():
+            raise CheckpointError(f"no usable checkpoint remains in {store.directory}: every step folder is "
+                                  "damaged or foreign. Move it away to start fresh.")
+        return None
+    found_step, meta, arrays = found
+    state = jax.device_put(unflatten(template(meta), arrays, meta["leaves"]))
+    if current.guard is not None and state.guard is None:
+        state = state.replace(guard=current.guard)
+    trainer.state = state
+    trainer.step, trainer.epoch, trainer.position = meta["step"], meta["epoch"], meta["position"]
+    trainer.history = [dict(h) for h in meta["history"]]
+    trainer.restored_data_state = meta["data_state"]
+    trainer.restored_epoch_sums = meta.get("epoch_sums")
+    for i, cb in enumerate(trainer.callbacks.callbacks):
+        saved = meta["callbacks"].get(callback_key(i, cb))
+        if saved is not None:
+            cb.load_state_dict(saved)
+    for what, saved, now in (("environment", meta["environment"], environment()),
+                             ("config", meta["config"], _jsonable(trainer.config))):
+        diffs = _differences(saved, now)
+        if diffs:
+            warnings.warn(f"resuming checkpoint step {found_step} under a different {what}: " + "; ".join(diffs),
+                          RuntimeWarning, stacklevel=3)
+    trainer.callbacks.dispatch("on_checkpoint_restore", trainer, meta)
+    print(f"resumed from checkpoint step {found_step} in {store.directory}", file=sys.stderr, flush=True)
+    return found_step

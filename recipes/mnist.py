@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from callbacks import (ConsoleWriter, EpochSummary, GradNormMonitor, JsonlWriter, LearningRateMonitor,
+from callbacks import (Checkpoint, ConsoleWriter, EpochSummary, GradNormMonitor, JsonlWriter, LearningRateMonitor,
                        MetricsLogger, NaNDetector, Plots, PredictionGrid, ProgressBar, TensorBoardWriter,
                        Throughput)
 from recipes.config_cli import parse_config
 from recipes.datasets import load_mnist_bundled, load_mnist_idx
 from trainer import ArrayLoader, Trainer
+from trainer.export import load_model, read_model_info
 from trainer.optim import OptimConfig
 
 
@@ -60,6 +61,9 @@ class MnistConfig:
     grad_norm: bool = True
     nan_policy: str = "raise"
     plots: bool = True
+    checkpoint: bool = True
+    resume: bool = False
+    export: str | None = None
     optim: MnistOptim = dataclasses.field(default_factory=MnistOptim)
 
 
@@ -78,11 +82,14 @@ HELP = {
     "grad_norm": "log the gradient norm and warn outside [0.1, 10]",
     "nan_policy": "non-finite loss/gradients: raise or skip",
     "plots": "PNG curves and a prediction grid in <workdir>/plots at the end",
+    "checkpoint": "checkpoint every epoch into <workdir>/checkpoints (SIGTERM/SIGINT save and exit)",
+    "resume": "continue from the newest good checkpoint in <workdir>/checkpoints",
+    "export": "after training, write the model for inference to this folder (load_exported reads it)",
 }
 
 DESCRIPTION = """Train the CNN of the training guide on MNIST. Default callbacks: progress bar, metrics
 logging (console + JSONL + TensorBoard, with learning rate, gradient norm and throughput), evaluation
-on the test digits every epoch, NaN detection, and plots (curves, prediction grid)."""
+on the test digits every epoch, NaN detection, checkpoints every epoch, and plots (curves, prediction grid)."""
 
 
 class RandomShift(nnx.Module):
@@ -144,10 +151,20 @@ def default_callbacks(config: MnistConfig, test: dict) -> list:
         callbacks.insert(0, ProgressBar())
     if config.grad_norm:
         callbacks.append(GradNormMonitor(every=config.log_every))
+    if config.checkpoint and workdir is not None:
+        callbacks.append(Checkpoint(every_n_epochs=1, max_to_keep=2))
     if config.plots and workdir is not None:
         spread = {k: v[::max(1, len(v) // 25)][:25] for k, v in test.items()}  # every class, not just 0s
         callbacks += [Plots(), PredictionGrid(spread)]
     return callbacks
+
+
+def run_config(config: MnistConfig) -> dict:
+    """The settings that define the run (what a resumed run compares), without run-control flags."""
+    values = dataclasses.asdict(config)
+    for key in ("resume", "export", "progress"):
+        values.pop(key)
+    return values
 
 
 def build(config: MnistConfig, train: dict, test: dict, callbacks: Sequence | None = None) -> tuple[Trainer, ArrayLoader, ArrayLoader]:
@@ -162,7 +179,7 @@ def build(config: MnistConfig, train: dict, test: dict, callbacks: Sequence | No
     if callbacks is None:
         callbacks = default_callbacks(config, test)
     trainer = Trainer(model, tx, max_epochs=config.epochs, max_steps=config.max_steps, seed=config.seed,
-                      workdir=config.workdir or None, config=dataclasses.asdict(config), callbacks=callbacks)
+                      workdir=config.workdir or None, config=run_config(config), callbacks=callbacks)
     return trainer, train_loader, test_loader
 
 
@@ -171,12 +188,25 @@ def run(config: MnistConfig) -> float:
     started = time.perf_counter()
     train, test = load_data(config)
     trainer, train_loader, test_loader = build(config, train, test)
-    trainer.fit(train_loader, eval_data=test_loader)  # ends with an evaluation of the test split
+    trainer.fit(train_loader, eval_data=test_loader, resume=config.resume)  # ends with a test evaluation
+    if "eval/accuracy" not in trainer.eval_metrics:  # resumed a run that had already finished
+        trainer.evaluate(test_loader, prefix="eval/")
     accuracy = trainer.eval_metrics["eval/accuracy"]
+    if config.export:
+        print(f"exported the model to {trainer.save_model(config.export)}")
     seconds = time.perf_counter() - started
     print(f"trained {trainer.step} steps in {seconds:.1f}s")
     print(f"test accuracy: {accuracy:.4f}")
     return accuracy
+
+
+def load_exported(path: str) -> CNN:
+    """The CNN of an export (``--export``), rebuilt from its saved config, in eval mode."""
+    config = read_model_info(path)["config"]
+    model = nnx.eval_shape(lambda: CNN(dropout=config["dropout"], max_shift=config["max_shift"], rngs=nnx.Rngs(0)))
+    model = load_model(path, model)
+    model.eval()
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -12,7 +11,7 @@ from flax import nnx
 from callbacks import (Callback, EarlyStopping, Evaluator, GradNormMonitor, GradNormWarning, NaNDetector,
                        NonFiniteError)
 from conftest import TinyMLP, make_data
-from trainer import ArrayLoader, Trainer, losses
+from trainer import ArrayLoader, Trainer
 
 
 def params_of(trainer):

@@ -147,3 +147,21 @@ def test_default_recipe_reaches_97_percent_on_the_held_out_digits():
     """The issue's bar, with default options (about 2-3 minutes on 2 cores)."""
     from recipes.mnist import MnistConfig, run
     assert run(MnistConfig(workdir="", progress=False)) >= 0.97
+
+
+@pytest.mark.slow
+def test_recipe_resume_and_export_through_the_command_line(idx_dir, tmp_path):
+    run = tmp_path / "run"
+    common = ("mnist", "--data-dir", str(idx_dir), "--batch-size", "8", "--workdir", str(run), "--no-progress")
+    first = run_cli(*common, "--epochs", "1")
+    assert first.returncode == 0, first.stderr
+    assert (run / "checkpoints" / "step_2").is_dir()
+    second = run_cli(*common, "--epochs", "2", "--resume", "--export", str(tmp_path / "export"))
+    assert second.returncode == 0, second.stderr
+    assert "resumed from checkpoint step 2" in second.stderr and "trained 4 steps" in second.stdout
+    from recipes.mnist import load_exported
+    from recipes.datasets import load_mnist_idx
+    model = load_exported(str(tmp_path / "export"))
+    _, test = load_mnist_idx(idx_dir)
+    accuracy = (np.asarray(model(test["image"])).argmax(1) == test["label"]).mean()
+    assert f"test accuracy: {accuracy:.4f}" == second.stdout.strip().splitlines()[-1]

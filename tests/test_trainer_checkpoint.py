@@ -195,7 +195,7 @@ def test_killed_run_resumed_ends_bitwise_identical(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_exits_143_and_resumes_bitwise(tmp_path):
-    ref = run_script(tmp_path / "ref", 16, "--out", tmp_path / "ref.npz")
+    run_script(tmp_path / "ref", 16, "--out", tmp_path / "ref.npz")
     termed = run_script(tmp_path / "run", 16, "--term-at", 7)
     assert termed.returncode == 143, termed.stderr
     assert "received SIGTERM: saved checkpoint step 7" in termed.stderr and "resume" in termed.stderr

@@ -33,7 +33,7 @@ def test_loss_fn_returning_aux_puts_aux_into_metrics(model, data):
     history = trainer.fit(ArrayLoader(data, 32))
     assert set(spy.metrics) == {"loss", "mean_logit"}
     assert set(history[0]) == {"loss", "mean_logit", "epoch"}
-    batch = jax.tree.map(lambda a: a, next(iter(ArrayLoader(data, 32))))
+    jax.tree.map(lambda a: a, next(iter(ArrayLoader(data, 32))))
     eval_metrics = trainer.evaluate(ArrayLoader(data, 32, shuffle=False, drop_remainder=False))
     assert set(eval_metrics) == {"loss", "mean_logit"}
 

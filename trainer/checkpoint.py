@@ -207,7 +207,7 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
         return current if meta.get("has_guard") else current.replace(guard=None)
 
     def check(found_step: int, meta: dict) -> None:
-        check_structure(found_step, meta["leaves"], expected_leaves(template(meta)), "model and optimizer")
+        check_structure(f"checkpoint step {found_step}", meta["leaves"], expected_leaves(template(meta)), "model and optimizer")
 
     found = store.restore_newest(check, step)
     if found is None:

@@ -59,22 +59,22 @@ def expected_leaves(tree: Any) -> list[dict[str, Any]]:
     return out
 
 
-def check_structure(step: int, stored: list[dict], expected: list[dict], what: str) -> None:
-    """Raises ``CheckpointError`` naming the step, the path, the stored and the expected value."""
+def check_structure(source: str, stored: list[dict], expected: list[dict], what: str) -> None:
+    """Raises ``CheckpointError`` naming the source (``checkpoint step 4``), the path, stored and expected."""
     stored_paths = [d["path"] for d in stored]
     expected_paths = [d["path"] for d in expected]
     if stored_paths != expected_paths:
         missing = [p for p in expected_paths if p not in stored_paths]
         extra = [p for p in stored_paths if p not in expected_paths]
         raise CheckpointError(
-            f"checkpoint step {step} does not fit the current {what}: it lacks {missing[:5]} and has "
+            f"{source} does not fit the current {what}: it lacks {missing[:5]} and has "
             f"{extra[:5]} that the current one does not. Restore into the model and optimizer it was "
             "saved from (same architecture and optimizer chain)."
         )
     for s, e in zip(stored, expected):
         if s["shape"] != e["shape"] or s["dtype"] != e["dtype"]:
             raise CheckpointError(
-                f"checkpoint step {step} does not fit the current {what} at {s['path']}: stored "
+                f"{source} does not fit the current {what} at {s['path']}: stored "
                 f"{s['dtype']}{s['shape']}, expected {e['dtype']}{e['shape']}. Build the model with the "
                 "sizes it was saved with."
             )
@@ -89,11 +89,11 @@ def unflatten(template: Any, arrays: Mapping[str, np.ndarray], described: list[d
     return jax.tree.unflatten(jax.tree.structure(template), values)
 
 
-def verify_checksums(step: int, arrays: Mapping[str, np.ndarray], described: list[dict]) -> None:
+def verify_checksums(source: str, arrays: Mapping[str, np.ndarray], described: list[dict]) -> None:
     for d in described:
         value = np.asarray(arrays[d["name"]], order="C")
         if zlib.crc32(value.tobytes()) != d["crc32"]:
-            raise CheckpointError(f"checkpoint step {step}: array {d['path']} fails its checksum (the file is damaged).")
+            raise CheckpointError(f"{source}: array {d['path']} fails its checksum (the file is damaged).")
 
 
 class CheckpointStore:
@@ -163,7 +163,7 @@ class CheckpointStore:
         abstract = {d["name"]: jax.ShapeDtypeStruct(tuple(d["shape"]), np.dtype(d["dtype"])) for d in described}
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         arrays = {k: np.asarray(v) for k, v in restored["state"].items()}
-        verify_checksums(step, arrays, described)
+        verify_checksums(f"checkpoint step {step}", arrays, described)
         return arrays
 
     def restore_newest(self, check: Any = None, step: int | None = None) -> tuple[int, dict, dict] | None:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -64,6 +65,17 @@ def batch_labels(batch: Batch) -> Any:
         f"the batch is a {type(batch).__name__} without labels; the default loss needs "
         "(inputs, labels) or a dict with a 'label' key. Pass loss_fn=... for unlabelled data."
     )
+
+
+def check_label_range(labels: Any, num_classes: int, where: str) -> None:
+    """Refuses host integer labels outside ``[0, num_classes)`` (on the device they would be silently wrong)."""
+    if isinstance(labels, np.ndarray) and labels.size and np.issubdtype(labels.dtype, np.integer):
+        low, high = labels.min(), labels.max()
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"labels at {where} lie in [{low}, {high}] but the model gives {num_classes} classes, so "
+                f"labels must be in [0, {num_classes}). Fix the labels or the model's output size."
+            )
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

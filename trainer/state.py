@@ -7,6 +7,7 @@ layers travel through the step and a resumed run continues the same random strea
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import jax
@@ -44,3 +45,11 @@ class TrainState:
 def zeros_like_tree(tree: Any) -> Any:
     """Device zeros shaped like ``tree`` (arrays or ``jax.ShapeDtypeStruct``s)."""
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+
+
+def reseed_streams(model: nnx.Module, seed: int) -> None:
+    """Gives every RNG stream of ``model`` a key derived from ``seed`` and the stream's name."""
+    tags = {node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)}
+    if tags:
+        base = jax.random.key(seed)
+        nnx.reseed(model, **{tag: jax.random.fold_in(base, zlib.crc32(tag.encode())) for tag in tags})

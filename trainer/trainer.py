@@ -14,9 +14,8 @@ from __future__ import annotations
 import sys
 import time
 import warnings
-import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -26,12 +25,13 @@ from flax import nnx
 from trainer import losses
 from trainer.data import batch_size_of, pad_batch
 from trainer import checkpoint as checkpointing
+from trainer import export
 from trainer.checkpoint import Checkpoint
 from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
 from trainer.optim import current_learning_rate
 from trainer.preemption import PreemptionHandler, Preempted
-from trainer.state import TrainState, zeros_like_tree
+from trainer.state import TrainState, reseed_streams, zeros_like_tree
 from trainer.step import (Probe, Sums, compute_sums, empty_sums, init_guard, make_eval_step,
                           make_predict_step, make_train_step, per_example_metrics, restore_sums)
 
@@ -100,7 +100,7 @@ class Trainer:
         self.seed = int(seed)
         self.workdir = Path(workdir) if workdir is not None else None
         self.config = dict(config or {})
-        _reseed_streams(model, self.seed)
+        reseed_streams(model, self.seed)
         self._model = model
         self.graphdef, self.state = TrainState.create(model, optimizer)
         self.step = 0
@@ -162,6 +162,13 @@ class Trainer:
     def learning_rate(self) -> jax.Array | None:
         """The learning rate of the last step, when the optimizer injects it (``trainer.optim``)."""
         return current_learning_rate(self.state.opt_state)
+
+    def save_model(self, path: str | Path) -> Path:
+        """Writes what inference needs (parameters, batch statistics) and the config to ``path``.
+
+        ``trainer.export.load_model(path, model)`` loads it into a module built the same way.
+        """
+        return export.save_model(self.model, path, self.config)
 
     def request_stop(self, reason: str) -> None:
         """Ends ``fit`` after the current step, recording why."""
@@ -354,8 +361,8 @@ class Trainer:
     def _epoch_batches(self, data: Iterable[Any], epoch: int) -> Iterator[Any]:
         if callable(getattr(data, "iterator", None)):
             self.data_iterator = data.iterator(epoch=epoch, position=self.position)
-            if self.restored_data_state is not None:  # refuses a state from other data
-                self.data_iterator.set_state(self.restored_data_state)
+            if self.restored_data_state is not None:  # refuses a state saved from other data
+                self.data_iterator.set_state({**self.restored_data_state, "epoch": epoch, "position": self.position})
                 self.restored_data_state = None
             return self.data_iterator
         if self.position:
@@ -436,20 +443,4 @@ class Trainer:
         """With the default loss, integer labels must lie in ``[0, num_classes)`` (a host check)."""
         if self._num_classes is None:
             return
-        labels = losses.batch_labels(batch)
-        if isinstance(labels, np.ndarray) and labels.size and np.issubdtype(labels.dtype, np.integer):
-            low, high = labels.min(), labels.max()
-            if low < 0 or high >= self._num_classes:
-                raise ValueError(
-                    f"labels at {where} lie in [{low}, {high}] but the model gives "
-                    f"{self._num_classes} classes, so labels must be in [0, {self._num_classes}). "
-                    "Fix the labels or the model's output size."
-                )
-
-
-def _reseed_streams(model: nnx.Module, seed: int) -> None:
-    """Gives every RNG stream of ``model`` a key derived from ``seed`` and the stream's name."""
-    tags = {node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)}
-    if tags:
-        base = jax.random.key(seed)
-        nnx.reseed(model, **{tag: jax.random.fold_in(base, zlib.crc32(tag.encode())) for tag in tags})
+        losses.check_label_range(losses.batch_labels(batch), self._num_classes, where)

@@ -1,0 +1,54 @@
+"""Export for inference: what is written, that it predicts the same, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import TinyMLP
+from trainer import ArrayLoader, Trainer
+from trainer.checkpoint_store import CheckpointError
+from trainer.export import load_model, read_model_info
+
+
+def trained(data, tmp_path):
+    trainer = Trainer(TinyMLP(dropout=0.2, rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=6,
+                      config={"hidden": 16})
+    trainer.fit(ArrayLoader(data, 16))
+    return trainer, trainer.save_model(tmp_path / "export")
+
+
+def test_export_round_trip_predicts_the_same(data, tmp_path):
+    trainer, path = trained(data, tmp_path)
+    info = read_model_info(path)
+    assert info["config"] == {"hidden": 16} and info["model_class"].endswith("TinyMLP")
+    assert all("rngs" not in d["path"] for d in info["leaves"])  # only what inference needs
+    abstract = nnx.eval_shape(lambda: TinyMLP(dropout=0.2, rngs=nnx.Rngs(5)))
+    loaded = load_model(path, abstract)
+    loaded.eval()
+    trainer.model.eval()
+    np.testing.assert_array_equal(np.asarray(loaded(data["x"])), np.asarray(trainer.model(data["x"])))
+
+
+def test_loading_into_another_architecture_names_the_path(data, tmp_path):
+    _, path = trained(data, tmp_path)
+    with pytest.raises(CheckpointError, match=r"export in .* does not fit the current model at \['l1'\]\['bias'\].value: stored float32\[16\], expected float32\[32\]"):
+        load_model(path, TinyMLP(hidden=32, rngs=nnx.Rngs(0)))
+
+
+def test_damaged_export_fails_its_checksum(data, tmp_path):
+    _, path = trained(data, tmp_path)
+    info = json.loads((path / "model.json").read_text())
+    info["leaves"][0]["crc32"] ^= 1
+    (path / "model.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_model(path, TinyMLP(rngs=nnx.Rngs(0)))
+
+
+def test_not_an_export(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a model export"):
+        load_model(tmp_path, TinyMLP(rngs=nnx.Rngs(0)))

@@ -1,0 +1,68 @@
+"""Export for inference: only the model's parameters and inference state, plus its config.
+
+``Trainer.save_model(path)`` writes ``path/weights`` (orbax) and ``path/model.json`` (what each array
+is, its checksum, the run config and the model's class). ``load_model(path, model)`` fills a module
+built the same way (concrete, or abstract from ``nnx.eval_shape``) and returns it; recipes wrap this
+in a loader that rebuilds the module from the saved config.
+
+Example::
+
+    trainer.save_model("runs/x/export")
+    model = load_model("runs/x/export", nnx.eval_shape(lambda: CNN(rngs=nnx.Rngs(0))))
+    logits = model(images)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from trainer.checkpoint_store import check_structure, expected_leaves, flatten, unflatten, verify_checksums
+
+INFERENCE_STATE = nnx.Not(nnx.RngState)
+"""What inference needs: every variable but the RNG streams (parameters, batch statistics...)."""
+
+
+def save_model(model: nnx.Module, path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> Path:
+    """Writes the model's inference state and ``config`` to the folder ``path`` (replacing it)."""
+    path = Path(path).absolute()
+    arrays, leaves = flatten(nnx.state(model, INFERENCE_STATE))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / "weights", arrays, force=True)
+    checkpointer.wait_until_finished()
+    model_class = f"{type(model).__module__}:{type(model).__qualname__}"
+    (path / "model.json").write_text(json.dumps({"format": 1, "model_class": model_class, "leaves": leaves,
+                                                  "config": json.loads(json.dumps(config or {}, default=str))}))
+    return path
+
+
+def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``model.json`` of an export (its config and model class)."""
+    info_path = Path(path) / "model.json"
+    if not info_path.exists():
+        raise FileNotFoundError(f"{path} is not a model export (no model.json); write one with trainer.save_model.")
+    return json.loads(info_path.read_text())
+
+
+def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
+    """Loads an export into ``model`` (built like the saved one) and returns the module.
+
+    Raises:
+      CheckpointError: the module's structure differs (names the path and both shapes) or an array
+        fails its checksum.
+    """
+    path = Path(path).absolute()
+    info = read_model_info(path)
+    graphdef, state, rest = nnx.split(model, INFERENCE_STATE, ...)
+    check_structure(f"the export in {path}", info["leaves"], expected_leaves(state), "model")
+    abstract = {d["name"]: jax.ShapeDtypeStruct(tuple(d["shape"]), d["dtype"]) for d in info["leaves"]}
+    arrays = ocp.StandardCheckpointer().restore(path / "weights", abstract)
+    verify_checksums(f"the export in {path}", arrays, info["leaves"])
+    restored = unflatten(state, arrays, info["leaves"])
+    return nnx.merge(graphdef, jax.device_put(restored), rest)

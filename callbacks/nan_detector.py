@@ -3,7 +3,9 @@
 The trainer's guard checks loss and gradients inside the compiled step: a bad step changes
 nothing on the device and is counted (``nonfinite_total``, a cumulative metric, so a sparse check
 misses nothing). ``policy="raise"`` halts at the first bad step and raises; ``"skip"`` skips bad
-steps and raises after ``max_consecutive_skips`` of them in a row.
+steps and raises after ``max_consecutive_skips`` of them in a row; ``"rollback"`` restores the newest
+good checkpoint (a ``Checkpoint`` callback is required), never trains on the batch that went bad,
+and continues, giving up after ``max_rollbacks``. No policy ever writes a non-finite checkpoint.
 
 Example::
 
@@ -22,7 +24,7 @@ from callbacks.lagged import LaggedFetch
 from trainer.events import Callback
 from trainer.step import BAD_GRADS, BAD_LOSS
 
-POLICIES = ("raise", "skip")
+POLICIES = ("raise", "skip", "rollback")
 
 
 class NonFiniteError(FloatingPointError):
@@ -33,17 +35,20 @@ class NaNDetector(Callback):
     """Stops (``raise``) or skips (``skip``) steps whose loss or gradients are not finite.
 
     Args:
-      policy: ``"raise"`` or ``"skip"``.
+      policy: ``"raise"``, ``"skip"`` or ``"rollback"``.
       max_consecutive_skips: with ``skip``, raise after this many bad steps in a row.
+      max_rollbacks: with ``rollback``, raise at the bad step after this many rollbacks.
       check_every: read the device's counter every N steps (and at each epoch's end and the fit's
         end). The device halts by itself, so a sparse check loses nothing: the parameters stay
         those from before the bad step.
     """
 
-    def __init__(self, policy: str = "raise", max_consecutive_skips: int = 10, check_every: int = 10):
+    def __init__(self, policy: str = "raise", max_consecutive_skips: int = 10, check_every: int = 10,
+                 max_rollbacks: int = 3):
         if policy not in POLICIES:
-            raise ValueError(f"policy={policy!r} is not known; choose one of {list(POLICIES)} "
-                             "(a 'rollback' policy needs checkpoints).")
+            raise ValueError(f"policy={policy!r} is not known; choose one of {list(POLICIES)}.")
+        if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
+            raise ValueError(f"max_rollbacks={max_rollbacks!r} must be a non-negative integer.")
         if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips={max_consecutive_skips!r} must be a positive integer.")
         if not isinstance(check_every, int) or check_every < 1:
@@ -51,11 +56,19 @@ class NaNDetector(Callback):
         self.policy = policy
         self.max_consecutive_skips = max_consecutive_skips
         self.check_every = check_every
+        self.max_rollbacks = max_rollbacks
         self.skipped = 0
+        self.rollbacks: list[int] = []  # the bad steps rolled back from
         self._fetch = LaggedFetch()
 
     def on_fit_start(self, trainer: Any) -> None:
-        trainer.enable_nonfinite_guard(1 if self.policy == "raise" else self.max_consecutive_skips)
+        trainer.enable_nonfinite_guard(self.max_consecutive_skips if self.policy == "skip" else 1)
+        if self.policy == "rollback":
+            if not trainer.checkpoints:
+                raise ValueError("NaNDetector(policy='rollback') needs a Checkpoint callback to roll back to.")
+            checkpoint = trainer.checkpoints[0]
+            if not checkpoint.open(trainer).steps():
+                checkpoint.save(trainer, wait=True)  # a starting point, in case the first steps go bad
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
         self._check(trainer)
@@ -77,6 +90,15 @@ class NaNDetector(Callback):
             return
         guard = jax.device_get(trainer.state.guard)
         if bool(guard["halted"]):
+            if self.policy == "rollback" and len(self.rollbacks) < self.max_rollbacks:
+                bad_step = int(guard["halt_step"])
+                self.rollbacks.append(bad_step)
+                warnings.warn(f"{self._message(guard).split('. ')[0]}: rolling back to the newest good "
+                              f"checkpoint and skipping that batch (rollback {len(self.rollbacks)} of "
+                              f"{self.max_rollbacks}).", RuntimeWarning, stacklevel=2)
+                trainer.request_rollback(bad_step)
+                self.skipped = 0
+                return
             raise NonFiniteError(self._message(guard))
         warnings.warn(f"skipped {total - self.skipped} step(s) with a non-finite loss or gradients "
                       f"(total {total}) up to step {trainer.step}.", RuntimeWarning, stacklevel=2)
@@ -88,7 +110,9 @@ class NaNDetector(Callback):
         lr = float(guard["halt_lr"])
         lr_text = f"learning rate {lr:.4g}" if not math.isnan(lr) else "learning rate unknown (not injected)"
         step = int(guard["halt_step"])
-        if self.policy == "raise":
+        if self.policy == "rollback":
+            head = f"non-finite {what} at step {step} ({lr_text}) after {len(self.rollbacks)} rollbacks"
+        elif self.policy == "raise":
             head = f"non-finite {what} at step {step} ({lr_text})"
         else:
             head = (f"{self.max_consecutive_skips} steps in a row had non-finite values, the last at step "
@@ -98,7 +122,10 @@ class NaNDetector(Callback):
                 "that batch's data.")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped}
+        return {"skipped": self.skipped, "rollbacks": list(self.rollbacks)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.skipped = int(state.get("skipped", 0))
+        saved = list(state.get("rollbacks", []))
+        if len(saved) > len(self.rollbacks):  # a rollback restores older state: never forget one
+            self.rollbacks = saved

@@ -204,3 +204,41 @@ def test_sigterm_saves_exits_143_and_resumes_bitwise(tmp_path):
     assert resumed.returncode == 0 and "resumed from checkpoint step 7" in resumed.stderr
     a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
     assert bitwise_equal([a[k] for k in a.files], [b[k] for k in b.files])
+
+
+def test_nan_rollback_restores_skips_the_bad_batch_and_matches_a_clean_run(tmp_path):
+    data = make_data()
+    x = data["x"].copy()
+    x[7 * 8] = np.nan  # the batch at position 7 (step 8) goes bad
+    bad = ArrayLoader({"x": x, "label": data["label"]}, 8, shuffle=False)
+    detector = NaNDetector(policy="rollback", check_every=1)
+    trainer = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=11, workdir=tmp_path,
+                      callbacks=[detector, Checkpoint(every_n_steps=3, every_n_epochs=None, max_to_keep=1)])
+    with pytest.warns(RuntimeWarning, match="non-finite loss and gradients at step 8 .*rolling back"):
+        trainer.fit(bad)
+    assert detector.rollbacks == [8] and trainer.skip_batches == {(0, 7)}
+    keep = np.r_[0:56, 64:96]  # the same data without the bad batch
+    clean = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=11,
+                    callbacks=[NaNDetector()])
+    clean.fit(ArrayLoader({"x": x[keep], "label": data["label"][keep]}, 8, shuffle=False))
+    assert bitwise_equal(leaves_of(trainer), leaves_of(clean))
+    for folder in (tmp_path / "checkpoints").iterdir():  # nothing non-finite was ever written
+        assert folder.name.startswith("step_")
+
+
+def test_nan_rollback_gives_up_after_max_rollbacks(tmp_path, data):
+    x = data["x"].copy()
+    x[32:] = np.nan  # every batch from the third on is bad
+    loader = ArrayLoader({"x": x, "label": data["label"]}, 16, shuffle=False)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=30, workdir=tmp_path,
+                      callbacks=[NaNDetector(policy="rollback", max_rollbacks=2, check_every=1),
+                                 Checkpoint(every_n_steps=2, every_n_epochs=None)])
+    with pytest.warns(RuntimeWarning), pytest.raises(Exception, match="after 2 rollbacks"):
+        trainer.fit(loader)
+
+
+def test_nan_rollback_needs_a_checkpoint(data):
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=3,
+                      callbacks=[NaNDetector(policy="rollback")])
+    with pytest.raises(ValueError, match="needs a Checkpoint"):
+        trainer.fit(ArrayLoader(data, 16))

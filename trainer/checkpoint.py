@@ -126,6 +126,10 @@ class Checkpoint(Callback):
             warnings.warn(f"not saving step {trainer.step}: {bad[:3]} hold non-finite values; the last good "
                           "checkpoint stays the newest.", RuntimeWarning, stacklevel=2)
             return False
+        if trainer.state.guard is not None and bool(trainer.state.guard["halted"]):
+            warnings.warn(f"not saving step {trainer.step}: training halted on a non-finite step; the last "
+                          "good checkpoint stays the newest.", RuntimeWarning, stacklevel=2)
+            return False
         meta = describe(trainer, leaves)
         metrics = {self.monitor: trainer.history[-1][self.monitor]} if (
             self.monitor and trainer.history and self.monitor in trainer.history[-1]) else None
@@ -239,3 +243,25 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     trainer.callbacks.dispatch("on_checkpoint_restore", trainer, meta)
     print(f"resumed from checkpoint step {found_step} in {store.directory}", file=sys.stderr, flush=True)
     return found_step
+
+
+def roll_back(trainer: "Trainer", bad_step: int) -> None:
+    """Restores the newest good checkpoint and marks the batch of ``bad_step`` to be skipped."""
+    position = trainer.step_positions.get(bad_step)
+    if position is not None:
+        trainer.skip_batches.add(position)
+    for checkpoint in trainer.checkpoints:
+        if checkpoint.store is not None:
+            checkpoint.store.wait()
+    if restore(trainer, True) is None:
+        raise CheckpointError("rollback found no checkpoint to restore.")
+
+
+def save_and_exit(trainer: "Trainer", preemption: Any) -> None:
+    """After a preemption signal: save synchronously, fire ``on_fit_end``, exit with 128 + signal."""
+    saved = [cb for cb in trainer.checkpoints if cb.save(trainer, wait=True)]
+    trainer.callbacks.dispatch("on_fit_end", trainer)
+    where = ", ".join(str(cb.directory) for cb in saved) or "nowhere (the state was not finite)"
+    print(f"received {preemption.name}: saved checkpoint step {trainer.step} in {where}; resume with "
+          "fit(..., resume=True) (recipes: --resume).", file=sys.stderr, flush=True)
+    raise SystemExit(128 + preemption.signal)

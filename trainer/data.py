@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -126,6 +127,25 @@ class ArrayLoader:
     def __iter__(self) -> Iterator[Any]:
         """One pass in epoch 0's order (the trainer asks ``iterator(epoch)`` for the others)."""
         return self.iterator(0)
+
+
+def epoch_iterator(data: Any, epoch: int, position: int, saved_state: Mapping[str, Any] | None = None
+                   ) -> tuple[Iterator[Any], int]:
+    """The iterator of epoch ``epoch`` from batch ``position``, and the position it really starts at.
+
+    Data with an ``iterator(epoch, position)`` method (``ArrayLoader``) seeks exactly; a saved
+    iterator state is checked against it (refusing other data). Other iterables cannot seek: they
+    start a fresh pass (position 0), with a warning when asked to continue mid-epoch.
+    """
+    if callable(getattr(data, "iterator", None)):
+        iterator = data.iterator(epoch=epoch, position=position)
+        if saved_state is not None:
+            iterator.set_state({**saved_state, "epoch": epoch, "position": position})
+        return iterator, position
+    if position:
+        warnings.warn(f"continuing epoch {epoch} after batch {position}, but {type(data).__name__} cannot "
+                      "seek: it starts a fresh pass. Use ArrayLoader for exact continuation.", stacklevel=4)
+    return iter(data), 0
 
 
 def batch_size_of(batch: Any) -> int:

@@ -11,7 +11,6 @@ Example::
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +22,7 @@ import optax
 from flax import nnx
 
 from trainer import losses
-from trainer.data import batch_size_of, pad_batch
+from trainer.data import batch_size_of, epoch_iterator, pad_batch
 from trainer import checkpoint as checkpointing
 from trainer import export
 from trainer.checkpoint import Checkpoint
@@ -118,6 +117,9 @@ class Trainer:
         self.position = 0  # batches consumed in the current epoch
         self.restored_data_state: dict | None = None
         self.restored_epoch_sums: dict | None = None
+        self.skip_batches: set[tuple[int, int]] = set()  # (epoch, position) never to train on
+        self._rollback_request: int | None = None
+        self.step_positions: dict[int, tuple[int, int]] = {}  # recent step -> (epoch, position)
         self._preemption = PreemptionHandler()
         self._sums: dict[str, Sums | None] = {}
         self._metric_shapes: dict[str, Any] | None = None
@@ -169,6 +171,15 @@ class Trainer:
         ``trainer.export.load_model(path, model)`` loads it into a module built the same way.
         """
         return export.save_model(self.model, path, self.config)
+
+    def request_rollback(self, bad_step: int) -> None:
+        """Asks the loop to restore the newest checkpoint and skip the batch of ``bad_step``.
+
+        Done at the next step boundary; the skipped batch is replayed never (``skip_batches``).
+        """
+        if not self.checkpoints:
+            raise ValueError("a rollback needs a Checkpoint callback to restore from.")
+        self._rollback_request = bad_step
 
     def request_stop(self, reason: str) -> None:
         """Ends ``fit`` after the current step, recording why."""
@@ -265,7 +276,7 @@ class Trainer:
                     if evaluator.every_n_epochs is not None and evaluator.last_step != self.step:
                         evaluator.run(self)
         except Preempted:
-            self._exit_preempted()
+            checkpointing.save_and_exit(self, self._preemption)
         except BaseException as exc:
             self.callbacks.dispatch("on_exception", self, exc)
             raise
@@ -332,8 +343,13 @@ class Trainer:
         for batch in self._timed(batches):
             if self._train_step is None or self._built_signature != self._step_signature():
                 self._build(batch)
+            if (epoch, self.position) in self.skip_batches:
+                self.position += 1  # a batch that produced non-finite values: consumed, not trained on
+                continue
             self._check_labels(batch, f"step {self.step + 1}")
             step = self.step + 1
+            self.step_positions[step] = (epoch, self.position)
+            self.step_positions.pop(step - 1000, None)
             self.callbacks.dispatch("on_step_start", self, step)
             self.state, self._sums, metrics = self._train_step(self.state, self._sums, batch)
             self.step, self.position = step, self.position + 1
@@ -343,6 +359,12 @@ class Trainer:
                     checkpoint.save(self)
             if self._preemption.signal:
                 raise Preempted()
+            if self._rollback_request is not None:
+                bad_step, self._rollback_request = self._rollback_request, None
+                checkpointing.roll_back(self, bad_step)
+                if self._metric_shapes is not None:  # windows restart at the restored step
+                    self._sums = {name: empty_sums(self._metric_shapes, self.metric_reductions) for name in self._sums}
+                return
             if self.should_stop or self._limit_reached():
                 ran_out = False
                 break
@@ -359,20 +381,8 @@ class Trainer:
         return hasattr(train_data, "__len__") and self.position >= len(train_data)
 
     def _epoch_batches(self, data: Iterable[Any], epoch: int) -> Iterator[Any]:
-        if callable(getattr(data, "iterator", None)):
-            self.data_iterator = data.iterator(epoch=epoch, position=self.position)
-            if self.restored_data_state is not None:  # refuses a state saved from other data
-                self.data_iterator.set_state({**self.restored_data_state, "epoch": epoch, "position": self.position})
-                self.restored_data_state = None
-            return self.data_iterator
-        if self.position:
-            warnings.warn(
-                f"continuing epoch {epoch} after batch {self.position}, but {type(data).__name__} "
-                "cannot seek: it starts a fresh pass. Use ArrayLoader for exact continuation.",
-                stacklevel=3,
-            )
-            self.position = 0
-        self.data_iterator = iter(data)
+        self.data_iterator, self.position = epoch_iterator(data, epoch, self.position, self.restored_data_state)
+        self.restored_data_state = None
         return self.data_iterator
 
     def _timed(self, batches: Iterator[Any]) -> Iterator[Any]:
@@ -405,15 +415,6 @@ class Trainer:
         for checkpoint in self.checkpoints:
             if checkpoint.due_after_epoch(epoch):
                 checkpoint.save(self)
-
-    def _exit_preempted(self) -> None:
-        """Saves synchronously, waits for the commit, fires ``on_fit_end`` and exits 128 + signal."""
-        saved = [cb for cb in self.checkpoints if cb.save(self, wait=True)]
-        self.callbacks.dispatch("on_fit_end", self)
-        where = ", ".join(str(cb.directory) for cb in saved) or "nowhere (the state was not finite)"
-        print(f"received {self._preemption.name}: saved checkpoint step {self.step} in {where}; resume with "
-              "fit(..., resume=True) (recipes: --resume).", file=sys.stderr, flush=True)
-        raise SystemExit(128 + self._preemption.signal)
 
     # ----- building and checking -----------------------------------------------------------
 

@@ -25,12 +25,19 @@ from trainer import ArrayLoader, Trainer
 
 
 class SignalAt(Callback):
-    def __init__(self, step: int, sig: int):
-        self.step, self.sig = step, sig
+    """Sends ``sig`` after step ``step``; with ``again``, once more while the preemption save runs."""
+
+    def __init__(self, step: int, sig: int, again: bool = False):
+        self.step, self.sig, self.again = step, sig, again
 
     def on_step_end(self, trainer, step, metrics):
         if step == self.step:
             jax.block_until_ready(metrics)
+            os.kill(os.getpid(), self.sig)
+
+    def on_checkpoint_save(self, trainer, checkpoint):
+        if self.again and trainer.step == self.step:
+            self.again = False
             os.kill(os.getpid(), self.sig)
 
 
@@ -40,6 +47,7 @@ def main() -> None:
     parser.add_argument("steps", type=int)
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--term-at", type=int)
+    parser.add_argument("--int-twice-at", type=int)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -49,6 +57,8 @@ def main() -> None:
         callbacks.append(SignalAt(args.kill_at, signal.SIGKILL))
     if args.term_at:
         callbacks.append(SignalAt(args.term_at, signal.SIGTERM))
+    if args.int_twice_at:
+        callbacks.append(SignalAt(args.int_twice_at, signal.SIGINT, again=True))
     trainer = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=args.steps,
                       workdir=args.workdir, callbacks=callbacks)
     trainer.fit(ArrayLoader(make_data(), 16, seed=1), resume=args.resume)

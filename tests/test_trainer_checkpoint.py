@@ -242,3 +242,16 @@ def test_nan_rollback_needs_a_checkpoint(data):
                       callbacks=[NaNDetector(policy="rollback")])
     with pytest.raises(ValueError, match="needs a Checkpoint"):
         trainer.fit(ArrayLoader(data, 16))
+
+
+@pytest.mark.slow
+def test_second_sigint_during_the_save_still_leaves_a_good_checkpoint(tmp_path):
+    ref = run_script(tmp_path / "ref", 12, "--out", tmp_path / "ref.npz")
+    assert ref.returncode == 0, ref.stderr
+    interrupted = run_script(tmp_path / "run", 12, "--int-twice-at", 5)
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "received SIGINT: saved checkpoint step 5" in interrupted.stderr
+    resumed = run_script(tmp_path / "run", 12, "--resume", "--out", tmp_path / "run.npz")
+    assert resumed.returncode == 0 and "resumed from checkpoint step 5" in resumed.stderr
+    a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
+    assert bitwise_equal([a[k] for k in a.files], [b[k] for k in b.files])

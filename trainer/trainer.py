@@ -145,6 +145,11 @@ class Trainer:
         """
         return per_example_metrics(self.compute_loss)(model, batch)
 
+    def finish_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Host metrics (an evaluation's, an epoch's means) before they are reported: add derived ones
+        (perplexity from the mean loss, say) by overriding. Default: unchanged."""
+        return dict(metrics)
+
     def predict_step(self, model: nnx.Module, batch: Any) -> Any:
         """The model's output for a batch (default: ``model(inputs)``)."""
         return model(losses.batch_inputs(batch))
@@ -308,7 +313,8 @@ class Trainer:
             sums = self._eval_step(self.state, sums, padded, mask)
         if sums is None:
             raise ValueError("the evaluation data yielded no batches; pass a non-empty dataset.")
-        self.eval_metrics = {prefix + k: v for k, v in compute_sums(jax.device_get(sums)).items()}
+        metrics = self.finish_metrics(compute_sums(jax.device_get(sums)))
+        self.eval_metrics = {prefix + k: v for k, v in metrics.items()}
         self.callbacks.dispatch("on_eval_end", self, dict(self.eval_metrics))
         return dict(self.eval_metrics)
 
@@ -400,7 +406,7 @@ class Trainer:
     def _end_epoch(self, epoch: int) -> None:
         sums = self.take_metric_sums(EPOCH_SUMS)
         if sums is not None:
-            logs = compute_sums(jax.device_get(sums))
+            logs = self.finish_metrics(compute_sums(jax.device_get(sums)))
         else:  # resumed exactly at the end of an epoch: no step ran since the restore
             saved = self.restored_epoch_sums or {}
             logs = {k: total / count for k, (total, count) in saved.items() if count > 0}

@@ -1,0 +1,146 @@
+"""The language-model recipe: causality, generation, overfitting, the text loader, bpc."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from callbacks.text_samples import sample_tokens
+from recipes.text import CharVocab, TextWindows, eval_windows, load_text
+from recipes.transformer import CharTransformer, LanguageModelTrainer, TransformerConfig
+from trainer import ArrayLoader
+
+
+def tiny(vocab=12, context=16, dropout=0.0):
+    return CharTransformer(vocab, context=context, layers=2, width=32, heads=2, dropout=dropout, rngs=nnx.Rngs(0))
+
+
+def test_changing_token_t_never_changes_earlier_logits():
+    model = tiny()
+    model.eval()
+    tokens = np.random.default_rng(0).integers(0, 12, (2, 16)).astype(np.int32)
+    base = np.asarray(model(tokens))
+    for t in (0, 5, 15):
+        changed = tokens.copy()
+        changed[:, t] = (changed[:, t] + 1) % 12
+        out = np.asarray(model(changed))
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+        assert not np.allclose(out[:, t:], base[:, t:])
+
+
+def test_generation_logits_equal_a_full_forward_pass():
+    model = tiny()
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    prompt = np.array([3, 1, 4, 1, 5], np.int32)
+    tokens, logits = sample_tokens(graphdef, (params, rest), prompt, length=8, context=16, key=jax.random.key(0),
+                                   temperature=1.0, top_k=None, with_logits=True)
+    full = np.concatenate([prompt, tokens])
+    reference = np.asarray(model(full[None]))[0]
+    np.testing.assert_allclose(logits, reference[len(prompt) - 1:len(full) - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_slides_past_the_context():
+    model = tiny(context=8)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tokens = sample_tokens(graphdef, (params, rest), np.array([1, 2, 3]), length=20, context=8,
+                           key=jax.random.key(1), top_k=3)
+    assert tokens.shape == (20,) and tokens.min() >= 0 and tokens.max() < 12
+
+
+def test_loss_on_a_repeated_pattern_falls_near_zero():
+    text = "abcdefg" * 200
+    vocab = CharVocab.from_text(text)
+    windows = TextWindows(vocab.encode(text), context=16, batch_size=16, seed=0)
+    trainer = LanguageModelTrainer(tiny(vocab=len(vocab)), optax.adam(3e-3), max_steps=150)
+    history = []
+    trainer.fit(windows)
+    history = trainer.evaluate(eval_windows(vocab.encode(text), context=16, batch_size=32))
+    assert history["loss"] < 0.05, history
+
+
+def test_bits_per_character_is_loss_over_ln2(tmp_path):
+    text = "hello world, " * 60
+    vocab = CharVocab.from_text(text)
+    trainer = LanguageModelTrainer(tiny(vocab=len(vocab)), optax.adam(1e-3), max_steps=3)
+    trainer.fit(TextWindows(vocab.encode(text), context=16, batch_size=8))
+    metrics = trainer.evaluate(eval_windows(vocab.encode(text), context=16, batch_size=8))
+    assert metrics["bpc"] == pytest.approx(metrics["loss"] / math.log(2), rel=1e-12)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-12)
+
+
+def test_text_loader_rejects_bad_files(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="is empty"):
+        load_text(tmp_path / "empty.txt")
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(ValueError, match="has 9 characters, fewer than the 129 needed"):
+        load_text(tmp_path / "short.txt", min_chars=129)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8 text: undecodable byte 0xe9 at byte offset 3"):
+        load_text(tmp_path / "latin1.txt")
+    with pytest.raises(FileNotFoundError):
+        load_text(tmp_path / "missing.txt")
+    assert load_text(tmp_path / "short.txt") == "too short"
+
+
+def test_text_windows_are_shifted_targets_and_resume_exactly():
+    tokens = np.arange(1000, dtype=np.int32)
+    windows = TextWindows(tokens, context=10, batch_size=4, seed=3)
+    batch = next(iter(windows))
+    np.testing.assert_array_equal(batch["targets"], batch["tokens"] + 1)
+    it = windows.iterator(epoch=1)
+    next(it)
+    state = it.get_state()
+    rest = [b["tokens"] for b in it]
+    again = windows.iterator()
+    again.set_state(state)
+    np.testing.assert_array_equal(np.concatenate([b["tokens"] for b in again]), np.concatenate(rest))
+
+
+def test_windows_need_one_full_window():
+    with pytest.raises(ValueError, match="fewer than one window"):
+        TextWindows(np.arange(10), context=10, batch_size=2)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        eval_windows(np.arange(5), context=10, batch_size=2)
+
+
+def test_predict_gives_per_position_logits():
+    text = "the cat sat on the mat. " * 20
+    vocab = CharVocab.from_text(text)
+    trainer = LanguageModelTrainer(tiny(vocab=len(vocab)), optax.adam(1e-3), max_steps=1)
+    windows = eval_windows(vocab.encode(text), context=16, batch_size=8)
+    out = trainer.predict(windows)
+    assert out.shape == (windows.num_examples, 16, len(vocab))
+
+
+def test_cli_help_lists_every_option():
+    out = subprocess.run([sys.executable, "-m", "recipes.cli", "transformer", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for flag in ("--text", "--context", "--layers", "--width", "--heads", "--dropout", "--steps", "--temperature",
+                 "--top-k", "--prompt", "--clip-norm", "--warmup-steps", "--learning-rate", "--resume", "--export"):
+        assert flag in out.stdout, flag
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end_on_a_small_text_file(tmp_path):
+    (tmp_path / "corpus.txt").write_text("It was the best of times, it was the worst of times. " * 120)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, "-m", "recipes.cli", "transformer", "--text", str(tmp_path / "corpus.txt"),
+                          "--steps", "40", "--eval-every", "20", "--sample-every", "20", "--context", "32",
+                          "--layers", "1", "--width", "32", "--heads", "2", "--batch-size", "8", "--no-progress",
+                          "--warmup-steps", "5", "--workdir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("validation bits per character: ") and float(last.split(": ")[1]) < 4.0
+    assert "samples/text:" in out.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step_40").is_dir()

@@ -4,7 +4,7 @@
 ``MetricsLogger`` and the writers ``MetricWriter``, ``ConsoleWriter``, ``JsonlWriter``,
 ``CsvWriter``, ``TensorBoardWriter``; ``ProgressBar``, ``EpochSummary``, ``Evaluator``,
 ``GradNormMonitor``, ``NaNDetector``, ``EarlyStopping``, ``LearningRateMonitor``, ``Throughput``,
-``Profiler``, ``Plots``, ``PredictionGrid``, ``Checkpoint`` (and its ``CheckpointError``).
+``Profiler``, ``Plots``, ``PredictionGrid``, ``TextSamples``, ``Checkpoint`` (and its ``CheckpointError``).
 """
 
 from trainer.checkpoint import Checkpoint
@@ -22,6 +22,7 @@ from callbacks.prediction_grid import PredictionGrid
 from callbacks.profiler import Profiler
 from callbacks.progress import ProgressBar
 from callbacks.tensorboard import TensorBoardWriter
+from callbacks.text_samples import TextSamples
 from callbacks.throughput import Throughput
 from callbacks.writers import ConsoleWriter, CsvWriter, JsonlWriter, MetricWriter, read_jsonl
 
@@ -29,5 +30,5 @@ __all__ = [
     "Callback", "Checkpoint", "CheckpointError", "ConsoleWriter", "CsvWriter", "EarlyStopping", "EpochSummary", "Evaluator",
     "GradNormMonitor", "GradNormWarning", "JsonlWriter", "LearningRateMonitor", "MetricWriter",
     "MetricsLogger", "NaNDetector", "NonFiniteError", "Plots", "PredictionGrid", "Profiler",
-    "ProgressBar", "TensorBoardWriter", "Throughput", "read_jsonl",
+    "ProgressBar", "TensorBoardWriter", "TextSamples", "Throughput", "read_jsonl",
 ]

@@ -15,16 +15,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from callbacks import (Checkpoint, ConsoleWriter, EpochSummary, GradNormMonitor, JsonlWriter, LearningRateMonitor,
-                       MetricsLogger, NaNDetector, Plots, PredictionGrid, ProgressBar, TensorBoardWriter,
-                       Throughput)
+from callbacks import Checkpoint, EpochSummary, Plots, PredictionGrid
+from recipes.common import run_config, standard_callbacks
 from recipes.config_cli import parse_config
 from recipes.datasets import load_mnist_bundled, load_mnist_idx
 from trainer import ArrayLoader, Trainer
@@ -139,32 +137,16 @@ def load_data(config: MnistConfig) -> tuple[dict, dict]:
 
 def default_callbacks(config: MnistConfig, test: dict) -> list:
     """The callbacks a user wants by default, as chosen by ``config`` (see ``--help``)."""
-    workdir = Path(config.workdir) if config.workdir else None
-    writers = [ConsoleWriter()]
-    if workdir is not None:
-        writers.append(JsonlWriter(workdir / "metrics.jsonl"))
-        if config.tensorboard:
-            writers.append(TensorBoardWriter(workdir / "tb"))
-    callbacks = [EpochSummary(), MetricsLogger(writers, log_every=config.log_every), LearningRateMonitor(),
-                 Throughput(every=config.log_every), NaNDetector(policy=config.nan_policy)]
-    if config.progress:
-        callbacks.insert(0, ProgressBar())
-    if config.grad_norm:
-        callbacks.append(GradNormMonitor(every=config.log_every))
+    workdir = config.workdir or None
+    callbacks = [EpochSummary(), *standard_callbacks(workdir, log_every=config.log_every, progress=config.progress,
+                                                     tensorboard=config.tensorboard, grad_norm=config.grad_norm,
+                                                     nan_policy=config.nan_policy)]
     if config.checkpoint and workdir is not None:
         callbacks.append(Checkpoint(every_n_epochs=1, max_to_keep=2))
     if config.plots and workdir is not None:
         spread = {k: v[::max(1, len(v) // 25)][:25] for k, v in test.items()}  # every class, not just 0s
         callbacks += [Plots(), PredictionGrid(spread)]
     return callbacks
-
-
-def run_config(config: MnistConfig) -> dict:
-    """The settings that define the run (what a resumed run compares), without run-control flags."""
-    values = dataclasses.asdict(config)
-    for key in ("resume", "export", "progress"):
-        values.pop(key)
-    return values
 
 
 def build(config: MnistConfig, train: dict, test: dict, callbacks: Sequence | None = None) -> tuple[Trainer, ArrayLoader, ArrayLoader]:

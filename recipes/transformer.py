@@ -18,17 +18,14 @@ import dataclasses
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from callbacks import (Checkpoint, ConsoleWriter, EpochSummary, Evaluator, GradNormMonitor, JsonlWriter,
-                       LearningRateMonitor, MetricsLogger, NaNDetector, ProgressBar, TensorBoardWriter,
-                       Throughput)
-from callbacks.text_samples import TextSamples
+from callbacks import Checkpoint, Evaluator, TextSamples
+from recipes.common import run_config, standard_callbacks
 from recipes.config_cli import parse_config
 from recipes.text import CharVocab, TextWindows, default_corpus, eval_windows, load_text
 from trainer import Trainer
@@ -54,17 +51,17 @@ class TransformerConfig:
 
     text: str | None = None
     context: int = 128
-    layers: int = 3
-    width: int = 192
+    layers: int = 2
+    width: int = 128
     heads: int = 4
-    dropout: float = 0.1
+    dropout: float = 0.05
     batch_size: int = 32
-    steps: int = 1500
-    eval_every: int = 500
+    steps: int = 1200
+    eval_every: int = 300
     seed: int = 0
     workdir: str = "runs/transformer"
     prompt: str = "The "
-    sample_every: int = 500
+    sample_every: int = 600
     sample_length: int = 200
     temperature: float = 0.8
     top_k: int = 10
@@ -158,26 +155,18 @@ def build(config: TransformerConfig, text: str, callbacks: Sequence | None = Non
     tx = config.optim.build(total_steps=max(config.steps, config.optim.warmup_steps + 1))
     if callbacks is None:
         callbacks = default_callbacks(config, vocab, valid)
-    run_config = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "export", "progress")}
     trainer = LanguageModelTrainer(model, tx, max_steps=config.steps, seed=config.seed, workdir=config.workdir or None,
-                                   config={**run_config, "vocab": vocab.chars}, callbacks=callbacks)
+                                   config={**run_config(config), "vocab": vocab.chars}, callbacks=callbacks)
     return trainer, train, valid, vocab
 
 
 def default_callbacks(config: TransformerConfig, vocab: CharVocab, valid) -> list:
-    workdir = Path(config.workdir) if config.workdir else None
-    writers = [ConsoleWriter()]
-    if workdir is not None:
-        writers += [JsonlWriter(workdir / "metrics.jsonl"), TensorBoardWriter(workdir / "tb")]
-    callbacks = [MetricsLogger(writers, log_every=config.log_every), LearningRateMonitor(),
-                 Throughput(every=config.log_every), GradNormMonitor(every=config.log_every), NaNDetector(),
+    callbacks = [*standard_callbacks(config.workdir or None, log_every=config.log_every, progress=config.progress),
                  Evaluator(valid, every_n_steps=config.eval_every, every_n_epochs=None),
                  TextSamples(config.prompt, encode=vocab.encode, decode=vocab.decode, context=config.context,
                              every_n_steps=config.sample_every, length=config.sample_length,
                              temperature=config.temperature, top_k=config.top_k, seed=config.seed)]
-    if config.progress:
-        callbacks.insert(0, ProgressBar())
-    if config.checkpoint and workdir is not None:
+    if config.checkpoint and config.workdir:
         callbacks.append(Checkpoint(every_n_steps=config.eval_every, every_n_epochs=None, max_to_keep=2))
     return callbacks
 
@@ -187,7 +176,8 @@ def run(config: TransformerConfig) -> float:
     started = time.perf_counter()
     trainer, train, valid, _ = build(config, load_corpus(config))
     trainer.fit(train, resume=config.resume)
-    metrics = trainer.evaluate(valid, prefix="eval/")
+    evaluated_now = any(ev.last_step == trainer.step for ev in trainer.evaluators)
+    metrics = trainer.eval_metrics if evaluated_now else trainer.evaluate(valid, prefix="eval/")
     if config.export:
         print(f"exported the model to {trainer.save_model(config.export)}")
     print(f"trained {trainer.step} steps in {time.perf_counter() - started:.1f}s")

@@ -15,8 +15,7 @@ from flax import nnx
 
 from callbacks.text_samples import sample_tokens
 from recipes.text import CharVocab, TextWindows, eval_windows, load_text
-from recipes.transformer import CharTransformer, LanguageModelTrainer, TransformerConfig
-from trainer import ArrayLoader
+from recipes.transformer import CharTransformer, LanguageModelTrainer
 
 
 def tiny(vocab=12, context=16, dropout=0.0):

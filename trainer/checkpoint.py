@@ -9,8 +9,7 @@ preemption handler use it.
 
 Example::
 
-    from callbacks import Checkpoint
-    trainer = Trainer(model, tx, max_epochs=10, workdir="runs/x",
+    trainer = Trainer(model, tx, max_epochs=10, workdir="runs/x",  # Checkpoint: also in callbacks
                       callbacks=[Checkpoint(every_n_steps=500, max_to_keep=3)])
     trainer.fit(train, resume=True)   # continues from the newest good one in runs/x/checkpoints/step_<N>
 """
@@ -159,7 +158,7 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
     return {
         "format": FORMAT, "step": trainer.step, "epoch": trainer.epoch, "position": trainer.position,
         "data_state": data_state, "history": trainer.history, "config": _jsonable(trainer.config),
-        "epoch_sums": trainer.epoch_sums_snapshot(),
+        "epoch_sums": trainer.epoch_sums_snapshot(), "skip_batches": sorted(trainer.skip_batches),
         "environment": environment(), "has_guard": trainer.state.guard is not None, "leaves": leaves,
         "callbacks": {callback_key(i, cb): _jsonable(cb.state_dict()) for i, cb in enumerate(trainer.callbacks.callbacks)},
     }
@@ -230,6 +229,7 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     trainer.history = [dict(h) for h in meta["history"]]
     trainer.restored_data_state = meta["data_state"]
     trainer.restored_epoch_sums = meta.get("epoch_sums")
+    trainer.skip_batches |= {tuple(b) for b in meta.get("skip_batches", [])}
     for i, cb in enumerate(trainer.callbacks.callbacks):
         saved = meta["callbacks"].get(callback_key(i, cb))
         if saved is not None:

@@ -6,8 +6,7 @@ for ``Evaluator(eval_data)``, and the trainer runs every due epoch evaluation *b
 
 Example::
 
-    from callbacks import Evaluator
-    Trainer(model, tx, max_epochs=10,
+    Trainer(model, tx, max_epochs=10,  # Evaluator is importable from callbacks too
             callbacks=[Evaluator(val_loader, every_n_steps=500, every_n_epochs=None)])
 """
 

@@ -2,10 +2,8 @@
 
 Example::
 
-    from trainer import Trainer, ArrayLoader
     trainer = Trainer(model, optax.adamw(1e-3), max_epochs=3)
-    trainer.fit(ArrayLoader({"image": x, "label": y}, 128), eval_data=ArrayLoader(..., shuffle=False,
-                drop_remainder=False))
+    trainer.fit(ArrayLoader({"image": x, "label": y}, 128), eval_data=test_loader)
     trainer.evaluate(test_loader)   # {"loss": ..., "accuracy": ...}
 """
 
@@ -146,8 +144,7 @@ class Trainer:
         return per_example_metrics(self.compute_loss)(model, batch)
 
     def finish_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        """Host metrics (an evaluation's, an epoch's means) before they are reported: add derived ones
-        (perplexity from the mean loss, say) by overriding. Default: unchanged."""
+        """Host metrics (an evaluation's, an epoch's) before reporting; override to add derived ones."""
         return dict(metrics)
 
     def predict_step(self, model: nnx.Module, batch: Any) -> Any:

@@ -1,0 +1,39 @@
+"""What every recipe shares: the standard logging and monitoring callbacks and the run config."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from callbacks import (ConsoleWriter, GradNormMonitor, JsonlWriter, LearningRateMonitor, MetricsLogger, NaNDetector,
+                       ProgressBar, TensorBoardWriter, Throughput)
+
+RUN_CONTROL = ("resume", "export", "progress")
+"""Flags that steer one invocation, not the run: left out of the config a resumed run compares."""
+
+
+def run_config(config: Any) -> dict:
+    """The recipe config as plain values, without the run-control flags."""
+    values = dataclasses.asdict(config)
+    for key in RUN_CONTROL:
+        values.pop(key, None)
+    return values
+
+
+def standard_callbacks(workdir: str | None, *, log_every: int, progress: bool, tensorboard: bool = True,
+                       grad_norm: bool = True, nan_policy: str = "raise") -> list:
+    """Progress bar, console + JSONL + TensorBoard logging, learning rate, throughput, NaN checks, grad norm."""
+    folder = Path(workdir) if workdir else None
+    writers = [ConsoleWriter()]
+    if folder is not None:
+        writers.append(JsonlWriter(folder / "metrics.jsonl"))
+        if tensorboard:
+            writers.append(TensorBoardWriter(folder / "tb"))
+    callbacks = [MetricsLogger(writers, log_every=log_every), LearningRateMonitor(), Throughput(every=log_every),
+                 NaNDetector(policy=nan_policy)]
+    if progress:
+        callbacks.insert(0, ProgressBar())
+    if grad_norm:
+        callbacks.append(GradNormMonitor(every=log_every))
+    return callbacks

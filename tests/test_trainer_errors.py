@@ -91,3 +91,10 @@ def test_tuple_batches_are_accepted(model, data):
     trainer = Trainer(model, optax.adam(1e-2), max_epochs=2)
     history = trainer.fit(batches, eval_data=batches)
     assert trainer.step == 6 and "eval/accuracy" in history[-1]
+
+
+@pytest.mark.parametrize("raw", ["dict", "tuple", "array"])
+def test_raw_arrays_instead_of_batches_say_how_to_wrap_them(model, data, raw):
+    source = {"dict": data, "tuple": (data["x"], data["label"]), "array": data["x"]}[raw]
+    with pytest.raises(TypeError, match=r"iterable of batches, not raw arrays.*ArrayLoader\("):
+        Trainer(model, optax.sgd(0.1), max_steps=1).fit(source)

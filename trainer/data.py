@@ -133,6 +133,15 @@ class ArrayLoader:
         return self.iterator(0)
 
 
+def check_batch_source(data: Any, name: str) -> None:
+    """Refuses raw arrays where an iterable of batches is expected, saying how to wrap them."""
+    raw = isinstance(data, Mapping) or isinstance(data, np.ndarray) or (
+        isinstance(data, tuple) and data and all(isinstance(a, np.ndarray) for a in data))
+    if raw:
+        raise TypeError(f"{name} must be an iterable of batches, not raw arrays ({type(data).__name__}); wrap "
+                        f"them: ArrayLoader({{'image': x, 'label': y}}, batch_size=128).")
+
+
 def epoch_iterator(data: Any, epoch: int, position: int, saved_state: Mapping[str, Any] | None = None
                    ) -> tuple[Iterator[Any], int]:
     """The iterator of epoch ``epoch`` from batch ``position``, and the position it really starts at.

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from trainer import losses
-from trainer.data import batch_size_of, epoch_iterator, pad_batch
+from trainer.data import batch_size_of, check_batch_source, epoch_iterator, pad_batch
 from trainer import checkpoint as checkpointing
 from trainer import export
 from trainer.checkpoint import Checkpoint
@@ -191,9 +191,8 @@ class Trainer:
     def add_metric_sums(self, name: str) -> None:
         """Registers named running sums of the step metrics, added up inside the compiled step.
 
-        Each metric accumulates as a ``clu.metrics.Average`` (or ``LastValue`` for metrics whose
-        ``metric_reductions`` entry is ``"last"``, and for names ending in ``_total``). Read and
-        restart them with ``take_metric_sums(name)``; ``step.compute_sums`` turns them into floats.
+        ``clu.metrics.Average`` per metric (``LastValue`` where ``metric_reductions`` says ``"last"``
+        or the name ends in ``_total``); ``take_metric_sums`` reads and restarts them.
         """
         if name not in self._sums:
             self._sums[name] = None if self._metric_shapes is None else empty_sums(self._metric_shapes, self.metric_reductions)
@@ -262,6 +261,7 @@ class Trainer:
                 stacklevel=2,
             )
             return self.history
+        check_batch_source(train_data, "train_data"), check_batch_source(eval_data, "eval_data")
         self.should_stop, self.stop_reason = False, None
         self.add_metric_sums(EPOCH_SUMS)
         self._fit_evaluators = [Evaluator(eval_data)] if eval_data is not None else []

@@ -274,9 +274,8 @@ class Trainer:
             while not self._limit_reached() and not self.should_stop:
                 self._run_epoch(train_data)
             if self.position and not self.should_stop:  # max_steps ended mid-epoch: final numbers
-                for evaluator in self.evaluators:
-                    if evaluator.every_n_epochs is not None and evaluator.last_step != self.step:
-                        evaluator.run(self)
+                for evaluator in (e for e in self.evaluators if e.every_n_epochs and e.last_step != self.step):
+                    evaluator.run(self)
         except Preempted:
             checkpointing.save_and_exit(self, self._preemption)
         except BaseException as exc:
@@ -365,8 +364,7 @@ class Trainer:
             if self._rollback_request is not None:
                 bad_step, self._rollback_request = self._rollback_request, None
                 checkpointing.roll_back(self, bad_step)
-                if self._metric_shapes is not None:  # windows restart at the restored step
-                    self._sums = {name: empty_sums(self._metric_shapes, self.metric_reductions) for name in self._sums}
+                self._reset_sums()  # windows restart at the restored step
                 return
             if self.should_stop or self._limit_reached():
                 ran_out = False
@@ -377,11 +375,8 @@ class Trainer:
                 "iterated only once: pass a re-iterable (a list, an ArrayLoader) or set max_steps "
                 "to what one pass gives."
             )
-        if ran_out or self._epoch_complete(train_data):
+        if ran_out or (self.epoch_length is not None and self.position >= self.epoch_length):
             self._end_epoch(epoch)
-
-    def _epoch_complete(self, train_data: Any) -> bool:
-        return hasattr(train_data, "__len__") and self.position >= len(train_data)
 
     def _epoch_batches(self, data: Iterable[Any], epoch: int) -> Iterator[Any]:
         self.data_iterator, self.position = epoch_iterator(data, epoch, self.position, self.restored_data_state)
@@ -424,6 +419,10 @@ class Trainer:
     def _step_signature(self) -> tuple:
         return tuple(self.probes), self._halt_after, tuple(sorted(self.metric_reductions.items()))
 
+    def _reset_sums(self) -> None:  # every registered accumulator back to zero
+        if self._metric_shapes is not None:
+            self._sums = {name: empty_sums(self._metric_shapes, self.metric_reductions) for name in self._sums}
+
     def _build(self, batch: Any) -> None:
         """Compiles the train step for this batch structure and sizes the running sums."""
         self._built_signature = self._step_signature()
@@ -435,7 +434,7 @@ class Trainer:
         except KeyError as err:  # the default loss's message names the batch keys
             raise ValueError(err.args[0]) from err
         self._metric_shapes = metric_shapes
-        self._sums = {name: empty_sums(metric_shapes, self.metric_reductions) for name in self._sums}
+        self._reset_sums()
         if self.restored_epoch_sums and self._sums.get(EPOCH_SUMS) is not None:
             self._sums[EPOCH_SUMS] = restore_sums(self._sums[EPOCH_SUMS], self.restored_epoch_sums)
             self.restored_epoch_sums = None

@@ -10,7 +10,7 @@
 from trainer.checkpoint import Checkpoint
 from trainer.checkpoint_store import CheckpointError
 from trainer.evaluation import Evaluator
-from trainer.events import Callback
+from trainer.events import Callback, last_value
 from callbacks.early_stopping import EarlyStopping
 from callbacks.epoch_summary import EpochSummary
 from callbacks.grad_norm import GradNormMonitor, GradNormWarning
@@ -30,5 +30,5 @@ __all__ = [
     "Callback", "Checkpoint", "CheckpointError", "ConsoleWriter", "CsvWriter", "EarlyStopping", "EpochSummary", "Evaluator",
     "GradNormMonitor", "GradNormWarning", "JsonlWriter", "LearningRateMonitor", "MetricWriter",
     "MetricsLogger", "NaNDetector", "NonFiniteError", "Plots", "PredictionGrid", "Profiler",
-    "ProgressBar", "TensorBoardWriter", "TextSamples", "Throughput", "read_jsonl",
+    "ProgressBar", "TensorBoardWriter", "TextSamples", "Throughput", "last_value", "read_jsonl",
 ]

@@ -17,7 +17,7 @@ import jax
 import optax
 
 from callbacks.lagged import LaggedFetch
-from trainer.events import Callback
+from trainer.events import Callback, last_value
 from trainer.step import StepInfo
 
 
@@ -33,6 +33,8 @@ class GradNormMonitor(Callback):
       warn_below / warn_above: the healthy range; a warning names the step and the norm outside it.
       per_layer: also ``grad_norm/<name>`` for every top-level submodule of the model.
     """
+
+    step_interval_attributes = ("every",)
 
     def __init__(self, every: int = 50, warn_below: float | None = 0.1, warn_above: float | None = 10.0,
                  per_layer: bool = False):
@@ -70,7 +72,7 @@ class GradNormMonitor(Callback):
         popped = self._fetch.pop()
         if popped is None:
             return
-        step, norm = popped[0], float(popped[1])
+        step, norm = popped[0], float(last_value(popped[1]))
         if self.warn_below is not None and norm < self.warn_below:
             hint = "vanishing gradients or a too-small learning rate"
         elif self.warn_above is not None and norm > self.warn_above:

@@ -2,14 +2,19 @@
 
 ``push`` starts an asynchronous device-to-host copy of values produced by step ``s``; ``pop``
 (called at a later step, after step ``s + 1`` was already dispatched) returns them as host values.
-The device is never idle waiting for the host.
+The device is never idle waiting for the host. The values are packed on the device into one
+array per dtype first (one small compiled function), so a window of a dozen metrics is one read.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 class LaggedFetch:
@@ -21,10 +26,15 @@ class LaggedFetch:
 
     def push(self, step: int, values: Any) -> None:
         """Starts copying ``values`` (a pytree of device arrays) to the host."""
-        for leaf in jax.tree.leaves(values):
-            if hasattr(leaf, "copy_to_host_async"):
-                leaf.copy_to_host_async()
-        self._pending = (step, values)
+        leaves, treedef = jax.tree.flatten(values)
+        if leaves and all(isinstance(x, jax.Array) for x in leaves):
+            specs = tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
+            packed = _pack(specs, leaves)
+            for array in packed:
+                array.copy_to_host_async()
+            self._pending = (step, (packed, specs, treedef))
+        else:
+            self._pending = (step, (None, None, values))
 
     @property
     def pending(self) -> bool:
@@ -34,7 +44,31 @@ class LaggedFetch:
         """The pending ``(step, host values)``, or ``None``; clears it."""
         if self._pending is None:
             return None
-        step, values = self._pending
+        step, (packed, specs, rest) = self._pending
         self._pending = None
         self.fetches += 1
-        return step, jax.device_get(values)
+        if packed is None:
+            return step, jax.device_get(rest)
+        return step, jax.tree.unflatten(rest, _unpack(specs, jax.device_get(packed)))
+
+
+def _groups(specs: tuple) -> list:
+    """The dtypes of ``specs`` in first-seen order (one packed array each)."""
+    return list(dict.fromkeys(dtype for _, dtype in specs))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pack(specs: tuple, leaves: list) -> list:
+    return [jnp.concatenate([jnp.ravel(x) for x, (_, d) in zip(leaves, specs) if d == dtype])
+            for dtype in _groups(specs)]
+
+
+def _unpack(specs: tuple, packed: list) -> list:
+    offsets = {dtype: 0 for dtype in _groups(specs)}
+    flat = dict(zip(_groups(specs), packed))
+    out = []
+    for shape, dtype in specs:
+        size = int(np.prod(shape, dtype=np.int64))
+        out.append(flat[dtype][offsets[dtype]:offsets[dtype] + size].reshape(shape))
+        offsets[dtype] += size
+    return out

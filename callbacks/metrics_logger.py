@@ -37,6 +37,8 @@ class MetricsLogger(Callback):
     other outputs (plots, samples) to every writer.
     """
 
+    step_interval_attributes = ("log_every",)
+
     def __init__(self, writers: Iterable[MetricWriter], log_every: int = 50):
         if not isinstance(log_every, int) or log_every <= 0:
             raise ValueError(f"log_every={log_every!r} must be a positive integer.")

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import jax
 
 from callbacks.lagged import LaggedFetch
-from trainer.events import Callback
+from trainer.events import Callback, last_value
 from trainer.step import BAD_GRADS, BAD_LOSS
 
 POLICIES = ("raise", "skip", "rollback")
@@ -42,6 +42,8 @@ class NaNDetector(Callback):
         end). The device halts by itself, so a sparse check loses nothing: the parameters stay
         those from before the bad step.
     """
+
+    step_interval_attributes = ("check_every",)
 
     def __init__(self, policy: str = "raise", max_consecutive_skips: int = 10, check_every: int = 10,
                  max_rollbacks: int = 3):
@@ -85,7 +87,7 @@ class NaNDetector(Callback):
         popped = self._fetch.pop()
         if popped is None and not now:
             return
-        total = int(popped[1]) if popped is not None and not now else int(trainer.state.guard["nonfinite_total"])
+        total = int(last_value(popped[1])) if popped is not None and not now else int(trainer.state.guard["nonfinite_total"])
         if total <= self.skipped:
             return
         guard = jax.device_get(trainer.state.guard)

@@ -19,6 +19,9 @@ from trainer.events import Callback
 class Profiler(Callback):
     """Traces steps ``start_step`` .. ``start_step + num_steps - 1`` (1-based) into ``logdir``.
 
+    With ``steps_per_execution`` the trace covers whole chunks: from the first chunk that starts in
+    that range to the chunk that reaches its end.
+
     Args:
       start_step: the first traced step; skip the first one or two (compilation).
       num_steps: how many steps to trace.
@@ -32,7 +35,7 @@ class Profiler(Callback):
             raise ValueError(f"num_steps={num_steps!r} must be a positive integer.")
         self.start_step, self.num_steps, self.logdir = start_step, num_steps, logdir
         self.trace_dir: Path | None = None
-        self._active = False
+        self._active = self._done = False
 
     def on_fit_start(self, trainer: Any) -> None:
         if self.logdir is None and trainer.workdir is None:
@@ -40,7 +43,7 @@ class Profiler(Callback):
         self.trace_dir = Path(self.logdir) if self.logdir else Path(trainer.workdir) / "profile"
 
     def on_step_start(self, trainer: Any, step: int) -> None:
-        if step == self.start_step and not self._active:
+        if self.start_step <= step < self.start_step + self.num_steps and not self._active and not self._done:
             self.trace_dir.mkdir(parents=True, exist_ok=True)
             jax.profiler.start_trace(str(self.trace_dir))
             self._active = True
@@ -53,7 +56,7 @@ class Profiler(Callback):
         if wait_for is not None:
             jax.block_until_ready(wait_for)  # the traced steps finish inside the trace
         jax.profiler.stop_trace()
-        self._active = False
+        self._active, self._done = False, True
 
     def on_fit_end(self, trainer: Any) -> None:
         if self._active:

@@ -15,7 +15,7 @@ import time
 from typing import Any, Mapping, TextIO
 
 from callbacks.lagged import LaggedFetch
-from trainer.events import Callback
+from trainer.events import Callback, last_value
 
 
 def _duration(seconds: float) -> str:
@@ -30,14 +30,21 @@ class ProgressBar(Callback):
       refresh_every: steps between loss reads (and, off a terminal, between printed lines).
       stream: where to draw (stderr by default).
       plain: force plain lines (``None``: plain when ``stream`` is not a terminal, as in CI logs).
+      min_seconds: at least this long between two reads / lines, so that fast steps (thousands a
+        second) neither flood a log nor read the device thousands of times.
     """
 
-    def __init__(self, refresh_every: int = 10, stream: TextIO | None = None, plain: bool | None = None):
+    step_interval_attributes = ("refresh_every",)
+
+    def __init__(self, refresh_every: int = 10, stream: TextIO | None = None, plain: bool | None = None,
+                 min_seconds: float = 0.5):
         if not isinstance(refresh_every, int) or refresh_every <= 0:
             raise ValueError(f"refresh_every={refresh_every!r} must be a positive integer.")
         self.refresh_every = refresh_every
         self.stream = stream
         self.plain = plain
+        self.min_seconds = min_seconds
+        self._last_refresh = -float("inf")
         self._bar = None
         self._fetch = LaggedFetch()
         self._loss: float | None = None
@@ -55,7 +62,7 @@ class ProgressBar(Callback):
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         self._total = trainer.epoch_length
-        self._done = trainer.data_iterator.position if hasattr(trainer.data_iterator, "position") else 0
+        self._done = trainer.position
         self._marks = []
         self._epoch = epoch
         total_epochs = f"/{trainer.max_epochs}" if trainer.max_epochs else ""
@@ -67,14 +74,15 @@ class ProgressBar(Callback):
                              leave=True, dynamic_ncols=True, unit="step")
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
-        self._done += 1
+        self._done += trainer.execution_steps
         popped = self._fetch.pop()
         if popped is not None:  # step popped[0] has finished: a true progress mark
-            self._loss = float(popped[1])
+            self._loss = float(last_value(popped[1]))
             self._marks.append((time.perf_counter(), popped[0]))
         if self._bar is not None:
-            self._bar.update(1)
-        if step % self.refresh_every == 0:
+            self._bar.update(trainer.execution_steps)
+        if step % self.refresh_every == 0 and time.perf_counter() - self._last_refresh >= self.min_seconds:
+            self._last_refresh = time.perf_counter()
             self._fetch.push(step, metrics["loss"])
             self._show(step)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -17,10 +18,16 @@ from callbacks.writers import MetricWriter, _plain, to_uint8
 
 
 class TensorBoardWriter(MetricWriter):
-    """Scalars, images (``[H, W, C]``), texts and hyperparameters as TensorBoard events in ``logdir``."""
+    """Scalars, images (``[H, W, C]``), texts and hyperparameters as TensorBoard events in ``logdir``.
 
-    def __init__(self, logdir: str | os.PathLike):
+    ``flush_seconds``: tensorboardX's flush also ``fsync``s (about a millisecond), so flushes closer
+    together than this are skipped; ``close`` always flushes.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, flush_seconds: float = 2.0):
         self.logdir = str(logdir)
+        self.flush_seconds = flush_seconds
+        self._flushed = -float("inf")
         self._writer = None
         self._purge_step: int | None = None
 
@@ -57,8 +64,9 @@ class TensorBoardWriter(MetricWriter):
         self._open().add_text("config", "```\n" + json.dumps(_plain(hparams), indent=2, sort_keys=True) + "\n```", 0)
 
     def flush(self) -> None:
-        if self._writer is not None:
+        if self._writer is not None and time.monotonic() - self._flushed >= self.flush_seconds:
             self._writer.flush()
+            self._flushed = time.monotonic()
 
     def close(self) -> None:
         if self._writer is not None:

@@ -93,6 +93,8 @@ class TextSamples(Callback):
     ``samples`` holds every ``(step, text)``; they go to the logger's writers as ``samples/text``.
     """
 
+    step_interval_attributes = ("every_n_steps",)
+
     def __init__(self, prompt: str, *, encode: Callable[[str], np.ndarray], decode: Callable[[Any], str],
                  context: int, every_n_steps: int = 500, length: int = 200, temperature: float = 0.8,
                  top_k: int | None = 10, seed: int = 0):

@@ -29,6 +29,8 @@ class Throughput(Callback):
     ``clock`` is injectable for tests; ``last`` holds the newest values.
     """
 
+    step_interval_attributes = ("every",)
+
     def __init__(self, every: int = 50, clock: Callable[[], float] = time.perf_counter):
         if not isinstance(every, int) or every <= 0:
             raise ValueError(f"every={every!r} must be a positive integer.")
@@ -37,26 +39,26 @@ class Throughput(Callback):
         self.last: dict[str, float] = {}
         self._start: tuple[float, int, float] | None = None
         self._examples = 0
-        self._previous: Any = None  # the last step's loss: a handle to wait on, never read
+        self._previous: Any = None  # (step, loss) of the last execution: a handle to wait on, never read
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         self._start, self._previous = None, None
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
-        previous, self._previous = self._previous, metrics["loss"]
+        previous, self._previous = self._previous, (step, metrics["loss"])
         if self._start is None:  # the first step of an epoch compiles or follows an evaluation
             if previous is not None:
-                jax.block_until_ready(previous)
-                self._start = (self.clock(), step - 1, trainer.data_wait_seconds)
-                self._examples = trainer.last_batch_size
+                jax.block_until_ready(previous[1])
+                self._start = (self.clock(), previous[0], trainer.data_wait_seconds)
+                self._examples = trainer.last_examples
             return
-        self._examples += trainer.last_batch_size
+        self._examples += trainer.last_examples
         if step % self.every:
             return
-        jax.block_until_ready(previous)  # step - 1 is done; step is queued behind it
+        jax.block_until_ready(previous[1])  # the previous execution is done; this one is queued behind it
         now = self.clock()
         started, start_step, start_wait = self._start
-        done, examples = step - 1, self._examples - trainer.last_batch_size
+        done, examples = previous[0], self._examples - trainer.last_examples
         elapsed = max(now - started, 1e-9)
         self.last = {
             "throughput/steps_per_sec": (done - start_step) / elapsed,
@@ -66,4 +68,4 @@ class Throughput(Callback):
         for name, value in self.last.items():
             trainer.record(name, value)
         self._start = (now, done, trainer.data_wait_seconds)
-        self._examples = trainer.last_batch_size
+        self._examples = trainer.last_examples

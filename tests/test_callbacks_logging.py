@@ -112,7 +112,7 @@ def test_throughput_arithmetic_with_an_injected_clock(model, data):
 
 def test_progress_bar_plain_lines_and_terminal_bar(model, data):
     out = io.StringIO()
-    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[ProgressBar(refresh_every=2, plain=True, stream=out)])
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[ProgressBar(refresh_every=2, plain=True, stream=out, min_seconds=0)])
     trainer.fit(ArrayLoader(data, 16))  # 6 steps per epoch
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("epoch 1/2  batch 2/6  step 2  loss -")
@@ -124,5 +124,54 @@ def test_progress_bar_plain_lines_and_terminal_bar(model, data):
 
     tty = Tty()
     Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1,
-            callbacks=[ProgressBar(refresh_every=2, stream=tty)]).fit(ArrayLoader(data, 16))
+            callbacks=[ProgressBar(refresh_every=2, stream=tty, min_seconds=0)]).fit(ArrayLoader(data, 16))
     assert "epoch 1/1" in tty.getvalue() and "6/6" in tty.getvalue() and "loss=" in tty.getvalue()
+
+
+def count_host_reads(monkeypatch) -> dict[str, int]:
+    """Counts every read of a device array's value on the host (``float``, ``np.asarray``, ``device_get``)
+    and every ``block_until_ready``. (A transfer guard cannot see these on CPU, where no copy is made.)"""
+    from jax._src.array import ArrayImpl
+
+    counts = {"reads": 0, "blocks": 0}
+    value = ArrayImpl._value
+
+    def counted(self):
+        counts["reads"] += 1
+        return value.fget(self)
+
+    monkeypatch.setattr(ArrayImpl, "_value", property(counted))
+    real_block = jax.block_until_ready
+    monkeypatch.setattr(jax, "block_until_ready",
+                        lambda x: counts.__setitem__("blocks", counts["blocks"] + 1) or real_block(x))
+    return counts
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_recipe_default_callbacks_read_the_device_only_at_their_intervals(monkeypatch, tmp_path, k):
+    """The recipes' default callbacks over 100 steps: progress and NaN checks read every 10 steps,
+    logging, grad norm and throughput every 50, so the host reads a few dozen values, not one per step."""
+    from recipes.common import standard_callbacks
+
+    callbacks = standard_callbacks(str(tmp_path), log_every=50, progress=True)
+    tx = OptimConfig(learning_rate=1e-2).build(total_steps=100)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), tx, max_steps=100, callbacks=callbacks, workdir=tmp_path,
+                      steps_per_execution=k)
+    counts = count_host_reads(monkeypatch)
+    trainer.fit(ArrayLoader(make_data(n=1600), 16))
+    assert trainer.step == 100
+    # progress (10 loss reads) + NaN checks (10 counters, 6 guard values at the end), 2 logger windows of
+    # ~6 metrics each, 2 grad norms, the epoch's sums and the learning rate at the end
+    assert counts["reads"] <= 60, counts
+    assert counts["blocks"] <= 100 // 50 + 1, counts  # throughput's two windows and its start
+
+
+def test_a_per_step_read_is_counted(monkeypatch, model, data):
+    class Reads(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            float(metrics["loss"])
+
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=12, callbacks=[Reads()])
+    counts = count_host_reads(monkeypatch)
+    trainer.fit(ArrayLoader(data, 16))
+    assert counts["reads"] >= 12

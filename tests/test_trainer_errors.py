@@ -44,7 +44,7 @@ def test_labels_out_of_range_name_step_and_range(model, data, bad):
     labels[40] = bad  # lands in the second batch of 32 without shuffling
     loader = ArrayLoader({"x": data["x"], "label": labels}, 32, shuffle=False)
     trainer = Trainer(model, optax.sgd(0.1), max_steps=5)
-    with pytest.raises(ValueError, match=r"labels at step 2 lie in .* must be in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"labels at step 2 \(epoch 0, batch 1\) lie in .* must be in \[0, 3\)"):
         trainer.fit(loader)
     assert trainer.step == 1  # the bad batch never reached the device
 

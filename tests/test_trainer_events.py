@@ -139,7 +139,7 @@ def test_second_fit_continues_stopped_epoch_at_next_batch(model, data):
 
     class Spy(Callback):
         def on_step_start(self, trainer, step):
-            seen.append((trainer.epoch, trainer.data_iterator.position))
+            seen.append((trainer.epoch, trainer.position))
 
         def on_step_end(self, trainer, step, metrics):
             if step == 2 and len(seen) == 2:
@@ -149,8 +149,8 @@ def test_second_fit_continues_stopped_epoch_at_next_batch(model, data):
     trainer.fit(train)
     assert trainer.step == 2 and trainer.epoch == 0
     trainer.fit(train)
-    # positions are counted after the batch was drawn, so batch k of epoch 0 reports k + 1
-    assert seen == [(0, k) for k in range(1, 7)]
+    # at on_step_start, trainer.position is the number of batches already trained on
+    assert seen == [(0, k) for k in range(6)]
     assert trainer.epoch == 1
 
 
@@ -160,13 +160,13 @@ def test_new_trainer_on_same_loader_starts_a_fresh_epoch(model, data):
 
     class Grab(Callback):
         def on_step_start(self, trainer, step):
-            first_batches.append(trainer.data_iterator.position)
+            first_batches.append(trainer.position)
 
     Trainer(model, optax.sgd(0.1), max_steps=3).fit(train)
     from conftest import TinyMLP
     from flax import nnx
     Trainer(TinyMLP(rngs=nnx.Rngs(1)), optax.sgd(0.1), max_steps=2, callbacks=[Grab()]).fit(train)
-    assert first_batches == [1, 2]
+    assert first_batches == [0, 1]
 
 
 def test_fit_when_limits_already_reached_warns_and_does_nothing(model, data):

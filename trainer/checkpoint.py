@@ -71,6 +71,8 @@ class Checkpoint(Callback):
         before reporting a preemption save, and at the end of ``fit``.
     """
 
+    step_interval_attributes = ("every_n_steps",)
+
     def __init__(self, directory: str | os.PathLike | None = None, *, every_n_steps: int | None = None,
                  every_n_epochs: int | None = 1, max_to_keep: int = 3, monitor: str | None = None,
                  mode: str = "min", keep_best: int | None = None, async_save: bool = True):

@@ -33,6 +33,8 @@ class Evaluator(Callback):
     ``last_metrics`` holds the newest result, ``history`` every ``(step, metrics)``.
     """
 
+    step_interval_attributes = ("every_n_steps",)
+
     def __init__(self, data: Iterable[Any], *, every_n_steps: int | None = None,
                  every_n_epochs: int | None = 1, prefix: str = "eval/"):
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):

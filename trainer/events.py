@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+import numpy as np
+
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
 
@@ -35,7 +37,10 @@ class Callback:
     - ``on_epoch_start(epoch)``: ``epoch`` is 0-based.
     - ``on_step_start(step)`` / ``on_step_end(step, metrics)``: ``step`` is the 1-based number of
       the optimizer step (``trainer.step`` equals it once the step has run); ``metrics`` is a dict
-      of *device* scalars: read them on your own cadence (``float()`` blocks on the device).
+      of *device* scalars: read them on your own cadence (``float()`` blocks on the device). With
+      ``Trainer(steps_per_execution=K)`` they run once per chunk: ``on_step_start`` gets the chunk's
+      first step, ``on_step_end`` its last, and each metric is an array with one value per step of
+      the execution (``trainer.execution_steps`` of them; ``last_value`` reads the final one).
     - ``on_eval_start()`` / ``on_eval_end(metrics)``: ``metrics`` are host floats, prefixed as the
       evaluation was asked (``eval/loss`` inside ``fit``). An epoch's evaluation comes before its
       ``on_epoch_end``.
@@ -46,7 +51,17 @@ class Callback:
     - ``on_exception(exception)``: an error escaped ``fit``; it is re-raised after every callback.
 
     ``state_dict()`` / ``load_state_dict()`` carry a callback's own state through checkpoints.
+
+    ``step_interval_attributes`` names the attributes holding step intervals (``("every",)``);
+    the trainer refuses intervals that are not multiples of ``steps_per_execution``.
     """
+
+    step_interval_attributes: tuple[str, ...] = ()
+
+    def step_intervals(self) -> dict[str, int]:
+        """This callback's step intervals by name (from ``step_interval_attributes``; ``None`` ones left out)."""
+        return {name: getattr(self, name) for name in self.step_interval_attributes
+                if getattr(self, name, None) is not None}
 
     def on_fit_start(self, trainer: "Trainer") -> None: ...
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...
@@ -66,6 +81,11 @@ class Callback:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
+
+
+def last_value(value: Any) -> np.ndarray:
+    """The final step's value of a host metric read from ``on_step_end`` (scalar or one per step)."""
+    return np.asarray(value).reshape(-1)[-1]
 
 
 class CallbackList:

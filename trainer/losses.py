@@ -69,7 +69,7 @@ def batch_labels(batch: Batch) -> Any:
 
 def check_label_range(labels: Any, num_classes: int, where: str) -> None:
     """Refuses host integer labels outside ``[0, num_classes)`` (on the device they would be silently wrong)."""
-    if isinstance(labels, np.ndarray) and labels.size and np.issubdtype(labels.dtype, np.integer):
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.size:
         low, high = labels.min(), labels.max()
         if low < 0 or high >= num_classes:
             raise ValueError(
@@ -124,6 +124,8 @@ def supervised(
 
     Returns:
       A loss function; its metrics are ``accuracy`` (when reported) and ``l2`` (when ``l2 > 0``).
+      A dict batch with a boolean ``"mask"`` (``Trainer(ragged_batches="pad")``) averages over the
+      real rows only.
     """
     if l2 < 0:
         raise ValueError(f"l2={l2} is negative; use 0 for no penalty or a small positive weight.")
@@ -131,14 +133,15 @@ def supervised(
     def loss_fn(model: nnx.Module, batch: Batch):
         labels = batch_labels(batch)
         predictions = model(batch_inputs(batch))
-        loss = jnp.mean(criterion(predictions, labels))
+        mean = _masked_mean(batch.get("mask") if isinstance(batch, Mapping) else None)
+        loss = mean(criterion(predictions, labels))
         metrics = {}
         wants = with_accuracy
         if wants is None:
             integer_labels = jnp.issubdtype(labels.dtype, jnp.integer) and predictions.ndim == labels.ndim + 1
             wants = integer_labels or criterion is cross_entropy_onehot
         if wants:
-            metrics["accuracy"] = jnp.mean(accuracy(predictions, labels))
+            metrics["accuracy"] = mean(accuracy(predictions, labels))
         if l2 > 0:
             penalty = l2_penalty(model)
             metrics["l2"] = penalty
@@ -146,6 +149,13 @@ def supervised(
         return loss, metrics
 
     return loss_fn
+
+
+def _masked_mean(mask: jax.Array | None) -> Callable[[jax.Array], jax.Array]:
+    if mask is None:
+        return jnp.mean
+    weights = mask.astype(jnp.float32)
+    return lambda values: jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 default_loss = supervised(cross_entropy)

@@ -7,6 +7,8 @@ layers travel through the step and a resumed run continues the same random strea
 
 from __future__ import annotations
 
+import functools
+
 import zlib
 from typing import Any
 
@@ -43,8 +45,14 @@ class TrainState:
 
 
 def zeros_like_tree(tree: Any) -> Any:
-    """Device zeros shaped like ``tree`` (arrays or ``jax.ShapeDtypeStruct``s)."""
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+    """Device zeros shaped like ``tree`` (arrays or ``jax.ShapeDtypeStruct``s), in one dispatch."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, _zeros(tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _zeros(specs: tuple) -> list:
+    return [jnp.zeros(shape, dtype) for shape, dtype in specs]
 
 
 def reseed_streams(model: nnx.Module, seed: int) -> None:

@@ -72,6 +72,21 @@ def _select(ok: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+class TrainSteps(NamedTuple):
+    """The train step in its three forms (jitting is lazy: nothing compiles until first called).
+
+    ``pure(state, batch) -> (state, metrics)``: the step itself (for ``eval_shape``).
+    ``single(state, sums, batch) -> (state, sums, metrics)``: jitted, ``state`` and ``sums``
+    donated; also merges the step's metrics into every accumulator of ``sums``.
+    ``fused(state, sums, batches) -> (state, sums, metrics)``: ``single`` over batches stacked on a
+    leading axis, in one ``lax.scan``; each metric comes back stacked, one value per step.
+    """
+
+    pure: Callable
+    single: Callable
+    fused: Callable
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -79,12 +94,12 @@ def make_train_step(
     probes: Sequence[Probe] = (),
     halt_after: int | None = None,
     reductions: Mapping[str, str] | None = None,
-) -> tuple[Callable, Callable]:
-    """Returns ``(step, accumulating_step)``.
+    unroll: int | bool = 1,
+) -> TrainSteps:
+    """The train step of ``loss_fn`` with ``tx``, as ``TrainSteps``.
 
-    ``step(state, batch) -> (state, metrics)`` is the pure step (for ``eval_shape``);
-    ``accumulating_step(state, sums, batch) -> (state, sums, metrics)`` is jitted with the state and
-    ``sums`` donated and also merges the step's metrics into every accumulator of ``sums``.
+    ``unroll``: ``lax.scan``'s unroll for the fused form (``True``: the whole chunk; XLA:CPU runs
+    convolution gradients much slower inside a rolled loop).
 
     ``halt_after``: with a guard (``state.guard``), a step whose loss or gradients are not finite
     changes nothing (params, optimizer and model state keep their values) and is counted in
@@ -144,7 +159,47 @@ def make_train_step(
         metrics.pop("_valid", None)
         return state, sums, metrics
 
-    return step, jax.jit(accumulating_step, donate_argnums=(0, 1))
+    def fused_steps(state, sums, batches):
+        def body(carry, batch):
+            state, sums, metrics = accumulating_step(*carry, batch)
+            return (state, sums), metrics
+
+        (state, sums), metrics = jax.lax.scan(body, (state, sums), batches, unroll=unroll)
+        return state, sums, metrics
+
+    return TrainSteps(step, jax.jit(accumulating_step, donate_argnums=(0, 1)),
+                      jax.jit(fused_steps, donate_argnums=(0, 1)))
+
+
+def scan_unroll(jaxpr: Any) -> int | bool:
+    """How far to unroll the fused ``lax.scan`` of a step with this jaxpr: fully for convolutions on CPU.
+
+    Measured on XLA:CPU (``benchmarks/RESULTS.md``): inside a rolled loop the MNIST CNN's step ran
+    10x slower (its convolution gradients), while unrolled it matches single steps; a transformer or
+    an MLP runs as fast rolled and compiles 3-6x faster, so everything else stays rolled.
+    """
+    if jax.default_backend() != "cpu":
+        return 1
+
+    def has_conv(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                return True
+            for sub in _subjaxprs(eqn):
+                if has_conv(sub):
+                    return True
+        return False
+
+    return True if has_conv(jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr) else 1
+
+
+def _subjaxprs(eqn: Any):
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(item, "eqns"):
+                yield item
+            elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+                yield item.jaxpr
 
 
 def to_sums(metrics: Metrics, reductions: Mapping[str, str]) -> Sums:

@@ -9,7 +9,6 @@ Example::
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -20,19 +19,20 @@ import optax
 from flax import nnx
 
 from trainer import losses
-from trainer.data import batch_size_of, check_batch_source, epoch_iterator, pad_batch
+from trainer.data import batch_size_of, check_batch_source, pad_batch
 from trainer import checkpoint as checkpointing
 from trainer import export
 from trainer.checkpoint import Checkpoint
 from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
+from trainer.feed import RAGGED
+from trainer.loop import EPOCH_SUMS, run_epoch
 from trainer.optim import current_learning_rate
 from trainer.preemption import PreemptionHandler, Preempted
 from trainer.state import TrainState, reseed_streams, zeros_like_tree
 from trainer.step import (Probe, Sums, compute_sums, empty_sums, init_guard, make_eval_step,
-                          make_predict_step, make_train_step, per_example_metrics, restore_sums)
-
-EPOCH_SUMS = "epoch"
+                          make_predict_step, make_train_step, per_example_metrics, restore_sums,
+                          scan_unroll)
 
 
 class Trainer:
@@ -52,12 +52,27 @@ class Trainer:
         training randomness is the trainer's: the same seed gives the same run.
       workdir: folder for run outputs (logs, checkpoints, plots); ``None`` writes nothing.
       config: plain values describing the run (hyperparameters), handed to writers and checkpoints.
+      steps_per_execution: run this many steps per dispatch: ``K`` batches stacked and scanned in one
+        compiled program (``lax.scan``), bitwise the same result as ``K`` single steps. Hooks run at
+        chunk boundaries (``on_step_start`` gets a chunk's first step, ``on_step_end`` its last, with
+        every metric stacked: one value per step), so every callback step interval must be a multiple
+        of ``K`` (checked here). Chunks start at steps that are multiples of ``K``; batches left over
+        at an epoch's end (or before ``max_steps``) run as single steps.
+      prefetch: batches (or chunks) a background thread keeps ready on the device; 0 loads each
+        batch in the loop's own thread.
+      ragged_batches: a batch smaller than the first (an epoch's last) is ``"drop"``-ped (with a
+        warning), or ``"pad"``-ded to full size with a boolean ``batch["mask"]`` of real rows, which
+        the built-in losses (``trainer.losses.supervised``) honour; a custom loss must weight by it.
+        Either way the step compiles once.
 
     Attributes:
       step: optimizer steps completed. ``epoch``: index of the current epoch (= epochs completed
       once it ended). ``should_stop``: set it (or call ``request_stop``) in any hook to end ``fit``
       after the current step. ``history``: one dict of metrics per completed epoch.
-      ``eval_metrics``: the last evaluation's metrics.
+      ``eval_metrics``: the last evaluation's metrics. ``execution_steps``: steps the last dispatch
+      ran (1, or ``steps_per_execution`` for a chunk). ``last_batch_size`` / ``last_examples``: real
+      examples in the last batch / the last execution. ``data_wait_seconds``: time the loop waited
+      for data. ``compile_seconds``: time spent tracing and compiling the train step.
 
     A second ``fit`` on the same trainer continues the run: up to the same ``max_epochs`` /
     ``max_steps`` totals (raise them to train longer), and after a stop in the middle of an epoch
@@ -77,6 +92,9 @@ class Trainer:
         seed: int = 0,
         workdir: str | Path | None = None,
         config: Mapping[str, Any] | None = None,
+        steps_per_execution: int = 1,
+        prefetch: int = 2,
+        ragged_batches: str = "drop",
     ):
         if not isinstance(model, nnx.Module):
             raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}.")
@@ -90,10 +108,18 @@ class Trainer:
         for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
             if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
+        for name, value, low in (("steps_per_execution", steps_per_execution, 1), ("prefetch", prefetch, 0)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
+        if ragged_batches not in RAGGED:
+            raise ValueError(f"ragged_batches={ragged_batches!r} must be one of {RAGGED}.")
         self.max_epochs, self.max_steps = max_epochs, max_steps
+        self.steps_per_execution, self.prefetch = int(steps_per_execution), int(prefetch)
+        self.ragged_batches = ragged_batches
         self.loss_fn = loss_fn
         self.tx = optimizer
         self.callbacks = CallbackList(callbacks)
+        self._check_intervals()
         self.seed = int(seed)
         self.workdir = Path(workdir) if workdir is not None else None
         self.config = dict(config or {})
@@ -110,7 +136,10 @@ class Trainer:
         self.metric_reductions: dict[str, str] = {}
         self.pending_logs: dict[str, float] = {}
         self.data_wait_seconds = 0.0
-        self.last_batch_size = 0
+        self.compile_seconds = 0.0
+        self.last_batch_size = self.last_examples = 0
+        self.execution_steps = 1
+        self.compiled_batch_size: int | None = None
         self._halt_after: int | None = None
         self.position = 0  # batches consumed in the current epoch
         self.restored_data_state: dict | None = None
@@ -122,7 +151,8 @@ class Trainer:
         self._sums: dict[str, Sums | None] = {}
         self._metric_shapes: dict[str, Any] | None = None
         self._fit_evaluators: list[Evaluator] = []
-        self._train_step = None
+        self._train_steps = None
+        self._compiled: set = set()
         self._built_signature: Any = None
         self._eval_step = self._eval_sums = None
         self._predict_step = None
@@ -150,6 +180,18 @@ class Trainer:
     def predict_step(self, model: nnx.Module, batch: Any) -> Any:
         """The model's output for a batch (default: ``model(inputs)``)."""
         return model(losses.batch_inputs(batch))
+
+    def check_batch(self, batch: Any, where: str) -> None:
+        """Host checks of a training batch before it goes to the device; raise to refuse it.
+
+        Runs in the prefetch thread (the error surfaces in ``fit``). Default: with the default loss,
+        integer labels must lie in ``[0, num_classes)``.
+        """
+        self._check_labels(batch, where)
+
+    def place_batch(self, batch: Any) -> Any:
+        """Puts a host batch (or stacked chunk) on the device: ``jax.device_put``; override to shard."""
+        return jax.device_put(batch)
 
     # ----- public state --------------------------------------------------------------------
 
@@ -337,82 +379,7 @@ class Trainer:
             self.max_epochs is not None and self.epoch >= self.max_epochs)
 
     def _run_epoch(self, train_data: Iterable[Any]) -> None:
-        epoch = self.epoch
-        batches = self._epoch_batches(train_data, epoch)
-        self.epoch_length = len(train_data) if hasattr(train_data, "__len__") else None
-        self.callbacks.dispatch("on_epoch_start", self, epoch)
-        ran_out = True
-        for batch in self._timed(batches):
-            if self._train_step is None or self._built_signature != self._step_signature():
-                self._build(batch)
-            if (epoch, self.position) in self.skip_batches:
-                self.position += 1  # a batch that produced non-finite values: consumed, not trained on
-                continue
-            self._check_labels(batch, f"step {self.step + 1}")
-            step = self.step + 1
-            self.step_positions[step] = (epoch, self.position)
-            self.step_positions.pop(step - 1000, None)
-            self.callbacks.dispatch("on_step_start", self, step)
-            self.state, self._sums, metrics = self._train_step(self.state, self._sums, batch)
-            self.step, self.position = step, self.position + 1
-            self.callbacks.dispatch("on_step_end", self, step, metrics)
-            for checkpoint in self.checkpoints:
-                if checkpoint.due_after_step(step):
-                    checkpoint.save(self)
-            if self._preemption.signal:
-                raise Preempted()
-            if self._rollback_request is not None:
-                bad_step, self._rollback_request = self._rollback_request, None
-                checkpointing.roll_back(self, bad_step)
-                self._reset_sums()  # windows restart at the restored step
-                return
-            if self.should_stop or self._limit_reached():
-                ran_out = False
-                break
-        if ran_out and self.position == 0:
-            raise ValueError(
-                f"train_data yielded no batches in epoch {epoch}. A generator or iterator can be "
-                "iterated only once: pass a re-iterable (a list, an ArrayLoader) or set max_steps "
-                "to what one pass gives."
-            )
-        if ran_out or (self.epoch_length is not None and self.position >= self.epoch_length):
-            self._end_epoch(epoch)
-
-    def _epoch_batches(self, data: Iterable[Any], epoch: int) -> Iterator[Any]:
-        self.data_iterator, self.position = epoch_iterator(data, epoch, self.position, self.restored_data_state)
-        self.restored_data_state = None
-        return self.data_iterator
-
-    def _timed(self, batches: Iterator[Any]) -> Iterator[Any]:
-        """Yields the batches, adding the time spent waiting for each to ``data_wait_seconds``."""
-        while True:
-            started = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            self.data_wait_seconds += time.perf_counter() - started
-            self.last_batch_size = batch_size_of(batch)
-            yield batch
-
-    def _end_epoch(self, epoch: int) -> None:
-        sums = self.take_metric_sums(EPOCH_SUMS)
-        if sums is not None:
-            logs = self.finish_metrics(compute_sums(jax.device_get(sums)))
-        else:  # resumed exactly at the end of an epoch: no step ran since the restore
-            saved = self.restored_epoch_sums or {}
-            logs = {k: total / count for k, (total, count) in saved.items() if count > 0}
-            self.restored_epoch_sums = None
-        for evaluator in self.evaluators:
-            if evaluator.due_at_epoch_end(epoch):
-                logs.update(evaluator.run(self))
-        self.history.append(dict(logs, epoch=epoch))
-        self.callbacks.dispatch("on_epoch_end", self, epoch, logs)
-        self.history[-1].update(logs)  # what callbacks added (a scripted or derived metric) is kept
-        self.epoch, self.position = epoch + 1, 0
-        for checkpoint in self.checkpoints:
-            if checkpoint.due_after_epoch(epoch):
-                checkpoint.save(self)
+        run_epoch(self, train_data)
 
     # ----- building and checking -----------------------------------------------------------
 
@@ -423,27 +390,41 @@ class Trainer:
         if self._metric_shapes is not None:
             self._sums = {name: empty_sums(self._metric_shapes, self.metric_reductions) for name in self._sums}
 
+    def _check_intervals(self) -> None:
+        k = self.steps_per_execution
+        for callback in self.callbacks.callbacks:
+            for name, every in callback.step_intervals().items():
+                if every % k:
+                    raise ValueError(
+                        f"{type(callback).__name__}({name}={every}) is not a multiple of steps_per_execution={k}: "
+                        f"hooks run only between chunks of {k} steps. Use {name}={max(k, every // k * k)} (a "
+                        f"multiple of {k}) or a steps_per_execution that divides {every}.")
+
     def _build(self, batch: Any) -> None:
-        """Compiles the train step for this batch structure and sizes the running sums."""
+        """Defines the train step for this batch structure (shapes suffice) and sizes the running sums."""
         self._built_signature = self._step_signature()
-        pure_step, self._train_step = make_train_step(
-            self.graphdef, self.tx, self.compute_loss, tuple(self.probes), self._halt_after,
-            self.metric_reductions)
+        args = (self.graphdef, self.tx, self.compute_loss, tuple(self.probes), self._halt_after, self.metric_reductions)
+        pure = make_train_step(*args).pure
         try:
-            _, metric_shapes = jax.eval_shape(pure_step, self.state, batch)
+            jaxpr, (_, metric_shapes) = jax.make_jaxpr(pure, return_shape=True)(self.state, batch)
         except KeyError as err:  # the default loss's message names the batch keys
             raise ValueError(err.args[0]) from err
         self._metric_shapes = metric_shapes
+        self._train_steps = make_train_step(*args, unroll=scan_unroll(jaxpr))
         self._reset_sums()
         if self.restored_epoch_sums and self._sums.get(EPOCH_SUMS) is not None:
             self._sums[EPOCH_SUMS] = restore_sums(self._sums[EPOCH_SUMS], self.restored_epoch_sums)
             self.restored_epoch_sums = None
-        if self.loss_fn is None and type(self).compute_loss is Trainer.compute_loss:
-            out = jax.eval_shape(lambda s, b: self.predict_step(s.merge(self.graphdef), b), self.state, batch)
-            self._num_classes = out.shape[-1] if hasattr(out, "shape") and out.shape else None
 
     def _check_labels(self, batch: Any, where: str) -> None:
         """With the default loss, integer labels must lie in ``[0, num_classes)`` (a host check)."""
-        if self._num_classes is None:
+        if self.loss_fn is not None or type(self).compute_loss is not Trainer.compute_loss:
             return
-        losses.check_label_range(losses.batch_labels(batch), self._num_classes, where)
+        try:
+            if self._num_classes is None:  # the model's output size, from shapes only
+                out = jax.eval_shape(lambda s, b: self.predict_step(s.merge(self.graphdef), b), self.state, batch)
+                self._num_classes = out.shape[-1] if hasattr(out, "shape") and out.shape else 0
+            if self._num_classes:
+                losses.check_label_range(losses.batch_labels(batch), self._num_classes, where)
+        except KeyError as err:  # the default loss's message names the batch keys
+            raise ValueError(err.args[0]) from err

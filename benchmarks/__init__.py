@@ -1,0 +1,1 @@
+"""Benchmarks: the suite (``python -m benchmarks.suite``), its workloads and variants."""

@@ -1,0 +1,116 @@
+"""The JAX variants of the suite: the hand-written loops and the Trainer (see ``benchmarks/worker.py``).
+
+``run_hand``: what an expert writes by hand: a pure function of the params pytree, the rest of
+the model state and the optax state, one ``jax.jit`` with donation, fed the same host numpy
+batches; with ``steps_per_execution=K`` a hand-written ``lax.scan`` over K stacked batches
+(unrolled for the CNN, as the Trainer does on CPU, where a rolled loop is 10x slower), stacking
+the K host batches of each chunk in the loop as any loop over a stream of batches must.
+
+``run_trainer``: ``Trainer`` on the same batches (a list: one pass is an epoch), with no callbacks
+or with the recipe's default callbacks minus evaluation and text sampling, which are work of
+their own and not part of a training step (no peer does them either).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmarks import workloads
+from benchmarks.protocol import Pacer
+
+
+def _flops(compiled) -> float | None:
+    try:
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        return float(analysis["flops"])
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+
+
+def run_hand(workload: str, pacer: Pacer, steps_per_execution: int = 1) -> None:
+    model = workloads.jax_model(workload)
+    tx, loss_fn = workloads.jax_optimizer(workload), workloads.jax_loss(workload)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = tx.init(params)
+    batches = workloads.batches(workload)
+
+    def train_step(params, rest, opt_state, batch):
+        def objective(params):
+            model = nnx.merge(graphdef, params, rest)
+            model.train()
+            loss, metrics = loss_fn(model, batch)
+            return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (loss, (metrics, rest_new)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), rest_new, opt_state, {"loss": loss, **metrics}
+
+    k = steps_per_execution
+    if k == 1:
+        step = jax.jit(train_step, donate_argnums=(0, 1, 2))
+        feed = batches
+    else:
+        unroll = True if workload == "mnist_cnn" and jax.default_backend() == "cpu" else 1
+
+        def scanned(params, rest, opt_state, chunk):
+            def body(carry, batch):
+                *carry, metrics = train_step(*carry, batch)
+                return tuple(carry), metrics
+
+            (params, rest, opt_state), metrics = jax.lax.scan(body, (params, rest, opt_state), chunk, unroll=unroll)
+            return params, rest, opt_state, metrics
+
+        step = jax.jit(scanned, donate_argnums=(0, 1, 2))
+    stacked = lambda i: jax.tree.map(lambda *xs: np.stack(xs), *batches[i:i + k])  # noqa: E731
+    if k == 1:
+        pacer.extra["flops_per_step"] = _flops(step.lower(params, rest, opt_state, batches[0]).compile())
+    pacer.start()
+    i = 0
+    while True:  # the host batches of a chunk are stacked in the loop, as a stream of batches needs
+        chunk = batches[i] if k == 1 else stacked(i)
+        params, rest, opt_state, metrics = step(params, rest, opt_state, chunk)
+        i = (i + k) % len(batches)
+        pacer.step_done(k, sync=lambda: jax.block_until_ready((params, opt_state)))
+
+
+def default_callbacks(workload: str, workdir: str) -> list:
+    """The recipe's default callbacks for ``workload`` (without evaluation and text samples)."""
+    from recipes.common import standard_callbacks
+
+    if workload == "mnist_cnn":
+        from recipes.mnist import MnistConfig, default_callbacks as mnist_defaults
+
+        test = {k: v[:100] for k, v in workloads.batches(workload, 1)[0].items()}
+        return mnist_defaults(MnistConfig(workdir=workdir), test)
+    if workload == "transformer":
+        from recipes.transformer import TransformerConfig
+        from trainer import Checkpoint
+
+        config = TransformerConfig(workdir=workdir)
+        return [*standard_callbacks(workdir, log_every=config.log_every, progress=config.progress),
+                Checkpoint(every_n_steps=config.eval_every, every_n_epochs=None, max_to_keep=2)]
+    return standard_callbacks(workdir, log_every=50, progress=True)
+
+
+def run_trainer(workload: str, pacer: Pacer, callbacks: str = "default", steps_per_execution: int = 1,
+                prefetch: int = 2) -> None:
+    from trainer import Callback, Trainer
+
+    class Pace(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            pacer.step_done(trainer.execution_steps, sync=lambda: jax.block_until_ready(trainer.state))
+
+    workdir = tempfile.mkdtemp(prefix=f"bench-{workload}-")
+    chosen = default_callbacks(workload, workdir) if callbacks == "default" else []
+    trainer = Trainer(workloads.jax_model(workload), workloads.jax_optimizer(workload), max_epochs=10**9,
+                      callbacks=[*chosen, Pace()], workdir=workdir if chosen else None,
+                      steps_per_execution=steps_per_execution, prefetch=prefetch)  # the default loss, as the recipes
+    batches = workloads.batches(workload)
+    pacer.start()
+    trainer.fit(batches)

@@ -1,0 +1,156 @@
+"""steps_per_execution: K steps in one compiled scan, bitwise the same as K single steps."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from callbacks import Callback, GradNormMonitor, MetricsLogger, MetricWriter, NaNDetector
+from conftest import TinyMLP, make_data
+from trainer import ArrayLoader, Checkpoint, Trainer, last_value
+
+
+class Executions(Callback):
+    """Records what every on_step_start / on_step_end saw."""
+
+    def __init__(self):
+        self.starts, self.ends, self.losses = [], [], []
+
+    def on_step_start(self, trainer, step):
+        self.starts.append(step)
+
+    def on_step_end(self, trainer, step, metrics):
+        self.ends.append((step, trainer.execution_steps))
+        self.losses.append(np.asarray(jax.device_get(metrics["loss"])))
+
+
+class Memory(MetricWriter):
+    def __init__(self):
+        self.scalars = []
+
+    def write_scalars(self, step, scalars):
+        self.scalars.append((step, dict(scalars)))
+
+
+def leaves(trainer):
+    """Every array of the train state (params, optimizer, model state with its RNG keys) on the host."""
+    tree = (trainer.state.params, trainer.state.opt_state, trainer.state.model_state)
+    raw = [jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+           for x in jax.tree.leaves(tree)]
+    return jax.device_get(raw)
+
+
+def train(k, data, *, steps=14, batch=16, callbacks=(), dropout=0.3, **kwargs):
+    trainer = Trainer(TinyMLP(dropout=dropout, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=steps,
+                      steps_per_execution=k, callbacks=list(callbacks), **kwargs)
+    trainer.fit(ArrayLoader(data, batch, seed=1))
+    return trainer
+
+
+def test_fused_chunks_are_bitwise_single_steps_with_aligned_boundaries(data):
+    """6 batches per epoch, K=4, 14 steps: chunks only start at multiples of 4, leftovers run alone."""
+    single, fused = Executions(), Executions()
+    a = train(1, data, callbacks=[single])
+    b = train(4, data, callbacks=[fused])
+    for x, y in zip(leaves(a), leaves(b)):
+        np.testing.assert_array_equal(x, y)  # dropout included: the RNG counters advance alike
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    # epoch 0: 1-4 fused, 5, 6 alone; epoch 1: 7, 8 alone (to realign), 9-12 fused; then 13, 14
+    assert fused.ends == [(4, 4), (5, 1), (6, 1), (7, 1), (8, 1), (12, 4), (13, 1), (14, 1)]
+    assert fused.starts == [1, 5, 6, 7, 8, 9, 13, 14]
+    # per-step metrics of a chunk arrive stacked, one value per step, equal to the single steps'
+    per_step = np.concatenate([np.reshape(x, -1) for x in fused.losses])
+    np.testing.assert_array_equal(per_step, np.array([float(x) for x in single.losses], np.float32))
+    assert [x.shape for x in fused.losses][:2] == [(4,), (1,)]
+    assert last_value(fused.losses[0]) == fused.losses[0][-1]
+
+
+def test_logged_windows_include_every_step_of_a_chunk(data):
+    mem1, mem5 = Memory(), Memory()
+    train(1, data, steps=20, callbacks=[MetricsLogger([mem1], log_every=10)])
+    train(5, data, steps=20, callbacks=[MetricsLogger([mem5], log_every=10)])
+    assert [s for s, _ in mem5.scalars] == [10, 20]
+    assert mem1.scalars == mem5.scalars
+
+
+def test_the_fused_program_compiles_once_over_epochs(data):
+    trainer = train(3, make_data(n=96), steps=30, batch=16)  # 6 batches: two chunks per epoch
+    assert trainer._train_steps.fused._cache_size() == 1
+    assert trainer._train_steps.single._cache_size() == 0  # never needed
+    assert trainer.compile_seconds > 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MetricsLogger([], log_every=10),
+    lambda: GradNormMonitor(every=6),
+    lambda: NaNDetector(check_every=10),
+    lambda: Checkpoint("unused", every_n_steps=6),
+])
+def test_intervals_that_are_not_multiples_of_k_are_refused(make):
+    callback = make()
+    name = type(callback).__name__
+    with pytest.raises(ValueError, match=rf"{name}\(\w+=\d+\) is not a multiple of steps_per_execution=4.*Use \w+=\d+"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=4, callbacks=[callback])
+
+
+def test_a_custom_callback_declares_its_intervals():
+    class EveryN(Callback):
+        step_interval_attributes = ("every",)
+
+        def __init__(self, every):
+            self.every = every
+
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=4, callbacks=[EveryN(8)])
+    with pytest.raises(ValueError, match=r"EveryN\(every=6\)"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=4, callbacks=[EveryN(6)])
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True])
+def test_bad_steps_per_execution(value):
+    with pytest.raises(ValueError, match="steps_per_execution"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=value)
+
+
+def test_non_finite_steps_inside_a_chunk_are_skipped_as_single_steps_would_be():
+    data = make_data(n=96)
+    data["x"][40] = np.nan  # the third batch of 16 (no shuffling would be simpler; seed 1 is fixed)
+    runs = [train(k, data, steps=12, callbacks=[NaNDetector(policy="skip", check_every=4)]) for k in (1, 4)]
+    for x, y in zip(leaves(runs[0]), leaves(runs[1])):
+        np.testing.assert_array_equal(x, y)
+    assert int(runs[1].state.guard["nonfinite_total"]) == int(runs[0].state.guard["nonfinite_total"]) >= 1
+
+
+def test_resume_from_a_chunk_boundary_checkpoint_matches_an_unbroken_run(tmp_path, data):
+    straight = train(4, data, steps=20)
+    first = train(4, data, steps=12, callbacks=[Checkpoint(tmp_path, every_n_steps=4)])
+    assert first.step == 12
+    resumed = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=20, steps_per_execution=4,
+                      callbacks=[Checkpoint(tmp_path, every_n_steps=4)])
+    resumed.fit(ArrayLoader(data, 16, seed=1), resume=True)
+    for x, y in zip(leaves(straight), leaves(resumed)):
+        np.testing.assert_array_equal(x, y)
+
+
+class TinyConv(nnx.Module):
+    def __init__(self, *, rngs):
+        self.conv = nnx.Conv(1, 4, kernel_size=(3, 3), rngs=rngs)
+        self.dense = nnx.Linear(4 * 4 * 4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.avg_pool(nnx.relu(self.conv(x)), window_shape=(2, 2), strides=(2, 2))
+        return self.dense(x.reshape(x.shape[0], -1))
+
+
+def test_a_convolutional_step_is_unrolled_and_still_bitwise():
+    rng = np.random.default_rng(0)
+    images = {"image": rng.random((64, 8, 8, 1), np.float32), "label": rng.integers(0, 3, 64).astype(np.int32)}
+    runs = []
+    for k in (1, 4):
+        trainer = Trainer(TinyConv(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=8, steps_per_execution=k)
+        trainer.fit(ArrayLoader(images, 8, seed=0))
+        runs.append(trainer)
+    for x, y in zip(leaves(runs[0]), leaves(runs[1])):
+        np.testing.assert_array_equal(x, y)

@@ -1,0 +1,178 @@
+"""Prefetch thread, ragged last batches (drop / pad), and data placement off the loop's thread."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from callbacks import Callback
+from conftest import TinyMLP, make_data
+from trainer import ArrayLoader, Trainer, losses
+from trainer.prefetch import Prefetcher
+
+
+def prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "nnx-trainer-prefetch"]
+
+
+def test_prefetcher_places_items_in_order_and_ends():
+    items = [np.full(3, i, np.float32) for i in range(5)]
+    with Prefetcher(iter(items), depth=2) as ahead:
+        got = list(ahead)
+    assert all(isinstance(x, jax.Array) for x in got)
+    assert [int(x[0]) for x in got] == list(range(5))
+    assert not ahead.alive
+
+
+def test_prefetcher_reraises_the_original_error_in_the_consumer():
+    error = RuntimeError("disk gone")
+
+    def source():
+        yield np.zeros(2)
+        raise error
+
+    ahead = Prefetcher(source(), depth=2)
+    next(ahead)
+    with pytest.raises(RuntimeError) as info:
+        next(ahead)
+    assert info.value is error  # the same object, with the traceback from the thread
+    ahead.close()
+    assert not ahead.alive
+
+
+def test_closing_in_the_middle_stops_a_producer_blocked_on_a_full_queue():
+    pulled = []
+
+    def endless():
+        while True:
+            pulled.append(1)
+            yield np.zeros(2)
+
+    ahead = Prefetcher(endless(), depth=2)
+    next(ahead)
+    ahead.close()
+    assert not ahead.alive
+    count = len(pulled)
+    assert count <= 5  # depth 2: it never ran far ahead
+
+
+@pytest.mark.parametrize("depth", [0, -1, 1.5])
+def test_prefetcher_refuses_a_bad_depth(depth):
+    with pytest.raises(ValueError, match="depth"):
+        Prefetcher(iter([]), depth=depth)
+
+
+def test_the_next_batch_is_loaded_while_a_step_runs(data):
+    """Batch 2 is pulled from the iterator while the loop is still inside step 1's hooks."""
+    second_pulled = threading.Event()
+    batches = list(ArrayLoader(data, 16, shuffle=False))
+    placed_in = []
+
+    class Source:
+        def __iter__(self):
+            for i, batch in enumerate(batches):
+                if i == 1:
+                    second_pulled.set()
+                yield batch
+
+    class WaitForSecond(Callback):
+        seen = None
+
+        def on_step_end(self, trainer, step, metrics):
+            if step == 1:
+                self.seen = second_pulled.wait(timeout=30)
+
+    class Placing(Trainer):
+        def place_batch(self, batch):
+            placed_in.append(threading.current_thread().name)
+            return super().place_batch(batch)
+
+    spy = WaitForSecond()
+    trainer = Placing(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=3, callbacks=[spy])
+    trainer.fit(Source())
+    assert spy.seen is True
+    assert set(placed_in) == {"nnx-trainer-prefetch"}
+    assert not prefetch_threads()
+
+
+def test_an_iterator_error_surfaces_in_fit_and_leaves_no_thread(data):
+    error = OSError("file vanished")
+    batches = list(ArrayLoader(data, 16))
+
+    class Broken:
+        def __iter__(self):
+            yield batches[0]
+            yield batches[1]
+            raise error
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1)
+    with pytest.raises(OSError) as info:
+        trainer.fit(Broken())
+    assert info.value is error
+    assert trainer.step == 2
+    assert not prefetch_threads()
+
+
+def test_stopping_mid_epoch_leaves_no_thread(data):
+    class StopAt(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 2:
+                trainer.request_stop("test")
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=5, callbacks=[StopAt()])
+    trainer.fit(ArrayLoader(make_data(n=640), 16))  # 40 batches: the thread is blocked on a full queue
+    assert trainer.step == 2
+    assert not prefetch_threads()
+
+
+def test_prefetch_off_trains_identically(data):
+    runs = []
+    for depth in (0, 3):
+        trainer = Trainer(TinyMLP(dropout=0.2, rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=9, prefetch=depth)
+        trainer.fit(ArrayLoader(data, 16, seed=2))
+        runs.append(jax.device_get(trainer.state.params))
+    for x, y in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_smaller_last_batch_is_dropped_with_one_compilation(data):
+    batches = list(ArrayLoader(make_data(n=40), 16, shuffle=False, drop_remainder=False))  # 16, 16, 8
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=3)
+    with pytest.warns(UserWarning, match="dropped a smaller last batch"):
+        trainer.fit(batches)
+    assert trainer.step == 6 and trainer.epoch == 3
+    assert trainer._train_steps.single._cache_size() == 1
+
+
+def test_a_padded_last_batch_trains_on_its_real_rows_only():
+    data = make_data(n=24)
+    first, last = {k: v[:16] for k, v in data.items()}, {k: v[16:] for k, v in data.items()}  # 16, then 8
+    after_first = {}
+
+    class Grab(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 1:
+                after_first["params"] = jax.device_get(trainer.state.params)
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.5), max_steps=2, ragged_batches="pad", callbacks=[Grab()])
+    trainer.fit([first, last])
+    assert trainer._train_steps.single._cache_size() == 1
+
+    def loss_on_real_rows(params):
+        model = nnx.merge(trainer.graphdef, params, trainer.state.model_state)
+        return jax.numpy.mean(losses.cross_entropy(model(last["x"]), last["label"]))
+
+    grads = jax.grad(loss_on_real_rows)(after_first["params"])
+    expected = jax.tree.map(lambda p, g: p - 0.5 * g, after_first["params"], grads)
+    for x, y in zip(jax.tree.leaves(jax.device_get(trainer.state.params)), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_ragged_option():
+    with pytest.raises(ValueError, match="ragged_batches='cut' must be one of"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, ragged_batches="cut")

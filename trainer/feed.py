@@ -1,0 +1,128 @@
+"""From an epoch's host batches to *executions*: what one call of the compiled step consumes.
+
+With ``steps_per_execution=K`` the trainer runs ``K`` batches stacked on a new leading axis in one
+compiled ``lax.scan``. Chunks are aligned to the global step: a chunk starts only at a step that is
+a multiple of ``K`` and only when ``K`` batches remain (in the epoch and before ``max_steps``);
+other batches run as single steps. So every step that is a multiple of ``K`` ends an execution,
+and any callback interval that is a multiple of ``K`` still lands exactly on a hook.
+
+This runs on the host, ahead of the device (in the prefetch thread when there is one): it skips
+the batches the trainer must never train on, checks labels while they are still numpy, drops or
+pads a ragged batch, and stacks chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from trainer.data import batch_size_of, pad_batch
+
+RAGGED = ("drop", "pad")
+MASK_KEY = "mask"
+
+
+@dataclasses.dataclass
+class Execution:
+    """``steps`` batches for one dispatch: one batch, or ``steps`` stacked (leading axis) when ``stacked``."""
+
+    batch: Any
+    steps: int
+    stacked: bool
+    positions: list[int]  # epoch position of each batch trained on
+    end_position: int  # epoch position after the last batch consumed (skipped ones included)
+    sizes: list[int]  # real examples in each batch
+
+
+@dataclasses.dataclass
+class FeedPlan:
+    """What the host side needs to cut an epoch into executions."""
+
+    epoch: int
+    position: int  # first epoch position the iterator yields
+    step: int  # optimizer steps done before the first execution
+    steps_per_execution: int = 1
+    max_steps: int | None = None
+    skip: frozenset = frozenset()  # (epoch, position) never to train on
+    ragged: str = "drop"
+    full_size: int | None = None  # the batch size every execution is compiled for
+    check: Callable[[Any, str], None] | None = None  # host check of a batch (labels), may raise
+
+
+def stack(batches: list[Any]) -> Any:
+    """Batches stacked on a new leading axis (numpy on the host; jax arrays stay on their device)."""
+    def one(*leaves):
+        if all(isinstance(x, np.ndarray) for x in leaves):
+            return np.stack(leaves)
+        import jax.numpy as jnp
+
+        return jnp.stack(leaves)
+
+    return jax.tree.map(one, *batches)
+
+
+def with_mask(batch: Any, mask: np.ndarray) -> Any:
+    """``batch`` (a dict) with ``batch["mask"]``: which rows are real examples."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"ragged_batches='pad' needs dict batches (to add a {MASK_KEY!r} key); got "
+                        f"{type(batch).__name__}. Use ragged_batches='drop' or dict batches.")
+    if MASK_KEY in batch:
+        raise ValueError(f"the batch already has a {MASK_KEY!r} key, which ragged_batches='pad' writes; rename it.")
+    return {**batch, MASK_KEY: mask}
+
+
+def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
+    """Cuts ``batches`` (the epoch from ``plan.position``) into executions, see the module docstring."""
+    k, step, position = plan.steps_per_execution, plan.step, plan.position
+    pending: list[tuple[int, Any, int]] = []  # (position, batch, real size)
+    warned = False
+
+    def single(item) -> Execution:
+        pos, batch, size = item
+        return Execution(batch, 1, False, [pos], pos + 1, [size])
+
+    while plan.max_steps is None or step + len(pending) < plan.max_steps:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        pos, position = position, position + 1
+        if (plan.epoch, pos) in plan.skip:
+            continue  # a batch that produced non-finite values: consumed, never trained on
+        size = batch_size_of(batch)
+        if plan.full_size is None:
+            plan.full_size = size  # the size the step is compiled for
+        full = plan.full_size
+        if size > full:
+            raise ValueError(f"batch {pos} of epoch {plan.epoch} has {size} examples, more than the first "
+                             f"batch ({full}); only the last batch of an epoch may differ (be smaller).")
+        if plan.check is not None:
+            plan.check(batch, f"step {step + len(pending) + 1} (epoch {plan.epoch}, batch {pos})")
+        if plan.ragged == "pad":
+            padded, mask = pad_batch(batch, full)
+            batch = with_mask(padded, mask)
+        elif size < full:
+            if not warned:
+                warnings.warn("dropped a smaller last batch: a second shape would compile the step again. "
+                              "Trainer(ragged_batches='pad') trains on it padded and masked instead.", stacklevel=2)
+                warned = True
+            continue
+        aligned = k > 1 and step % k == 0 and (plan.max_steps is None or step + k <= plan.max_steps)
+        if not pending and not aligned:
+            step += 1
+            yield single((pos, batch, size))
+            continue
+        pending.append((pos, batch, size))
+        if len(pending) == k:
+            step += k
+            yield Execution(stack([b for _, b, _ in pending]), k, True, [p for p, _, _ in pending],
+                            pos + 1, [n for _, _, n in pending])
+            pending = []
+    for item in pending:  # the epoch ended before a full chunk: single steps
+        step += 1
+        yield single(item)
+    yield Execution(None, 0, False, [], position, [])  # the end: where the iterator stopped

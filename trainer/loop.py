@@ -1,0 +1,139 @@
+"""The epoch loop of ``Trainer.fit``: executions in, compiled steps dispatched, hooks at boundaries.
+
+Kept apart from ``trainer.py`` (the public surface) because it is the hot path: nothing here
+reads a device value. Batches reach it already cut into executions (``trainer.feed``) and, with
+``prefetch``, already on the device (``trainer.prefetch``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+import jax
+
+from trainer import checkpoint as checkpointing
+from trainer.data import epoch_iterator
+from trainer.feed import Execution, FeedPlan, executions
+from trainer.prefetch import Prefetcher
+from trainer.preemption import Preempted
+from trainer.step import compute_sums
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.trainer import Trainer
+
+EPOCH_SUMS = "epoch"
+_stack_one = jax.jit(lambda metrics: jax.tree.map(lambda v: v[None], metrics))
+
+
+def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
+    """Trains on one epoch of ``train_data`` (from ``trainer.position``) or until a stop."""
+    epoch = trainer.epoch
+    trainer.data_iterator, trainer.position = epoch_iterator(
+        train_data, epoch, trainer.position, trainer.restored_data_state)
+    trainer.restored_data_state = None
+    trainer.epoch_length = len(train_data) if hasattr(train_data, "__len__") else None
+    trainer.callbacks.dispatch("on_epoch_start", trainer, epoch)
+    plan = FeedPlan(epoch, trainer.position, trainer.step, trainer.steps_per_execution, trainer.max_steps,
+                    frozenset(trainer.skip_batches), trainer.ragged_batches, trainer.compiled_batch_size,
+                    trainer.check_batch)
+    source = executions(trainer.data_iterator, plan)
+    feed = Prefetcher(source, trainer.prefetch, lambda e: _placed(trainer, e)) if trainer.prefetch else source
+    ran_out, trained = True, False
+    with contextlib.closing(feed) if isinstance(feed, Prefetcher) else contextlib.nullcontext():
+        for execution in _timed(trainer, feed):
+            if execution.steps == 0:
+                trainer.position = execution.end_position
+                continue
+            trainer.compiled_batch_size = plan.full_size
+            trained = True
+            _run_execution(trainer, epoch, execution)
+            for checkpoint in trainer.checkpoints:
+                if checkpoint.due_after_step(trainer.step):
+                    checkpoint.save(trainer)
+            if trainer._preemption.signal:
+                raise Preempted()
+            if trainer._rollback_request is not None:
+                bad_step, trainer._rollback_request = trainer._rollback_request, None
+                checkpointing.roll_back(trainer, bad_step)
+                trainer._reset_sums()  # windows restart at the restored step
+                return
+            if trainer.should_stop or trainer._limit_reached():
+                ran_out = False
+                break
+    if ran_out and trainer.position == 0 and not trained:
+        raise ValueError(
+            f"train_data yielded no batches in epoch {epoch}. A generator or iterator can be "
+            "iterated only once: pass a re-iterable (a list, an ArrayLoader) or set max_steps "
+            "to what one pass gives."
+        )
+    if ran_out or (trainer.epoch_length is not None and trainer.position >= trainer.epoch_length):
+        end_epoch(trainer, epoch)
+
+
+def _placed(trainer: "Trainer", execution: Execution) -> Execution:
+    if execution.batch is None:
+        return execution
+    return dataclasses.replace(execution, batch=trainer.place_batch(execution.batch))
+
+
+def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None:
+    """One dispatch of the compiled step (one batch, or a stacked chunk) between its two hooks."""
+    if trainer._train_steps is None or trainer._built_signature != trainer._step_signature():
+        batch = execution.batch
+        if execution.stacked:
+            batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), batch)
+        trainer._build(batch)
+    first = trainer.step + 1
+    for i, position in enumerate(execution.positions):
+        trainer.step_positions[first + i] = (epoch, position)
+        trainer.step_positions.pop(first + i - 1000, None)
+    trainer.callbacks.dispatch("on_step_start", trainer, first)
+    steps = trainer._train_steps
+    run = steps.fused if execution.stacked else steps.single
+    started = time.perf_counter()
+    trainer.state, trainer._sums, metrics = run(trainer.state, trainer._sums, execution.batch)
+    if run not in trainer._compiled:  # the first call traces and compiles before it dispatches
+        trainer._compiled.add(run)
+        trainer.compile_seconds += time.perf_counter() - started
+    if trainer.steps_per_execution > 1 and not execution.stacked:
+        metrics = _stack_one(metrics)  # callbacks see one shape of metrics: [steps of the execution]
+    trainer.step, trainer.position = first + execution.steps - 1, execution.end_position
+    trainer.execution_steps = execution.steps
+    trainer.last_batch_size, trainer.last_examples = execution.sizes[-1], sum(execution.sizes)
+    trainer.callbacks.dispatch("on_step_end", trainer, trainer.step, metrics)
+
+
+def _timed(trainer: "Trainer", items: Iterator[Execution]) -> Iterator[Execution]:
+    """Yields the executions, adding the time spent waiting for each to ``data_wait_seconds``."""
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        trainer.data_wait_seconds += time.perf_counter() - started
+        yield item
+
+
+def end_epoch(trainer: "Trainer", epoch: int) -> None:
+    """The epoch's mean train metrics, its evaluations, ``on_epoch_end``, then epoch checkpoints."""
+    sums = trainer.take_metric_sums(EPOCH_SUMS)
+    if sums is not None:
+        logs = trainer.finish_metrics(compute_sums(jax.device_get(sums)))
+    else:  # resumed exactly at the end of an epoch: no step ran since the restore
+        saved = trainer.restored_epoch_sums or {}
+        logs = {k: total / count for k, (total, count) in saved.items() if count > 0}
+        trainer.restored_epoch_sums = None
+    for evaluator in trainer.evaluators:
+        if evaluator.due_at_epoch_end(epoch):
+            logs.update(evaluator.run(trainer))
+    trainer.history.append(dict(logs, epoch=epoch))
+    trainer.callbacks.dispatch("on_epoch_end", trainer, epoch, logs)
+    trainer.history[-1].update(logs)  # what callbacks added (a scripted or derived metric) is kept
+    trainer.epoch, trainer.position = epoch + 1, 0
+    for checkpoint in trainer.checkpoints:
+        if checkpoint.due_after_epoch(epoch):
+            checkpoint.save(trainer)

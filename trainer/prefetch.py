@@ -1,0 +1,101 @@
+"""``Prefetcher``: a background thread keeps the next items already placed on the device(s).
+
+The host iterator (numpy batches, or stacked chunks) runs in the thread, and ``place`` (by
+default ``jax.device_put``) starts each item's transfer there, so the compiled step never waits
+for data that could have been ready. ``depth`` items are kept ahead. An exception in the
+iterator is re-raised in the consuming thread, the original object with its traceback; ``close``
+(also on leaving a ``with`` block) stops and joins the thread even in the middle of an epoch.
+
+Example::
+
+    with Prefetcher(iter(batches), depth=2) as ahead:
+        for batch in ahead:        # already on the device
+            state = step(state, batch)
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Prefetcher:
+    """Iterates ``source`` in a daemon thread, ``depth`` placed items ahead of the consumer.
+
+    ``wait_seconds`` adds up the time the consumer spent blocked waiting for the next item.
+    """
+
+    def __init__(self, source: Iterator[Any], depth: int = 2, place: Callable[[Any], Any] = jax.device_put):
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"prefetch depth={depth!r} must be a positive integer (0 turns prefetch off in Trainer).")
+        self._source, self._place = source, place
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self.wait_seconds = 0.0
+        self._thread = threading.Thread(target=self._produce, name="nnx-trainer-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            for item in self._source:
+                if not self._offer(self._place(item)):
+                    return
+        except BaseException as error:  # handed to the consumer, never lost in the thread
+            self._offer(_Failure(error))
+            return
+        self._offer(_END)
+
+    def _offer(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> Any:
+        started = time.perf_counter()
+        item = self._queue.get()
+        self.wait_seconds += time.perf_counter() - started
+        if item is _END:
+            self._queue.put(_END)  # later calls keep saying "exhausted"
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self._queue.put(item)
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        """Stops the thread (it may be blocked on a full queue or inside the source) and joins it."""
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -41,13 +41,11 @@ def run_hand(workload: str, pacer: Pacer, steps_per_execution: int = 1) -> None:
     batches = workloads.batches(workload)
 
     def train_step(params, rest, opt_state, batch):
-        def objective(params):
-            model = nnx.merge(graphdef, params, rest)
-            model.train()
-            loss, metrics = loss_fn(model, batch)
-            return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
-
-        (loss, (metrics, rest_new)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        model = nnx.merge(graphdef, params, rest)
+        model.train()
+        grad_fn = nnx.value_and_grad(lambda m: loss_fn(m, batch), argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+        (loss, metrics), grads = grad_fn(model)  # RNG counters advance in the model, as in any nnx code
+        _, _, rest_new = nnx.split(model, nnx.Param, ...)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), rest_new, opt_state, {"loss": loss, **metrics}
 
@@ -68,9 +66,14 @@ def run_hand(workload: str, pacer: Pacer, steps_per_execution: int = 1) -> None:
 
         step = jax.jit(scanned, donate_argnums=(0, 1, 2))
     stacked = lambda i: jax.tree.map(lambda *xs: np.stack(xs), *batches[i:i + k])  # noqa: E731
+    pacer.start()  # the compilation below counts, as the Trainer's does
     if k == 1:
         pacer.extra["flops_per_step"] = _flops(step.lower(params, rest, opt_state, batches[0]).compile())
-    pacer.start()
+    def checksum():  # every variant runs the same steps on the same batches: compare XLA flags by it
+        leaves = jax.tree.leaves(jax.device_get(params))
+        return {"param_abs_sum": float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in leaves))}
+
+    pacer.final = checksum
     i = 0
     while True:  # the host batches of a chunk are stacked in the loop, as a stream of batches needs
         chunk = batches[i] if k == 1 else stacked(i)
@@ -99,7 +102,7 @@ def default_callbacks(workload: str, workdir: str) -> list:
 
 
 def run_trainer(workload: str, pacer: Pacer, callbacks: str = "default", steps_per_execution: int = 1,
-                prefetch: int = 2) -> None:
+                prefetch: int | str = "auto") -> None:
     from trainer import Callback, Trainer
 
     class Pace(Callback):
@@ -112,5 +115,6 @@ def run_trainer(workload: str, pacer: Pacer, callbacks: str = "default", steps_p
                       callbacks=[*chosen, Pace()], workdir=workdir if chosen else None,
                       steps_per_execution=steps_per_execution, prefetch=prefetch)  # the default loss, as the recipes
     batches = workloads.batches(workload)
+    pacer.final = lambda: {"prefetch_in_use": trainer.prefetch_in_use, "compile_seconds_trainer": trainer.compile_seconds}
     pacer.start()
     trainer.fit(batches)

@@ -15,7 +15,7 @@ Protocol (worker -> coordinator: JSON lines; coordinator -> worker: ``run`` or `
 3. After ``warmup`` more steps it sends ``{"event": "ready", ...extra}`` and waits for a line.
 4. ``run``: times the next ``chunk`` steps (synced at the end), sends
    ``{"event": "timed", "steps": n, "seconds": s}``, and waits again.
-5. ``stop``: sends ``{"event": "done", "peak_rss_mb": m}`` and exits the process.
+5. ``stop``: sends ``{"event": "done", "peak_rss_mb": m, "steps": n, ...pacer.final()}`` and exits.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Pacer:
         self.chunk, self.warmup = int(chunk), int(warmup)
         self._in, self._out = stdin or sys.stdin, stdout or sys.stdout
         self.extra: dict[str, Any] = {}  # added to the "ready" message (e.g. flops per step)
+        self.final: Callable[[], dict[str, Any]] | None = None  # its result is added to the "done" message
         self.count = 0
         self._phase = "start"
         self._target = 0
@@ -80,7 +81,8 @@ class Pacer:
             self._target = self.count + self.chunk
             self._t0 = time.perf_counter()
             return
-        self.send({"event": "done", "peak_rss_mb": peak_rss_mb()})
+        final = self.final() if self.final else {}
+        self.send({"event": "done", "peak_rss_mb": peak_rss_mb(), "steps": self.count, **final})
         self._out.flush()
         os._exit(0)  # leave any framework's fit loop at once; nothing of the run is kept
 

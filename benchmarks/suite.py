@@ -55,8 +55,12 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.worker", workload, base, "--chunk", str(chunk), "--warmup", str(warmup)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, bufsize=1)
-        self.first = self.expect("first")
-        self.ready = self.expect("ready")
+        self.first = self.ready = None
+
+    def wait_ready(self) -> None:
+        if self.ready is None:
+            self.first = self.expect("first")
+            self.ready = self.expect("ready")
 
     def expect(self, event: str) -> dict:
         while True:
@@ -99,13 +103,16 @@ def available(variant: str) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
-def run_workload(workload: str, variants: list[str], repeats: int, env: dict, log_dir: Path) -> list[dict]:
-    chunk = CHUNK[workload]
-    warmup = max(30, chunk)  # past the first epoch end (30 batches), where Keras compiles its epoch-end work
-    workers = []
-    for variant in variants:
-        print(f"[{workload}] starting {variant}", file=sys.stderr, flush=True)
+def run_workload(workload: str, variants: list[str], repeats: int, env: dict, log_dir: Path,
+                 chunk_scale: float = 1.0, parallel_start: bool = False) -> list[dict]:
+    chunk = max(10, int(CHUNK[workload] * chunk_scale) // 10 * 10)
+    warmup = max(30, min(chunk, 2000))  # past the first epoch end, where Keras compiles its epoch-end work
+    print(f"[{workload}] starting {', '.join(variants)}", file=sys.stderr, flush=True)
+    workers = [Worker(workload, variant, chunk, warmup, env, log_dir) for variant in variants] if parallel_start else []
+    for variant in ([] if parallel_start else variants):
         workers.append(Worker(workload, variant, chunk, warmup, env, log_dir))
+    for worker in workers:
+        worker.wait_ready()
     times: dict[str, list[float]] = {w.variant: [] for w in workers}
     for r in range(repeats):
         order = workers[r % len(workers):] + workers[:r % len(workers)]
@@ -125,7 +132,8 @@ def run_workload(workload: str, variants: list[str], repeats: int, env: dict, lo
             "workload": workload, "variant": worker.variant, "steps_per_sec": median,
             "steps_per_sec_min": min(rates), "steps_per_sec_max": max(rates), "rates": rates,
             "compile_seconds": max(0.0, first["seconds"] - first["steps"] / median),
-            "peak_rss_mb": done["peak_rss_mb"], "chunk_steps": chunk,
+            "peak_rss_mb": done["peak_rss_mb"], "chunk_steps": chunk, "total_steps": done.get("steps"),
+            "param_abs_sum": done.get("param_abs_sum"), "prefetch_in_use": done.get("prefetch_in_use"),
         }
         if hand:
             ratios = [a / b for a, b in zip(rates, hand)]
@@ -166,18 +174,24 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per variant")
     parser.add_argument("--json", default="benchmarks/results.json", help="where the JSON goes")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument("--data", default=None, help="a folder of batches written before (save_batches); default: build them")
+    parser.add_argument("--chunk-scale", type=float, default=1.0, help="multiply the steps per timed chunk (e.g. 50 on a GPU)")
+    parser.add_argument("--parallel-start", action="store_true",
+                        help="start the workers together (on a machine with cores to spare: compile times overlap)")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants if available(v)]
     skipped = sorted(set(args.variants) - set(variants))
     if skipped:
         print(f"skipping {skipped}: not installed (pip install -e '.[bench]')", file=sys.stderr)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-data-") as data:
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
+        data = args.data or scratch
         env = dict(os.environ, BENCH_DATA=data, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
         log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
         for workload in args.workloads:
-            workloads.save_batches(workload, data)
-            rows += run_workload(workload, variants, args.repeats, env, log_dir)
+            if not os.path.exists(os.path.join(data, f"{workload}.npz")):
+                workloads.save_batches(workload, data)
+            rows += run_workload(workload, variants, args.repeats, env, log_dir, args.chunk_scale, args.parallel_start)
     table = markdown(rows)
     print(table)
     report = {"machine": machine(), "command": "python -m benchmarks.suite " + " ".join(argv or sys.argv[1:]),

@@ -61,17 +61,19 @@ class GradNormMonitor(Callback):
             trainer.probes.append(self.probe)
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
-        self._check()
+        self._check(block=False)
         if step % self.every == 0:
             self._fetch.push(step, metrics["grad_norm"])
 
     def on_fit_end(self, trainer: Any) -> None:
         self._check()
 
-    def _check(self) -> None:
-        popped = self._fetch.pop()
-        if popped is None:
-            return
+    def _check(self, block: bool = True) -> None:
+        while (popped := self._fetch.pop(block)) is not None:
+            self._warn_if_outside(*popped)
+
+    def _warn_if_outside(self, step: int, value: Any) -> None:
+        popped = (step, value)
         step, norm = popped[0], float(last_value(popped[1]))
         if self.warn_below is not None and norm < self.warn_below:
             hint = "vanishing gradients or a too-small learning rate"

@@ -1,8 +1,9 @@
 """``LaggedFetch``: read device values one step late, so a read never stalls the next dispatch.
 
 ``push`` starts an asynchronous device-to-host copy of values produced by step ``s``; ``pop``
-(called at a later step, after step ``s + 1`` was already dispatched) returns them as host values.
-The device is never idle waiting for the host. The values are packed on the device into one
+(called at a later step) returns them as host values once the device has produced them, and
+``None`` before (``block=True`` waits instead: at an epoch's or the fit's end). So a read never
+makes the host wait for the device, and the host may run several steps ahead. The values are packed on the device into one
 array per dtype first (one small compiled function), so a window of a dozen metrics is one read.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import collections
 import functools
 
 import jax
@@ -18,34 +20,45 @@ import numpy as np
 
 
 class LaggedFetch:
-    """Holds at most one pending ``(step, values)`` whose copy to the host has been started."""
+    """The ``(step, values)`` pushed and not yet popped, oldest first, their copies to the host started."""
 
     def __init__(self):
-        self._pending: tuple[int, Any] | None = None
+        self._pending: collections.deque = collections.deque()
         self.fetches = 0  # how many device-to-host reads this object made
 
     def push(self, step: int, values: Any) -> None:
         """Starts copying ``values`` (a pytree of device arrays) to the host."""
         leaves, treedef = jax.tree.flatten(values)
-        if leaves and all(isinstance(x, jax.Array) for x in leaves):
+        if len(leaves) > 1 and all(isinstance(x, jax.Array) for x in leaves):
             specs = tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
             packed = _pack(specs, leaves)
             for array in packed:
                 array.copy_to_host_async()
-            self._pending = (step, (packed, specs, treedef))
-        else:
-            self._pending = (step, (None, None, values))
+            self._pending.append((step, (packed, specs, treedef)))
+        else:  # one array (or host values): copied as it is
+            for leaf in leaves:
+                if isinstance(leaf, jax.Array):
+                    leaf.copy_to_host_async()
+            self._pending.append((step, (None, leaves, values)))
+
+    def clear(self) -> None:
+        """Forgets every pending value unread."""
+        self._pending.clear()
 
     @property
     def pending(self) -> bool:
-        return self._pending is not None
+        return bool(self._pending)
 
-    def pop(self) -> tuple[int, Any] | None:
-        """The pending ``(step, host values)``, or ``None``; clears it."""
-        if self._pending is None:
+    def pop(self, block: bool = True) -> tuple[int, Any] | None:
+        """The oldest pending ``(step, host values)``; ``None`` if there is none, or (``block=False``)
+        if the device has not produced it yet."""
+        if not self._pending:
             return None
-        step, (packed, specs, rest) = self._pending
-        self._pending = None
+        step, (packed, specs, rest) = self._pending[0]
+        arrays = packed if packed is not None else [x for x in specs if isinstance(x, jax.Array)]
+        if not block and not all(a.is_ready() for a in arrays):
+            return None
+        self._pending.popleft()
         self.fetches += 1
         if packed is None:
             return step, jax.device_get(rest)

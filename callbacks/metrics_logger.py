@@ -63,7 +63,7 @@ class MetricsLogger(Callback):
             writer.write_hparams(trainer.config)
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
-        self._write_pending(trainer)
+        self._write_pending(trainer, block=False)
         if step % self.log_every == 0:
             self._fetch.push(step, trainer.take_metric_sums(self._key))
 
@@ -90,11 +90,12 @@ class MetricsLogger(Callback):
         for writer in self.writers:
             writer.close()
 
-    def _write_pending(self, trainer: Any) -> None:
-        popped = self._fetch.pop()
-        if popped is None:
-            return
-        step, sums = popped
+    def _write_pending(self, trainer: Any, block: bool = True) -> None:
+        """Writes the windows whose values reached the host (all of them when ``block``)."""
+        while (popped := self._fetch.pop(block)) is not None:
+            self._write_window(trainer, *popped)
+
+    def _write_window(self, trainer: Any, step: int, sums: Any) -> None:
         scalars = compute_sums(sums) if sums is not None else {}
         scalars.update(trainer.pending_logs)
         trainer.pending_logs.clear()
@@ -121,7 +122,8 @@ class MetricsLogger(Callback):
 
     def on_checkpoint_restore(self, trainer: Any, checkpoint: dict) -> None:
         """A resumed run: drop what the writers got after the checkpoint's step (no duplicates)."""
-        self._fetch.pop()
+        while self._fetch.pop() is not None:
+            pass
         self.history = [(s, v) for s, v in self.history if s <= trainer.step]
         for writer in self.writers:
             writer.rewind(trainer.step)

@@ -84,9 +84,15 @@ class NaNDetector(Callback):
         self._check(trainer, now=True)
 
     def _check(self, trainer: Any, now: bool = False) -> None:
-        popped = self._fetch.pop()
-        if popped is None and not now:
-            return
+        if now:
+            self._fetch.clear()  # the guard itself is read below
+            popped = None
+        else:
+            popped = newest = self._fetch.pop(block=False)
+            while newest is not None:  # the counter only grows: the newest value that arrived says it all
+                popped, newest = newest, self._fetch.pop(block=False)
+            if popped is None:
+                return
         total = int(last_value(popped[1])) if popped is not None and not now else int(trainer.state.guard["nonfinite_total"])
         if total <= self.skipped:
             return

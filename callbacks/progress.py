@@ -75,7 +75,7 @@ class ProgressBar(Callback):
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
         self._done += trainer.execution_steps
-        popped = self._fetch.pop()
+        popped = self._fetch.pop(block=False)
         if popped is not None:  # step popped[0] has finished: a true progress mark
             self._loss = float(last_value(popped[1]))
             self._marks.append((time.perf_counter(), popped[0]))

@@ -13,7 +13,7 @@ from flax import nnx
 from callbacks import Callback
 from conftest import TinyMLP, make_data
 from trainer import ArrayLoader, Trainer, losses
-from trainer.prefetch import Prefetcher
+from trainer.prefetch import Feed, Prefetcher
 
 
 def prefetch_threads():
@@ -93,7 +93,7 @@ def test_the_next_batch_is_loaded_while_a_step_runs(data):
             return super().place_batch(batch)
 
     spy = WaitForSecond()
-    trainer = Placing(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=3, callbacks=[spy])
+    trainer = Placing(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=3, callbacks=[spy], prefetch=2)
     trainer.fit(Source())
     assert spy.seen is True
     assert set(placed_in) == {"nnx-trainer-prefetch"}
@@ -110,7 +110,7 @@ def test_an_iterator_error_surfaces_in_fit_and_leaves_no_thread(data):
             yield batches[1]
             raise error
 
-    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1, prefetch=2)
     with pytest.raises(OSError) as info:
         trainer.fit(Broken())
     assert info.value is error
@@ -124,7 +124,7 @@ def test_stopping_mid_epoch_leaves_no_thread(data):
             if step == 2:
                 trainer.request_stop("test")
 
-    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=5, callbacks=[StopAt()])
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=5, callbacks=[StopAt()], prefetch=2)
     trainer.fit(ArrayLoader(make_data(n=640), 16))  # 40 batches: the thread is blocked on a full queue
     assert trainer.step == 2
     assert not prefetch_threads()
@@ -176,3 +176,54 @@ def test_a_padded_last_batch_trains_on_its_real_rows_only():
 def test_bad_ragged_option():
     with pytest.raises(ValueError, match="ragged_batches='cut' must be one of"):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, ragged_batches="cut")
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("load, step, chosen", [(0.001, 0.009, 0), (0.008, 0.002, 2)])
+def test_auto_moves_loading_to_a_thread_only_when_it_limits_the_loop(load, step, chosen):
+    """Loading 10% of the loop's time stays in the loop's thread; 80% gets a thread of depth 2."""
+    clock = FakeClock()
+
+    def source():
+        for i in range(30):
+            clock.now += load
+            yield i
+
+    feed = Feed(source(), "auto", place=lambda x: x, probe=8, clock=clock)
+    got = []
+    for item in feed:
+        got.append(item)
+        clock.now += step  # the loop's own work between two pulls
+    feed.close()
+    assert got == list(range(30))
+    assert feed.depth_in_use == chosen
+
+
+def test_auto_picks_a_thread_for_a_slow_iterator_and_keeps_it(data):
+    """An iterator that waits 20 ms per batch (a slow disk) against a sub-millisecond step."""
+    import time
+
+    batches = list(ArrayLoader(make_data(n=320), 16, shuffle=False))
+
+    class SlowDisk:
+        def __iter__(self):
+            for batch in batches:
+                time.sleep(0.02)
+                yield batch
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=2)
+    trainer.fit(SlowDisk())
+    assert trainer.prefetch_in_use == 2
+    assert trainer.step == 40 and not prefetch_threads()
+
+
+def test_prefetch_option_is_checked():
+    with pytest.raises(ValueError, match="prefetch='soon' must be an integer >= 0 or 'auto'"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, prefetch="soon")

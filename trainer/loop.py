@@ -17,7 +17,7 @@ import jax
 from trainer import checkpoint as checkpointing
 from trainer.data import epoch_iterator
 from trainer.feed import Execution, FeedPlan, executions
-from trainer.prefetch import Prefetcher
+from trainer.prefetch import Feed
 from trainer.preemption import Preempted
 from trainer.step import compute_sums
 
@@ -39,11 +39,12 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
     plan = FeedPlan(epoch, trainer.position, trainer.step, trainer.steps_per_execution, trainer.max_steps,
                     frozenset(trainer.skip_batches), trainer.ragged_batches, trainer.compiled_batch_size,
                     trainer.check_batch)
-    source = executions(trainer.data_iterator, plan)
-    feed = Prefetcher(source, trainer.prefetch, lambda e: _placed(trainer, e)) if trainer.prefetch else source
+    depth = trainer.prefetch if trainer.prefetch_in_use is None else trainer.prefetch_in_use
+    feed = Feed(executions(trainer.data_iterator, plan), depth, lambda e: _placed(trainer, e))
     ran_out, trained = True, False
-    with contextlib.closing(feed) if isinstance(feed, Prefetcher) else contextlib.nullcontext():
+    with contextlib.closing(feed):
         for execution in _timed(trainer, feed):
+            trainer.prefetch_in_use = feed.depth_in_use
             if execution.steps == 0:
                 trainer.position = execution.end_position
                 continue

@@ -97,8 +97,10 @@ class MetricsLogger(Callback):
 
     def _write_window(self, trainer: Any, step: int, sums: Any) -> None:
         scalars = compute_sums(sums) if sums is not None else {}
-        scalars.update(trainer.pending_logs)
-        trainer.pending_logs.clear()
+        recorded = {k: v for k, (at, v) in trainer.pending_logs.items() if at <= step}  # this window's
+        scalars.update(recorded)
+        for name in recorded:
+            del trainer.pending_logs[name]
         self.last_logged_step = step
         if scalars:
             self.write_scalars(step, scalars)

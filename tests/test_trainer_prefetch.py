@@ -227,3 +227,17 @@ def test_auto_picks_a_thread_for_a_slow_iterator_and_keeps_it(data):
 def test_prefetch_option_is_checked():
     with pytest.raises(ValueError, match="prefetch='soon' must be an integer >= 0 or 'auto'"):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, prefetch="soon")
+
+
+def test_an_overridden_place_batch_runs_without_a_thread_too(data):
+    """place_batch is where batches get their sharding: it applies whatever the prefetch mode."""
+    seen = []
+
+    class Placing(Trainer):
+        def place_batch(self, batch):
+            seen.append(threading.current_thread().name)
+            return super().place_batch(batch)
+
+    trainer = Placing(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4, prefetch=0)
+    trainer.fit(ArrayLoader(data, 16))
+    assert seen == [threading.main_thread().name] * 4

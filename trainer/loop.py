@@ -24,6 +24,12 @@ from trainer.step import compute_sums
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
 
+
+def _trainer_class():
+    from trainer.trainer import Trainer
+
+    return Trainer
+
 EPOCH_SUMS = "epoch"
 _stack_one = jax.jit(lambda metrics: jax.tree.map(lambda v: v[None], metrics))
 
@@ -40,7 +46,9 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
                     frozenset(trainer.skip_batches), trainer.ragged_batches, trainer.compiled_batch_size,
                     trainer.check_batch)
     depth = trainer.prefetch if trainer.prefetch_in_use is None else trainer.prefetch_in_use
-    feed = Feed(executions(trainer.data_iterator, plan), depth, lambda e: _placed(trainer, e))
+    custom_placement = type(trainer).place_batch is not _trainer_class().place_batch  # e.g. sharding
+    feed = Feed(executions(trainer.data_iterator, plan), depth, lambda e: _placed(trainer, e),
+                place_inline=custom_placement)
     ran_out, trained = True, False
     with contextlib.closing(feed):
         for execution in _timed(trainer, feed):

@@ -114,13 +114,15 @@ class Feed:
     """
 
     def __init__(self, source: Iterator[Any], depth: int | str, place: Callable[[Any], Any],
-                 probe: int = 8, threshold: float = 0.3, clock: Callable[[], float] = time.perf_counter):
+                 probe: int = 8, threshold: float = 0.3, clock: Callable[[], float] = time.perf_counter,
+                 place_inline: bool = False):
         self._source, self._place = source, place
         self._thread = Prefetcher(source, depth, place) if isinstance(depth, int) and depth > 0 else None
         self.depth_in_use: int | None = None if depth == "auto" else depth
         self._probe, self._threshold = probe, threshold
         self._pulled, self._waited, self._since = 0, 0.0, 0.0
         self._clock = clock
+        self._place_inline = place_inline  # in the loop's thread, jit's own transfer is cheaper than device_put
         self.measured_share: float | None = None  # "auto": the share of time the loop waited for data
 
     def __iter__(self) -> "Feed":
@@ -141,7 +143,7 @@ class Feed:
                 self.depth_in_use = 2 if share > self._threshold else 0
                 if self.depth_in_use:
                     self._thread = Prefetcher(self._source, self.depth_in_use, self._place)
-        return item
+        return self._place(item) if self._place_inline else item
 
     def close(self) -> None:
         if self._thread is not None:

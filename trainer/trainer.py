@@ -141,7 +141,7 @@ class Trainer:
         self.eval_metrics: dict[str, float] = {}
         self.probes: list[Probe] = []
         self.metric_reductions: dict[str, str] = {}
-        self.pending_logs: dict[str, float] = {}
+        self.pending_logs: dict[str, tuple[int, float]] = {}  # name -> (step recorded at, value)
         self.data_wait_seconds = 0.0
         self.compile_seconds = 0.0
         self.last_batch_size = self.last_examples = 0
@@ -191,7 +191,7 @@ class Trainer:
     def check_batch(self, batch: Any, where: str) -> None:
         """Host checks of a training batch before it goes to the device; raise to refuse it.
 
-        Runs in the prefetch thread (the error surfaces in ``fit``). Default: with the default loss,
+        Runs ahead of the step, in the prefetch thread when there is one (the error surfaces in ``fit``). Default: with the default loss,
         integer labels must lie in ``[0, num_classes)``.
         """
         self._check_labels(batch, where)
@@ -274,8 +274,8 @@ class Trainer:
         return {k: [float(m.total), int(m.count)] for k, m in jax.device_get(sums).items()}
 
     def record(self, name: str, value: float) -> None:
-        """Hands a host value (throughput, a timing) to the loggers' next write."""
-        self.pending_logs[name] = float(value)
+        """Hands a host value (throughput, a timing) to the loggers' window that ends at this step (or the next)."""
+        self.pending_logs[name] = (self.step, float(value))
 
     @property
     def checkpoints(self) -> list[Checkpoint]:

@@ -64,8 +64,11 @@ def init_guard() -> dict[str, jax.Array]:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    """True when every value is finite: one sum of squares (a NaN or inf anywhere makes it non-finite)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    return jnp.isfinite(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 def _select(ok: jax.Array, new: Any, old: Any) -> Any:

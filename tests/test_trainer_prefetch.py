@@ -241,3 +241,17 @@ def test_an_overridden_place_batch_runs_without_a_thread_too(data):
     trainer = Placing(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4, prefetch=0)
     trainer.fit(ArrayLoader(data, 16))
     assert seen == [threading.main_thread().name] * 4
+
+
+def test_a_checkpoint_records_the_trained_position_not_the_prefetched_one():
+    from trainer.checkpoint import describe
+
+    class StopAt(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 3:
+                trainer.request_stop("test")
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1, callbacks=[StopAt()], prefetch=4)
+    trainer.fit(ArrayLoader(make_data(n=640), 16))  # the thread pulled batches beyond the third
+    assert trainer.data_iterator.position > 3
+    assert describe(trainer, [])["data_state"]["position"] == trainer.position == 3

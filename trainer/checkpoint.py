@@ -157,6 +157,8 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
     """The JSON half of a checkpoint."""
     iterator = trainer.data_iterator
     data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
+    if data_state is not None:  # a prefetch thread runs the iterator ahead: record what was trained on
+        data_state = {**data_state, "epoch": trainer.epoch, "position": trainer.position}
     return {
         "format": FORMAT, "step": trainer.step, "epoch": trainer.epoch, "position": trainer.position,
         "data_state": data_state, "history": trainer.history, "config": _jsonable(trainer.config),

@@ -14,6 +14,7 @@ import warnings
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from callbacks.lagged import LaggedFetch
@@ -50,7 +51,8 @@ class GradNormMonitor(Callback):
 
     def probe(self, info: StepInfo) -> dict[str, jax.Array]:
         """The in-step probe: global norm, and per top-level module when asked."""
-        out = {"grad_norm": optax.tree.norm(info.grads)}
+        # float32 sums, the same expression as the trainer's non-finite guard (XLA computes it once)
+        out = {"grad_norm": optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), info.grads))}
         if self.per_layer and hasattr(info.grads, "items"):
             for name, sub in info.grads.items():
                 out[f"grad_norm/{name}"] = optax.tree.norm(sub)

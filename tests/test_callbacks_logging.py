@@ -97,7 +97,7 @@ def test_learning_rate_monitor_needs_an_injected_learning_rate(model, data):
 
 def test_throughput_arithmetic_with_an_injected_clock(model, data):
     ticks = iter(range(100))
-    throughput = Throughput(every=5, clock=lambda: float(next(ticks)))
+    throughput = Throughput(every=5, min_seconds=0, clock=lambda: float(next(ticks)))
     memory = Memory()
     trainer = Trainer(model, optax.sgd(0.1), max_steps=10,
                       callbacks=[throughput, MetricsLogger([memory], log_every=5)])
@@ -108,6 +108,19 @@ def test_throughput_arithmetic_with_an_injected_clock(model, data):
     assert recorded[0]["throughput/examples_per_sec"] == pytest.approx(48.0)
     assert recorded[1]["throughput/steps_per_sec"] == pytest.approx(5.0)
     assert 0.0 <= recorded[1]["throughput/data_share"] <= 1.0
+
+
+def test_throughput_waits_for_min_seconds_before_measuring(model, data):
+    ticks = iter(range(100))  # one second per clock reading
+    memory = Memory()
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=10, callbacks=[
+        Throughput(every=2, min_seconds=3, clock=lambda: float(next(ticks))), MetricsLogger([memory], log_every=2)])
+    trainer.fit(ArrayLoader(make_data(n=160), 16))
+    measured = [(step, v) for step, v in memory.scalars if "throughput/steps_per_sec" in v]
+    # at step 2 the window starts (step 1 done): 0; steps 4 and 6 read 1 and 2 (< 3 s: no wait);
+    # step 8 reads 3, waits for step 7 and reads 4: steps 2-7 in 4 s
+    assert [step for step, _ in measured] == [8]
+    assert measured[0][1]["throughput/steps_per_sec"] == pytest.approx(6 / 4)
 
 
 def test_progress_bar_plain_lines_and_terminal_bar(model, data):

@@ -186,17 +186,20 @@ class FakeClock:
         return self.now
 
 
-@pytest.mark.parametrize("load, step, chosen", [(0.001, 0.009, 0), (0.008, 0.002, 2)])
-def test_auto_moves_loading_to_a_thread_only_when_it_limits_the_loop(load, step, chosen):
-    """Loading 10% of the loop's time stays in the loop's thread; 80% gets a thread of depth 2."""
-    clock = FakeClock()
+@pytest.mark.parametrize("load, step, busy, chosen", [(0.001, 0.009, False, 0), (0.008, 0.002, False, 2),
+                                                     (0.008, 0.002, True, 0)])
+def test_auto_moves_loading_to_a_thread_only_when_it_limits_the_loop(load, step, busy, chosen):
+    """Waiting idle 10% of the loop's time stays in the loop's thread, 80% gets a thread of depth 2;
+    loading that keeps the loop's thread busy (CPU time = wall time) stays inline whatever its share."""
+    clock, cpu = FakeClock(), FakeClock()
 
     def source():
         for i in range(30):
             clock.now += load
+            cpu.now += load if busy else 0.0
             yield i
 
-    feed = Feed(source(), "auto", place=lambda x: x, probe=8, clock=clock)
+    feed = Feed(source(), "auto", place=lambda x: x, probe=8, clock=clock, cpu_clock=cpu)
     got = []
     for item in feed:
         got.append(item)

@@ -162,8 +162,15 @@ def epoch_iterator(data: Any, epoch: int, position: int, saved_state: Mapping[st
 
 
 def batch_size_of(batch: Any) -> int:
-    """The leading dimension shared by every array of a batch."""
-    sizes = {np.shape(a)[0] for a in jax.tree.leaves(batch) if np.ndim(a)}
+    """The leading dimension shared by every array of a batch (runs per batch: kept cheap)."""
+    leaves = batch.values() if type(batch) is dict else jax.tree.leaves(batch)
+    sizes = set()
+    for a in leaves:
+        shape = a.shape if type(a) is np.ndarray else None
+        if shape is None:  # nested containers, scalars, device arrays: the general path
+            sizes.update(np.shape(x)[0] for x in jax.tree.leaves(a) if np.ndim(x))
+        elif shape:
+            sizes.add(shape[0])
     if len(sizes) != 1:
         raise ValueError(f"batch arrays must share their first (batch) axis; found sizes {sorted(sizes)}.")
     return sizes.pop()

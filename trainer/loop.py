@@ -103,7 +103,7 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
     steps = trainer._train_steps
     run = steps.fused if execution.stacked else steps.single
     started = time.perf_counter()
-    trainer.state, trainer._sums, metrics = run(trainer.state, trainer._sums, execution.batch)
+    metrics = trainer._carry.run(run, execution.batch)
     if run not in trainer._compiled:  # the first call traces and compiles before it dispatches
         trainer._compiled.add(run)
         trainer.compile_seconds += time.perf_counter() - started

@@ -22,6 +22,7 @@ from trainer import losses
 from trainer.data import batch_size_of, check_batch_source, pad_batch
 from trainer import checkpoint as checkpointing
 from trainer import export
+from trainer.carry import Carry
 from trainer.checkpoint import Checkpoint
 from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
@@ -61,8 +62,9 @@ class Trainer:
       prefetch: batches (or chunks) a background thread keeps ready on the device; 0 loads them in
         the loop's own thread (dispatch is asynchronous, so that already overlaps with the device's
         work, and no thread competes for the GIL: on 2 cores a thread cost 0.6 ms a step). ``"auto"``:
-        the loop's thread first; if waiting for data takes more than 30% of the time over the first
-        executions (loading limits the loop), a thread of depth 2 (``prefetch_in_use`` says which).
+        the loop's thread first; if the loop sits idle waiting for data more than 30% of the time
+        over the first executions (a disk, a sleep: loading limits the loop), a thread of depth 2
+        (``prefetch_in_use`` says which); loading that keeps the loop's thread busy stays inline.
       ragged_batches: a batch smaller than the first (an epoch's last) is ``"drop"``-ped (with a
         warning), or ``"pad"``-ded to full size with a boolean ``batch["mask"]`` of real rows, which
         the built-in losses (``trainer.losses.supervised``) honour; a custom loss must weight by it.
@@ -132,6 +134,7 @@ class Trainer:
         self.config = dict(config or {})
         reseed_streams(model, self.seed)
         self._model = model
+        self._carry = Carry()  # state and running sums, flat between steps (see trainer.carry)
         self.graphdef, self.state = TrainState.create(model, optimizer)
         self.step = 0
         self.epoch = 0
@@ -155,7 +158,6 @@ class Trainer:
         self._rollback_request: int | None = None
         self.step_positions: dict[int, tuple[int, int]] = {}  # recent step -> (epoch, position)
         self._preemption = PreemptionHandler()
-        self._sums: dict[str, Sums | None] = {}
         self._metric_shapes: dict[str, Any] | None = None
         self._fit_evaluators: list[Evaluator] = []
         self._train_steps = None
@@ -201,6 +203,27 @@ class Trainer:
         return jax.device_put(batch)
 
     # ----- public state --------------------------------------------------------------------
+
+    @property
+    def state(self) -> TrainState:
+        """The ``TrainState`` (params, model state, optimizer state, step); assign to replace it.
+
+        Between steps the loop keeps it as flat arrays; reading it rebuilds the structure (cheap,
+        but do it at an interval, not every step, in a callback that must stay off the hot path).
+        """
+        return self._carry.state
+
+    @state.setter
+    def state(self, value: TrainState) -> None:
+        self._carry.state = value
+
+    @property
+    def _sums(self) -> dict[str, Sums | None]:  # named running sums of the step metrics
+        return self._carry.sums
+
+    @_sums.setter
+    def _sums(self, value: dict[str, Sums | None]) -> None:
+        self._carry.sums = value
 
     @property
     def model(self) -> nnx.Module:

@@ -60,6 +60,7 @@ class MnistConfig:
     nan_policy: str = "raise"
     plots: bool = True
     checkpoint: bool = True
+    checkpoint_min_seconds: float | None = None
     resume: bool = False
     export: str | None = None
     optim: MnistOptim = dataclasses.field(default_factory=MnistOptim)
@@ -81,6 +82,7 @@ HELP = {
     "nan_policy": "non-finite loss/gradients: raise or skip",
     "plots": "PNG curves and a prediction grid in <workdir>/plots at the end",
     "checkpoint": "checkpoint every epoch into <workdir>/checkpoints (SIGTERM/SIGINT save and exit)",
+    "checkpoint_min_seconds": "skip a periodic checkpoint due sooner than this after the last (None: never skip)",
     "resume": "continue from the newest good checkpoint in <workdir>/checkpoints",
     "export": "after training, write the model for inference to this folder (load_exported reads it)",
 }
@@ -142,7 +144,7 @@ def default_callbacks(config: MnistConfig, test: dict) -> list:
                                                      tensorboard=config.tensorboard, grad_norm=config.grad_norm,
                                                      nan_policy=config.nan_policy)]
     if config.checkpoint and workdir is not None:
-        callbacks.append(Checkpoint(every_n_epochs=1, max_to_keep=2))
+        callbacks.append(Checkpoint(every_n_epochs=1, max_to_keep=2, min_interval_seconds=config.checkpoint_min_seconds))
     if config.plots and workdir is not None:
         spread = {k: v[::max(1, len(v) // 25)][:25] for k, v in test.items()}  # every class, not just 0s
         callbacks += [Plots(), PredictionGrid(spread)]

@@ -68,6 +68,7 @@ class TransformerConfig:
     log_every: int = 50
     progress: bool = True
     checkpoint: bool = True
+    checkpoint_min_seconds: float | None = None
     resume: bool = False
     export: str | None = None
     optim: TransformerOptim = dataclasses.field(default_factory=TransformerOptim)
@@ -84,6 +85,7 @@ HELP = {
     "sample_length": "characters per sample", "temperature": "sampling temperature", "top_k": "sample among the k likeliest",
     "log_every": "steps per logged window", "progress": "progress bar",
     "checkpoint": "checkpoint at every evaluation into <workdir>/checkpoints",
+    "checkpoint_min_seconds": "skip a periodic checkpoint due sooner than this after the last (None: never skip)",
     "resume": "continue from the newest checkpoint", "export": "write the trained model to this folder",
 }
 
@@ -167,7 +169,8 @@ def default_callbacks(config: TransformerConfig, vocab: CharVocab, valid) -> lis
                              every_n_steps=config.sample_every, length=config.sample_length,
                              temperature=config.temperature, top_k=config.top_k, seed=config.seed)]
     if config.checkpoint and config.workdir:
-        callbacks.append(Checkpoint(every_n_steps=config.eval_every, every_n_epochs=None, max_to_keep=2))
+        callbacks.append(Checkpoint(every_n_steps=config.eval_every, every_n_epochs=None, max_to_keep=2,
+                                    min_interval_seconds=config.checkpoint_min_seconds))
     return callbacks
 
 

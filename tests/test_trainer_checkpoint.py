@@ -173,6 +173,20 @@ def test_max_to_keep_and_best_k_retention(tmp_path, data):
     assert kept == [6, 15, 18]  # the best (epoch 2, step 6) and the two newest
 
 
+def test_min_interval_skips_periodic_saves_but_never_the_last(tmp_path, data):
+    """Every epoch (3 steps) is due; the clock says 4 s pass per epoch; saves at least 10 s apart."""
+    epochs = iter(range(100))
+    cp = Checkpoint(every_n_epochs=1, max_to_keep=10, min_interval_seconds=10, clock=lambda: 4.0 * next(epochs))
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=7, workdir=tmp_path, callbacks=[cp])
+    trainer.fit(ArrayLoader(data, 32))
+    saved = sorted(int(p[5:]) for p in os.listdir(tmp_path / "checkpoints") if p.startswith("step_"))
+    # clock reads: a save at epoch 1 (t=0); epochs 2, 3 read 4, 8 (too soon); epoch 4 reads 12, saves (t=16);
+    # epochs 5, 6 read 20, 24; epoch 7 reads 28 (>= 26), saves; the fit's end has just saved
+    assert saved == [3, 12, 21]
+    with pytest.raises(ValueError, match="min_interval_seconds=-1"):
+        Checkpoint(min_interval_seconds=-1)
+
+
 def run_script(*args, timeout=240):
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))

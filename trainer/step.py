@@ -25,7 +25,10 @@ Sums = dict[str, clu_metrics.Metric]
 
 
 class StepInfo(NamedTuple):
-    """What an in-step probe sees: this step's gradients, updates, new params, new optimizer state, loss."""
+    """What an in-step probe sees: this step's gradients, updates, new params, new optimizer state, loss.
+
+    On a step the non-finite guard skips, ``updates`` are zeros and ``params`` / ``opt_state`` the kept ones.
+    """
 
     grads: Any
     updates: Any
@@ -126,25 +129,45 @@ def make_train_step(
         grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
         (loss, metrics), grads = grad_fn(model)
         _, params, model_state = nnx.split(model, nnx.Param, ...)
-        updates, opt_state = tx.update(grads, state.opt_state, params)
-        params = optax.apply_updates(params, updates)
+        guarded = halt_after is not None and state.guard is not None
+
+        def apply(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, updates, _lr(opt_state)
+
+        if not guarded:
+            params, opt_state, updates, _ = apply(params, state.opt_state)
+        else:
+            loss_ok, grads_ok = jnp.isfinite(loss), _all_finite(grads)
+            ok = loss_ok & grads_ok & ~state.guard["halted"]
+
+            def keep(params, opt_state):  # the learning rate this step would have used, for the report
+                _, would_be = tx.update(grads, opt_state, params)  # XLA keeps only what _lr reads of it
+                return params, opt_state, jax.tree.map(jnp.zeros_like, params), _lr(would_be)
+
+            # A conditional, not a select of new and old: the update then runs in place on the
+            # donated buffers (a select made XLA copy params and optimizer state every step).
+            params, opt_state, updates, lr = jax.lax.cond(ok, apply, keep, params, state.opt_state)
+            model_state = _select(ok, model_state, state.model_state)
         metrics = {"loss": loss, **metrics}
         info = StepInfo(grads, updates, params, opt_state, loss)
         for probe in probes:
             metrics.update(probe(info))
         new = state.replace(params=params, model_state=model_state, opt_state=opt_state, step=state.step + 1)
-        if halt_after is None or state.guard is None:
+        if not guarded:
             return new, metrics
-        return _guarded(state, new, metrics, info)
+        return _guarded(state.guard, new, metrics, loss_ok, grads_ok, lr)
 
-    def _guarded(old: TrainState, new: TrainState, metrics: Metrics, info: StepInfo):
-        guard = old.guard
-        loss_ok, grads_ok = jnp.isfinite(info.loss), _all_finite(info.grads)
+    def _lr(opt_state: Any) -> jax.Array:
+        lr = current_learning_rate(opt_state)
+        return jnp.full((), jnp.nan, jnp.float32) if lr is None else jnp.asarray(lr, jnp.float32)
+
+    def _guarded(guard: dict, new: TrainState, metrics: Metrics, loss_ok: jax.Array, grads_ok: jax.Array,
+                 lr: jax.Array):
         bad = ~(loss_ok & grads_ok) & ~guard["halted"]
         ok = ~bad & ~guard["halted"]
         consecutive = jnp.where(bad, guard["consecutive"] + 1, jnp.where(guard["halted"], guard["consecutive"], 0))
         halt_now = bad & (consecutive >= halt_after)
-        lr = current_learning_rate(info.opt_state)
         guard = {
             "nonfinite_total": guard["nonfinite_total"] + bad.astype(jnp.int32),
             "consecutive": consecutive,
@@ -152,11 +175,9 @@ def make_train_step(
             "halt_step": jnp.where(halt_now, new.step, guard["halt_step"]),
             "halt_kind": jnp.where(halt_now, jnp.where(loss_ok, 0, BAD_LOSS) + jnp.where(grads_ok, 0, BAD_GRADS),
                                    guard["halt_kind"]),
-            "halt_lr": jnp.where(halt_now, jnp.nan if lr is None else jnp.asarray(lr, jnp.float32), guard["halt_lr"]),
+            "halt_lr": jnp.where(halt_now, lr, guard["halt_lr"]),
         }
-        kept = _select(ok, (new.params, new.model_state, new.opt_state),
-                       (old.params, old.model_state, old.opt_state))
-        state = new.replace(params=kept[0], model_state=kept[1], opt_state=kept[2], guard=guard)
+        state = new.replace(guard=guard)
         metrics = dict(metrics, nonfinite_total=guard["nonfinite_total"], _valid=ok)
         return state, metrics
 

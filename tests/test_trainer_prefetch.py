@@ -13,7 +13,7 @@ from flax import nnx
 from callbacks import Callback
 from conftest import TinyMLP, make_data
 from trainer import ArrayLoader, Trainer, losses
-from trainer.prefetch import Feed, Prefetcher
+from trainer.prefetch import BusyClock, Feed, Prefetcher
 
 
 def prefetch_threads():
@@ -199,7 +199,7 @@ def test_auto_moves_loading_to_a_thread_only_when_it_limits_the_loop(load, step,
             cpu.now += load if busy else 0.0
             yield i
 
-    feed = Feed(source(), "auto", place=lambda x: x, probe=8, clock=clock, cpu_clock=cpu)
+    feed = Feed(source(), "auto", place=lambda x: x, probe=8, clock=clock, cpu_clock=cpu, probe_seconds=0.05)
     got = []
     for item in feed:
         got.append(item)
@@ -207,6 +207,38 @@ def test_auto_moves_loading_to_a_thread_only_when_it_limits_the_loop(load, step,
     feed.close()
     assert got == list(range(30))
     assert feed.depth_in_use == chosen
+
+
+def test_busy_clock_counts_running_and_waiting_for_a_core_not_sleeping():
+    import time
+
+    clock = BusyClock()
+    b0, w0 = clock(), time.perf_counter()
+    time.sleep(0.05)  # blocked, like a read from a slow disk
+    b1, w1 = clock(), time.perf_counter()
+    end = time.perf_counter() + 0.05
+    while time.perf_counter() < end:  # busy (running, or runnable while another process has the core)
+        pass
+    b2, w2 = clock(), time.perf_counter()
+    clock.close()
+    assert b1 - b0 < 0.5 * (w1 - w0)
+    assert b2 - b1 > 0.8 * (w2 - w1)
+
+
+def test_auto_measures_for_probe_seconds_not_just_a_few_fast_executions():
+    """30 executions of 10 ms, idle 80%: before 0.5 s have passed it has not decided (still inline)."""
+    clock, cpu = FakeClock(), FakeClock()
+
+    def source():
+        for i in range(30):
+            clock.now += 0.008
+            yield i
+
+    feed = Feed(source(), "auto", place=lambda x: x, probe=8, clock=clock, cpu_clock=cpu, probe_seconds=0.5)
+    for _ in feed:
+        clock.now += 0.002
+    feed.close()
+    assert feed.depth_in_use is None and feed.measured_share is None
 
 
 def test_auto_picks_a_thread_for_a_slow_iterator_and_keeps_it(data):

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -101,15 +102,45 @@ class Prefetcher:
         self.close()
 
 
+class BusyClock:
+    """Seconds the calling thread has run *or waited to run*: Linux's schedstat (CPU time plus
+    run-queue wait), elsewhere its CPU time. Wall time minus this is time spent blocked (a disk, a
+    sleep, a lock), not time lost to other busy processes. Bound to the thread that first calls it."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._opened = False
+
+    def __call__(self) -> float:
+        if not self._opened:
+            self._opened = True
+            try:
+                self._fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+            except OSError:
+                self._fd = None
+        if self._fd is not None:
+            run, wait = os.pread(self._fd, 128, 0).split()[:2]
+            return (int(run) + int(wait)) * 1e-9
+        return time.thread_time()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Feed:
     """The loop's source of executions: in its own thread, in a ``Prefetcher``, or ``"auto"``.
 
     ``depth=0`` pulls in the loop's thread (asynchronous dispatch already overlaps that with the
     device's work, and no thread competes for the GIL); ``depth=N`` starts a ``Prefetcher`` at once;
-    ``"auto"`` pulls in the loop's thread for ``probe`` executions after the first (which compiles)
-    and moves to a ``Prefetcher`` of depth 2 when the loop spent more than ``threshold`` of that
-    time *idle* waiting for data (wall time minus this thread's CPU time: a disk, a sleep, another
-    process): a thread overlaps that with the dispatching. Loading that keeps this thread busy
+    ``"auto"`` pulls in the loop's thread for ``probe`` executions and ``probe_seconds`` after the
+    first (which compiles; the time matters: asynchronous dispatch lets the host race through the
+    first executions in a few milliseconds, where one scheduler hiccup looks like a slow disk) and
+    moves to a ``Prefetcher`` of depth 2 when the loop spent more than ``threshold`` of that
+    time *blocked* waiting for data (wall time minus this thread's running and run-queue time,
+    ``BusyClock``: a disk, a sleep, another process's pipe; not other processes using the cores):
+    a thread overlaps that with the dispatching. Loading that keeps this thread busy
     (Python, numpy on in-memory arrays) stays inline: a second thread only contends for the GIL
     (measured on 2 cores: the MLP at 0.51x K=1 and 0.94x K=10 with a thread). ``depth_in_use``
     says which it chose.
@@ -117,13 +148,14 @@ class Feed:
 
     def __init__(self, source: Iterator[Any], depth: int | str, place: Callable[[Any], Any],
                  probe: int = 8, threshold: float = 0.3, clock: Callable[[], float] = time.perf_counter,
-                 place_inline: bool = False, cpu_clock: Callable[[], float] = time.thread_time):
+                 probe_seconds: float = 0.25,
+                 place_inline: bool = False, cpu_clock: Callable[[], float] | None = None):
         self._source, self._place = source, place
         self._thread = Prefetcher(source, depth, place) if isinstance(depth, int) and depth > 0 else None
         self.depth_in_use: int | None = None if depth == "auto" else depth
-        self._probe, self._threshold = probe, threshold
+        self._probe, self._threshold, self._probe_seconds = probe, threshold, probe_seconds
         self._pulled, self._waited, self._since = 0, 0.0, 0.0
-        self._clock, self._cpu_clock = clock, cpu_clock
+        self._clock, self._cpu_clock = clock, cpu_clock if cpu_clock is not None else BusyClock()
         self._place_inline = place_inline  # in the loop's thread, jit's own transfer is cheaper than device_put
         self.measured_share: float | None = None  # "auto": the share of time the loop sat idle waiting for data
 
@@ -140,8 +172,9 @@ class Feed:
             if self._pulled == 2:
                 self._since, self._waited = started, 0.0
             self._waited += max(0.0, (self._clock() - started) - (self._cpu_clock() - cpu_started))
-            if self._pulled == self._probe + 2:
-                share = self.measured_share = self._waited / max(self._clock() - self._since, 1e-9)
+            elapsed = self._clock() - self._since
+            if self._pulled >= self._probe + 2 and elapsed >= self._probe_seconds:
+                share = self.measured_share = self._waited / max(elapsed, 1e-9)
                 self.depth_in_use = 2 if share > self._threshold else 0
                 if self.depth_in_use:
                     self._thread = Prefetcher(self._source, self.depth_in_use, self._place)
@@ -150,3 +183,5 @@ class Feed:
     def close(self) -> None:
         if self._thread is not None:
             self._thread.close()
+        if isinstance(self._cpu_clock, BusyClock):
+            self._cpu_clock.close()

@@ -25,6 +25,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
 
 
+def _build_train_steps(trainer: "Trainer", batch: Any) -> None:
+    from trainer.build import build_train_steps
+
+    build_train_steps(trainer, batch)
+
+
 def _trainer_class():
     from trainer.trainer import Trainer
 
@@ -94,7 +100,7 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
         batch = execution.batch
         if execution.stacked:
             batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), batch)
-        trainer._build(batch)
+        _build_train_steps(trainer, batch)
     first = trainer.step + 1
     for i, position in enumerate(execution.positions):
         trainer.step_positions[first + i] = (epoch, position)

@@ -22,6 +22,7 @@ from trainer import losses
 from trainer.data import batch_size_of, check_batch_source, pad_batch
 from trainer import checkpoint as checkpointing
 from trainer import export
+from trainer.build import check_intervals, check_labels
 from trainer.carry import Carry
 from trainer.checkpoint import Checkpoint
 from trainer.evaluation import Evaluator
@@ -32,8 +33,7 @@ from trainer.optim import current_learning_rate
 from trainer.preemption import PreemptionHandler, Preempted
 from trainer.state import TrainState, reseed_streams, zeros_like_tree
 from trainer.step import (Probe, Sums, compute_sums, empty_sums, init_guard, make_eval_step,
-                          make_predict_step, make_train_step, per_example_metrics, restore_sums,
-                          scan_unroll)
+                          make_predict_step, per_example_metrics)
 
 
 class Trainer:
@@ -128,7 +128,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.tx = optimizer
         self.callbacks = CallbackList(callbacks)
-        self._check_intervals()
+        check_intervals(self)
         self.seed = int(seed)
         self.workdir = Path(workdir) if workdir is not None else None
         self.config = dict(config or {})
@@ -136,6 +136,7 @@ class Trainer:
         self._model = model
         self._carry = Carry()  # state and running sums, flat between steps (see trainer.carry)
         self.graphdef, self.state = TrainState.create(model, optimizer)
+        self._state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
         self.step = 0
         self.epoch = 0
         self.should_stop = False
@@ -196,7 +197,7 @@ class Trainer:
         Runs ahead of the step, in the prefetch thread when there is one (the error surfaces in ``fit``). Default: with the default loss,
         integer labels must lie in ``[0, num_classes)``.
         """
-        self._check_labels(batch, where)
+        check_labels(self, batch, where)
 
     def place_batch(self, batch: Any) -> Any:
         """Puts a host batch (or stacked chunk) on the device: ``jax.device_put``; override to shard."""
@@ -375,7 +376,7 @@ class Trainer:
                 raise Preempted()  # leave the evaluation; fit saves and exits
             size = size or batch_size_of(batch)
             padded, mask = pad_batch(batch, size)
-            self._check_labels(batch, "eval")
+            check_labels(self, batch, "eval")
             if sums is None:
                 sums = zeros_like_tree(jax.eval_shape(self._eval_sums, self.state, padded, mask))
             sums = self._eval_step(self.state, sums, padded, mask)
@@ -419,42 +420,3 @@ class Trainer:
     def _reset_sums(self) -> None:  # every registered accumulator back to zero
         if self._metric_shapes is not None:
             self._sums = {name: empty_sums(self._metric_shapes, self.metric_reductions) for name in self._sums}
-
-    def _check_intervals(self) -> None:
-        k = self.steps_per_execution
-        for callback in self.callbacks.callbacks:
-            for name, every in callback.step_intervals().items():
-                if every % k:
-                    raise ValueError(
-                        f"{type(callback).__name__}({name}={every}) is not a multiple of steps_per_execution={k}: "
-                        f"hooks run only between chunks of {k} steps. Use {name}={max(k, every // k * k)} (a "
-                        f"multiple of {k}) or a steps_per_execution that divides {every}.")
-
-    def _build(self, batch: Any) -> None:
-        """Defines the train step for this batch structure (shapes suffice) and sizes the running sums."""
-        self._built_signature = self._step_signature()
-        args = (self.graphdef, self.tx, self.compute_loss, tuple(self.probes), self._halt_after, self.metric_reductions)
-        pure = make_train_step(*args).pure
-        try:
-            jaxpr, (_, metric_shapes) = jax.make_jaxpr(pure, return_shape=True)(self.state, batch)
-        except KeyError as err:  # the default loss's message names the batch keys
-            raise ValueError(err.args[0]) from err
-        self._metric_shapes = metric_shapes
-        self._train_steps = make_train_step(*args, unroll=scan_unroll(jaxpr))
-        self._reset_sums()
-        if self.restored_epoch_sums and self._sums.get(EPOCH_SUMS) is not None:
-            self._sums[EPOCH_SUMS] = restore_sums(self._sums[EPOCH_SUMS], self.restored_epoch_sums)
-            self.restored_epoch_sums = None
-
-    def _check_labels(self, batch: Any, where: str) -> None:
-        """With the default loss, integer labels must lie in ``[0, num_classes)`` (a host check)."""
-        if self.loss_fn is not None or type(self).compute_loss is not Trainer.compute_loss:
-            return
-        try:
-            if self._num_classes is None:  # the model's output size, from shapes only
-                out = jax.eval_shape(lambda s, b: self.predict_step(s.merge(self.graphdef), b), self.state, batch)
-                self._num_classes = out.shape[-1] if hasattr(out, "shape") and out.shape else 0
-            if self._num_classes:
-                losses.check_label_range(losses.batch_labels(batch), self._num_classes, where)
-        except KeyError as err:  # the default loss's message names the batch keys
-            raise ValueError(err.args[0]) from err

@@ -1,0 +1,69 @@
+"""Building the train step for a batch structure, and the host checks that go with it.
+
+Kept apart from ``trainer.py`` (the public surface): these run once per structure (or once per
+batch for the label check) and read the trainer's configuration, never its hot-path state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from trainer import losses
+from trainer.loop import EPOCH_SUMS
+from trainer.step import make_train_step, restore_sums, scan_unroll
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.trainer import Trainer
+
+
+def check_intervals(trainer: "Trainer") -> None:
+    """Refuses callback step intervals that are not multiples of ``steps_per_execution``."""
+    k = trainer.steps_per_execution
+    for callback in trainer.callbacks.callbacks:
+        for name, every in callback.step_intervals().items():
+            if every % k:
+                raise ValueError(
+                    f"{type(callback).__name__}({name}={every}) is not a multiple of steps_per_execution={k}: "
+                    f"hooks run only between chunks of {k} steps. Use {name}={max(k, every // k * k)} (a "
+                    f"multiple of {k}) or a steps_per_execution that divides {every}.")
+
+
+def build_train_steps(trainer: "Trainer", batch: Any) -> None:
+    """Defines the train step for this batch structure (shapes suffice) and sizes the running sums."""
+    trainer._built_signature = trainer._step_signature()
+    args = (trainer.graphdef, trainer.tx, trainer.compute_loss, tuple(trainer.probes), trainer._halt_after,
+            trainer.metric_reductions)
+    pure = make_train_step(*args).pure
+    try:
+        jaxpr, (_, metric_shapes) = jax.make_jaxpr(pure, return_shape=True)(trainer.state, batch)
+    except KeyError as err:  # the default loss's message names the batch keys
+        raise ValueError(err.args[0]) from err
+    trainer._metric_shapes = metric_shapes
+    trainer._train_steps = make_train_step(*args, unroll=scan_unroll(jaxpr))
+    trainer._reset_sums()
+    if trainer.restored_epoch_sums and trainer._sums.get(EPOCH_SUMS) is not None:
+        trainer._sums[EPOCH_SUMS] = restore_sums(trainer._sums[EPOCH_SUMS], trainer.restored_epoch_sums)
+        trainer.restored_epoch_sums = None
+
+
+def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
+    """With the default loss, integer labels must lie in ``[0, num_classes)`` (a host check).
+
+    Runs in the prefetch thread when there is one, so it reads only the state's shapes taken at
+    construction, never ``trainer.state`` (which the loop's thread owns).
+    """
+    from trainer.trainer import Trainer
+
+    if trainer.loss_fn is not None or type(trainer).compute_loss is not Trainer.compute_loss:
+        return
+    try:
+        if trainer._num_classes is None:  # the model's output size, from shapes only
+            out = jax.eval_shape(lambda s, b: trainer.predict_step(s.merge(trainer.graphdef), b),
+                                 trainer._state_shapes, batch)
+            trainer._num_classes = out.shape[-1] if hasattr(out, "shape") and out.shape else 0
+        if trainer._num_classes:
+            losses.check_label_range(losses.batch_labels(batch), trainer._num_classes, where)
+    except KeyError as err:  # the default loss's message names the batch keys
+        raise ValueError(err.args[0]) from err

@@ -4,7 +4,7 @@ JAX dispatches steps asynchronously, so the host can run ahead of the device; ev
 steps (and at least ``min_seconds`` apart) this callback waits for the *previous* step to finish
 (the current one is already queued, so the device never idles) and measures between such
 completions: true rates, not dispatch rates. ``min_seconds`` keeps fast steps from paying for a
-wait a hundred times a second (the tiny MLP at 5,000 steps/s: 15% of its speed).
+wait a hundred times a second (every 50 steps at 5,000 steps/s).
 
 The training guide's "profile data-loading throughput" as numbers in the logs: a ``data_share``
 near 1 means the input pipeline, not the model, sets the pace (prefetch, or make loading cheaper).

@@ -157,7 +157,7 @@ class Feed:
         self._pulled, self._waited, self._since = 0, 0.0, 0.0
         self._clock, self._cpu_clock = clock, cpu_clock if cpu_clock is not None else BusyClock()
         self._place_inline = place_inline  # in the loop's thread, jit's own transfer is cheaper than device_put
-        self.measured_share: float | None = None  # "auto": the share of time the loop sat idle waiting for data
+        self.measured_share: float | None = None  # "auto": the share of time the loop sat blocked on the data
 
     def __iter__(self) -> "Feed":
         return self
@@ -165,19 +165,21 @@ class Feed:
     def __next__(self) -> Any:
         if self._thread is not None:
             return next(self._thread)
-        started, cpu_started = self._clock(), self._cpu_clock()
+        if self.depth_in_use is not None:  # decided (or not "auto"): nothing to measure
+            item = next(self._source)
+            return self._place(item) if self._place_inline else item
+        started, cpu_started = self._clock(), self._cpu_clock()  # "auto", still measuring
         item = next(self._source)
         self._pulled += 1
-        if self.depth_in_use is None:  # "auto", still measuring
-            if self._pulled == 2:
-                self._since, self._waited = started, 0.0
-            self._waited += max(0.0, (self._clock() - started) - (self._cpu_clock() - cpu_started))
-            elapsed = self._clock() - self._since
-            if self._pulled >= self._probe + 2 and elapsed >= self._probe_seconds:
-                share = self.measured_share = self._waited / max(elapsed, 1e-9)
-                self.depth_in_use = 2 if share > self._threshold else 0
-                if self.depth_in_use:
-                    self._thread = Prefetcher(self._source, self.depth_in_use, self._place)
+        if self._pulled == 2:
+            self._since, self._waited = started, 0.0
+        self._waited += max(0.0, (self._clock() - started) - (self._cpu_clock() - cpu_started))
+        elapsed = self._clock() - self._since
+        if self._pulled >= self._probe + 2 and elapsed >= self._probe_seconds:
+            share = self.measured_share = self._waited / max(elapsed, 1e-9)
+            self.depth_in_use = 2 if share > self._threshold else 0
+            if self.depth_in_use:
+                self._thread = Prefetcher(self._source, self.depth_in_use, self._place)
         return self._place(item) if self._place_inline else item
 
     def close(self) -> None:

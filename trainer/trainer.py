@@ -62,8 +62,8 @@ class Trainer:
       prefetch: batches (or chunks) a background thread keeps ready on the device; 0 loads them in
         the loop's own thread (dispatch is asynchronous, so that already overlaps with the device's
         work, and no thread competes for the GIL: on 2 cores a thread cost 0.6 ms a step). ``"auto"``:
-        the loop's thread first; if the loop sits idle waiting for data more than 30% of the time
-        over the first 0.25 s (a disk, a sleep: loading limits the loop), a thread of depth 2
+        the loop's thread first; if the loop sits blocked waiting for data more than 30% of the
+        time over the first 0.25 s (a disk, a sleep: loading limits the loop), a thread of depth 2
         (``prefetch_in_use`` says which); loading that keeps the loop's thread busy stays inline.
       ragged_batches: a batch smaller than the first (an epoch's last) is ``"drop"``-ped (with a
         warning), or ``"pad"``-ded to full size with a boolean ``batch["mask"]`` of real rows, which

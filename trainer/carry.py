@@ -33,52 +33,53 @@ def flat_jit(fn: Callable[[Any, Any, Any], tuple[Any, Any, Any]]) -> FlatStep:
 
 
 class Carry:
-    """Holds ``state`` and ``sums`` either structured or flat, converting only on a change of hands.
+    """Holds ``state`` and ``sums`` each either structured or flat, converting only on a change of hands.
 
     Reading ``state`` or ``sums`` hands out the structured form (which the reader may replace or,
-    for the sums dict, update in place); the next ``run`` flattens it again. So a callback that
-    reads every N steps costs one conversion per N steps.
+    for the sums dict, update in place); the next ``run`` flattens it again. The two convert
+    independently: a logger taking its window's sums every N steps never rebuilds the state.
     """
 
     def __init__(self, state: Any = None) -> None:
         self._state, self._sums = state, {}
-        self._flat: tuple | None = None  # (state_def, sums_def, state_leaves, sums_leaves)
+        self._state_flat: tuple | None = None  # (treedef, leaves) while the loop holds it
+        self._sums_flat: tuple | None = None
 
     @property
     def state(self) -> Any:
-        self._structure()
+        self._structure_state()
         return self._state
 
     @state.setter
     def state(self, value: Any) -> None:
-        self._structure()
-        self._state = value
+        self._state, self._state_flat = value, None
 
     @property
     def sums(self) -> dict:
-        self._structure()
+        self._structure_sums()
         return self._sums
 
     @sums.setter
     def sums(self, value: dict) -> None:
-        self._structure()
-        self._sums = value
+        self._sums, self._sums_flat = value, None
 
     def run(self, step: FlatStep, batch: Any) -> Any:
         """Dispatches ``step`` (a ``flat_jit``) on the carry and ``batch``; returns its third output."""
-        if self._flat is None:
-            state_leaves, state_def = jax.tree.flatten(self._state)
-            sums_leaves, sums_def = jax.tree.flatten(self._sums)
-            self._flat = (state_def, sums_def, state_leaves, sums_leaves)
-            self._state = self._sums = None
-        state_def, sums_def, state_leaves, sums_leaves = self._flat
+        if self._state_flat is None:
+            leaves, treedef = jax.tree.flatten(self._state)
+            self._state_flat, self._state = (treedef, leaves), None
+        if self._sums_flat is None:
+            leaves, treedef = jax.tree.flatten(self._sums)
+            self._sums_flat, self._sums = (treedef, leaves), None
+        (state_def, state_leaves), (sums_def, sums_leaves) = self._state_flat, self._sums_flat
         state_leaves, sums_leaves, out = step(state_def, sums_def, state_leaves, sums_leaves, batch)
-        self._flat = (state_def, sums_def, state_leaves, sums_leaves)
+        self._state_flat, self._sums_flat = (state_def, state_leaves), (sums_def, sums_leaves)
         return out
 
-    def _structure(self) -> None:
-        if self._flat is not None:
-            state_def, sums_def, state_leaves, sums_leaves = self._flat
-            self._state = jax.tree.unflatten(state_def, state_leaves)
-            self._sums = jax.tree.unflatten(sums_def, sums_leaves)
-            self._flat = None
+    def _structure_state(self) -> None:
+        if self._state_flat is not None:
+            self._state, self._state_flat = jax.tree.unflatten(*self._state_flat), None
+
+    def _structure_sums(self) -> None:
+        if self._sums_flat is not None:
+            self._sums, self._sums_flat = jax.tree.unflatten(*self._sums_flat), None

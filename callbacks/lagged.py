@@ -61,8 +61,17 @@ class LaggedFetch:
         self._pending.popleft()
         self.fetches += 1
         if packed is None:
-            return step, jax.device_get(rest)
-        return step, jax.tree.unflatten(rest, _unpack(specs, jax.device_get(packed)))
+            return step, to_host(rest)
+        return step, jax.tree.unflatten(rest, _unpack(specs, to_host(packed)))
+
+
+def to_host(values: Any) -> Any:
+    """``values`` with every array as a host numpy array: ``jax.device_get`` without its per-call cost.
+
+    ``jax.device_get`` measured 30-80 us a call on CPU for one ready 10-float array against 2 us for
+    ``np.asarray``: read every step or chunk, that difference is host time taken from the device.
+    """
+    return jax.tree.map(np.asarray, values)
 
 
 def _groups(specs: tuple) -> list:

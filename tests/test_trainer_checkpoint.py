@@ -269,3 +269,17 @@ def test_second_sigint_during_the_save_still_leaves_a_good_checkpoint(tmp_path):
     assert resumed.returncode == 0 and "resumed from checkpoint step 5" in resumed.stderr
     a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
     assert bitwise_equal([a[k] for k in a.files], [b[k] for k in b.files])
+
+
+def test_checksum_reads_the_same_bytes_as_a_copy():
+    """The in-place CRC32 equals the CRC32 of ``tobytes()`` for every dtype a state holds, 0-d included."""
+    import zlib
+
+    import ml_dtypes
+
+    from trainer.checkpoint_store import crc32
+
+    rng = np.random.default_rng(0)
+    for value in (rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=7).astype(ml_dtypes.bfloat16),
+                  np.array(3, np.int32), np.array([True, False, True]), rng.integers(0, 9, (2, 2, 2)).astype(np.uint32)):
+        assert crc32(value) == zlib.crc32(value.tobytes()), value.dtype

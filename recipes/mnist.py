@@ -60,7 +60,7 @@ class MnistConfig:
     nan_policy: str = "raise"
     plots: bool = True
     checkpoint: bool = True
-    checkpoint_min_seconds: float | None = None
+    checkpoint_min_seconds: float | None = 30.0
     resume: bool = False
     export: str | None = None
     optim: MnistOptim = dataclasses.field(default_factory=MnistOptim)
@@ -82,14 +82,14 @@ HELP = {
     "nan_policy": "non-finite loss/gradients: raise or skip",
     "plots": "PNG curves and a prediction grid in <workdir>/plots at the end",
     "checkpoint": "checkpoint every epoch into <workdir>/checkpoints (SIGTERM/SIGINT save and exit)",
-    "checkpoint_min_seconds": "skip a periodic checkpoint due sooner than this after the last (None: never skip)",
+    "checkpoint_min_seconds": "skip a periodic checkpoint due sooner than this after the last (none: never skip); the last is always saved",
     "resume": "continue from the newest good checkpoint in <workdir>/checkpoints",
     "export": "after training, write the model for inference to this folder (load_exported reads it)",
 }
 
 DESCRIPTION = """Train the CNN of the training guide on MNIST. Default callbacks: progress bar, metrics
 logging (console + JSONL + TensorBoard, with learning rate, gradient norm and throughput), evaluation
-on the test digits every epoch, NaN detection, checkpoints every epoch, and plots (curves, prediction grid)."""
+on the test digits every epoch, NaN detection, checkpoints every epoch (at most one per 30 s), and plots (curves, prediction grid)."""
 
 
 class RandomShift(nnx.Module):

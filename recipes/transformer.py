@@ -68,7 +68,7 @@ class TransformerConfig:
     log_every: int = 50
     progress: bool = True
     checkpoint: bool = True
-    checkpoint_min_seconds: float | None = None
+    checkpoint_min_seconds: float | None = 30.0
     resume: bool = False
     export: str | None = None
     optim: TransformerOptim = dataclasses.field(default_factory=TransformerOptim)
@@ -85,7 +85,7 @@ HELP = {
     "sample_length": "characters per sample", "temperature": "sampling temperature", "top_k": "sample among the k likeliest",
     "log_every": "steps per logged window", "progress": "progress bar",
     "checkpoint": "checkpoint at every evaluation into <workdir>/checkpoints",
-    "checkpoint_min_seconds": "skip a periodic checkpoint due sooner than this after the last (None: never skip)",
+    "checkpoint_min_seconds": "skip a periodic checkpoint due sooner than this after the last (none: never skip); the last is always saved",
     "resume": "continue from the newest checkpoint", "export": "write the trained model to this folder",
 }
 

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -36,6 +37,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def environment() -> dict[str, Any]:
     """What can change numerics between runs: library versions, XLA flags, x64, devices."""
+    devices = jax.devices()
+    return {**_versions(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "x64": bool(jax.config.jax_enable_x64),
+            "device_kind": devices[0].device_kind, "device_count": len(devices)}
+
+
+@functools.lru_cache(maxsize=None)
+def _versions() -> dict[str, str | None]:
+    """Installed versions, read once per process (``importlib.metadata`` parses files: ~13 ms a save)."""
     import importlib.metadata as md
 
     versions = {}
@@ -44,9 +53,7 @@ def environment() -> dict[str, Any]:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = None
-    devices = jax.devices()
-    return {**versions, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "x64": bool(jax.config.jax_enable_x64),
-            "device_kind": devices[0].device_kind, "device_count": len(devices)}
+    return versions
 
 
 def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

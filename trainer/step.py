@@ -147,21 +147,7 @@ def make_train_step(
 
             # A conditional, not a select of new and old: the update then runs in place on the
             # donated buffers (a select made XLA copy params and optimizer state every step).
-            import os
-            gv = os.environ.get("GV", "cond")
-            if gv == "cond":
-                params, opt_state, updates, lr = jax.lax.cond(ok, apply, keep, params, state.opt_state)
-            elif gv == "where":
-                p2, o2, u2, lr = apply(params, state.opt_state)
-                params = _select(ok, p2, params); opt_state = _select(ok, o2, state.opt_state)
-                updates = jax.tree.map(lambda u: jnp.where(ok, u, 0), u2)
-            elif gv == "zero":
-                u2, o2 = tx.update(grads, state.opt_state, params)
-                updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), u2)
-                params = optax.apply_updates(params, updates)
-                opt_state = _select(ok, o2, state.opt_state); lr = _lr(o2)
-            elif gv == "none":
-                params, opt_state, updates, lr = apply(params, state.opt_state)
+            params, opt_state, updates, lr = jax.lax.cond(ok, apply, keep, params, state.opt_state)
             model_state = _select(ok, model_state, state.model_state)
         metrics = {"loss": loss, **metrics}
         info = StepInfo(grads, updates, params, opt_state, loss)

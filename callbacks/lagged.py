@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import collections
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from trainer.packing import pack_jit, unpack
 
 
 class LaggedFetch:
@@ -31,7 +32,7 @@ class LaggedFetch:
         leaves, treedef = jax.tree.flatten(values)
         if len(leaves) > 1 and all(isinstance(x, jax.Array) for x in leaves):
             specs = tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
-            packed = _pack(specs, leaves)
+            packed = pack_jit(specs, leaves)
             for array in packed:
                 array.copy_to_host_async()
             self._pending.append((step, (packed, specs, treedef)))
@@ -62,7 +63,7 @@ class LaggedFetch:
         self.fetches += 1
         if packed is None:
             return step, to_host(rest)
-        return step, jax.tree.unflatten(rest, _unpack(specs, to_host(packed)))
+        return step, jax.tree.unflatten(rest, unpack(specs, to_host(packed)))
 
 
 def to_host(values: Any) -> Any:
@@ -72,25 +73,3 @@ def to_host(values: Any) -> Any:
     ``np.asarray``: read every step or chunk, that difference is host time taken from the device.
     """
     return jax.tree.map(np.asarray, values)
-
-
-def _groups(specs: tuple) -> list:
-    """The dtypes of ``specs`` in first-seen order (one packed array each)."""
-    return list(dict.fromkeys(dtype for _, dtype in specs))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _pack(specs: tuple, leaves: list) -> list:
-    return [jnp.concatenate([jnp.ravel(x) for x, (_, d) in zip(leaves, specs) if d == dtype])
-            for dtype in _groups(specs)]
-
-
-def _unpack(specs: tuple, packed: list) -> list:
-    offsets = {dtype: 0 for dtype in _groups(specs)}
-    flat = dict(zip(_groups(specs), packed))
-    out = []
-    for shape, dtype in specs:
-        size = int(np.prod(shape, dtype=np.int64))
-        out.append(flat[dtype][offsets[dtype]:offsets[dtype] + size].reshape(shape))
-        offsets[dtype] += size
-    return out

@@ -1,0 +1,114 @@
+"""Small leaves of the state and sums travel packed, one array per dtype; unpacking gives them back exactly."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import TinyMLP
+from callbacks import GradNormMonitor, LearningRateMonitor, MetricsLogger, NaNDetector
+from trainer import ArrayLoader, Callback, Trainer, make_optimizer
+from trainer.packing import SMALL, Layout
+
+
+def mixed_tree():
+    return {"step": jnp.asarray(7, jnp.int32), "lr": jnp.float32(0.25), "halted": jnp.asarray(True),
+            "bias": jnp.arange(5, dtype=jnp.bfloat16), "count": np.array([3, 4], np.int32),
+            "weights": jnp.ones((SMALL + 1,), jnp.float32), "key": jax.random.key(0)}
+
+
+def test_split_and_unpack_give_back_every_leaf_exactly():
+    tree = mixed_tree()
+    layout, large, packed = Layout.split(tree)
+    assert len(packed) == 4  # int32, float32, bool, bfloat16: one array per dtype of the small leaves
+    back = layout.unpacked(large, packed)
+    assert back["weights"] is tree["weights"]  # large arrays are not copied
+    assert jnp.array_equal(jax.random.key_data(back["key"]), jax.random.key_data(tree["key"]))
+    for name in ("step", "lr", "halted", "bias", "count"):
+        assert back[name].dtype == tree[name].dtype and back[name].shape == tree[name].shape, name
+        np.testing.assert_array_equal(np.asarray(back[name]), np.asarray(tree[name]))
+
+
+def test_equal_layouts_are_one_object():
+    first, _, _ = Layout.split(mixed_tree())
+    second, _, _ = Layout.split(mixed_tree())
+    assert first is second
+    other, _, _ = Layout.split({**mixed_tree(), "step": jnp.zeros((2,), jnp.int32)})
+    assert other is not first and other != first
+
+
+def test_a_compiled_function_joins_and_splits_with_the_same_layout():
+    tree = mixed_tree()
+    layout, large, packed = Layout.split(tree)
+
+    @jax.jit
+    def advance(large, packed):
+        t = layout.join(large, packed)
+        t = dict(t, step=t["step"] + 1, lr=t["lr"] * 2, bias=t["bias"] + 1)
+        return layout.split_traced(t)
+
+    back = layout.unpacked(*advance(large, packed))
+    assert int(back["step"]) == 8 and back["step"].dtype == jnp.int32
+    assert float(back["lr"]) == 0.5
+    np.testing.assert_array_equal(np.asarray(back["bias"], np.float32), np.arange(1, 6, dtype=np.float32))
+
+
+def test_a_step_that_changes_a_small_leafs_shape_is_refused_by_name():
+    layout, large, packed = Layout.split(mixed_tree())
+
+    def grow(large, packed):
+        t = layout.join(large, packed)
+        return layout.split_traced(dict(t, count=jnp.zeros((3,), jnp.int32)))
+
+    with pytest.raises(ValueError, match=r"changed the shape of a state leaf from \(2,\) to \(3,\)"):
+        jax.jit(grow)(large, packed)
+
+
+def test_the_train_step_moves_only_large_leaves_and_one_array_per_dtype(data):
+    class Carried(Callback):  # what the last step handed back, before the fit's end reads it
+        def on_step_end(self, trainer, step, metrics):
+            self.state, self.sums = trainer._carry._state_flat, trainer._carry._sums_flat
+
+    carried = Carried()
+    logger = MetricsLogger([], log_every=2)  # hands its sums over every 2 steps: a new split each time
+    callbacks = [NaNDetector(policy="skip"), GradNormMonitor(every=2), LearningRateMonitor(), carried, logger]
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), make_optimizer("adamw", learning_rate=1e-2), max_epochs=3,
+                      callbacks=callbacks)
+    trainer.fit(ArrayLoader(data, 16))
+    _, state_large, state_packed = carried.state
+    _, sums_large, sums_packed = carried.sums
+    state_leaves = jax.tree.leaves(trainer.state)
+    small = [x for x in state_leaves if x.size <= SMALL and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)]
+    assert len(small) >= 10  # step, guard, optimizer count and hyperparameters, biases and their moments...
+    assert len(state_packed) == len({x.dtype for x in small}) and len(state_large) == len(state_leaves) - len(small)
+    assert sums_large == [] and len(sums_packed) <= 2
+    assert trainer._train_steps.single._cache_size() == 1  # 9 hand-overs of the sums, one compiled step
+
+
+def test_packed_training_matches_plain_optax_exactly(data):
+    """The trainer (packed carry) and a hand-written optax loop give bitwise the same parameters."""
+    model = TinyMLP(rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.adam(1e-2)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), tx, max_steps=6)
+    trainer.fit(ArrayLoader(data, 16, shuffle=False))
+
+    def loss_fn(p, batch):
+        logits = nnx.merge(graphdef, p, rest)(batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    @jax.jit
+    def step(p, opt, batch):
+        grads = jax.grad(loss_fn)(p, batch)
+        updates, opt = tx.update(grads, opt, p)
+        return optax.apply_updates(p, updates), opt
+
+    opt = tx.init(params)
+    for batch, _ in zip(ArrayLoader(data, 16, shuffle=False), range(6)):
+        params, opt = step(params, opt, batch)
+    for ours, theirs in zip(jax.tree.leaves(trainer.state.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))

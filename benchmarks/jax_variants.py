@@ -33,7 +33,10 @@ def _flops(compiled) -> float | None:
         return None
 
 
-def run_hand(workload: str, pacer: Pacer, steps_per_execution: int = 1) -> None:
+def run_hand(workload: str, pacer: Pacer, steps_per_execution: int = 1, over_leaves: bool = False) -> None:
+    """The hand-written loop; ``over_leaves``: jitted over the flat leaves of (params, rest, optimizer
+    state) instead of the ``nnx.State`` pytrees, whose flattening in Python every call an expert
+    would notice in a profile of a tiny model (``hand_leaves``)."""
     model = workloads.jax_model(workload)
     tx, loss_fn = workloads.jax_optimizer(workload), workloads.jax_loss(workload)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -50,26 +53,35 @@ def run_hand(workload: str, pacer: Pacer, steps_per_execution: int = 1) -> None:
         return optax.apply_updates(params, updates), rest_new, opt_state, {"loss": loss, **metrics}
 
     k = steps_per_execution
-    if k == 1:
-        step = jax.jit(train_step, donate_argnums=(0, 1, 2))
-        feed = batches
+    unroll = True if workload == "mnist_cnn" and jax.default_backend() == "cpu" else 1
+
+    def scanned(params, rest, opt_state, chunk):
+        def body(carry, batch):
+            *carry, metrics = train_step(*carry, batch)
+            return tuple(carry), metrics
+
+        (params, rest, opt_state), metrics = jax.lax.scan(body, (params, rest, opt_state), chunk, unroll=unroll)
+        return params, rest, opt_state, metrics
+
+    fn = train_step if k == 1 else scanned
+    treedef = jax.tree.structure((params, rest, opt_state))
+    if over_leaves:
+        def flat(leaves, chunk):
+            *carry, metrics = fn(*jax.tree.unflatten(treedef, leaves), chunk)
+            return treedef.flatten_up_to(tuple(carry)), metrics
+
+        step = jax.jit(flat, donate_argnums=0)
+        args = (treedef.flatten_up_to((params, rest, opt_state)),)
     else:
-        unroll = True if workload == "mnist_cnn" and jax.default_backend() == "cpu" else 1
-
-        def scanned(params, rest, opt_state, chunk):
-            def body(carry, batch):
-                *carry, metrics = train_step(*carry, batch)
-                return tuple(carry), metrics
-
-            (params, rest, opt_state), metrics = jax.lax.scan(body, (params, rest, opt_state), chunk, unroll=unroll)
-            return params, rest, opt_state, metrics
-
-        step = jax.jit(scanned, donate_argnums=(0, 1, 2))
+        step = jax.jit(fn, donate_argnums=(0, 1, 2))
+        args = (params, rest, opt_state)
     stacked = lambda i: jax.tree.map(lambda *xs: np.stack(xs), *batches[i:i + k])  # noqa: E731
     pacer.start()  # the compilation below counts, as the Trainer's does
     if k == 1:
-        pacer.extra["flops_per_step"] = _flops(step.lower(params, rest, opt_state, batches[0]).compile())
+        pacer.extra["flops_per_step"] = _flops(step.lower(*args, batches[0]).compile())
+
     def checksum():  # every variant runs the same steps on the same batches: compare XLA flags by it
+        params = (jax.tree.unflatten(treedef, args[0]) if over_leaves else args)[0]
         leaves = jax.tree.leaves(jax.device_get(params))
         return {"param_abs_sum": float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in leaves))}
 
@@ -77,9 +89,14 @@ def run_hand(workload: str, pacer: Pacer, steps_per_execution: int = 1) -> None:
     i = 0
     while True:  # the host batches of a chunk are stacked in the loop, as a stream of batches needs
         chunk = batches[i] if k == 1 else stacked(i)
-        params, rest, opt_state, metrics = step(params, rest, opt_state, chunk)
+        if over_leaves:
+            leaves, metrics = step(*args, chunk)
+            args = (leaves,)
+        else:
+            params, rest, opt_state, metrics = step(*args, chunk)
+            args = (params, rest, opt_state)
         i = (i + k) % len(batches)
-        pacer.step_done(k, sync=lambda: jax.block_until_ready((params, opt_state)))
+        pacer.step_done(k, sync=lambda: jax.block_until_ready(args))
 
 
 def default_callbacks(workload: str, workdir: str) -> list:

@@ -17,6 +17,8 @@ from benchmarks.protocol import Pacer
 VARIANTS = {
     "hand": ("benchmarks.jax_variants", "run_hand", {}),
     "hand_scan10": ("benchmarks.jax_variants", "run_hand", {"steps_per_execution": 10}),
+    "hand_leaves": ("benchmarks.jax_variants", "run_hand", {"over_leaves": True}),
+    "hand_leaves_scan10": ("benchmarks.jax_variants", "run_hand", {"over_leaves": True, "steps_per_execution": 10}),
     "trainer_bare": ("benchmarks.jax_variants", "run_trainer", {"callbacks": "none"}),
     "trainer_default": ("benchmarks.jax_variants", "run_trainer", {"callbacks": "default"}),
     "trainer_k10": ("benchmarks.jax_variants", "run_trainer", {"callbacks": "default", "steps_per_execution": 10}),

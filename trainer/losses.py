@@ -67,11 +67,23 @@ def batch_labels(batch: Batch) -> Any:
     )
 
 
+_AS_UNSIGNED = {np.dtype(f"i{n}"): np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
+
+
 def check_label_range(labels: Any, num_classes: int, where: str) -> None:
-    """Refuses host integer labels outside ``[0, num_classes)`` (on the device they would be silently wrong)."""
+    """Refuses host integer labels outside ``[0, num_classes)`` (on the device they would be silently wrong).
+
+    One pass per batch: read as unsigned, a negative label is larger than any class index, so the
+    maximum alone decides (the exact range is computed only for the error message).
+    """
     if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.size:
-        low, high = np.minimum.reduce(labels, axis=None), np.maximum.reduce(labels, axis=None)
-        if low < 0 or high >= num_classes:
+        unsigned = _AS_UNSIGNED.get(labels.dtype)
+        if unsigned is not None:
+            bad = np.maximum.reduce(labels.view(unsigned), axis=None) >= num_classes
+        else:  # unsigned already, or signed in the other byte order
+            bad = labels.max() >= num_classes or (labels.dtype.kind == "i" and labels.min() < 0)
+        if bad:
+            low, high = labels.min(), labels.max()
             raise ValueError(
                 f"labels at {where} lie in [{low}, {high}] but the model gives {num_classes} classes, so "
                 f"labels must be in [0, {num_classes}). Fix the labels or the model's output size."

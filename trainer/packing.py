@@ -1,12 +1,13 @@
-"""Packs a pytree's small arrays into one array per dtype, so a compiled call moves a few buffers.
+"""Packs a pytree's scalars into one array per dtype, so a compiled call moves a few buffers.
 
 Each argument and result of a ``jax.jit`` call costs the host a buffer of bookkeeping: ~1.4 us on
-XLA:CPU and several times that on a GPU, where the loop of a small model is bound by the host.
+XLA:CPU, and on a GPU, where the loop of a small model is bound by the host, it showed as the
+default callbacks' main cost (``benchmarks/RESULTS.md``).
 The trainer's state and running sums hold dozens of scalars (step counter, optimizer count and
 hyperparameters, the non-finite guard, one total and count per metric and reader), so between
 steps they travel packed (``Layout.split``) and are sliced back out inside the compiled step
-(``Layout.join``), which XLA does for free. Large arrays and anything not fully replicated across
-devices travel as they are.
+(``Layout.join``), which XLA does for free. Arrays, PRNG keys and anything not fully replicated
+across devices travel as they are.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SMALL = 1024  # elements: arrays up to this size are packed (copying 4 KiB costs less than a buffer)
+# Elements: only scalars are packed (the step counter, optimizer count and hyperparameters, the
+# guard's counters, the running sums). Packing vectors too (biases and their moments) saved the tiny
+# MLP another ~15-25 us a call, but raised the transformer step's compile-time peak RSS by up to
+# 100 MB and changed the rounding of a bias's update between a single step and the same step in a
+# fused scan by one ulp (XLA fused its arithmetic into the slices and concatenations differently).
+SMALL = 1
 
 
 def groups(specs: Sequence[tuple[tuple[int, ...], Any]]) -> list:

@@ -4,7 +4,7 @@
 27-leaf state that is ~160 us a step, 40% of a 0.4 ms step. A list of arrays crosses ``jax.jit``
 in C++, so the loop hands the compiled step flat leaves with their tree definitions as static
 arguments, and the structured ``TrainState`` / sums are rebuilt only when someone reads them
-(a callback at its interval, a checkpoint), not every step. Their small leaves travel packed,
+(a callback at its interval, a checkpoint), not every step. Their scalars travel packed,
 one array per dtype (``trainer.packing``): each buffer a call moves costs the host time.
 """
 

@@ -14,10 +14,9 @@ from typing import Any
 import collections
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from trainer.packing import pack_jit, unpack
+from trainer.packing import pack_jit, specs_of, unpack
 
 
 class LaggedFetch:
@@ -31,7 +30,7 @@ class LaggedFetch:
         """Starts copying ``values`` (a pytree of device arrays) to the host."""
         leaves, treedef = jax.tree.flatten(values)
         if len(leaves) > 1 and all(isinstance(x, jax.Array) for x in leaves):
-            specs = tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
+            specs = specs_of(leaves)
             packed = pack_jit(specs, leaves)
             for array in packed:
                 array.copy_to_host_async()

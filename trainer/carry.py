@@ -22,13 +22,13 @@ FlatStep = Callable[..., tuple[list, list, list, list, Any]]
 def flat_jit(fn: Callable[[Any, Any, Any], tuple[Any, Any, Any]]) -> FlatStep:
     """``fn(state, sums, batch) -> (state, sums, out)`` jitted over flat, packed leaves.
 
-    The result is called as ``(state_layout, sums_layout, state_large, state_packed, sums_large,
+    The result is called as ``(state_layout, sums_layout, state_arrays, state_packed, sums_arrays,
     sums_packed, batch)`` and returns the four lists of leaves and ``out``: the layouts
     (``trainer.packing.Layout``) are static (hashed, not flattened), the leaves donated.
     """
 
-    def flat(state_layout, sums_layout, state_large, state_packed, sums_large, sums_packed, batch):
-        state, sums, out = fn(state_layout.join(state_large, state_packed), sums_layout.join(sums_large, sums_packed),
+    def flat(state_layout, sums_layout, state_arrays, state_packed, sums_arrays, sums_packed, batch):
+        state, sums, out = fn(state_layout.join(state_arrays, state_packed), sums_layout.join(sums_arrays, sums_packed),
                               batch)
         return (*state_layout.split_traced(state), *sums_layout.split_traced(sums), out)
 
@@ -45,7 +45,7 @@ class Carry:
 
     def __init__(self, state: Any = None) -> None:
         self._state, self._sums = state, {}
-        self._state_flat: tuple | None = None  # (layout, large leaves, packed arrays) while the loop holds it
+        self._state_flat: tuple | None = None  # (layout, other leaves, packed scalars) while the loop holds it
         self._sums_flat: tuple | None = None
 
     @property
@@ -73,9 +73,9 @@ class Carry:
         if self._sums_flat is None:
             self._sums_flat, self._sums = Layout.split(self._sums), None
         state_layout, sums_layout = self._state_flat[0], self._sums_flat[0]
-        state_large, state_packed, sums_large, sums_packed, out = step(
+        state_arrays, state_packed, sums_arrays, sums_packed, out = step(
             state_layout, sums_layout, *self._state_flat[1:], *self._sums_flat[1:], batch)
-        self._state_flat, self._sums_flat = (state_layout, state_large, state_packed), (sums_layout, sums_large, sums_packed)
+        self._state_flat, self._sums_flat = (state_layout, state_arrays, state_packed), (sums_layout, sums_arrays, sums_packed)
         return out
 
     def _structure_state(self) -> None:

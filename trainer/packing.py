@@ -50,6 +50,11 @@ def unpack(specs: Sequence[tuple[tuple[int, ...], Any]], packed: Sequence[Any]) 
     return out
 
 
+def specs_of(leaves: Sequence[Any]) -> tuple:
+    """``(shape, dtype)`` of each leaf (arrays or ``jax.ShapeDtypeStruct``s): a static, hashable description."""
+    return tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
+
+
 def _packable(leaf: Any) -> bool:
     if not isinstance(leaf, (jax.Array, np.ndarray)) or leaf.size > SMALL:
         return False
@@ -62,21 +67,22 @@ def _packable(leaf: Any) -> bool:
 class Layout:
     """A pytree's structure and which of its leaves travel packed (static: hashed by the jit cache).
 
-    ``split(tree) -> (large, packed)`` on the host; inside a compiled function ``join(large,
+    ``split(tree) -> (arrays, packed)`` on the host; inside a compiled function ``join(arrays,
     packed) -> tree`` and ``split_traced(tree)`` for the result, which must keep the leaves'
     shapes and dtypes (a weakly typed result is cast back to the dtype it came in with).
     """
 
     def __init__(self, treedef: Any, leaves: Sequence[Any]):
         self.treedef = treedef
-        self.small = tuple(i for i, leaf in enumerate(leaves) if _packable(leaf))
-        self.specs = tuple((tuple(leaves[i].shape), jnp.dtype(leaves[i].dtype)) for i in self.small)
-        self._key = (treedef, self.small, self.specs)
+        self.scalars = tuple(i for i, leaf in enumerate(leaves) if _packable(leaf))
+        self.specs = specs_of([leaves[i] for i in self.scalars])
+        self._key = (treedef, self.scalars, self.specs)
         self._hash = hash(self._key)
 
     @classmethod
     def split(cls, tree: Any) -> tuple["Layout", list, list]:
-        """The layout of ``tree`` and its large and packed leaves (one small compiled call packs).
+        """The layout of ``tree``, its leaves that travel as they are, and its packed scalars (one small
+        compiled call packs).
 
         Equal layouts are one object: the jit cache then matches them by identity, not by a
         comparison of tree definitions and dtypes that costs ~16 us a call.
@@ -84,37 +90,37 @@ class Layout:
         leaves, treedef = jax.tree.flatten(tree)
         layout = cls(treedef, leaves)
         layout = _interned.setdefault(layout._key, layout)
-        large, small = layout._partition(leaves)
-        return layout, large, (pack_jit(layout.specs, small) if small else [])
+        arrays, scalars = layout._partition(leaves)
+        return layout, arrays, (pack_jit(layout.specs, scalars) if scalars else [])
 
-    def join(self, large: Sequence[Any], packed: Sequence[Any]) -> Any:
-        """The tree again from its large leaves and packed arrays (traceable)."""
-        small = unpack(self.specs, packed) if self.small else []
-        return jax.tree.unflatten(self.treedef, self._merge(large, small))
+    def join(self, arrays: Sequence[Any], packed: Sequence[Any]) -> Any:
+        """The tree again from its other leaves and packed scalars (traceable)."""
+        scalars = unpack(self.specs, packed) if self.scalars else []
+        return jax.tree.unflatten(self.treedef, self._merge(arrays, scalars))
 
     def split_traced(self, tree: Any) -> tuple[list, list]:
-        """``tree`` (the same structure) as large leaves and packed arrays, inside a trace."""
+        """``tree`` (the same structure) as its other leaves and packed scalars, inside a trace."""
         leaves = self.treedef.flatten_up_to(tree)
-        large, small = self._partition(leaves)
-        for i, (x, (shape, dtype)) in enumerate(zip(small, self.specs)):
+        arrays, scalars = self._partition(leaves)
+        for i, (x, (shape, dtype)) in enumerate(zip(scalars, self.specs)):
             if tuple(x.shape) != shape:
                 raise ValueError(f"the compiled step changed the shape of a state leaf from {shape} to "
                                  f"{tuple(x.shape)}; a step must return arrays shaped as it got them.")
-            small[i] = x.astype(dtype)
-        return large, (pack(self.specs, small) if small else [])
+            scalars[i] = x.astype(dtype)
+        return arrays, (pack(self.specs, scalars) if scalars else [])
 
-    def unpacked(self, large: Sequence[Any], packed: Sequence[Any]) -> Any:
+    def unpacked(self, arrays: Sequence[Any], packed: Sequence[Any]) -> Any:
         """``join`` on the host: the tree of device arrays (one small compiled call unpacks)."""
-        small = _unpack_jit(self.specs, packed) if self.small else []
-        return jax.tree.unflatten(self.treedef, self._merge(large, small))
+        scalars = _unpack_jit(self.specs, packed) if self.scalars else []
+        return jax.tree.unflatten(self.treedef, self._merge(arrays, scalars))
 
     def _partition(self, leaves: Sequence[Any]) -> tuple[list, list]:
-        chosen = set(self.small)
-        return ([x for i, x in enumerate(leaves) if i not in chosen], [leaves[i] for i in self.small])
+        chosen = set(self.scalars)
+        return ([x for i, x in enumerate(leaves) if i not in chosen], [leaves[i] for i in self.scalars])
 
-    def _merge(self, large: Sequence[Any], small: Sequence[Any]) -> list:
-        large, small, chosen = iter(large), iter(small), set(self.small)
-        return [next(small) if i in chosen else next(large) for i in range(self.treedef.num_leaves)]
+    def _merge(self, arrays: Sequence[Any], scalars: Sequence[Any]) -> list:
+        arrays, scalars, chosen = iter(arrays), iter(scalars), set(self.scalars)
+        return [next(scalars) if i in chosen else next(arrays) for i in range(self.treedef.num_leaves)]
 
     def __hash__(self) -> int:
         return self._hash

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from trainer.packing import specs_of
+
 
 @struct.dataclass
 class TrainState:
@@ -47,7 +49,7 @@ class TrainState:
 def zeros_like_tree(tree: Any) -> Any:
     """Device zeros shaped like ``tree`` (arrays or ``jax.ShapeDtypeStruct``s), in one dispatch."""
     leaves, treedef = jax.tree.flatten(tree)
-    return jax.tree.unflatten(treedef, _zeros(tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)))
+    return jax.tree.unflatten(treedef, _zeros(specs_of(leaves)))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -11,6 +11,7 @@ from flax import nnx
 from callbacks import Callback, GradNormMonitor, MetricsLogger, MetricWriter, NaNDetector
 from conftest import TinyMLP, make_data
 from trainer import ArrayLoader, Checkpoint, Trainer, last_value
+from trainer.step import use_chunk_guard
 
 
 class Executions(Callback):
@@ -114,13 +115,47 @@ def test_bad_steps_per_execution(value):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=value)
 
 
+def assert_same_runs(single, fused):
+    for x, y in zip(leaves(single), leaves(fused)):
+        np.testing.assert_array_equal(x, y)
+    assert [h["loss"] for h in single.history] == [h["loss"] for h in fused.history]
+    for name, value in jax.device_get(single.state.guard).items():
+        np.testing.assert_array_equal(value, jax.device_get(fused.state.guard)[name], err_msg=name)
+
+
 def test_non_finite_steps_inside_a_chunk_are_skipped_as_single_steps_would_be():
     data = make_data(n=96)
     data["x"][40] = np.nan  # the third batch of 16 (no shuffling would be simpler; seed 1 is fixed)
     runs = [train(k, data, steps=12, callbacks=[NaNDetector(policy="skip", check_every=4)]) for k in (1, 4)]
-    for x, y in zip(leaves(runs[0]), leaves(runs[1])):
-        np.testing.assert_array_equal(x, y)
+    assert_same_runs(*runs)
     assert int(runs[1].state.guard["nonfinite_total"]) == int(runs[0].state.guard["nonfinite_total"]) >= 1
+
+
+def test_a_guarded_chunk_is_checked_once_and_matches_guarded_single_steps(data):
+    """On CPU a rolled chunk runs without the per-step conditional and reruns guarded only on a bad step."""
+    assert use_chunk_guard(1, 1_000)  # a small model's rolled scan on CPU: checked once a chunk
+    assert not use_chunk_guard(True, 1_000) and not use_chunk_guard(1, 10**6)
+    runs = [train(k, data, steps=12, callbacks=[NaNDetector(policy="skip", check_every=4)]) for k in (1, 4)]
+    assert_same_runs(*runs)
+    assert int(runs[1].state.guard["nonfinite_total"]) == 0
+
+
+def test_a_good_chunk_after_a_bad_one_resets_the_count_of_bad_steps_in_a_row():
+    """Bad steps 4 and 9 lie in chunks 1 and 3 (K=4) with a good chunk between: with
+    max_consecutive_skips=2 nothing halts, as with single steps."""
+    data = make_data(n=192)
+    batches = [{k: v[i * 16:(i + 1) * 16].copy() for k, v in data.items()} for i in range(12)]
+    for step in (4, 9):
+        batches[step - 1]["x"][0, 0] = np.nan
+    runs = []
+    for k in (1, 4):
+        trainer = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=12, steps_per_execution=k,
+                          callbacks=[NaNDetector(policy="skip", max_consecutive_skips=2, check_every=4)])
+        trainer.fit(batches)
+        runs.append(trainer)
+    assert_same_runs(*runs)
+    guard = jax.device_get(runs[1].state.guard)
+    assert int(guard["nonfinite_total"]) == 2 and not bool(guard["halted"]) and int(guard["consecutive"]) == 0
 
 
 def test_resume_from_a_chunk_boundary_checkpoint_matches_an_unbroken_run(tmp_path, data):

@@ -12,7 +12,7 @@ import jax
 
 from trainer import losses
 from trainer.loop import EPOCH_SUMS
-from trainer.step import make_train_step, restore_sums, scan_unroll
+from trainer.step import make_train_step, restore_sums, scan_unroll, use_chunk_guard
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -41,7 +41,9 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     except KeyError as err:  # the default loss's message names the batch keys
         raise ValueError(err.args[0]) from err
     trainer._metric_shapes = metric_shapes
-    trainer._train_steps = make_train_step(*args, unroll=scan_unroll(jaxpr))
+    unroll = scan_unroll(jaxpr)
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(trainer.state.params))
+    trainer._train_steps = make_train_step(*args, unroll=unroll, chunk_guard=use_chunk_guard(unroll, num_params))
     trainer._reset_sums()
     if trainer.restored_epoch_sums and trainer._sums.get(EPOCH_SUMS) is not None:
         trainer._sums[EPOCH_SUMS] = restore_sums(trainer._sums[EPOCH_SUMS], trainer.restored_epoch_sums)

@@ -106,11 +106,15 @@ def make_train_step(
     halt_after: int | None = None,
     reductions: Mapping[str, str] | None = None,
     unroll: int | bool = 1,
+    chunk_guard: bool = False,
 ) -> TrainSteps:
     """The train step of ``loss_fn`` with ``tx``, as ``TrainSteps``.
 
     ``unroll``: ``lax.scan``'s unroll for the fused form (``True``: the whole chunk; XLA:CPU runs
     convolution gradients much slower inside a rolled loop).
+
+    ``chunk_guard``: with a guard, a fused chunk first runs without the per-step conditional and
+    is rerun guarded only when one of its steps was not finite (see ``use_chunk_guard``).
 
     ``halt_after``: with a guard (``state.guard``), a step whose loss or gradients are not finite
     changes nothing (params, optimizer and model state keep their values) and is counted in
@@ -119,7 +123,7 @@ def make_train_step(
     """
     reductions = dict(reductions or {})
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, batch: Any, per_step_guard: bool = True) -> tuple[TrainState, Metrics]:
         model = state.merge(graphdef)
         model.train()
 
@@ -135,10 +139,11 @@ def make_train_step(
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, updates, _lr(opt_state)
 
-        if not guarded:
+        if guarded:
+            loss_ok, grads_ok = jnp.isfinite(loss), _all_finite(grads)
+        if not guarded or not per_step_guard:  # without the guard, or a fused chunk's first pass
             params, opt_state, updates, _ = apply(params, state.opt_state)
         else:
-            loss_ok, grads_ok = jnp.isfinite(loss), _all_finite(grads)
             ok = loss_ok & grads_ok & ~state.guard["halted"]
 
             def keep(params, opt_state):  # the learning rate this step would have used, for the report
@@ -156,6 +161,8 @@ def make_train_step(
         new = state.replace(params=params, model_state=model_state, opt_state=opt_state, step=state.step + 1)
         if not guarded:
             return new, metrics
+        if not per_step_guard:
+            return new, dict(metrics, _ok=loss_ok & grads_ok)
         return _guarded(state.guard, new, metrics, loss_ok, grads_ok, lr)
 
     def _lr(opt_state: Any) -> jax.Array:
@@ -189,7 +196,10 @@ def make_train_step(
         return state, sums, metrics
 
     def fused_steps(state, sums, batches):
-        state, metrics = jax.lax.scan(step, state, batches, unroll=unroll)
+        if chunk_guard and halt_after is not None and state.guard is not None:
+            state, metrics = _chunk_guarded_scan(state, batches)
+        else:
+            state, metrics = jax.lax.scan(step, state, batches, unroll=unroll)
         # The running sums are merged after the loop, step by step in order: bitwise what K single
         # steps add up, but one fused pass instead of a dozen tiny ops in every iteration (on
         # XLA:CPU those cost the tiny MLP 10-20% of its step).
@@ -199,6 +209,26 @@ def make_train_step(
             sums = {name: merge_sums(acc, one) for name, acc in sums.items()}
         metrics.pop("_valid", None)
         return state, sums, metrics
+
+    def _chunk_guarded_scan(state, batches):
+        # The chunk runs unguarded first, noting whether each step's loss and gradients were finite;
+        # only when one was not (or the guard had halted) is it rerun from its start with the guard
+        # in every step. When every step is finite both passes give the same state, bitwise (tested).
+        # (For a single step the same scheme measured slower than the per-step conditional.)
+        fast, fast_metrics = jax.lax.scan(lambda s, b: step(s, b, per_step_guard=False), state, batches,
+                                          unroll=unroll)
+        oks = fast_metrics.pop("_ok")
+
+        def take_fast(state, batches):
+            guard = dict(state.guard, consecutive=jnp.zeros_like(state.guard["consecutive"]))
+            metrics = dict(fast_metrics, nonfinite_total=jnp.broadcast_to(guard["nonfinite_total"], oks.shape),
+                           _valid=jnp.ones_like(oks))
+            return fast.replace(guard=guard), metrics
+
+        def rerun(state, batches):
+            return jax.lax.scan(step, state, batches, unroll=unroll)
+
+        return jax.lax.cond(jnp.all(oks) & ~state.guard["halted"], take_fast, rerun, state, batches)
 
     return TrainSteps(step, flat_jit(accumulating_step), flat_jit(fused_steps))
 
@@ -223,6 +253,21 @@ def scan_unroll(jaxpr: Any) -> int | bool:
         return False
 
     return True if has_conv(jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr) else 1
+
+
+CHUNK_GUARD_MAX_PARAMS = 100_000
+
+
+def use_chunk_guard(unroll: int | bool, num_params: int) -> bool:
+    """Whether a guarded fused chunk checks for non-finite steps once, rerunning itself guarded if one was.
+
+    On XLA:CPU the guard's per-step ``lax.cond`` costs a fixed ~20-40 us: 10% of the tiny MLP's
+    fused step (26k parameters), nothing measurable on the transformer's (426k). The chunk check
+    costs a second compiled scan (transformer: +4 s compile, +70 MiB peak RSS), so it is used only on
+    CPU, for rolled scans of models up to ``CHUNK_GUARD_MAX_PARAMS`` parameters.
+    """
+    return (jax.default_backend() == "cpu" and not isinstance(unroll, bool) and unroll == 1
+            and num_params <= CHUNK_GUARD_MAX_PARAMS)
 
 
 def _subjaxprs(eqn: Any):

@@ -7,8 +7,10 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Mapping
@@ -44,9 +46,21 @@ class TensorBoardWriter(MetricWriter):
         self._purge_step = step + 1
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """One event holding every scalar of the window, as TensorFlow's writers do.
+
+        ``add_scalar`` would send one event per value through tensorboardX's multiprocessing queue:
+        ~250 us each (a window of 5 scalars took 1.25 ms, at the tiny MLP's 80 windows a second).
+        """
         writer = self._open()
-        for name, value in scalars.items():
-            writer.add_scalar(name, float(value), global_step=int(step))
+        file_writer = getattr(writer, "_get_file_writer", None)
+        if file_writer is None:  # a tensorboardX without it: one event per value
+            for name, value in scalars.items():
+                writer.add_scalar(name, float(value), global_step=int(step))
+            return
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=_tag(name), simple_value=float(value)) for name, value in scalars.items()]
+        file_writer().add_summary(Summary(value=values), int(step))
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         writer = self._open()
@@ -71,6 +85,15 @@ class TensorBoardWriter(MetricWriter):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+_INVALID_TAG = re.compile(r"[^-/\w\.]")
+
+
+@functools.lru_cache(maxsize=4096)
+def _tag(name: str) -> str:
+    """The tag tensorboardX's ``add_scalar`` would write for ``name`` (other characters become ``_``)."""
+    return _INVALID_TAG.sub("_", name).lstrip("/")
 
 
 def _summary_writer_class():

@@ -78,6 +78,7 @@ def test_tensorboard_round_trip_without_tensorflow(tmp_path):
     writer.write_hparams({"lr": 0.001})
     for step, scalars in SCALARS:
         writer.write_scalars(step, scalars)
+    writer.write_scalars(30, {"/odd name(1)": 1.5})  # tagged as tensorboardX's add_scalar tags it
     writer.write_texts(5, {"sample": "the quick brown fox"})
     writer.write_images(5, {"grid": np.linspace(0, 1, 4 * 5 * 3).reshape(4, 5, 3)})
     writer.close()
@@ -86,6 +87,7 @@ def test_tensorboard_round_trip_without_tensorflow(tmp_path):
     loss = acc.Scalars("loss")
     assert [(e.step, e.value) for e in loss] == [(10, 0.5), (20, 0.25)]
     assert [(e.step, e.value) for e in acc.Scalars("eval/loss")] == [(20, pytest.approx(0.3))]
+    assert [(e.step, e.value) for e in acc.Scalars("odd_name_1_")] == [(30, 1.5)]
     image = acc.Images("grid")[0]
     assert (image.step, image.width, image.height) == (5, 5, 4)
     texts = {tag: acc.Tensors(tag) for tag in acc.Tags()["tensors"]}

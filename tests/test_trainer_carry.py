@@ -54,7 +54,30 @@ def test_the_loop_does_not_rebuild_the_structured_state_every_step(data, monkeyp
     trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=3, callbacks=[logger])
     trainer.fit(ArrayLoader(data, 16))  # 6 steps an epoch, 18 in all
     assert trainer.step == 18
-    # the state is never rebuilt inside the loop (a rebuild per step would give 18 or more), and the
-    # sums only when read: every logger window (9) and every epoch's end (3)
+    # the state is never rebuilt inside the loop (a rebuild per step would give 18 or more), nor the
+    # sums: a logger's window (9) and an epoch's end (3) take their part of the packed sums
     assert rebuilt["state"] <= 2
-    assert rebuilt["sums"] <= 9 + 3
+    assert rebuilt["sums"] == 0
+
+
+def test_taking_one_readers_sums_from_the_flat_carry_leaves_the_others_exact(data):
+    """``take_metric_sums`` on the packed sums gives what the structured sums held and zeroes only them."""
+    class Reader(Callback):  # a window that is never taken during fit
+        def on_fit_start(self, trainer):
+            trainer.add_metric_sums("mine")
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=5, callbacks=[Reader()])
+    trainer.fit(ArrayLoader(data, 16))
+    assert trainer._carry._sums_flat is not None  # still flat after fit: the take below is the packed one
+    before = jax.device_get(trainer._carry._sums_flat[0].unpacked(*trainer._carry._sums_flat[1:]))
+    name = "mine"
+    taken = jax.device_get(trainer.take_metric_sums(name))
+    assert trainer._carry._sums_flat is not None  # not rebuilt
+    assert jax.tree.structure(taken) == jax.tree.structure(before[name])
+    for x, y in zip(jax.tree.leaves(taken), jax.tree.leaves(before[name])):
+        np.testing.assert_array_equal(x, y)
+    assert any(float(m.count) > 0 for m in taken.values())
+    after = jax.device_get(trainer._sums)
+    assert all(float(x) == 0 for x in jax.tree.leaves(after[name]))
+    for x, y in zip(jax.tree.leaves(after["epoch"]), jax.tree.leaves(before["epoch"])):
+        np.testing.assert_array_equal(x, y)

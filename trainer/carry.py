@@ -10,11 +10,13 @@ one array per dtype (``trainer.packing``): each buffer a call moves costs the ho
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
-from trainer.packing import Layout
+from trainer.packing import Layout, pack, unpack
 
 FlatStep = Callable[..., tuple[list, list, list, list, Any]]
 
@@ -78,6 +80,24 @@ class Carry:
         self._state_flat, self._sums_flat = (state_layout, state_arrays, state_packed), (sums_layout, sums_arrays, sums_packed)
         return out
 
+    def take_sums(self, name: str, zeros: Callable[[Any], Any]) -> Any:
+        """Hands out the running sums ``sums[name]`` and restarts them at zero (``zeros(sums)``).
+
+        While the sums are flat this is one small compiled call on their packed scalars: the other
+        readers' sums stay packed, so a logger's window costs no rebuild and repack of them all.
+        """
+        if self._sums_flat is not None:
+            layout, arrays, packed = self._sums_flat
+            positions = _positions(layout, name)
+            if positions is not None:
+                packed, taken = _take(layout, positions, packed)
+                self._sums_flat = (layout, arrays, packed)
+                return jax.tree.unflatten(positions[1], taken)
+        sums = self.sums.get(name)
+        if sums is not None:
+            self.sums[name] = zeros(sums)
+        return sums
+
     def _structure_state(self) -> None:
         if self._state_flat is not None:
             self._state, self._state_flat = self._state_flat[0].unpacked(*self._state_flat[1:]), None
@@ -85,3 +105,25 @@ class Carry:
     def _structure_sums(self) -> None:
         if self._sums_flat is not None:
             self._sums, self._sums_flat = self._sums_flat[0].unpacked(*self._sums_flat[1:]), None
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(layout: Layout, name: str) -> tuple[tuple[int, ...], Any] | None:
+    """Where ``sums[name]``'s leaves sit among ``layout``'s packed scalars, and their tree definition;
+    ``None`` when the sums have no such entry or it holds a leaf that does not travel packed."""
+    indexed = jax.tree.unflatten(layout.treedef, list(range(layout.treedef.num_leaves)))
+    if not isinstance(indexed, dict) or indexed.get(name) is None:
+        return None
+    leaves, treedef = jax.tree.flatten(indexed[name])
+    if not set(leaves) <= set(layout.scalars):
+        return None
+    return tuple(layout.scalars.index(i) for i in leaves), treedef
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def _take(layout: Layout, positions: tuple, packed: list) -> tuple[list, list]:
+    scalars = unpack(layout.specs, packed)
+    taken = [scalars[i] for i in positions[0]]
+    chosen = set(positions[0])
+    zeroed = [jnp.zeros_like(x) if i in chosen else x for i, x in enumerate(scalars)]
+    return pack(layout.specs, zeroed), taken

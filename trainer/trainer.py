@@ -272,10 +272,7 @@ class Trainer:
 
     def take_metric_sums(self, name: str) -> Sums | None:
         """Returns the running sums of ``name`` (device ``clu.metrics``) and restarts them at zero."""
-        sums = self._sums.get(name)
-        if sums is not None:
-            self._sums[name] = zeros_like_tree(sums)
-        return sums
+        return self._carry.take_sums(name, zeros_like_tree)
 
     def enable_nonfinite_guard(self, halt_after: int) -> None:
         """Makes every step with a non-finite loss or gradient a no-op on the device.

@@ -36,7 +36,7 @@ def peak_rss_mb() -> float:
 class Pacer:
     """Counts steps for a worker's training loop and hands control to the coordinator between chunks."""
 
-    def __init__(self, chunk: int, warmup: int, *, stdin=None, stdout=None):
+    def __init__(self, chunk: int, warmup: int, *, stdin=None, stdout=None, clock: Callable[[], float] = time.monotonic):
         self.chunk, self.warmup = int(chunk), int(warmup)
         self._in, self._out = stdin or sys.stdin, stdout or sys.stdout
         self.extra: dict[str, Any] = {}  # added to the "ready" message (e.g. flops per step)
@@ -45,6 +45,8 @@ class Pacer:
         self._phase = "start"
         self._target = 0
         self._started = self._t0 = 0.0
+        self._clock = clock  # for running_clock; injectable for tests
+        self._waited = 0.0  # seconds spent waiting for the coordinator while other variants ran
 
     def start(self) -> None:
         """Call just before the training loop's first step (after building model and data)."""
@@ -74,8 +76,19 @@ class Pacer:
                        "seconds": time.perf_counter() - self._t0})
             self._wait()
 
+    def running_clock(self) -> float:
+        """``time.monotonic()`` less the time this worker was paused for the other variants.
+
+        A time-based interval (``Checkpoint(min_interval_seconds=30)``) measured with it fires as
+        often per step as in an uninterrupted run; on the wall clock every resumed chunk would find
+        it due, since the other variants' chunks count as elapsed.
+        """
+        return self._clock() - self._waited
+
     def _wait(self) -> None:
+        paused = self._clock()
         line = self._in.readline().strip()
+        self._waited += self._clock() - paused
         if line == "run":
             self._phase, self._timed_from = "timed", self.count
             self._target = self.count + self.chunk

@@ -17,6 +17,7 @@ import jax
 from trainer import checkpoint as checkpointing
 from trainer.data import epoch_iterator
 from trainer.feed import Execution, FeedPlan, executions
+from trainer.memory import release_freed_memory
 from trainer.prefetch import Feed
 from trainer.preemption import Preempted
 from trainer.step import compute_sums
@@ -113,6 +114,7 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
     if run not in trainer._compiled:  # the first call traces and compiles before it dispatches
         trainer._compiled.add(run)
         trainer.compile_seconds += time.perf_counter() - started
+        release_freed_memory()  # the compiler's freed memory, so later allocations do not stack on it
     if trainer.steps_per_execution > 1 and not execution.stacked:
         metrics = _stack_one(metrics)  # callbacks see one shape of metrics: [steps of the execution]
     trainer.step, trainer.position = first + execution.steps - 1, execution.end_position

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-from flax import nnx
+import atexit
+import os
+import shutil
+import tempfile
+
+# One persistent compilation cache for the test session, fresh each run (no entry outlives it) and
+# inherited by the tests' subprocesses: the same small programs (the tiny MLP's step, a resumed
+# run's step) compile once instead of once per test (the checkpoint tests: 119 -> 76 s). Set before
+# jax is imported, which reads it then; XLA keys entries by the program and its options.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _compilation_cache = tempfile.mkdtemp(prefix="nnx-trainer-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, _compilation_cache, ignore_errors=True)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+if jax.config.jax_compilation_cache_dir is None:  # jax was imported before this file (a plugin)
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 class TinyMLP(nnx.Module):

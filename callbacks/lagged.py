@@ -59,7 +59,7 @@ class LaggedFetch:
         self.fetches += 1
         if packed is None:
             return step, to_host(rest)
-        return step, jax.tree.unflatten(rest, unpack(specs, to_host(packed)))
+        return step, jax.tree.unflatten(rest, unpack(specs, [np.asarray(a) for a in packed]))
 
 
 def _start_copies(arrays: list) -> None:

@@ -12,6 +12,7 @@ across devices travel as they are.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, Sequence
 
@@ -44,7 +45,7 @@ def unpack(specs: Sequence[tuple[tuple[int, ...], Any]], packed: Sequence[Any]) 
     flat = dict(zip(groups(specs), packed))
     out = []
     for shape, dtype in specs:
-        size = int(np.prod(shape, dtype=np.int64))
+        size = math.prod(shape)  # np.prod of a tuple cost ~4 us a leaf: most of a logged window's unpack
         out.append(flat[dtype][offsets[dtype]:offsets[dtype] + size].reshape(shape))
         offsets[dtype] += size
     return out

@@ -123,9 +123,17 @@ def test_throughput_waits_for_min_seconds_before_measuring(model, data):
     assert measured[0][1]["throughput/steps_per_sec"] == pytest.approx(6 / 4)
 
 
+class Finished(Callback):
+    """Waits for each step on the device, so that a lagged read after it always finds its value."""
+
+    def on_step_end(self, trainer, step, metrics):
+        jax.block_until_ready(metrics)
+
+
 def test_progress_bar_plain_lines_and_terminal_bar(model, data):
     out = io.StringIO()
-    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[ProgressBar(refresh_every=2, plain=True, stream=out, min_seconds=0)])
+    bar = ProgressBar(refresh_every=2, plain=True, stream=out, min_seconds=0)
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[Finished(), bar])  # the rate needs two finished reads
     trainer.fit(ArrayLoader(data, 16))  # 6 steps per epoch
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("epoch 1/2  batch 2/6  step 2  loss -")

@@ -39,6 +39,7 @@ FLAG_SETS = {  # "variant+name" runs the variant with these XLA_FLAGS (measured 
     "onednnfusion": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot,eltwise",
     "fastmath": "--xla_cpu_enable_fast_math=true",
     "eigen1": "--xla_cpu_multi_thread_eigen=false",
+    "avx2": "--xla_cpu_max_isa=AVX2",
 }
 DEFAULT_VARIANTS = ("hand", "hand_scan10", "trainer_bare", "trainer_default", "trainer_k10", "keras",
                     "keras_k10", "torch", "lightning")

@@ -107,6 +107,36 @@ def test_nan_skip_leaves_state_bitwise_unchanged_and_training_continues(model, d
     assert history[0]["nonfinite_total"] == 1 and np.isfinite(history[0]["loss"])
 
 
+class BatchNormNet(nnx.Module):
+    def __init__(self, rngs):
+        self.hidden, self.norm = nnx.Linear(8, 16, rngs=rngs), nnx.BatchNorm(16, rngs=rngs)
+        self.out = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.norm(self.hidden(x))))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_nan_skip_keeps_batch_statistics_and_rng_counters_of_a_skipped_step(data, k):
+    """A skipped step changes no model state: BatchNorm's running statistics do not take in the bad
+    batch (they would be NaN for good) and dropout's counters do not advance, single step or fused."""
+    states = {}
+
+    class ModelState(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            states[step] = [np.array(x) for x in jax.tree.leaves(trainer.state.model_state)]
+
+    trainer = Trainer(BatchNormNet(nnx.Rngs(0)), optax.adam(1e-2), max_steps=8, steps_per_execution=k,
+                      callbacks=[ModelState(), NaNDetector(policy="skip", check_every=4)])
+    with pytest.warns(RuntimeWarning, match="skipped 1 step"):
+        trainer.fit(nan_at(5, data))
+    final = [np.array(x) for x in jax.tree.leaves(trainer.state.model_state)]
+    assert all(np.isfinite(x).all() for x in final)
+    if k == 1:  # the step before the bad one and the bad one leave the same batch statistics
+        assert all(np.array_equal(a, b) for a, b in zip(states[5], states[4]))
+        assert not all(np.array_equal(a, b) for a, b in zip(states[6], states[5]))
+
+
 def test_nan_skip_raises_after_too_many_in_a_row(model, data):
     x = data["x"].copy()
     x[32:] = np.nan  # every step from the third on is bad

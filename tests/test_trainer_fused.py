@@ -158,6 +158,66 @@ def test_a_good_chunk_after_a_bad_one_resets_the_count_of_bad_steps_in_a_row():
     assert int(guard["nonfinite_total"]) == 2 and not bool(guard["halted"]) and int(guard["consecutive"]) == 0
 
 
+class UpdateProbe(Callback):
+    """A probe of what the guard shows a step: its updates and parameters (zero / kept on a skipped step)."""
+
+    def on_fit_start(self, trainer):
+        trainer.probes.append(self.probe)
+
+    def probe(self, info):
+        return {"update_abs": sum(jax.numpy.abs(u).sum() for u in jax.tree.leaves(info.updates)),
+                "param_abs": sum(jax.numpy.abs(p).sum() for p in jax.tree.leaves(info.params))}
+
+
+def test_a_chunk_that_halts_the_guard_matches_guarded_single_steps_step_by_step():
+    """Bad steps 6 and 7 (K=4: the second chunk) with max_consecutive_skips=2: the guard halts at
+    step 7 and step 8 changes nothing. Every step's loss and the guard match single steps."""
+    data = make_data(n=192)
+    batches = [{k: v[i * 16:(i + 1) * 16].copy() for k, v in data.items()} for i in range(12)]
+    for step in (6, 7):
+        batches[step - 1]["x"][0, 0] = np.nan
+    runs, seen = [], []
+    for k in (1, 4):
+        record = Executions()
+        probe = UpdateProbe()
+        trainer = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=12,
+                          steps_per_execution=k, callbacks=[probe, record, NaNDetector(policy="skip", max_consecutive_skips=2, check_every=4)])
+        with pytest.raises(FloatingPointError, match="step 7"):
+            trainer.fit(batches)
+        runs.append(trainer)
+        seen.append(record)
+    assert_same_runs(*runs)
+    guard = jax.device_get(runs[1].state.guard)
+    assert bool(guard["halted"]) and int(guard["halt_step"]) == 7 and int(guard["nonfinite_total"]) == 2
+    # the host notices the halt a few steps late (a lagged read): the first 8 steps are compared
+    single, fused = (np.concatenate([np.ravel(x) for x in r.losses])[:8] for r in seen)
+    np.testing.assert_array_equal(single, fused)  # NaN at steps 6 and 7, the halted step 8's own loss
+    assert len(fused) == 8 and np.isnan(fused[5:7]).all() and np.isfinite(fused[7])
+
+
+def test_probes_see_a_skipped_step_as_the_per_step_guard_shows_it(data):
+    """On a skipped step a probe sees zero updates and the kept parameters, fused or not."""
+    data = make_data(n=96)
+    data["x"][40] = np.nan
+    values = []
+    for k in (1, 4):
+        class Keep(Callback):
+            def __init__(self):
+                self.rows = []
+
+            def on_step_end(self, trainer, step, metrics):
+                self.rows.append(jax.device_get({n: metrics[n] for n in ("update_abs", "param_abs", "loss")}))
+
+        keep = Keep()
+        train(k, data, steps=8, callbacks=[UpdateProbe(), keep, NaNDetector(policy="skip", check_every=4)])
+        values.append({n: np.concatenate([np.ravel(r[n]) for r in keep.rows]) for n in ("update_abs", "param_abs", "loss")})
+    for name in values[0]:
+        np.testing.assert_array_equal(values[0][name], values[1][name], err_msg=name)
+    bad = np.flatnonzero(np.isnan(values[1]["loss"]))
+    assert len(bad) == 1 and bad[0] > 0 and values[1]["update_abs"][bad[0]] == 0.0
+    assert values[1]["param_abs"][bad[0]] == values[1]["param_abs"][bad[0] - 1]  # kept, not updated
+
+
 def test_resume_from_a_chunk_boundary_checkpoint_matches_an_unbroken_run(tmp_path, data):
     straight = train(4, data, steps=20)
     first = train(4, data, steps=12, callbacks=[Checkpoint(tmp_path, every_n_steps=4)])
@@ -180,12 +240,20 @@ class TinyConv(nnx.Module):
 
 
 def test_a_convolutional_step_is_unrolled_and_still_bitwise():
+    """Bitwise with SGD + momentum. With Adam, on AVX-512 CPUs XLA groups the unrolled chunk's Adam
+    arithmetic into other kernels than the single step's and its fused multiply-adds round the last
+    bit differently (measured: <= 3 ulp after 4 steps, 6e-7 relative after 8; bitwise with
+    ``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` or on the AMD machine): close, not bitwise, is asserted."""
     rng = np.random.default_rng(0)
     images = {"image": rng.random((64, 8, 8, 1), np.float32), "label": rng.integers(0, 3, 64).astype(np.int32)}
-    runs = []
-    for k in (1, 4):
-        trainer = Trainer(TinyConv(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=8, steps_per_execution=k)
-        trainer.fit(ArrayLoader(images, 8, seed=0))
-        runs.append(trainer)
-    for x, y in zip(leaves(runs[0]), leaves(runs[1])):
-        np.testing.assert_array_equal(x, y)
+    for tx, exact in ((optax.sgd(1e-2, momentum=0.9), True), (optax.adam(1e-2), False)):
+        runs = []
+        for k in (1, 4):
+            trainer = Trainer(TinyConv(rngs=nnx.Rngs(0)), tx, max_steps=8, steps_per_execution=k)
+            trainer.fit(ArrayLoader(images, 8, seed=0))
+            runs.append(trainer)
+        for x, y in zip(leaves(runs[0]), leaves(runs[1])):
+            if exact:
+                np.testing.assert_array_equal(x, y)
+            else:
+                np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-9)

@@ -42,8 +42,13 @@ class TrainState:
         return graphdef, state
 
     def merge(self, graphdef: nnx.GraphDef) -> nnx.Module:
-        """A module holding this state's arrays."""
-        return nnx.merge(graphdef, self.params, self.model_state)
+        """A module holding this state's arrays, in Variables of its own.
+
+        ``copy=True``: a forward pass updates the module's Variables (RNG counters, batch
+        statistics); shared with this state, it would change ``model_state`` too, and a step the
+        non-finite guard skips would keep the bad batch's statistics instead of the old ones.
+        """
+        return nnx.merge(graphdef, self.params, self.model_state, copy=True)
 
 
 def zeros_like_tree(tree: Any) -> Any:

@@ -1,5 +1,11 @@
 """``TensorBoardWriter``: TensorBoard event files through tensorboardX (no TensorFlow needed).
 
+Events are written in the calling thread with tensorboardX's own record writer (``EventsWriter``)
+and summary builders, not through ``SummaryWriter``, whose events go through a
+``multiprocessing.Queue`` to a writer thread: on two cores that queue's feeder and writer threads,
+woken at every window, cost the fused tiny MLP ~8% of its wall time (``benchmarks/RESULTS.md``);
+a window written here costs ~31 us of CPU against ~104 us through the queue.
+
 Example::
 
     MetricsLogger([TensorBoardWriter("runs/x/tb")], log_every=50)   # then: tensorboard --logdir runs/x/tb
@@ -8,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import re
@@ -18,6 +25,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from callbacks.writers import MetricWriter, _plain, to_uint8
+
+_FILE_NUMBERS = itertools.count()
 
 
 class TensorBoardWriter(MetricWriter):
@@ -36,9 +45,22 @@ class TensorBoardWriter(MetricWriter):
 
     def _open(self):
         if self._writer is None:
-            self._writer = _summary_writer_class()(self.logdir, purge_step=self._purge_step)
+            tbx = _tensorboardx()
+            os.makedirs(self.logdir, exist_ok=True)
+            # a name of its own: two files opened within one second would otherwise share one ('wb')
+            self._writer = tbx.event_file_writer.EventsWriter(
+                os.path.join(self.logdir, "events"), filename_suffix=f".{os.getpid()}.{next(_FILE_NUMBERS)}")
+            if self._purge_step is not None:  # what tensorboardX's SummaryWriter(purge_step=...) writes
+                event_pb2 = tbx.proto.event_pb2
+                self._writer.write_event(event_pb2.Event(step=self._purge_step, file_version="brain.Event:2"))
+                self._writer.write_event(event_pb2.Event(
+                    step=self._purge_step, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
             self._purge_step = None
         return self._writer
+
+    def _write(self, step: int, summary: Any) -> None:
+        writer = self._open()
+        writer.write_event(_tensorboardx().proto.event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def rewind(self, step: int) -> None:
         """TensorBoard drops the events after ``step`` when the next file starts with a purge step."""
@@ -46,37 +68,25 @@ class TensorBoardWriter(MetricWriter):
         self._purge_step = step + 1
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        """One event holding every scalar of the window, as TensorFlow's writers do.
-
-        ``add_scalar`` would send one event per value through tensorboardX's multiprocessing queue:
-        ~250 us each (a window of 5 scalars took 1.25 ms, at the tiny MLP's 80 windows a second).
-        """
-        writer = self._open()
-        file_writer = getattr(writer, "_get_file_writer", None)
-        if file_writer is None:  # a tensorboardX without it: one event per value
-            for name, value in scalars.items():
-                writer.add_scalar(name, float(value), global_step=int(step))
-            return
-        from tensorboardX.proto.summary_pb2 import Summary
-
-        values = [Summary.Value(tag=_tag(name), simple_value=float(value)) for name, value in scalars.items()]
-        file_writer().add_summary(Summary(value=values), int(step))
+        """One event holding every scalar of the window, as TensorFlow's writers do."""
+        summary_pb2 = _tensorboardx().proto.summary_pb2
+        values = [summary_pb2.Summary.Value(tag=_tag(name), simple_value=float(value)) for name, value in scalars.items()]
+        self._write(step, summary_pb2.Summary(value=values))
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        writer = self._open()
         for name, image in images.items():
-            writer.add_image(name, to_uint8(image), global_step=int(step), dataformats="HWC")
+            self._write(step, _tensorboardx().summary.image(name, to_uint8(image), dataformats="HWC"))
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        writer = self._open()
         for name, text in texts.items():
-            writer.add_text(name, text, global_step=int(step))
+            self._write(step, _tensorboardx().summary.text(name, text))
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """The config as a text summary ``config`` (JSON): readable in the Text tab as written."""
-        self._open().add_text("config", "```\n" + json.dumps(_plain(hparams), indent=2, sort_keys=True) + "\n```", 0)
+        self.write_texts(0, {"config": "```\n" + json.dumps(_plain(hparams), indent=2, sort_keys=True) + "\n```"})
 
     def flush(self) -> None:
+        """Flushes (and ``fsync``s, about a millisecond) at most once per ``flush_seconds``."""
         if self._writer is not None and time.monotonic() - self._flushed >= self.flush_seconds:
             self._writer.flush()
             self._flushed = time.monotonic()
@@ -96,20 +106,25 @@ def _tag(name: str) -> str:
     return _INVALID_TAG.sub("_", name).lstrip("/")
 
 
-def _summary_writer_class():
-    """``tensorboardX.SummaryWriter``, imported without PyTorch.
+@functools.lru_cache(maxsize=1)
+def _tensorboardx():
+    """The ``tensorboardX`` package (with its ``summary``, ``event_file_writer`` and ``proto``
+    modules), imported without PyTorch.
 
     tensorboardX imports ``torch`` whenever it is installed (to accept its tensors), which costs
     about 190 MB of memory and seconds of start-up in a JAX program that never made a tensor; this
     writer passes numpy only, so torch is hidden during that import unless it was already loaded.
     """
-    if "tensorboardX" in sys.modules or "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError inside tensorboardX
+    hide = "tensorboardX" not in sys.modules and "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError inside tensorboardX
     try:
-        from tensorboardX import SummaryWriter
+        import tensorboardX
+        import tensorboardX.event_file_writer
+        import tensorboardX.proto.event_pb2
+        import tensorboardX.proto.summary_pb2
+        import tensorboardX.summary
     finally:
-        del sys.modules["torch"]
-    return SummaryWriter
+        if hide:
+            del sys.modules["torch"]
+    return tensorboardX

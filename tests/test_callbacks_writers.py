@@ -98,6 +98,25 @@ def test_tensorboard_round_trip_without_tensorflow(tmp_path):
     assert "tensorflow" not in sys.modules
 
 
+def test_tensorboard_rewind_hides_the_steps_after_it_and_keeps_the_first_file(tmp_path):
+    """A resumed run rewinds the writer to its checkpoint's step: TensorBoard then shows each step
+    once. Both files open within the same second: the second must not overwrite the first."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = TensorBoardWriter(tmp_path / "tb")
+    for step in (10, 20, 30):
+        writer.write_scalars(step, {"loss": float(step)})
+    writer.rewind(20)
+    for step in (30, 40):
+        writer.write_scalars(step, {"loss": step + 0.5})
+    writer.close()
+    assert len(list((tmp_path / "tb").glob("*tfevents*"))) == 2
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(10, 10.0), (20, 20.0), (30, 30.5), (40, 40.5)]
+
+
 def test_console_writer_prints_steps_and_values():
     out = io.StringIO()
     writer = ConsoleWriter(out)

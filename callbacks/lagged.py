@@ -16,7 +16,7 @@ import collections
 import jax
 import numpy as np
 
-from trainer.packing import pack_jit, specs_of, unpack
+from trainer.packing import Packed, pack_jit, specs_of, unpack
 
 
 class LaggedFetch:
@@ -27,7 +27,11 @@ class LaggedFetch:
         self.fetches = 0  # how many device-to-host reads this object made
 
     def push(self, step: int, values: Any) -> None:
-        """Starts copying ``values`` (a pytree of device arrays) to the host."""
+        """Starts copying ``values`` (a pytree of device arrays, or ``trainer.packing.Packed``) to the host."""
+        if isinstance(values, Packed):  # packed on the device already (take_metric_sums(..., packed=True))
+            _start_copies(values.arrays)
+            self._pending.append((step, (values.arrays, values.specs, values.treedef)))
+            return
         leaves, treedef = jax.tree.flatten(values)
         if len(leaves) > 1 and all(isinstance(x, jax.Array) for x in leaves):
             specs = specs_of(leaves)

@@ -65,7 +65,7 @@ class MetricsLogger(Callback):
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
         self._write_pending(trainer, block=False)
         if step % self.log_every == 0:
-            self._fetch.push(step, trainer.take_metric_sums(self._key))
+            self._fetch.push(step, trainer.take_metric_sums(self._key, packed=True))
 
     def on_eval_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
         self._write_pending(trainer)
@@ -74,7 +74,7 @@ class MetricsLogger(Callback):
     def on_fit_end(self, trainer: Any) -> None:
         self._write_pending(trainer)
         if trainer.step > self.last_logged_step:  # the last, partial window
-            self._fetch.push(trainer.step, trainer.take_metric_sums(self._key))
+            self._fetch.push(trainer.step, trainer.take_metric_sums(self._key, packed=True))
             self._write_pending(trainer)
         self.flush()
 

@@ -81,3 +81,31 @@ def test_taking_one_readers_sums_from_the_flat_carry_leaves_the_others_exact(dat
     assert all(float(x) == 0 for x in jax.tree.leaves(after[name]))
     for x, y in zip(jax.tree.leaves(after["epoch"]), jax.tree.leaves(before["epoch"])):
         np.testing.assert_array_equal(x, y)
+
+
+def test_sums_taken_packed_read_back_as_the_tree_and_cost_one_device_read(data):
+    """``take_metric_sums(name, packed=True)`` hands the same values over packed: a ``LaggedFetch``
+    reads them back as the tree, from one array per dtype, with no packing call of its own."""
+    from callbacks.lagged import LaggedFetch
+    from trainer.packing import Packed
+
+    class Readers(Callback):
+        def on_fit_start(self, trainer):
+            trainer.add_metric_sums("a")
+            trainer.add_metric_sums("b")
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=5, callbacks=[Readers()])
+    trainer.fit(ArrayLoader(data, 16))
+    packed = trainer.take_metric_sums("a", packed=True)
+    tree = jax.device_get(trainer.take_metric_sums("b"))  # both readers saw the same 5 steps
+    assert isinstance(packed, Packed) and len(packed.arrays) == 2  # float32 totals, int32 counts
+    fetch = LaggedFetch()
+    fetch.push(5, packed)
+    step, values = fetch.pop()
+    assert step == 5 and fetch.fetches == 1
+    assert jax.tree.structure(values) == jax.tree.structure(tree)
+    for x, y in zip(jax.tree.leaves(values), jax.tree.leaves(tree)):
+        np.testing.assert_array_equal(x, y)
+    assert float(values["loss"].count) == 5
+    again = trainer.take_metric_sums("a", packed=True)  # restarted at zero
+    assert all(float(np.asarray(a).sum()) == 0 for a in again.arrays)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from trainer.packing import Layout, pack, unpack
+from trainer.packing import Layout, Packed, pack, unpack
 
 FlatStep = Callable[..., tuple[list, list, list, list, Any]]
 
@@ -80,18 +80,22 @@ class Carry:
         self._state_flat, self._sums_flat = (state_layout, state_arrays, state_packed), (sums_layout, sums_arrays, sums_packed)
         return out
 
-    def take_sums(self, name: str, zeros: Callable[[Any], Any]) -> Any:
+    def take_sums(self, name: str, zeros: Callable[[Any], Any], packed: bool = False) -> Any:
         """Hands out the running sums ``sums[name]`` and restarts them at zero (``zeros(sums)``).
 
         While the sums are flat this is one small compiled call on their packed scalars: the other
         readers' sums stay packed, so a logger's window costs no rebuild and repack of them all.
+        ``packed``: hand them over packed (``trainer.packing.Packed``) from that same call, for a
+        ``LaggedFetch`` to read without packing them again (where they are not flat: as a tree).
         """
         if self._sums_flat is not None:
-            layout, arrays, packed = self._sums_flat
+            layout, arrays, packed_arrays = self._sums_flat
             positions = _positions(layout, name)
             if positions is not None:
-                packed, taken = _take(layout, positions, packed)
-                self._sums_flat = (layout, arrays, packed)
+                packed_arrays, taken = (_take_packed if packed else _take)(layout, positions, packed_arrays)
+                self._sums_flat = (layout, arrays, packed_arrays)
+                if packed:
+                    return Packed(taken, tuple(layout.specs[i] for i in positions[0]), positions[1])
                 return jax.tree.unflatten(positions[1], taken)
         sums = self.sums.get(name)
         if sums is not None:
@@ -120,10 +124,18 @@ def _positions(layout: Layout, name: str) -> tuple[tuple[int, ...], Any] | None:
     return tuple(layout.scalars.index(i) for i in leaves), treedef
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
-def _take(layout: Layout, positions: tuple, packed: list) -> tuple[list, list]:
+def _take_scalars(layout: Layout, positions: tuple, packed: list) -> tuple[list, list]:
     scalars = unpack(layout.specs, packed)
     taken = [scalars[i] for i in positions[0]]
     chosen = set(positions[0])
     zeroed = [jnp.zeros_like(x) if i in chosen else x for i, x in enumerate(scalars)]
     return pack(layout.specs, zeroed), taken
+
+
+_take = jax.jit(_take_scalars, static_argnums=(0, 1), donate_argnums=2)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def _take_packed(layout: Layout, positions: tuple, packed: list) -> tuple[list, list]:
+    packed, taken = _take_scalars(layout, positions, packed)
+    return packed, pack(tuple(layout.specs[i] for i in positions[0]), taken)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -131,5 +131,17 @@ class Layout:
 
 
 _interned: "weakref.WeakValueDictionary[tuple, Layout]" = weakref.WeakValueDictionary()
+class Packed(NamedTuple):
+    """A pytree's scalars packed on the device (``pack``): what ``unpack`` and ``treedef`` rebuild.
+
+    ``Trainer.take_metric_sums(name, packed=True)`` hands running sums over in this form, so that a
+    logger's window is one compiled call and one device read (``callbacks.lagged.LaggedFetch``).
+    """
+
+    arrays: list
+    specs: tuple
+    treedef: Any
+
+
 pack_jit = jax.jit(pack, static_argnums=0)
 _unpack_jit = jax.jit(unpack, static_argnums=0)

@@ -31,6 +31,7 @@ from trainer.feed import RAGGED
 from trainer.loop import EPOCH_SUMS, run_epoch
 from trainer.optim import current_learning_rate
 from trainer.preemption import PreemptionHandler, Preempted
+from trainer.packing import Packed
 from trainer.state import TrainState, reseed_streams, zeros_like_tree
 from trainer.step import (Probe, Sums, compute_sums, empty_sums, init_guard, make_eval_step,
                           make_predict_step, per_example_metrics)
@@ -270,9 +271,14 @@ class Trainer:
         if name not in self._sums:
             self._sums[name] = None if self._metric_shapes is None else empty_sums(self._metric_shapes, self.metric_reductions)
 
-    def take_metric_sums(self, name: str) -> Sums | None:
-        """Returns the running sums of ``name`` (device ``clu.metrics``) and restarts them at zero."""
-        return self._carry.take_sums(name, zeros_like_tree)
+    def take_metric_sums(self, name: str, packed: bool = False) -> Sums | Packed | None:
+        """Returns the running sums of ``name`` (device ``clu.metrics``) and restarts them at zero.
+
+        ``packed=True``: the same sums packed on the device (``trainer.packing.Packed``) by the same
+        compiled call, for ``callbacks.lagged.LaggedFetch.push``: a logger's window is then one call
+        and one device read (where the sums are not packed at the time: the tree, as without it).
+        """
+        return self._carry.take_sums(name, zeros_like_tree, packed=packed)
 
     def enable_nonfinite_guard(self, halt_after: int) -> None:
         """Makes every step with a non-finite loss or gradient a no-op on the device.

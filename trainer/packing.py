@@ -131,6 +131,8 @@ class Layout:
 
 
 _interned: "weakref.WeakValueDictionary[tuple, Layout]" = weakref.WeakValueDictionary()
+
+
 class Packed(NamedTuple):
     """A pytree's scalars packed on the device (``pack``): what ``unpack`` and ``treedef`` rebuild.
 

@@ -179,9 +179,8 @@ def test_a_chunk_that_halts_the_guard_matches_guarded_single_steps_step_by_step(
     runs, seen = [], []
     for k in (1, 4):
         record = Executions()
-        probe = UpdateProbe()
-        trainer = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=12,
-                          steps_per_execution=k, callbacks=[probe, record, NaNDetector(policy="skip", max_consecutive_skips=2, check_every=4)])
+        trainer = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=12, steps_per_execution=k,
+                          callbacks=[record, NaNDetector(policy="skip", max_consecutive_skips=2, check_every=4)])
         with pytest.raises(FloatingPointError, match="step 7"):
             trainer.fit(batches)
         runs.append(trainer)
@@ -195,7 +194,7 @@ def test_a_chunk_that_halts_the_guard_matches_guarded_single_steps_step_by_step(
     assert len(fused) == 8 and np.isnan(fused[5:7]).all() and np.isfinite(fused[7])
 
 
-def test_probes_see_a_skipped_step_as_the_per_step_guard_shows_it(data):
+def test_probes_see_a_skipped_step_as_the_per_step_guard_shows_it():
     """On a skipped step a probe sees zero updates and the kept parameters, fused or not."""
     data = make_data(n=96)
     data["x"][40] = np.nan

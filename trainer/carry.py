@@ -95,7 +95,7 @@ class Carry:
                 packed_arrays, taken = (_take_packed if packed else _take)(layout, positions, packed_arrays)
                 self._sums_flat = (layout, arrays, packed_arrays)
                 if packed:
-                    return Packed(taken, tuple(layout.specs[i] for i in positions[0]), positions[1])
+                    return Packed(taken, positions[2], positions[1])
                 return jax.tree.unflatten(positions[1], taken)
         sums = self.sums.get(name)
         if sums is not None:
@@ -112,16 +112,18 @@ class Carry:
 
 
 @functools.lru_cache(maxsize=256)
-def _positions(layout: Layout, name: str) -> tuple[tuple[int, ...], Any] | None:
-    """Where ``sums[name]``'s leaves sit among ``layout``'s packed scalars, and their tree definition;
-    ``None`` when the sums have no such entry or it holds a leaf that does not travel packed."""
+def _positions(layout: Layout, name: str) -> tuple[tuple[int, ...], Any, tuple] | None:
+    """Where ``sums[name]``'s leaves sit among ``layout``'s packed scalars, their tree definition and
+    their specs (computed once per layout); ``None`` when the sums have no such entry or it holds a
+    leaf that does not travel packed."""
     indexed = jax.tree.unflatten(layout.treedef, list(range(layout.treedef.num_leaves)))
     if not isinstance(indexed, dict) or indexed.get(name) is None:
         return None
     leaves, treedef = jax.tree.flatten(indexed[name])
     if not set(leaves) <= set(layout.scalars):
         return None
-    return tuple(layout.scalars.index(i) for i in leaves), treedef
+    indices = tuple(layout.scalars.index(i) for i in leaves)
+    return indices, treedef, tuple(layout.specs[i] for i in indices)
 
 
 def _take_scalars(layout: Layout, positions: tuple, packed: list) -> tuple[list, list]:
@@ -138,4 +140,4 @@ _take = jax.jit(_take_scalars, static_argnums=(0, 1), donate_argnums=2)
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
 def _take_packed(layout: Layout, positions: tuple, packed: list) -> tuple[list, list]:
     packed, taken = _take_scalars(layout, positions, packed)
-    return packed, pack(tuple(layout.specs[i] for i in positions[0]), taken)
+    return packed, pack(positions[2], taken)

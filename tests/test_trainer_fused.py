@@ -256,3 +256,32 @@ def test_a_convolutional_step_is_unrolled_and_still_bitwise():
                 np.testing.assert_array_equal(x, y)
             else:
                 np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-9)
+
+
+def test_a_chunks_steps_merge_into_the_running_sums_as_one_step_after_another():
+    """The packed merge of a chunk's stacked step sums is bitwise the step-by-step ``merge_sums``."""
+    from trainer.step import empty_sums, merge_steps_packed, merge_sums, to_sums
+
+    rng = np.random.default_rng(0)
+    k = 7
+    metrics = {"loss": rng.normal(size=k).astype(np.float32) * 1e3,  # magnitudes where the order of adds shows
+               "accuracy": rng.uniform(size=k).astype(np.float32),
+               "nonfinite_total": np.cumsum(rng.integers(0, 2, size=k)).astype(np.float32),
+               "_valid": np.array([True, True, False, True, False, True, True])}
+    reductions = {"accuracy": "mean"}
+    start = empty_sums(metrics, reductions)
+    sums = {"epoch": jax.tree.map(lambda x: x + 3, start), "window": start}
+    per_step = jax.vmap(lambda m: to_sums(m, reductions))(metrics)
+
+    expected = sums
+    for i in range(k):
+        one = jax.tree.map(lambda x: x[i], per_step)
+        expected = {name: merge_sums(acc, one) for name, acc in expected.items()}
+    merged = jax.jit(merge_steps_packed)(sums, per_step)
+
+    assert jax.tree.structure(merged) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(merged), jax.tree.leaves(expected)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    assert float(merged["window"]["nonfinite_total"].total) == metrics["nonfinite_total"][-1]  # last, not summed
+    assert int(merged["window"]["loss"].count) == 5  # the two invalid steps are not counted

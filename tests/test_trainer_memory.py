@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import optax
@@ -47,3 +49,52 @@ def test_fit_releases_once_per_compiled_step_function(monkeypatch):
     assert fitted.step == 20
     assert len(fitted._compiled) == 2  # the fused and the single step
     assert len(calls) == 2  # once after each compilation, not once a step
+
+
+def test_a_run_that_saves_nothing_does_not_import_orbax(tmp_path):
+    # orbax.checkpoint is ~26 MiB of resident memory; only checkpointing and export need it.
+    script = f"""
+import subprocess
+import sys
+import numpy as np, optax
+from flax import nnx
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import TinyMLP, make_data
+from recipes.common import standard_callbacks
+from trainer import ArrayLoader, Trainer
+trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.inject_hyperparams(optax.adam)(learning_rate=1e-2), max_epochs=1,
+                  callbacks=standard_callbacks({str(tmp_path)!r}, log_every=2, progress=False))
+trainer.fit(ArrayLoader(make_data(), batch_size=32))
+print("after fit", "orbax.checkpoint" in sys.modules)
+trainer.save_model({str(tmp_path / "export")!r})
+print("after export", "orbax.checkpoint" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "after fit False" in out.stdout and "after export True" in out.stdout, out.stdout
+
+
+def test_the_guard_and_the_metric_accumulators_start_without_compiling_anything():
+    # Each eager jnp call compiles a program of its own (~1 MiB resident apiece on XLA:CPU), so the
+    # zeros the run starts from are made on the host; a fresh process, as no program is cached there.
+    script = """
+import logging, jax
+jax.config.update("jax_log_compiles", True)
+records = []
+handler = logging.Handler(); handler.emit = records.append
+logging.getLogger("jax._src.dispatch").addHandler(handler)
+from trainer.step import empty_sums, init_guard
+guard = init_guard()
+sums = empty_sums({"loss": (), "accuracy": (), "nonfinite_total": (), "_valid": ()}, {})
+compiled = [r.getMessage() for r in records if "Finished XLA compilation" in r.getMessage()]
+print("guard", {k: v.item() for k, v in guard.items()})
+print("sums", sorted((k, type(m).__name__, float(m.total), int(m.count)) for k, m in sums.items()))
+print("compiled", len(compiled), compiled)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["compiled"].startswith("0 "), lines["compiled"]
+    assert "'halted': False" in lines["guard"] and "'halt_step': -1" in lines["guard"]
+    assert lines["sums"] == str([("accuracy", "Average", 0.0, 0), ("loss", "Average", 0.0, 0),
+                                 ("nonfinite_total", "LastValue", 0.0, 0)])

@@ -19,12 +19,17 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 FORMAT = 1
 TMP_MARKER = ".orbax-checkpoint-tmp"
 STEP_PREFIX = "step"  # step folders are step_<N>: a foreign integer-named folder is never one of ours
+
+
+def orbax_checkpoint():
+    """``orbax.checkpoint``, imported on first use: a run that saves nothing skips its ~26 MiB and import time."""
+    import orbax.checkpoint
+
+    return orbax.checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -116,6 +121,9 @@ class CheckpointStore:
         self.directory = Path(directory).absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.clean_temporary()
+        ocp = orbax_checkpoint()
+        from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+
         keep: list = [policies.LatestN(n=max_to_keep)]
         if monitor is not None and keep_best:
             keep.append(policies.BestN(get_metric_fn=lambda m: m[monitor], reverse=(mode == "min"), n=keep_best,
@@ -134,6 +142,7 @@ class CheckpointStore:
 
     def save(self, step: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
              metrics: Mapping[str, float] | None = None) -> None:
+        ocp = orbax_checkpoint()
         args = ocp.args.Composite(state=ocp.args.StandardSave(dict(arrays)), meta=ocp.args.JsonSave(dict(meta)))
         if step in self.manager.all_steps():  # a run resumed from an older step passes this one again
             self.manager.wait_until_finished()
@@ -159,6 +168,7 @@ class CheckpointStore:
         if not (folder / "meta").is_dir() or not (folder / "state").is_dir():
             return None
         try:
+            ocp = orbax_checkpoint()
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception:  # a damaged meta file: treated as no checkpoint by the caller's fallback
             return None
@@ -166,6 +176,7 @@ class CheckpointStore:
 
     def read_arrays(self, step: int, described: list[dict]) -> dict[str, np.ndarray]:
         abstract = {d["name"]: jax.ShapeDtypeStruct(tuple(d["shape"]), np.dtype(d["dtype"])) for d in described}
+        ocp = orbax_checkpoint()
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         arrays = {k: np.asarray(v) for k, v in restored["state"].items()}
         verify_checksums(f"checkpoint step {step}", arrays, described)

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from trainer.checkpoint_store import check_structure, expected_leaves, flatten, unflatten, verify_checksums
+from trainer.checkpoint_store import check_structure, orbax_checkpoint, expected_leaves, flatten, unflatten, verify_checksums
 
 INFERENCE_STATE = nnx.Not(nnx.RngState)
 """What inference needs: every variable but the RNG streams (parameters, batch statistics...)."""
@@ -33,7 +32,7 @@ def save_model(model: nnx.Module, path: str | os.PathLike, config: Mapping[str, 
     """Writes the model's inference state and ``config`` to the folder ``path`` (replacing it)."""
     path = Path(path).absolute()
     arrays, leaves = flatten(nnx.state(model, INFERENCE_STATE))
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = orbax_checkpoint().StandardCheckpointer()
     checkpointer.save(path / "weights", arrays, force=True)
     checkpointer.wait_until_finished()
     model_class = f"{type(model).__module__}:{type(model).__qualname__}"
@@ -62,7 +61,7 @@ def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
     graphdef, state, rest = nnx.split(model, INFERENCE_STATE, ...)
     check_structure(f"the export in {path}", info["leaves"], expected_leaves(state), "model")
     abstract = {d["name"]: jax.ShapeDtypeStruct(tuple(d["shape"]), d["dtype"]) for d in info["leaves"]}
-    arrays = ocp.StandardCheckpointer().restore(path / "weights", abstract)
+    arrays = orbax_checkpoint().StandardCheckpointer().restore(path / "weights", abstract)
     verify_checksums(f"the export in {path}", arrays, info["leaves"])
     restored = unflatten(state, arrays, info["leaves"])
     return nnx.merge(graphdef, jax.device_put(restored), rest)

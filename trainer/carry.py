@@ -21,17 +21,22 @@ from trainer.packing import Layout, Packed, pack, unpack
 FlatStep = Callable[..., tuple[list, list, list, list, Any]]
 
 
-def flat_jit(fn: Callable[[Any, Any, Any], tuple[Any, Any, Any]]) -> FlatStep:
+def flat_jit(fn: Callable[..., tuple[Any, Any, Any]], packed_state: bool = False) -> FlatStep:
     """``fn(state, sums, batch) -> (state, sums, out)`` jitted over flat, packed leaves.
 
     The result is called as ``(state_layout, sums_layout, state_arrays, state_packed, sums_arrays,
     sums_packed, batch)`` and returns the four lists of leaves and ``out``: the layouts
     (``trainer.packing.Layout``) are static (hashed, not flattened), the leaves donated.
+    ``packed_state``: ``fn(state_layout, state_arrays, state_packed, sums, batch) -> ((state_arrays,
+    state_packed), sums, out)`` takes and gives the state as it travels (``trainer.packing.scan_packed``).
     """
 
     def flat(state_layout, sums_layout, state_arrays, state_packed, sums_arrays, sums_packed, batch):
-        state, sums, out = fn(state_layout.join(state_arrays, state_packed), sums_layout.join(sums_arrays, sums_packed),
-                              batch)
+        sums = sums_layout.join(sums_arrays, sums_packed)
+        if packed_state:
+            (state_arrays, state_packed), sums, out = fn(state_layout, state_arrays, state_packed, sums, batch)
+            return (state_arrays, state_packed, *sums_layout.split_traced(sums), out)
+        state, sums, out = fn(state_layout.join(state_arrays, state_packed), sums, batch)
         return (*state_layout.split_traced(state), *sums_layout.split_traced(sums), out)
 
     return jax.jit(flat, static_argnums=(0, 1), donate_argnums=(2, 3, 4, 5))

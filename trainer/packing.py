@@ -145,5 +145,21 @@ class Packed(NamedTuple):
     treedef: Any
 
 
+def scan_packed(f: Any, layout: Layout, carry: tuple[list, list], xs: Any, unroll: int | bool = 1) -> tuple[tuple, Any]:
+    """``jax.lax.scan(f, tree, xs)`` for the tree ``layout.join(*carry)``, carried as ``(arrays, packed)``.
+
+    Carried as a tree, every scalar of the train state is a buffer of the loop: sliced out of the
+    call's packed arguments before it and concatenated back after it, a small kernel each (the tiny
+    MLP's guarded chunk: ~20 of its kernels; on XLA:CPU each costs launch time every call and ~1 MiB
+    of memory while compiling). Carried packed, the slicing and packing happen inside the loop,
+    where XLA fuses them into the step's own arithmetic. Returns ``((arrays, packed), out)``.
+    """
+    def body(carry, x):
+        new, out = f(layout.join(*carry), x)
+        return layout.split_traced(new), out
+
+    return jax.lax.scan(body, tuple(carry), xs, unroll=unroll)
+
+
 pack_jit = jax.jit(pack, static_argnums=0)
 _unpack_jit = jax.jit(unpack, static_argnums=0)

@@ -8,6 +8,7 @@ up in ``clu.metrics`` objects (``Average``, ``LastValue``) inside the same compi
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -18,7 +19,7 @@ from clu import metrics as clu_metrics
 from flax import nnx
 
 from trainer.carry import flat_jit
-from trainer.packing import groups, pack, specs_of, unpack
+from trainer.packing import groups, pack, scan_packed, specs_of, unpack
 from trainer.optim import current_learning_rate
 from trainer.state import TrainState
 
@@ -128,7 +129,10 @@ def make_train_step(
     """
     reductions = dict(reductions or {})
 
-    def step(state: TrainState, batch: Any, per_step_guard: bool = True) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, batch: Any, per_step_guard: bool | str = True) -> tuple[TrainState, Metrics]:
+        # per_step_guard: True, a conditional skips a non-finite step's update; "select", the update
+        # is computed and the old values selected back (fewer kernels, slower: a chunk's rare rerun);
+        # False, no guard (a fused chunk's first pass, which reports whether each step was finite).
         model = state.merge(graphdef)
         model.train()
 
@@ -155,9 +159,14 @@ def make_train_step(
                 _, would_be = tx.update(grads, opt_state, params)  # XLA keeps only what _lr reads of it
                 return params, opt_state, jax.tree.map(jnp.zeros_like, params), _lr(would_be)
 
-            # A conditional, not a select of new and old: the update then runs in place on the
-            # donated buffers (a select made XLA copy params and optimizer state every step).
-            params, opt_state, updates, lr = jax.lax.cond(ok, apply, keep, params, state.opt_state)
+            if per_step_guard == "select":
+                new_params, new_opt_state, new_updates, lr = apply(params, state.opt_state)
+                params, opt_state = _select(ok, new_params, params), _select(ok, new_opt_state, state.opt_state)
+                updates = _select(ok, new_updates, jax.tree.map(jnp.zeros_like, new_updates))
+            else:
+                # A conditional, not a select of new and old: the update then runs in place on the
+                # donated buffers (a select made XLA copy params and optimizer state every step).
+                params, opt_state, updates, lr = jax.lax.cond(ok, apply, keep, params, state.opt_state)
             model_state = _select(ok, model_state, state.model_state)
         metrics = {"loss": loss, **metrics}
         info = StepInfo(grads, updates, params, opt_state, loss)
@@ -166,8 +175,10 @@ def make_train_step(
         new = state.replace(params=params, model_state=model_state, opt_state=opt_state, step=state.step + 1)
         if not guarded:
             return new, metrics
-        if not per_step_guard:
-            return new, dict(metrics, _ok=loss_ok & grads_ok)
+        if not per_step_guard:  # its state is kept only when every step of the chunk was finite:
+            # then the guard's run of bad steps ends at 0, all else in the guard stays as it was
+            guard = dict(state.guard, consecutive=jnp.zeros_like(state.guard["consecutive"]))
+            return new.replace(guard=guard), dict(metrics, _ok=loss_ok & grads_ok)
         return _guarded(state.guard, new, metrics, loss_ok, grads_ok, lr)
 
     def _lr(opt_state: Any) -> jax.Array:
@@ -200,40 +211,43 @@ def make_train_step(
         metrics.pop("_valid", None)
         return state, sums, metrics
 
-    def fused_steps(state, sums, batches):
-        if chunk_guard and halt_after is not None and state.guard is not None:
-            state, metrics = _chunk_guarded_scan(state, batches)
+    def fused_steps(layout, arrays, packed, sums, batches):
+        # The state comes and goes as the carry holds it between calls, its scalars packed
+        # (``trainer.packing.scan_packed``): unpacked, each would be a buffer of the loop, sliced out
+        # before it and concatenated back after it, a small kernel each.
+        if chunk_guard and halt_after is not None and layout.join(arrays, packed).guard is not None:
+            carry, metrics = _chunk_guarded_scan(layout, (arrays, packed), batches)
         else:
-            state, metrics = jax.lax.scan(step, state, batches, unroll=unroll)
+            carry, metrics = scan_packed(step, layout, (arrays, packed), batches, unroll=unroll)
         # The running sums are merged after the loop, step by step in order: bitwise what K single
         # steps add up, but one fused pass instead of a dozen tiny ops in every iteration (on
         # XLA:CPU those cost the tiny MLP 10-20% of its step).
         per_step = jax.vmap(lambda m: to_sums(m, reductions))(metrics)
         sums = merge_steps_packed(sums, per_step)
         metrics.pop("_valid", None)
-        return state, sums, metrics
+        return carry, sums, metrics
 
-    def _chunk_guarded_scan(state, batches):
+    def _chunk_guarded_scan(layout, carry, batches):
         # The chunk runs unguarded first, noting whether each step's loss and gradients were finite;
         # only when one was not (or the guard had halted) is it rerun from its start with the guard
         # in every step. When every step is finite both passes give the same state, bitwise (tested).
         # (For a single step the same scheme measured slower than the per-step conditional.)
-        fast, fast_metrics = jax.lax.scan(lambda s, b: step(s, b, per_step_guard=False), state, batches,
-                                          unroll=unroll)
+        fast, fast_metrics = scan_packed(lambda s, b: step(s, b, per_step_guard=False), layout, carry, batches,
+                                         unroll=unroll)
         oks = fast_metrics.pop("_ok")
+        guard = layout.join(*carry).guard
 
-        def take_fast(state, batches):
-            guard = dict(state.guard, consecutive=jnp.zeros_like(state.guard["consecutive"]))
+        def take_fast(carry, batches):
             metrics = dict(fast_metrics, nonfinite_total=jnp.broadcast_to(guard["nonfinite_total"], oks.shape),
                            _valid=jnp.ones_like(oks))
-            return fast.replace(guard=guard), metrics
+            return fast, metrics
 
-        def rerun(state, batches):
-            return jax.lax.scan(step, state, batches, unroll=unroll)
+        def rerun(carry, batches):  # rare: its steps select rather than branch, for a smaller program
+            return scan_packed(functools.partial(step, per_step_guard="select"), layout, carry, batches, unroll=unroll)
 
-        return jax.lax.cond(jnp.all(oks) & ~state.guard["halted"], take_fast, rerun, state, batches)
+        return jax.lax.cond(jnp.all(oks) & ~guard["halted"], take_fast, rerun, carry, batches)
 
-    return TrainSteps(step, flat_jit(accumulating_step), flat_jit(fused_steps))
+    return TrainSteps(step, flat_jit(accumulating_step), flat_jit(fused_steps, packed_state=True))
 
 
 def scan_unroll(jaxpr: Any) -> int | bool:

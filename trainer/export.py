@@ -22,7 +22,8 @@ from typing import Any, Mapping
 import jax
 from flax import nnx
 
-from trainer.checkpoint_store import check_structure, orbax_checkpoint, expected_leaves, flatten, unflatten, verify_checksums
+from trainer.checkpoint_store import (check_structure, expected_leaves, flatten, orbax_checkpoint, unflatten,
+                                     verify_checksums)
 
 INFERENCE_STATE = nnx.Not(nnx.RngState)
 """What inference needs: every variable but the RNG streams (parameters, batch statistics...)."""

@@ -19,8 +19,8 @@ from clu import metrics as clu_metrics
 from flax import nnx
 
 from trainer.carry import flat_jit
-from trainer.packing import groups, pack, scan_packed, specs_of, unpack
 from trainer.optim import current_learning_rate
+from trainer.packing import groups, pack, scan_packed, specs_of, unpack
 from trainer.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -325,6 +325,8 @@ def merge_steps_packed(sums: Mapping[str, Sums], per_step: Sums) -> dict[str, Su
     launch time every call and ~1 MiB of memory while compiling).
     """
     leaves, treedef = jax.tree.flatten(sums)
+    if not leaves:
+        return dict(sums)
     steps = treedef.flatten_up_to({name: {k: per_step[k] for k in acc} for name, acc in sums.items()})
     is_last = jax.tree.leaves(jax.tree.map(lambda m: jax.tree.map(lambda _: isinstance(m, clu_metrics.LastValue), m),
                                            sums, is_leaf=lambda x: isinstance(x, clu_metrics.Metric)))

@@ -206,8 +206,8 @@ def make_train_step(
 
     def accumulating_step(state, sums, batch):
         state, metrics = step(state, batch)
-        batch_sums = to_sums(metrics, reductions)
-        sums = {name: merge_sums(acc, batch_sums) for name, acc in sums.items()}
+        one_step = jax.tree.map(lambda x: x[None], to_sums(metrics, reductions))
+        sums = merge_steps_packed(sums, one_step)  # as a chunk merges: two fused adds, not one per metric and reader
         metrics.pop("_valid", None)
         return state, sums, metrics
 

@@ -215,8 +215,9 @@ def make_train_step(
         # The state comes and goes as the carry holds it between calls, its scalars packed
         # (``trainer.packing.scan_packed``): unpacked, each would be a buffer of the loop, sliced out
         # before it and concatenated back after it, a small kernel each.
-        if chunk_guard and halt_after is not None and layout.join(arrays, packed).guard is not None:
-            carry, metrics = _chunk_guarded_scan(layout, (arrays, packed), batches)
+        guard = layout.join(arrays, packed).guard  # traced slices of the packed scalars (unused ones are dropped)
+        if chunk_guard and halt_after is not None and guard is not None:
+            carry, metrics = _chunk_guarded_scan(layout, (arrays, packed), guard, batches)
         else:
             carry, metrics = scan_packed(step, layout, (arrays, packed), batches, unroll=unroll)
         # The running sums are merged after the loop, step by step in order: bitwise what K single
@@ -227,7 +228,7 @@ def make_train_step(
         metrics.pop("_valid", None)
         return carry, sums, metrics
 
-    def _chunk_guarded_scan(layout, carry, batches):
+    def _chunk_guarded_scan(layout, carry, guard, batches):
         # The chunk runs unguarded first, noting whether each step's loss and gradients were finite;
         # only when one was not (or the guard had halted) is it rerun from its start with the guard
         # in every step. When every step is finite both passes give the same state, bitwise (tested).
@@ -235,7 +236,6 @@ def make_train_step(
         fast, fast_metrics = scan_packed(lambda s, b: step(s, b, per_step_guard=False), layout, carry, batches,
                                          unroll=unroll)
         oks = fast_metrics.pop("_ok")
-        guard = layout.join(*carry).guard
 
         def take_fast(carry, batches):
             metrics = dict(fast_metrics, nonfinite_total=jnp.broadcast_to(guard["nonfinite_total"], oks.shape),

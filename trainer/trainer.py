@@ -30,8 +30,8 @@ from trainer.events import Callback, CallbackList
 from trainer.feed import RAGGED
 from trainer.loop import EPOCH_SUMS, run_epoch
 from trainer.optim import current_learning_rate
-from trainer.preemption import PreemptionHandler, Preempted
 from trainer.packing import Packed
+from trainer.preemption import PreemptionHandler, Preempted
 from trainer.state import TrainState, reseed_streams, zeros_like_tree
 from trainer.step import (Probe, Sums, compute_sums, empty_sums, init_guard, make_eval_step,
                           make_predict_step, per_example_metrics)

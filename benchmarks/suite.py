@@ -40,6 +40,10 @@ FLAG_SETS = {  # "variant+name" runs the variant with these XLA_FLAGS (measured 
     "fastmath": "--xla_cpu_enable_fast_math=true",
     "eigen1": "--xla_cpu_multi_thread_eigen=false",
     "avx2": "--xla_cpu_max_isa=AVX2",
+    "vw512": "--xla_cpu_prefer_vector_width=512",
+    "xnngraph": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "fastrt": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
+    "tiling": "--xla_cpu_experimental_enable_tiling_propagation=true",
 }
 DEFAULT_VARIANTS = ("hand", "hand_scan10", "trainer_bare", "trainer_default", "trainer_k10", "keras",
                     "keras_k10", "torch", "lightning")

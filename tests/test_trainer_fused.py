@@ -285,3 +285,59 @@ def test_a_chunks_steps_merge_into_the_running_sums_as_one_step_after_another():
         np.testing.assert_array_equal(got, want)
     assert float(merged["window"]["nonfinite_total"].total) == metrics["nonfinite_total"][-1]  # last, not summed
     assert int(merged["window"]["loss"].count) == 5  # the two invalid steps are not counted
+
+
+@pytest.fixture
+def built_settings(monkeypatch):
+    """The ``unroll`` and ``chunk_guard`` each train step was built with (a spy on the builder)."""
+    from trainer import build
+
+    seen, real = [], build.make_train_step
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("unroll", 1), kwargs.get("chunk_guard", False)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "make_train_step", spy)
+    return seen
+
+
+def test_cpu_tuning_unrolls_a_convolutional_chunk_says_so_once_and_turns_off(built_settings, capsys):
+    rng = np.random.default_rng(0)
+    images = {"image": rng.random((64, 8, 8, 1), np.float32), "label": rng.integers(0, 3, 64).astype(np.int32)}
+    runs = {}
+    for tuning in (True, False):
+        trainer = Trainer(TinyConv(rngs=nnx.Rngs(0)), optax.sgd(1e-2, momentum=0.9), max_steps=4,
+                          steps_per_execution=2, cpu_tuning=tuning)
+        trainer.fit(ArrayLoader(images, 8, seed=0))
+        trainer.max_steps = 8
+        trainer.metric_reductions["loss"] = "mean"  # a new step signature: the step is built again,
+        trainer.fit(ArrayLoader(images, 8, seed=0))  # and says nothing new
+        err = capsys.readouterr().err
+        runs[tuning] = trainer
+        if tuning:
+            assert built_settings.count((True, False)) >= 2  # built again after the change
+            assert len(trainer.cpu_settings) == 1 and "unrolled" in trainer.cpu_settings[0]
+            assert err.count("CPU tuning") == 1 and "cpu_tuning=False" in err
+        else:
+            assert built_settings[-1] == (1, False)
+            assert trainer.cpu_settings == [] and "CPU tuning" not in err
+    for x, y in zip(leaves(runs[True]), leaves(runs[False])):
+        # within float rounding (the rolled loop's convolutions round differently: 4e-6 relative on a bias, 8 steps)
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-7)
+
+
+def test_cpu_tuning_checks_a_small_models_chunk_once_and_off_guards_each_step_alike(built_settings, capsys):
+    data = make_data(n=96)
+    data["x"][40] = np.nan
+    runs = {}
+    for tuning in (True, False):
+        runs[tuning] = train(4, data, steps=12, callbacks=[NaNDetector(policy="skip", check_every=4)],
+                             cpu_tuning=tuning)
+        assert built_settings[-1] == (1, tuning)
+    assert len(runs[True].cpu_settings) == 1 and "non-finite" in runs[True].cpu_settings[0]
+    assert runs[False].cpu_settings == [] and train(4, data, steps=4).cpu_settings == []  # no guard, nothing to say
+    assert_same_runs(runs[True], runs[False])
+    assert int(runs[True].state.guard["nonfinite_total"]) >= 1
+    with pytest.raises(ValueError, match="cpu_tuning='yes' must be True or False"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, cpu_tuning="yes")

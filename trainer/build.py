@@ -6,6 +6,7 @@ batch for the label check) and read the trainer's configuration, never its hot-p
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -41,13 +42,40 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     except KeyError as err:  # the default loss's message names the batch keys
         raise ValueError(err.args[0]) from err
     trainer._metric_shapes = metric_shapes
-    unroll = scan_unroll(jaxpr)
-    num_params = sum(leaf.size for leaf in jax.tree.leaves(trainer.state.params))
-    trainer._train_steps = make_train_step(*args, unroll=unroll, chunk_guard=use_chunk_guard(unroll, num_params))
+    unroll, chunk_guard = fused_settings(trainer, jaxpr)
+    trainer._train_steps = make_train_step(*args, unroll=unroll, chunk_guard=chunk_guard)
     trainer._reset_sums()
     if trainer.restored_epoch_sums and trainer._sums.get(EPOCH_SUMS) is not None:
         trainer._sums[EPOCH_SUMS] = restore_sums(trainer._sums[EPOCH_SUMS], trainer.restored_epoch_sums)
         trainer.restored_epoch_sums = None
+
+
+def fused_settings(trainer: "Trainer", jaxpr: Any) -> tuple[int | bool, bool]:
+    """The fused scan's ``unroll`` and ``chunk_guard``: plain, or with ``cpu_tuning`` what measured faster on CPU.
+
+    Each setting that changes what runs is listed in ``trainer.cpu_settings`` and announced once on
+    stderr, with how to turn it off.
+    """
+    if not trainer.cpu_tuning:
+        trainer.cpu_settings = []
+        return 1, False
+    unroll = scan_unroll(jaxpr)
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(trainer.state.params))
+    chunk_guard = use_chunk_guard(unroll, num_params)
+    notes = []
+    if trainer.steps_per_execution > 1:
+        if unroll is True:
+            notes.append("a chunk of this convolutional step runs its scan unrolled (XLA:CPU runs convolution "
+                         "gradients ~10x slower inside a loop; it compiles longer)")
+        if chunk_guard and trainer._halt_after is not None:
+            notes.append("a chunk checks for non-finite steps once and reruns itself guarded only when one was "
+                         "(bitwise the same; a small model's per-step conditional costs it 10-40%)")
+    trainer.cpu_settings = notes
+    for note in notes:
+        if note not in trainer._announced:
+            trainer._announced.add(note)
+            print(f"trainer: CPU tuning: {note}. Trainer(cpu_tuning=False) turns this off.", file=sys.stderr, flush=True)
+    return unroll, chunk_guard
 
 
 def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:

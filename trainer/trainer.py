@@ -70,6 +70,10 @@ class Trainer:
         warning), or ``"pad"``-ded to full size with a boolean ``batch["mask"]`` of real rows, which
         the built-in losses (``trainer.losses.supervised``) honour; a custom loss must weight by it.
         Either way the step compiles once.
+      cpu_tuning: on CPU, build a fused chunk as measured fastest there (``benchmarks/RESULTS.md``):
+        a step with convolutions is unrolled inside the scan, and a small model's non-finite guard
+        checks the chunk once, rerunning it guarded only when a step was bad. Each is announced once
+        on stderr and listed in ``cpu_settings``; ``False`` builds the plain rolled, per-step guarded scan.
 
     Attributes:
       step: optimizer steps completed. ``epoch``: index of the current epoch (= epochs completed
@@ -78,7 +82,8 @@ class Trainer:
       ``eval_metrics``: the last evaluation's metrics. ``execution_steps``: steps the last dispatch
       ran (1, or ``steps_per_execution`` for a chunk). ``last_batch_size`` / ``last_examples``: real
       examples in the last batch / the last execution. ``data_wait_seconds``: time the loop waited
-      for data. ``compile_seconds``: time spent tracing and compiling the train step.
+      for data. ``compile_seconds``: time spent tracing and compiling the train step. ``cpu_settings``:
+      what ``cpu_tuning`` changed in the train step, one sentence each (empty when nothing).
 
     A second ``fit`` on the same trainer continues the run: up to the same ``max_epochs`` /
     ``max_steps`` totals (raise them to train longer), and after a stop in the middle of an epoch
@@ -101,6 +106,7 @@ class Trainer:
         steps_per_execution: int = 1,
         prefetch: int | str = "auto",
         ragged_batches: str = "drop",
+        cpu_tuning: bool = True,
     ):
         if not isinstance(model, nnx.Module):
             raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}.")
@@ -121,11 +127,16 @@ class Trainer:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}" + (" or 'auto'." if name == "prefetch" else "."))
         if ragged_batches not in RAGGED:
             raise ValueError(f"ragged_batches={ragged_batches!r} must be one of {RAGGED}.")
+        if not isinstance(cpu_tuning, bool):
+            raise ValueError(f"cpu_tuning={cpu_tuning!r} must be True or False.")
         self.max_epochs, self.max_steps = max_epochs, max_steps
         self.steps_per_execution = int(steps_per_execution)
         self.prefetch = prefetch if prefetch == "auto" else int(prefetch)
         self.prefetch_in_use: int | None = None  # what "auto" chose (0: the loop's thread)
         self.ragged_batches = ragged_batches
+        self.cpu_tuning = cpu_tuning
+        self.cpu_settings: list[str] = []  # what cpu_tuning applied to the current train step
+        self._announced: set[str] = set()
         self.loss_fn = loss_fn
         self.tx = optimizer
         self.callbacks = CallbackList(callbacks)

@@ -327,7 +327,7 @@ def test_cpu_tuning_unrolls_a_convolutional_chunk_says_so_once_and_turns_off(bui
         np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-7)
 
 
-def test_cpu_tuning_checks_a_small_models_chunk_once_and_off_guards_each_step_alike(built_settings, capsys):
+def test_cpu_tuning_checks_a_small_models_chunk_once_and_off_guards_each_step_alike(built_settings):
     data = make_data(n=96)
     data["x"][40] = np.nan
     runs = {}

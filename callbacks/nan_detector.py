@@ -19,6 +19,7 @@ import warnings
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 
 from callbacks.lagged import LaggedFetch
 from trainer.events import Callback, last_value
@@ -62,8 +63,10 @@ class NaNDetector(Callback):
         self.skipped = 0
         self.rollbacks: list[int] = []  # the bad steps rolled back from
         self._fetch = LaggedFetch()
+        self._newest: Any = None  # the last step's ``nonfinite_total`` (a device array, unread)
 
     def on_fit_start(self, trainer: Any) -> None:
+        self._newest = None
         trainer.enable_nonfinite_guard(self.max_consecutive_skips if self.policy == "skip" else 1)
         if self.policy == "rollback":
             if not trainer.checkpoints:
@@ -74,8 +77,9 @@ class NaNDetector(Callback):
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
         self._check(trainer)
+        self._newest = metrics["nonfinite_total"]
         if step % self.check_every == 0:
-            self._fetch.push(step, metrics["nonfinite_total"])
+            self._fetch.push(step, self._newest)
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
         self._check(trainer, now=True)
@@ -84,16 +88,17 @@ class NaNDetector(Callback):
         self._check(trainer, now=True)
 
     def _check(self, trainer: Any, now: bool = False) -> None:
-        if now:
-            self._fetch.clear()  # the guard itself is read below
-            popped = None
+        if now:  # the last step's counter, read after it finished: at an epoch's end the loop has just
+            self._fetch.clear()  # waited for the epoch's metrics, so this read costs no wait and, unlike
+            total = (int(last_value(np.asarray(self._newest))) if self._newest is not None  # trainer.state,
+                     else int(trainer.state.guard["nonfinite_total"]))  # no rebuild of the whole state
         else:
             popped = newest = self._fetch.pop(block=False)
             while newest is not None:  # the counter only grows: the newest value that arrived says it all
                 popped, newest = newest, self._fetch.pop(block=False)
             if popped is None:
                 return
-        total = int(last_value(popped[1])) if popped is not None and not now else int(trainer.state.guard["nonfinite_total"])
+            total = int(last_value(popped[1]))
         if total <= self.skipped:
             return
         guard = jax.device_get(trainer.state.guard)
@@ -105,7 +110,7 @@ class NaNDetector(Callback):
                               f"checkpoint and skipping that batch (rollback {len(self.rollbacks)} of "
                               f"{self.max_rollbacks}).", RuntimeWarning, stacklevel=2)
                 trainer.request_rollback(bad_step)
-                self.skipped = 0
+                self.skipped, self._newest = 0, None  # the counter restarts with the restored state
                 return
             raise NonFiniteError(self._message(guard))
         warnings.warn(f"skipped {total - self.skipped} step(s) with a non-finite loss or gradients "

@@ -218,3 +218,24 @@ def test_evaluator_counts_every_example_once_with_batch_128():
 def test_bad_evaluator_cadence_is_refused(data):
     with pytest.raises(ValueError, match="every_n_steps or every_n_epochs"):
         Evaluator(data, every_n_steps=None, every_n_epochs=None)
+
+
+def test_nan_epoch_end_check_reads_the_last_counter_without_rebuilding_the_state(model, data, monkeypatch):
+    """At an epoch's end the detector reads the last step's counter, not ``trainer.state`` (whose
+    rebuild and repack cost ~28 ms an epoch on the CNN), and a bad step between checks still raises there."""
+    from trainer.carry import Carry
+
+    rebuilds = []
+    structure = Carry._structure_state
+
+    def counted(self):
+        rebuilds.append(self._state_flat is not None)
+        structure(self)
+
+    monkeypatch.setattr(Carry, "_structure_state", counted)
+    clean = Trainer(model, optax.adam(1e-2), max_epochs=3, callbacks=[NaNDetector(check_every=1000)])
+    clean.fit(ArrayLoader(data, 16, shuffle=False))
+    assert clean.epoch == 3 and sum(rebuilds) == 1  # the fit's end hands the model its state; no epoch end
+    with pytest.raises(NonFiniteError, match=r"non-finite loss and gradients at step 3 "):
+        Trainer(TinyMLP(rngs=nnx.Rngs(1)), optax.adam(1e-2), max_epochs=2,
+                callbacks=[NaNDetector(check_every=1000)]).fit(nan_at(3, data))

@@ -1,0 +1,23 @@
+#!/bin/bash
+# The benchmark suite on a lent GPU machine in one call (the `device` tool): each workload under its
+# own timeout, tables and JSON under $OUT. That machine has jax, flax, optax, orbax and torch but no
+# network: carry the rest as wheels in .whl/ (git-ignored), fetched here once with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     clu==0.0.12 ml-collections tensorboardX==2.6.5 crc32c keras==3.15.1 namex optree mlxtend==0.25.0
+# and run as: run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=580) (~250 s on an H100).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false KERAS_BACKEND=jax
+OUT=${OUT:-/tmp/gpu-suite}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv
+python3 -c "import jax, flax, optax, keras, trainer, callbacks, benchmarks.worker; print(jax.__version__, flax.__version__, optax.__version__, keras.__version__, jax.devices())" || exit 2
+V="hand hand_scan10 trainer_bare trainer_default trainer_k10 trainer_bare_k10 keras"
+run() {  # name, timeout in seconds, suite arguments
+  local name=$1 limit=$2; shift 2
+  timeout -k 5 "$limit" python3 -m benchmarks.suite "$@" --parallel-start --json "$OUT/$name.json" --markdown "$OUT/$name.md" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? at $(date +%T)"; pkill -f benchmarks.worker
+}
+run mlp 170 --workloads mlp --variants $V keras_k10 --chunk-scale 2 --repeats 4
+run cnn 150 --workloads mnist_cnn --variants $V --chunk-scale 50 --repeats 5
+run transformer 230 --workloads transformer --variants $V --chunk-scale 50 --repeats 5
+for name in mlp cnn transformer; do cat "$OUT/$name.md" 2>/dev/null || tail -5 "$OUT/$name.log"; done

@@ -59,6 +59,32 @@ def test_callbacks_run_in_list_order(model, data):
     assert seen == [(1, "b"), (1, "a"), (2, "b"), (2, "a")]
 
 
+def test_only_callbacks_that_define_an_event_are_called_and_a_later_added_one_is_seen(model, data):
+    seen = []
+
+    class StepEnd(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            seen.append(("class", step))
+
+    class EpochOnly(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            seen.append(("epoch", epoch))
+
+    by_instance = Callback()
+    by_instance.on_step_end = lambda trainer, step, metrics: seen.append(("instance", step))
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1, callbacks=[EpochOnly(), StepEnd(), by_instance])
+    assert trainer.callbacks.listeners("on_step_end") == trainer.callbacks.callbacks[1:]
+    assert trainer.callbacks.listeners("on_step_start") == []
+    train, _ = loaders(data)
+    trainer.fit(train)
+    late = StepEnd()
+    trainer.callbacks.callbacks.append(late)  # after the listeners were worked out: seen all the same
+    trainer.max_steps = 2
+    trainer.fit(train)
+    assert seen == [("class", 1), ("instance", 1), ("class", 2), ("instance", 2), ("class", 2)]
+    assert trainer.callbacks.listeners("on_step_end")[-1] is late
+
+
 def test_on_epoch_end_sees_that_epochs_eval_metrics(model, data):
     logs_seen = []
 

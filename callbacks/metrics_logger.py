@@ -21,7 +21,7 @@ import numpy as np
 from callbacks.lagged import LaggedFetch
 from callbacks.writers import MetricWriter
 from trainer.events import Callback
-from trainer.step import compute_sums
+from trainer.sums import compute_sums
 
 
 class MetricsLogger(Callback):

@@ -260,7 +260,7 @@ def test_a_convolutional_step_is_unrolled_and_still_bitwise():
 
 def test_a_chunks_steps_merge_into_the_running_sums_as_one_step_after_another():
     """The packed merge of a chunk's stacked step sums is bitwise the step-by-step ``merge_sums``."""
-    from trainer.step import empty_sums, merge_steps_packed, merge_sums, to_sums
+    from trainer.sums import empty_sums, merge_steps_packed, merge_sums, to_sums
 
     rng = np.random.default_rng(0)
     k = 7

@@ -84,7 +84,8 @@ records = []
 handler = logging.Handler(); handler.emit = records.append
 for name in ("jax._src.dispatch", "jax._src.interpreters.pxla"):
     logging.getLogger(name).addHandler(handler)
-from trainer.step import empty_sums, init_guard
+from trainer.step import init_guard
+from trainer.sums import empty_sums
 guard = init_guard()
 sums = empty_sums({"loss": (), "accuracy": (), "nonfinite_total": (), "_valid": ()}, {})
 compiled = [r.getMessage()[:80] for r in records if r.getMessage().startswith(("Compiling", "Finished XLA compilation"))]

@@ -13,7 +13,8 @@ import jax
 
 from trainer import losses
 from trainer.loop import EPOCH_SUMS
-from trainer.step import make_train_step, restore_sums, scan_unroll, use_chunk_guard
+from trainer.step import make_train_step, scan_unroll, use_chunk_guard
+from trainer.sums import restore_sums
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer

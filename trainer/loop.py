@@ -20,7 +20,7 @@ from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
 from trainer.prefetch import Feed
 from trainer.preemption import Preempted
-from trainer.step import compute_sums
+from trainer.sums import compute_sums
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer

@@ -33,8 +33,8 @@ from trainer.optim import current_learning_rate
 from trainer.packing import Packed
 from trainer.preemption import PreemptionHandler, Preempted
 from trainer.state import TrainState, reseed_streams, zeros_like_tree
-from trainer.step import (Probe, Sums, compute_sums, empty_sums, init_guard, make_eval_step,
-                          make_predict_step, per_example_metrics)
+from trainer.step import Probe, init_guard, make_eval_step, make_predict_step, per_example_metrics
+from trainer.sums import Sums, compute_sums, empty_sums
 
 
 class Trainer:

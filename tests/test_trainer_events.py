@@ -85,6 +85,30 @@ def test_only_callbacks_that_define_an_event_are_called_and_a_later_added_one_is
     assert trainer.callbacks.listeners("on_step_end")[-1] is late
 
 
+def test_a_callback_replaced_by_an_equal_one_is_the_one_called(model, data):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Tagged(Callback):  # dataclasses compare by fields: two of them are == yet different objects
+        tag: str = "x"
+
+        def __post_init__(self):
+            self.steps = []
+
+        def on_step_end(self, trainer, step, metrics):
+            self.steps.append(step)
+
+    first, second = Tagged(), Tagged()
+    assert first == second and first is not second
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1, callbacks=[first])
+    train, _ = loaders(data)
+    trainer.fit(train)
+    trainer.callbacks.callbacks[0] = second
+    trainer.max_steps = 2
+    trainer.fit(train)
+    assert first.steps == [1] and second.steps == [2]
+
+
 def test_on_epoch_end_sees_that_epochs_eval_metrics(model, data):
     logs_seen = []
 

@@ -114,8 +114,8 @@ class CallbackList:
     def listeners(self, event: str) -> list[Callback]:
         """The callbacks that define ``event``, in list order (recomputed when the list changes)."""
         current = tuple(self.callbacks)
-        if current != self._listeners_of:
-            self._listeners, self._listeners_of = {}, current
+        if len(current) != len(self._listeners_of) or any(a is not b for a, b in zip(current, self._listeners_of)):
+            self._listeners, self._listeners_of = {}, current  # by identity: equal callbacks (dataclasses) may differ
         found = self._listeners.get(event)
         if found is None:
             base = getattr(Callback, event)

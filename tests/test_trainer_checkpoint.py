@@ -283,3 +283,37 @@ def test_checksum_reads_the_same_bytes_as_a_copy():
     for value in (rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=7).astype(ml_dtypes.bfloat16),
                   np.array(3, np.int32), np.array([True, False, True]), rng.integers(0, 9, (2, 2, 2)).astype(np.uint32)):
         assert crc32(value) == zlib.crc32(value.tobytes()), value.dtype
+
+
+@pytest.mark.parametrize("pack_max_bytes", [1 << 20, 100, -1])
+def test_small_arrays_are_stored_joined_per_dtype_and_resume_bitwise(tmp_path, data, monkeypatch, pack_max_bytes):
+    import trainer.checkpoint_store as store_module
+
+    monkeypatch.setattr(store_module, "PACK_MAX_BYTES", pack_max_bytes)  # all, some or none joined
+    unbroken = make(tmp_path / "a", 8)
+    unbroken.fit(ArrayLoader(data, 16, seed=2))
+    first = make(tmp_path / "b", 8, StopAt(4))
+    first.fit(ArrayLoader(data, 16, seed=2))
+    meta = first.checkpoints[0].store.read_meta(4)
+    stored = store_module.stored_shapes(meta["leaves"])
+    small = [d for d in meta["leaves"] if int(np.prod(d["shape"])) * np.dtype(d["dtype"]).itemsize <= pack_max_bytes]
+    assert len(stored) == len(meta["leaves"]) - len(small) + len({d["dtype"] for d in small})
+    second = make(tmp_path / "b", 8)
+    second.fit(ArrayLoader(data, 16, seed=2), resume=True)
+    assert bitwise_equal(leaves_of(second), leaves_of(unbroken))
+
+
+def test_a_format_1_checkpoint_still_resumes(tmp_path, data, monkeypatch):
+    import trainer.checkpoint as checkpoint_module
+    import trainer.checkpoint_store as store_module
+
+    unbroken = make(tmp_path / "a", 8)
+    unbroken.fit(ArrayLoader(data, 16, seed=2))
+    with monkeypatch.context() as patch:  # as the first release wrote it: every array alone, format 1
+        patch.setattr(store_module, "PACK_MAX_BYTES", -1)
+        patch.setattr(checkpoint_module, "FORMAT", 1)
+        make(tmp_path / "b", 8, StopAt(4)).fit(ArrayLoader(data, 16, seed=2))
+    second = make(tmp_path / "b", 8)
+    assert second.checkpoints[0].open(second).read_meta(4)["format"] == 1
+    second.fit(ArrayLoader(data, 16, seed=2), resume=True)
+    assert bitwise_equal(leaves_of(second), leaves_of(unbroken))

@@ -75,8 +75,9 @@ class Checkpoint(Callback):
       max_to_keep: newest checkpoints kept.
       monitor / mode / keep_best: also keep the ``keep_best`` best checkpoints by the epoch metric
         ``monitor`` (``min`` or ``max``).
-      async_save: write in the background; the trainer waits for the commit before exiting,
-        before reporting a preemption save, and at the end of ``fit``.
+      async_save: write in the background: the loop only copies the state to the host (and checks
+        it is finite); checksums and orbax's save run on a worker thread. The trainer waits for the
+        commit before exiting, before reporting a preemption save, and at the end of ``fit``.
       min_interval_seconds: skip a periodic save due less than this long after the previous save
         (``None``: never skip). Each save waits for the step and copies the state to the host: on
         a GPU the MNIST recipe's 30-step epochs meant 30 saves a second. The save at the end of
@@ -141,7 +142,7 @@ class Checkpoint(Callback):
             if wait:
                 store.wait()
             return True
-        arrays, leaves = flatten(trainer.state)
+        arrays, leaves = flatten(trainer.state, checksums=False)  # the store computes them off the loop
         bad = [d["path"] for d, a in zip(leaves, arrays.values())
                if not d["path"].startswith(".guard") and a.dtype.kind == "f" and not np.isfinite(a).all()]
         if bad:
@@ -177,14 +178,14 @@ class Checkpoint(Callback):
 
 
 def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
-    """The JSON half of a checkpoint."""
+    """The JSON half of a checkpoint: new containers throughout, as it is written in the background."""
     iterator = trainer.data_iterator
     data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
     if data_state is not None:  # a prefetch thread runs the iterator ahead: record what was trained on
         data_state = {**data_state, "epoch": trainer.epoch, "position": trainer.position}
     return {
         "format": FORMAT, "step": trainer.step, "epoch": trainer.epoch, "position": trainer.position,
-        "data_state": data_state, "history": trainer.history, "config": _jsonable(trainer.config),
+        "data_state": _jsonable(data_state), "history": _jsonable(trainer.history), "config": _jsonable(trainer.config),
         "epoch_sums": trainer.epoch_sums_snapshot(), "skip_batches": sorted(trainer.skip_batches),
         "environment": environment(), "has_guard": trainer.state.guard is not None, "leaves": leaves,
         "callbacks": {callback_key(i, cb): _jsonable(cb.state_dict()) for i, cb in enumerate(trainer.callbacks.callbacks)},

@@ -20,7 +20,11 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-FORMAT = 1
+from trainer.background import SerialWorker
+
+FORMAT = 2  # 2: small arrays stored joined per dtype (``pack_small``); 1 (every array alone) still reads
+READABLE_FORMATS = (1, 2)
+PACK_MAX_BYTES = 1 << 20
 TMP_MARKER = ".orbax-checkpoint-tmp"
 STEP_PREFIX = "step"  # step folders are step_<N>: a foreign integer-named folder is never one of ours
 
@@ -40,8 +44,11 @@ def _is_key(leaf: Any) -> bool:
     return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
-def flatten(tree: Any) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-    """Host arrays named ``leaf_00000``... and their descriptions (path, shape, dtype, crc32)."""
+def flatten(tree: Any, checksums: bool = True) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Host arrays named ``leaf_00000``... and their descriptions (path, shape, dtype, crc32).
+
+    ``checksums=False`` leaves ``crc32`` at ``None`` for ``fill_checksums`` to compute later (off the loop).
+    """
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     arrays, described = {}, []
     host = jax.device_get([jax.random.key_data(x) if _is_key(x) else x for _, x in leaves])
@@ -50,9 +57,69 @@ def flatten(tree: Any) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
         name = f"leaf_{i:05d}"
         arrays[name] = value
         described.append({"name": name, "path": jax.tree_util.keystr(path), "shape": list(value.shape),
-                          "dtype": str(value.dtype), "crc32": crc32(value),
+                          "dtype": str(value.dtype), "crc32": crc32(value) if checksums else None,
                           "key_impl": str(jax.random.key_impl(leaf)) if _is_key(leaf) else None})
     return arrays, described
+
+
+def fill_checksums(arrays: Mapping[str, np.ndarray], described: list[dict[str, Any]]) -> None:
+    """Computes the ``crc32`` that ``flatten(..., checksums=False)`` left out, in place."""
+    for d in described:
+        if d["crc32"] is None:
+            d["crc32"] = crc32(arrays[d["name"]])
+
+
+def pack_small(arrays: Mapping[str, np.ndarray], described: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """What orbax writes: arrays of at most ``PACK_MAX_BYTES`` joined into one buffer per dtype
+    (``packed_<dtype>``; each one's description gains ``packed: [buffer, offset]``), larger ones alone.
+
+    Orbax's save spends Python time on every array, holding the GIL the train loop needs: the
+    transformer's 124 state arrays (5 MB) kept a loop-like thread 1.5x slower while written,
+    against 1.13x for one buffer (2-core CPU), and cost the transformer 21% of its steps on a GPU.
+    """
+    stored: dict[str, np.ndarray] = {}
+    parts: dict[str, list[np.ndarray]] = {}
+    sizes: dict[str, int] = {}
+    for d in described:
+        value = arrays[d["name"]]
+        if value.nbytes > PACK_MAX_BYTES:
+            stored[d["name"]] = value
+            continue
+        buffer = f"packed_{value.dtype}"
+        d["packed"] = [buffer, sizes.get(buffer, 0)]
+        parts.setdefault(buffer, []).append(value.reshape(-1))
+        sizes[buffer] = sizes.get(buffer, 0) + value.size
+    stored.update({buffer: np.concatenate(part) for buffer, part in parts.items()})
+    return stored
+
+
+def stored_shapes(described: list[dict[str, Any]]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape and dtype of every array orbax holds for ``described`` (what ``pack_small`` wrote)."""
+    shapes: dict[str, jax.ShapeDtypeStruct] = {}
+    for d in described:
+        dtype = np.dtype(d["dtype"])
+        if "packed" not in d:
+            shapes[d["name"]] = jax.ShapeDtypeStruct(tuple(d["shape"]), dtype)
+            continue
+        buffer, offset = d["packed"]
+        end = offset + int(np.prod(d["shape"], dtype=np.int64))
+        if buffer in shapes and shapes[buffer].shape[0] >= end:
+            continue
+        shapes[buffer] = jax.ShapeDtypeStruct((end,), dtype)
+    return shapes
+
+
+def unpack_small(stored: Mapping[str, np.ndarray], described: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Every leaf's array by its name, cut out of the buffers ``pack_small`` joined."""
+    arrays = {}
+    for d in described:
+        if "packed" not in d:
+            arrays[d["name"]] = np.asarray(stored[d["name"]])
+            continue
+        buffer, offset = d["packed"]
+        size = int(np.prod(d["shape"], dtype=np.int64))
+        arrays[d["name"]] = np.asarray(stored[buffer][offset:offset + size]).reshape(d["shape"])
+    return arrays
 
 
 def crc32(value: np.ndarray) -> int:
@@ -113,7 +180,9 @@ class CheckpointStore:
       directory: the folder of step folders.
       max_to_keep: newest checkpoints kept.
       monitor / mode / keep_best: also keep the ``keep_best`` best by the metric ``monitor``.
-      async_save: write in the background (``wait()`` before relying on a save).
+      async_save: write in the background (``wait()`` before relying on a save): the checksums and
+        orbax's own share of a save run on a worker thread, so ``save`` returns once it has queued
+        the host arrays (on a GPU orbax's share held the loop ~55 ms a save, the device idle).
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, monitor: str | None = None,
@@ -132,6 +201,7 @@ class CheckpointStore:
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True, step_prefix=STEP_PREFIX,
             preservation_policy=policies.AnyPreservationPolicy(keep))
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._writer = SerialWorker("checkpoint-writer") if async_save else None
 
     def clean_temporary(self) -> list[Path]:
         """Removes folders a killed save left behind (orbax's temporary names)."""
@@ -142,16 +212,37 @@ class CheckpointStore:
 
     def save(self, step: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
              metrics: Mapping[str, float] | None = None) -> None:
+        """Writes ``arrays`` and ``meta`` as checkpoint ``step``, filling in missing checksums first.
+
+        With ``async_save`` this queues the write and returns (waiting first for a previous write
+        still queued); ``arrays`` and ``meta`` must not change afterwards. A failed write is raised
+        by the next ``save`` or ``wait``.
+        """
+        if self._writer is None:
+            self._write(step, arrays, meta, metrics)
+        else:
+            self._writer.submit(lambda: self._write(step, arrays, meta, metrics))
+
+    def _write(self, step: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
+               metrics: Mapping[str, float] | None) -> None:
+        fill_checksums(arrays, meta["leaves"])
+        stored = pack_small(arrays, meta["leaves"])
         ocp = orbax_checkpoint()
-        args = ocp.args.Composite(state=ocp.args.StandardSave(dict(arrays)), meta=ocp.args.JsonSave(dict(meta)))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(stored), meta=ocp.args.JsonSave(dict(meta)))
         if step in self.manager.all_steps():  # a run resumed from an older step passes this one again
             self.manager.wait_until_finished()
             self.manager.delete(step)
         self.manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
 
     def wait(self) -> None:
-        """Blocks until every started save is committed."""
+        """Blocks until every started save is committed; raises a background write's failure."""
+        self._drain_writer()
         self.manager.wait_until_finished()
+
+    def _drain_writer(self) -> None:
+        """Lets the queued writes reach orbax: only then may this thread use the manager."""
+        if self._writer is not None:
+            self._writer.drain()
 
     def folder(self, step: int) -> Path:
         return self.directory / f"{STEP_PREFIX}_{step}"
@@ -164,6 +255,7 @@ class CheckpointStore:
 
     def read_meta(self, step: int) -> dict | None:
         """The meta document of ``step``; ``None`` for a folder that holds no checkpoint of ours."""
+        self._drain_writer()
         folder = self.folder(step)
         if not (folder / "meta").is_dir() or not (folder / "state").is_dir():
             return None
@@ -172,13 +264,14 @@ class CheckpointStore:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception:  # a damaged meta file: treated as no checkpoint by the caller's fallback
             return None
-        return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+        return meta if isinstance(meta, dict) and meta.get("format") in READABLE_FORMATS else None
 
     def read_arrays(self, step: int, described: list[dict]) -> dict[str, np.ndarray]:
-        abstract = {d["name"]: jax.ShapeDtypeStruct(tuple(d["shape"]), np.dtype(d["dtype"])) for d in described}
+        self._drain_writer()
         ocp = orbax_checkpoint()
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        arrays = {k: np.asarray(v) for k, v in restored["state"].items()}
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(stored_shapes(described))))
+        arrays = unpack_small({k: np.asarray(v) for k, v in restored["state"].items()}, described)
         verify_checksums(f"checkpoint step {step}", arrays, described)
         return arrays
 
@@ -212,5 +305,9 @@ class CheckpointStore:
         return None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            self.manager.wait_until_finished()
+            self.manager.close()

@@ -1,0 +1,106 @@
+"""Checkpoint writes run on a worker thread: the loop goes on, a failed write is raised, the meta is a snapshot."""
+
+from __future__ import annotations
+
+import threading
+
+import optax
+import pytest
+from flax import nnx
+
+from callbacks import Callback, Checkpoint
+from conftest import TinyMLP, make_data
+from trainer import ArrayLoader, Trainer
+from trainer.background import SerialWorker
+from trainer.checkpoint_store import CheckpointStore
+
+
+def test_serial_worker_runs_jobs_in_order_and_bounds_what_is_queued():
+    worker, gate, ran = SerialWorker("test", depth=1), threading.Event(), []
+    worker.submit(lambda: (gate.wait(30), ran.append(1)))
+    second = threading.Thread(target=worker.submit, args=(lambda: ran.append(2),))
+    second.start()
+    second.join(0.2)
+    assert second.is_alive() and worker.busy  # depth 1: the second submit waits for the first job
+    gate.set()
+    second.join(30)
+    worker.close()
+    assert ran == [1, 2]
+
+
+def test_serial_worker_raises_a_failed_job_on_the_callers_thread_once():
+    worker = SerialWorker("test")
+    worker.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        worker.submit(lambda: None)  # depth 1: waits for the failed job, then reports it
+    worker.submit(lambda: None)
+    worker.drain()  # reported once, not again
+    worker.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        worker.drain()
+    worker.close()
+
+
+def held_writes(monkeypatch, gate: threading.Event, log: list):
+    """Makes every checkpoint write wait for ``gate`` (logging its start and end)."""
+    write = CheckpointStore._write
+
+    def held(self, step, *args):
+        log.append(("start", step))
+        assert gate.wait(30), "the write was never released"
+        write(self, step, *args)
+        log.append(("done", step))
+
+    monkeypatch.setattr(CheckpointStore, "_write", held)
+
+
+def make(workdir, max_steps, every, *extra):
+    return Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=max_steps, workdir=workdir,
+                   callbacks=[Checkpoint(every_n_steps=every, every_n_epochs=None), *extra])
+
+
+def test_training_goes_on_while_a_save_is_written_and_fit_ends_after_the_commit(tmp_path, monkeypatch):
+    gate, log, seen = threading.Event(), [], []
+
+    class Release(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 5:  # the save after step 4 is queued, held: the loop ran on to step 5 anyway
+                seen.append(list(log))
+                gate.set()
+
+    held_writes(monkeypatch, gate, log)
+    trainer = make(tmp_path, 6, 4, Release())
+    trainer.fit(ArrayLoader(make_data(), 16, seed=0))
+    assert ("done", 4) not in seen[0]
+    assert log[-1] == ("done", 6)  # the final save, committed before fit returned
+    store = trainer.checkpoints[0].store
+    assert store.steps() == [6, 4]
+    step, meta, _ = store.restore_newest(step=4)  # verifies every checksum computed in the background
+    assert step == 4 and all(isinstance(d["crc32"], int) for d in meta["leaves"])
+
+
+def test_the_meta_written_is_what_the_trainer_held_when_it_saved(tmp_path, monkeypatch):
+    gate, log = threading.Event(), []
+
+    class Release(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 7:  # the epoch ended (history grew) after the save at step 6 was queued
+                assert len(trainer.history) == 1
+                gate.set()
+
+    held_writes(monkeypatch, gate, log)
+    trainer = make(tmp_path, 8, 6, Release())
+    trainer.fit(ArrayLoader(make_data(), 16, seed=0))  # 6 batches an epoch
+    meta = trainer.checkpoints[0].store.read_meta(6)
+    assert (meta["step"], meta["history"]) == (6, [])
+
+
+def test_a_failed_background_write_is_raised_by_fit(tmp_path, monkeypatch):
+    def broken(self, step, *args):
+        raise OSError(f"disk full while writing step {step}")
+
+    monkeypatch.setattr(CheckpointStore, "_write", broken)
+    trainer = make(tmp_path, 6, 2)
+    with pytest.raises(OSError, match="disk full while writing step 2"):
+        trainer.fit(ArrayLoader(make_data(), 16, seed=0))
+    assert trainer.step < 6  # raised by the next save, not only at the end

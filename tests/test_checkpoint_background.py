@@ -104,3 +104,22 @@ def test_a_failed_background_write_is_raised_by_fit(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full while writing step 2"):
         trainer.fit(ArrayLoader(make_data(), 16, seed=0))
     assert trainer.step < 6  # raised by the next save, not only at the end
+
+
+def test_a_failed_write_does_not_hide_the_error_that_stopped_fit(tmp_path, monkeypatch):
+    gate = threading.Event()
+
+    def broken(self, step, *args):
+        gate.wait(30)
+        raise OSError("disk full")
+
+    class Crash(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 3:  # the save of step 2 is still being written, and will fail
+                gate.set()
+                raise KeyError("the user's callback failed")
+
+    monkeypatch.setattr(CheckpointStore, "_write", broken)
+    with pytest.warns(RuntimeWarning, match="checkpoint write failed as well.*disk full"):
+        with pytest.raises(KeyError, match="the user's callback failed"):
+            make(tmp_path, 6, 2, Crash()).fit(ArrayLoader(make_data(), 16, seed=0))

@@ -174,7 +174,10 @@ class Checkpoint(Callback):
 
     def on_exception(self, trainer: "Trainer", exception: BaseException) -> None:
         if self.store is not None:
-            self.store.wait()  # a save in flight still commits: it is a good checkpoint
+            try:
+                self.store.wait()  # a save in flight still commits: it is a good checkpoint
+            except Exception as failed:  # the error that stopped fit stays the one raised
+                warnings.warn(f"a checkpoint write failed as well: {failed!r}", RuntimeWarning, stacklevel=2)
 
 
 def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:

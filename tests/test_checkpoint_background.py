@@ -15,30 +15,30 @@ from trainer.background import SerialWorker
 from trainer.checkpoint_store import CheckpointStore
 
 
-def test_serial_worker_runs_jobs_in_order_and_bounds_what_is_queued():
-    worker, gate, ran = SerialWorker("test", depth=1), threading.Event(), []
+def test_serial_worker_runs_jobs_in_order_one_at_a_time_and_leaves_no_thread():
+    worker, gate, ran = SerialWorker("test-writer"), threading.Event(), []
     worker.submit(lambda: (gate.wait(30), ran.append(1)))
     second = threading.Thread(target=worker.submit, args=(lambda: ran.append(2),))
     second.start()
     second.join(0.2)
-    assert second.is_alive() and worker.busy  # depth 1: the second submit waits for the first job
+    assert second.is_alive() and worker.busy  # the second submit waits for the first job
     gate.set()
     second.join(30)
-    worker.close()
+    worker.drain()
     assert ran == [1, 2]
+    assert not worker.busy and not [t for t in threading.enumerate() if t.name == "test-writer"]
 
 
 def test_serial_worker_raises_a_failed_job_on_the_callers_thread_once():
-    worker = SerialWorker("test")
+    worker = SerialWorker("test-writer")
     worker.submit(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        worker.submit(lambda: None)  # depth 1: waits for the failed job, then reports it
+        worker.submit(lambda: None)  # waits for the failed job, then reports it
     worker.submit(lambda: None)
     worker.drain()  # reported once, not again
     worker.submit(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        worker.drain()
-    worker.close()
+        worker.close()
 
 
 def held_writes(monkeypatch, gate: threading.Event, log: list):

@@ -1,4 +1,4 @@
-"""``SerialWorker``: one thread running jobs in the order they were handed over, errors raised back.
+"""``SerialWorker``: runs jobs off the caller's thread, one at a time and in order, errors raised back.
 
 A checkpoint's write (checksums, orbax's save) runs here so that the train loop is not held up by it:
 on a GPU orbax's share of a save held the loop ~52 ms. (Its Python work then still took the GIL
@@ -8,43 +8,50 @@ caller's thread at the next ``submit`` or ``drain``, never lost.
 
 from __future__ import annotations
 
-import concurrent.futures
+import threading
 from typing import Callable
 
 
 class SerialWorker:
-    """Runs submitted jobs one at a time on a worker thread, at most ``depth`` of them queued or running."""
+    """Each job runs on a thread of its own, started once the previous job has finished.
 
-    def __init__(self, name: str, depth: int = 1):
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._depth = depth
-        self._pending: list[concurrent.futures.Future] = []
+    So at most one job (and what it holds: a checkpoint's host arrays) is pending, and no thread
+    outlives its job: a store that saved once leaves no idle thread behind. The thread is not a
+    daemon: a write under way finishes before the interpreter exits.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def submit(self, job: Callable[[], None]) -> None:
-        """Queues ``job``; first waits for older jobs while ``depth`` are pending (bounding what they hold)."""
-        self._reap(keep=self._depth - 1)
-        self._pending.append(self._pool.submit(job))
+        """Waits for the previous job (raising its failure), then starts ``job``."""
+        self.drain()
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as error:  # handed to the caller's thread by drain()
+                self._error = error
+
+        self._thread = threading.Thread(target=run, name=self.name)
+        self._thread.start()
 
     def drain(self) -> None:
-        """Waits for every submitted job; raises the first one's exception, if any failed."""
-        self._reap(keep=0)
+        """Waits for the job under way, if any; raises its exception if it failed (once)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     @property
     def busy(self) -> bool:
-        return any(not f.done() for f in self._pending)
-
-    def _reap(self, keep: int) -> None:
-        while sum(not f.done() for f in self._pending) > keep:  # the oldest first: jobs run in order
-            concurrent.futures.wait([next(f for f in self._pending if not f.done())])
-        done = [f for f in self._pending if f.done()]
-        self._pending = [f for f in self._pending if f not in done]
-        errors = [f.exception() for f in done if f.exception() is not None]
-        if errors:
-            raise errors[0]  # a job's exception, re-raised on the caller's thread
+        """Whether a job is still running."""
+        return self._thread is not None and self._thread.is_alive()
 
     def close(self) -> None:
-        """Finishes the queued jobs (raising a failure) and stops the thread."""
-        try:
-            self.drain()
-        finally:
-            self._pool.shutdown(wait=True)
+        """Finishes the job under way (raising its failure)."""
+        self.drain()

@@ -1,9 +1,10 @@
 """Checkpoint files: orbax's ``CheckpointManager`` plus what it lacks (checksums, fallback, clear errors).
 
-A checkpoint step holds two orbax items under one atomic commit: ``state``, the train state as
-flat numbered arrays, and ``meta``, a JSON document with everything else (step, data position,
-callback states, config, environment fingerprint) and, for every array, its pytree path, shape,
-dtype and CRC32 computed at save time. Restoring checks the structure against the current model
+A checkpoint step holds two orbax items under one atomic commit: ``state``, the train state's
+arrays (up to 1 MiB each joined into one buffer per dtype, larger ones alone: ``pack_small``), and
+``meta``, a JSON document with everything else (step, data position, callback states, config,
+environment fingerprint) and, for every array, its pytree path, shape, dtype, place in a joined
+buffer and CRC32 (of the host copy taken at save time). Restoring checks the structure against the current model
 (a clear error on mismatch), verifies every checksum, and falls back to the previous step when the
 newest cannot be restored.
 """

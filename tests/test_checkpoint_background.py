@@ -95,15 +95,67 @@ def test_the_meta_written_is_what_the_trainer_held_when_it_saved(tmp_path, monke
     assert (meta["step"], meta["history"]) == (6, [])
 
 
-def test_a_failed_background_write_is_raised_by_fit(tmp_path, monkeypatch):
+def test_a_write_that_keeps_failing_is_raised_by_fit(tmp_path, monkeypatch):
     def broken(self, step, *args):
         raise OSError(f"disk full while writing step {step}")
 
     monkeypatch.setattr(CheckpointStore, "_write", broken)
     trainer = make(tmp_path, 6, 2)
-    with pytest.raises(OSError, match="disk full while writing step 2"):
+    with pytest.raises(OSError, match="disk full while writing step 4") as raised:
         trainer.fit(ArrayLoader(make_data(), 16, seed=0))
-    assert trainer.step < 6  # raised by the next save, not only at the end
+    assert "step 2" in str(raised.value.__context__)  # the first failure, chained
+    assert trainer.step == 4  # raised by the next save, not only at the end
+
+
+def test_after_one_failed_write_the_next_save_is_written_and_the_failure_warned(tmp_path, monkeypatch):
+    write, failures = CheckpointStore._write, []
+
+    def fails_once(self, step, *args):
+        if not failures:
+            failures.append(step)
+            raise OSError(f"transient failure at step {step}")
+        write(self, step, *args)
+
+    monkeypatch.setattr(CheckpointStore, "_write", fails_once)
+    trainer = make(tmp_path, 6, 2)
+    with pytest.warns(RuntimeWarning, match="transient failure at step 2.*step 4 was written since"):
+        trainer.fit(ArrayLoader(make_data(), 16, seed=0))
+    store = trainer.checkpoints[0].store
+    assert store.steps() == [6, 4] and store.restore_newest()[0] == 6
+
+
+def test_a_preemption_save_lands_after_a_failed_write(tmp_path, monkeypatch):
+    trainer = make(tmp_path, 2, 10**6)
+    trainer.fit(ArrayLoader(make_data(), 16, seed=0))  # a good checkpoint at step 2
+    checkpoint, write, failures = trainer.checkpoints[0], CheckpointStore._write, []
+
+    def fails_once(self, step, *args):
+        if not failures:
+            failures.append(step)
+            raise OSError(f"transient failure at step {step}")
+        write(self, step, *args)
+
+    monkeypatch.setattr(CheckpointStore, "_write", fails_once)
+    trainer.step = 3
+    assert checkpoint.save(trainer)  # a periodic save: its write fails in the background, unreported
+    trainer.step = 4
+    with pytest.warns(RuntimeWarning, match="transient failure at step 3.*step 4 was written since"):
+        assert checkpoint.save(trainer, wait=True)  # what save_and_exit calls on a preemption
+    assert failures == [3] and checkpoint.store.restore_newest()[0] == 4
+
+
+def test_the_dict_on_checkpoint_save_gets_is_not_changed_by_the_write(tmp_path):
+    seen = []
+
+    class Keep(Callback):
+        def on_checkpoint_save(self, trainer, checkpoint):
+            seen.append(checkpoint)
+
+    trainer = make(tmp_path, 4, 2, Keep())
+    trainer.fit(ArrayLoader(make_data(), 16, seed=0))  # every write has finished by now
+    assert len(seen) == 2
+    assert all(d["crc32"] is None and "packed" not in d for meta in seen for d in meta["leaves"])
+    assert trainer.checkpoints[0].store.read_meta(4)["leaves"][0]["crc32"] is not None
 
 
 def test_a_failed_write_does_not_hide_the_error_that_stopped_fit(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import sys
@@ -188,7 +189,7 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
         data_state = {**data_state, "epoch": trainer.epoch, "position": trainer.position}
     return {
         "format": FORMAT, "step": trainer.step, "epoch": trainer.epoch, "position": trainer.position,
-        "data_state": _jsonable(data_state), "history": _jsonable(trainer.history), "config": _jsonable(trainer.config),
+        "data_state": copy.deepcopy(data_state), "history": copy.deepcopy(trainer.history), "config": _jsonable(trainer.config),
         "epoch_sums": trainer.epoch_sums_snapshot(), "skip_batches": sorted(trainer.skip_batches),
         "environment": environment(), "has_guard": trainer.state.guard is not None, "leaves": leaves,
         "callbacks": {callback_key(i, cb): _jsonable(cb.state_dict()) for i, cb in enumerate(trainer.callbacks.callbacks)},

@@ -47,8 +47,9 @@ class Callback:
     - ``on_epoch_end(epoch, logs)``: ``logs`` holds the epoch's mean train metrics and, when an
       evaluation ran, its metrics.
     - ``on_checkpoint_save(checkpoint)`` / ``on_checkpoint_restore(checkpoint)``: the dict written
-      or read. A save is written in the background (``Checkpoint(async_save=True)``): when the event
-      runs, its arrays' ``crc32`` entries may still be ``None`` and the files not yet committed.
+      or read. A save is written afterwards, in the background with ``Checkpoint(async_save=True)``:
+      in the dict ``on_checkpoint_save`` gets, the arrays' ``crc32`` are ``None`` (the write computes
+      them on its own copy) and the files may not be committed yet.
     - ``on_exception(exception)``: an error escaped ``fit``; it is re-raised after every callback.
 
     ``state_dict()`` / ``load_state_dict()`` carry a callback's own state through checkpoints.

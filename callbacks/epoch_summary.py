@@ -12,6 +12,8 @@ from trainer.events import Callback
 class EpochSummary(Callback):
     """Prints ``epoch 3/15  loss 0.1234  accuracy 0.9612  eval/loss ...  time 4.1s`` after each epoch.
 
+    Counts (metrics named ``*_total``, such as ``nonfinite_total``) print as integers.
+
     It reads only the host values the trainer already gathered at the epoch's end, so it adds no
     device synchronisation.
 
@@ -29,6 +31,12 @@ class EpochSummary(Callback):
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
         total = f"/{trainer.max_epochs}" if trainer.max_epochs else ""
-        values = "  ".join(f"{k} {v:.4f}" for k, v in logs.items())
+        values = "  ".join(f"{k} {_format(k, v)}" for k, v in logs.items())
         seconds = time.perf_counter() - self._started
         print(f"epoch {epoch + 1}{total}  {values}  time {seconds:.1f}s", file=self.stream or sys.stdout, flush=True)
+
+
+def _format(name: str, value: float) -> str:
+    if name.endswith("_total") and float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4f}"

@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from callbacks import (Callback, GradNormMonitor, LearningRateMonitor, MetricsLogger, MetricWriter,
+from callbacks import (Callback, EpochSummary, GradNormMonitor, LearningRateMonitor, MetricsLogger, MetricWriter,
                        NaNDetector, ProgressBar, Throughput)
 from conftest import TinyMLP, make_data
 from trainer import ArrayLoader, OptimConfig, Trainer
@@ -196,3 +196,14 @@ def test_a_per_step_read_is_counted(monkeypatch, model, data):
     counts = count_host_reads(monkeypatch)
     trainer.fit(ArrayLoader(data, 16))
     assert counts["reads"] >= 12
+
+
+def test_epoch_summary_prints_one_line_per_epoch_with_the_epoch_logs_and_counts_as_integers():
+    stream = io.StringIO()
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2,
+                      callbacks=[EpochSummary(stream=stream), NaNDetector()])
+    history = trainer.fit(ArrayLoader(make_data(), 16, seed=0))
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[:2] for line in lines] == [["epoch", "1/2"], ["epoch", "2/2"]]
+    for line, logs in zip(lines, history):
+        assert f"loss {logs['loss']:.4f}" in line and "nonfinite_total 0 " in line and line.endswith("s")

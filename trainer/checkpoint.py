@@ -137,7 +137,11 @@ class Checkpoint(Callback):
                 or self.clock() - self._last_saved_at >= self.min_interval_seconds)
 
     def save(self, trainer: "Trainer", *, wait: bool = False) -> bool:
-        """Saves the trainer now; returns False (with a warning) when the state is not finite."""
+        """Saves the trainer now; returns False (with a warning) when the state is not finite.
+
+        With ``async_save`` the write goes on in the background after this returns: ``wait=True``,
+        ``checkpoint.store.wait()`` or the end of ``fit`` waits for it and raises its failure.
+        """
         store = self.open(trainer)
         if self.last_saved_step == trainer.step:
             if wait:

@@ -5,7 +5,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     clu==0.0.12 ml-collections tensorboardX==2.6.5 crc32c keras==3.15.1 namex optree mlxtend==0.25.0
-# and run as: run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=580) (~250 s on an H100).
+# and run as: run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=580) (~250 s on an H100, ~350 s with the leave-one-out at the end).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false KERAS_BACKEND=jax
 OUT=${OUT:-/tmp/gpu-suite}; mkdir -p "$OUT"
@@ -20,4 +20,8 @@ run() {  # name, timeout in seconds, suite arguments
 run mlp 170 --workloads mlp --variants $V keras_k10 --chunk-scale 2 --repeats 4
 run cnn 150 --workloads mnist_cnn --variants $V --chunk-scale 50 --repeats 5
 run transformer 230 --workloads transformer --variants $V --chunk-scale 50 --repeats 5
+# where the default callbacks cost on the transformer's fused chunk, callback by callback
+timeout -k 5 150 python3 -m benchmarks.leave_one_out --workload transformer --steps-per-execution 10 --window 600 \
+  bare default without:Checkpoint without:NaNDetector,GradNormMonitor > "$OUT/leave_one_out.md" 2>&1; echo "leave_one_out rc=$?"
 for name in mlp cnn transformer; do cat "$OUT/$name.md" 2>/dev/null || tail -5 "$OUT/$name.log"; done
+tail -8 "$OUT/leave_one_out.md"

@@ -175,3 +175,14 @@ def test_a_failed_write_does_not_hide_the_error_that_stopped_fit(tmp_path, monke
     with pytest.warns(RuntimeWarning, match="checkpoint write failed as well.*disk full"):
         with pytest.raises(KeyError, match="the user's callback failed"):
             make(tmp_path, 6, 2, Crash()).fit(ArrayLoader(make_data(), 16, seed=0))
+
+
+def test_a_failure_nothing_waited_for_is_printed_not_lost(capsys):
+    import gc
+
+    worker = SerialWorker("test-writer")
+    worker.submit(lambda: 1 / 0)
+    worker._thread.join()  # finished, its failure not yet handed over
+    del worker
+    gc.collect()
+    assert "test-writer: a background job failed and nothing waited for it: ZeroDivisionError" in capsys.readouterr().err

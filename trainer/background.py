@@ -8,7 +8,9 @@ caller's thread at the next ``submit`` or ``drain``, never lost.
 
 from __future__ import annotations
 
+import sys
 import threading
+import weakref
 from typing import Callable
 
 
@@ -17,23 +19,26 @@ class SerialWorker:
 
     So at most one job (and what it holds: a checkpoint's host arrays) is pending, and no thread
     outlives its job: a store that saved once leaves no idle thread behind. The thread is not a
-    daemon: a write under way finishes before the interpreter exits.
+    daemon: a write under way finishes before the interpreter exits. A failure nobody waited for
+    (the worker dropped, or the interpreter exiting) is printed to stderr rather than lost.
     """
 
     def __init__(self, name: str):
         self.name = name
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._failure: dict[str, BaseException | None] = {"error": None}  # shared with the finalizer
+        weakref.finalize(self, _report_unraised, name, self._failure)
 
     def submit(self, job: Callable[[], None]) -> None:
         """Waits for the previous job (raising its failure), then starts ``job``."""
         self.drain()
+        failure = self._failure  # not self: the error's traceback would keep this worker alive
 
         def run() -> None:
             try:
                 job()
             except BaseException as error:  # handed to the caller's thread by drain()
-                self._error = error
+                failure["error"] = error
 
         self._thread = threading.Thread(target=run, name=self.name)
         self._thread.start()
@@ -43,7 +48,7 @@ class SerialWorker:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        error, self._error = self._error, None
+        error, self._failure["error"] = self._failure["error"], None
         if error is not None:
             raise error
 
@@ -55,3 +60,9 @@ class SerialWorker:
     def close(self) -> None:
         """Finishes the job under way (raising its failure)."""
         self.drain()
+
+
+def _report_unraised(name: str, failure: dict) -> None:
+    if failure["error"] is not None:
+        print(f"{name}: a background job failed and nothing waited for it: {failure['error']!r}",
+              file=sys.stderr, flush=True)

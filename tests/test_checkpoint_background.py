@@ -107,7 +107,8 @@ def test_a_write_that_keeps_failing_is_raised_by_fit(tmp_path, monkeypatch):
     assert trainer.step == 4  # raised by the next save, not only at the end
 
 
-def test_after_one_failed_write_the_next_save_is_written_and_the_failure_warned(tmp_path, monkeypatch):
+def first_write_fails(monkeypatch) -> list:
+    """Makes the first checkpoint write raise; returns the list its step lands in."""
     write, failures = CheckpointStore._write, []
 
     def fails_once(self, step, *args):
@@ -117,6 +118,11 @@ def test_after_one_failed_write_the_next_save_is_written_and_the_failure_warned(
         write(self, step, *args)
 
     monkeypatch.setattr(CheckpointStore, "_write", fails_once)
+    return failures
+
+
+def test_after_one_failed_write_the_next_save_is_written_and_the_failure_warned(tmp_path, monkeypatch):
+    first_write_fails(monkeypatch)
     trainer = make(tmp_path, 6, 2)
     with pytest.warns(RuntimeWarning, match="transient failure at step 2.*step 4 was written since"):
         trainer.fit(ArrayLoader(make_data(), 16, seed=0))
@@ -127,15 +133,7 @@ def test_after_one_failed_write_the_next_save_is_written_and_the_failure_warned(
 def test_a_preemption_save_lands_after_a_failed_write(tmp_path, monkeypatch):
     trainer = make(tmp_path, 2, 10**6)
     trainer.fit(ArrayLoader(make_data(), 16, seed=0))  # a good checkpoint at step 2
-    checkpoint, write, failures = trainer.checkpoints[0], CheckpointStore._write, []
-
-    def fails_once(self, step, *args):
-        if not failures:
-            failures.append(step)
-            raise OSError(f"transient failure at step {step}")
-        write(self, step, *args)
-
-    monkeypatch.setattr(CheckpointStore, "_write", fails_once)
+    checkpoint, failures = trainer.checkpoints[0], first_write_fails(monkeypatch)
     trainer.step = 3
     assert checkpoint.save(trainer)  # a periodic save: its write fails in the background, unreported
     trainer.step = 4

@@ -317,3 +317,16 @@ def test_a_format_1_checkpoint_still_resumes(tmp_path, data, monkeypatch):
     assert second.checkpoints[0].open(second).read_meta(4)["format"] == 1
     second.fit(ArrayLoader(data, 16, seed=2), resume=True)
     assert bitwise_equal(leaves_of(second), leaves_of(unbroken))
+
+
+def test_a_halted_guard_is_not_saved_and_the_last_good_checkpoint_stays(tmp_path, data):
+    import jax.numpy as jnp
+
+    trainer = make(tmp_path, 4)
+    trainer.fit(ArrayLoader(data, 16))  # good checkpoints at step 4
+    checkpoint = trainer.checkpoints[0]
+    trainer.state = trainer.state.replace(guard={**trainer.state.guard, "halted": jnp.array(True)})
+    trainer.step = 5
+    with pytest.warns(RuntimeWarning, match="not saving step 5: training halted"):
+        assert checkpoint.save(trainer, wait=True) is False
+    assert checkpoint.store.steps() == [4]

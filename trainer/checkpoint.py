@@ -148,13 +148,14 @@ class Checkpoint(Callback):
                 store.wait()
             return True
         arrays, leaves = flatten(trainer.state, checksums=False)  # the store computes them off the loop
-        bad = [d["path"] for d, a in zip(leaves, arrays.values())
-               if not d["path"].startswith(".guard") and a.dtype.kind == "f" and not np.isfinite(a).all()]
+        by_path = {d["path"]: a for d, a in zip(leaves, arrays.values())}
+        bad = [path for path, a in by_path.items()
+               if not path.startswith(".guard") and a.dtype.kind == "f" and not np.isfinite(a).all()]
         if bad:
             warnings.warn(f"not saving step {trainer.step}: {bad[:3]} hold non-finite values; the last good "
                           "checkpoint stays the newest.", RuntimeWarning, stacklevel=2)
             return False
-        if trainer.state.guard is not None and bool(trainer.state.guard["halted"]):
+        if bool(by_path.get(".guard['halted']", False)):  # the host copy just taken, not another device read
             warnings.warn(f"not saving step {trainer.step}: training halted on a non-finite step; the last "
                           "good checkpoint stays the newest.", RuntimeWarning, stacklevel=2)
             return False

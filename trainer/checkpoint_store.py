@@ -4,13 +4,14 @@ A checkpoint step holds two orbax items under one atomic commit: ``state``, the 
 arrays (up to 1 MiB each joined into one buffer per dtype, larger ones alone: ``pack_small``), and
 ``meta``, a JSON document with everything else (step, data position, callback states, config,
 environment fingerprint) and, for every array, its pytree path, shape, dtype, place in a joined
-buffer and CRC32 (of the host copy taken at save time). Restoring checks the structure against the current model
-(a clear error on mismatch), verifies every checksum, and falls back to the previous step when the
-newest cannot be restored.
+buffer and CRC32 (of the host copy taken at save time). Restoring checks the structure against the
+current model (a clear error on mismatch), verifies every checksum, and falls back to the previous
+step when the newest cannot be restored.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import warnings
@@ -104,7 +105,7 @@ def stored_shapes(described: list[dict[str, Any]]) -> dict[str, jax.ShapeDtypeSt
             shapes[d["name"]] = jax.ShapeDtypeStruct(tuple(d["shape"]), dtype)
             continue
         buffer, offset = d["packed"]
-        end = offset + int(np.prod(d["shape"], dtype=np.int64))
+        end = offset + math.prod(d["shape"])
         if buffer in shapes and shapes[buffer].shape[0] >= end:
             continue
         shapes[buffer] = jax.ShapeDtypeStruct((end,), dtype)
@@ -119,7 +120,7 @@ def unpack_small(stored: Mapping[str, np.ndarray], described: list[dict[str, Any
             arrays[d["name"]] = np.asarray(stored[d["name"]])
             continue
         buffer, offset = d["packed"]
-        size = int(np.prod(d["shape"], dtype=np.int64))
+        size = math.prod(d["shape"])
         arrays[d["name"]] = np.asarray(stored[buffer][offset:offset + size]).reshape(d["shape"])
     return arrays
 

@@ -9,7 +9,8 @@ compilations do not overlap; then the coordinator asks each in turn for a timed 
 Reported per variant: steps/s (median, min-max over rounds), the ratio to the hand-written loop
 (median and min-max of the per-round ratios, each against the hand loop's chunk of that round),
 compile seconds (first execution minus its steps at the median rate), peak RSS, and for the
-hand loop the achieved GFLOP/s (XLA's flop count of the step times the rate).
+hand loop the achieved GFLOP/s (XLA's flop count of the step times the rate). Then issue 6's
+targets as per-round ratios of two variants (``benchmarks/targets.py``).
 Peers (Keras, PyTorch, Lightning) need ``pip install -e ".[bench]"``; missing ones are skipped.
 """
 
@@ -27,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import workloads
+from benchmarks import targets, workloads
 from benchmarks.worker import VARIANTS
 
 CHUNK = {"mnist_cnn": 20, "transformer": 10, "mlp": 2000}  # steps per timed chunk: ~1-5 s each here
@@ -198,10 +199,11 @@ def main(argv=None) -> list[dict]:
             if not os.path.exists(os.path.join(data, f"{workload}.npz")):
                 workloads.save_batches(workload, data)
             rows += run_workload(workload, variants, args.repeats, env, log_dir, args.chunk_scale, args.parallel_start)
-    table = markdown(rows)
+    judged = targets.judge(rows)
+    table = markdown(rows) + "\n\nIssue 6's targets (per-round ratios):\n\n" + targets.markdown(judged)
     print(table)
     report = {"machine": machine(), "command": "python -m benchmarks.suite " + " ".join(argv or sys.argv[1:]),
-              "repeats": args.repeats, "skipped": skipped, "rows": rows}
+              "repeats": args.repeats, "skipped": skipped, "rows": rows, "targets": judged}
     Path(args.json).write_text(json.dumps(report, indent=2))
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")

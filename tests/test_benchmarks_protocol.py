@@ -72,3 +72,49 @@ def test_leave_one_out_times_one_window_per_set_and_round():
     seconds = run("mlp", ["bare", "only:NaNDetector"], steps_per_execution=2, window=6, rounds=2)
     assert [len(v) for v in seconds.values()] == [2, 2] and all(s > 0 for v in seconds.values() for s in v)
     assert table(seconds, 6).splitlines()[2].startswith("| bare | ") and "1.000 (1.00-1.00)" in table(seconds, 6)
+
+
+def _row(workload, variant, rates, rss=100.0):
+    return {"workload": workload, "variant": variant, "rates": rates, "peak_rss_mb": rss}
+
+
+def test_targets_take_ratios_round_by_round_and_judge_each_threshold():
+    from benchmarks.targets import judge, markdown
+
+    rows = [
+        # the machine slows down in round 2 for both variants: per round the ratio stays 2.0 / 2.2 / 2.1
+        _row("mlp", "trainer_default", [100.0, 50.0, 100.0], rss=110.0),
+        _row("mlp", "trainer_k10", [200.0, 110.0, 210.0], rss=130.0),
+        _row("mlp", "hand_scan10", [210.0, 100.0, 230.0], rss=100.0),
+        _row("mnist_cnn", "hand", [10.0, 10.0, 10.0], rss=500.0),
+        _row("mnist_cnn", "trainer_default", [9.0, 9.8, 10.0], rss=520.0),
+        _row("mnist_cnn", "keras", [9.8, 9.8, 9.8]),
+    ]
+    results = {(r["target"], r["workload"]): r for r in judge(rows)}
+    twice = results[("K=10 >= 2x K=1, default callbacks", "mlp")]
+    assert (twice["median"], twice["min"], twice["max"]) == pytest.approx((2.1, 2.0, 2.2))
+    assert twice["met"] is True  # the medians of the rates would give 200 / 100 = 2.0 as well, min 1.1
+    scan = results[("K=10 >= 0.97x a hand-written scan of K=10", "mlp")]
+    assert scan["median"] == pytest.approx(200 / 210) and scan["met"] is False
+    callbacks = results[("default callbacks >= 0.97x the hand loop", "mnist_cnn")]
+    assert callbacks["median"] == pytest.approx(0.98) and callbacks["met"] is True
+    keras = results[("faster than Keras fit", "mnist_cnn")]
+    assert keras["median"] == pytest.approx(1.0) and keras["met"] is False  # "faster" is strict: a tie is not
+    rss = results[("peak RSS at K=10 <= 1.2x the hand-written scan's", "mlp")]
+    assert rss["median"] == pytest.approx(1.3) and rss["met"] is False
+    # variants that did not run leave their targets out; measured-only rows have no verdict
+    assert ("default callbacks >= 0.97x the hand loop", "transformer") not in results
+    assert not any(r["met"] is None for r in results.values())
+    table = markdown(list(results.values()))
+    assert "| K=10 >= 2x K=1, default callbacks | mlp | trainer_k10 / trainer_default | 2.100 (2.00-2.20) | **yes** |" in table
+    assert "| peak RSS <= 1.2x the hand loop's | mnist_cnn | trainer_default / hand | 1.040 | **yes** |" in table
+
+
+def test_targets_without_a_threshold_are_reported_as_measured():
+    from benchmarks.targets import judge, markdown
+
+    rows = [_row("transformer", "trainer_default", [4.0, 4.4]), _row("transformer", "lightning", [8.0, 8.0])]
+    (result,) = judge(rows)
+    assert result["target"] == "default callbacks against Lightning"
+    assert result["median"] == pytest.approx(0.525) and result["met"] is None
+    assert markdown([result]).endswith("| 0.525 (0.50-0.55) | - |")

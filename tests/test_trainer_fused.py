@@ -287,16 +287,25 @@ def test_a_chunks_steps_merge_into_the_running_sums_as_one_step_after_another():
     assert int(merged["window"]["loss"].count) == 5  # the two invalid steps are not counted
 
 
+class SpyList(list):
+    kernel_grads: list
+
+
 @pytest.fixture
 def built_settings(monkeypatch):
-    """The ``unroll`` and ``chunk_guard`` each train step was built with (a spy on the builder)."""
+    """The ``unroll`` and ``chunk_guard`` each train step was built with (a spy on the builder;
+    ``.kernel_grads``: its ``matmul_kernel_grads``)."""
     from trainer import build
 
-    seen, real = [], build.make_train_step
+    seen, real = SpyList(), build.make_train_step
 
     def spy(*args, **kwargs):
         seen.append((kwargs.get("unroll", 1), kwargs.get("chunk_guard", False)))
+        kernel_grads.append(kwargs.get("matmul_kernel_grads", False))
         return real(*args, **kwargs)
+
+    kernel_grads = []
+    seen.kernel_grads = kernel_grads
 
     monkeypatch.setattr(build, "make_train_step", spy)
     return seen
@@ -317,13 +326,15 @@ def test_cpu_tuning_unrolls_a_convolutional_chunk_says_so_once_and_turns_off(bui
         runs[tuning] = trainer
         if tuning:
             assert built_settings.count((True, False)) >= 2  # built again after the change
-            assert len(trainer.cpu_settings) == 1 and "unrolled" in trainer.cpu_settings[0]
-            assert err.count("CPU tuning") == 1 and "cpu_tuning=False" in err
+            assert len(trainer.cpu_settings) == 2 and "unrolled" in trainer.cpu_settings[1]
+            assert "kernel gradients as matrix products" in trainer.cpu_settings[0]  # trainer.conv_grads
+            assert err.count("CPU tuning") == 2 and err.count("unrolled") == 1 and "cpu_tuning=False" in err
+            assert built_settings.kernel_grads[-1] is True
         else:
-            assert built_settings[-1] == (1, False)
+            assert built_settings[-1] == (1, False) and built_settings.kernel_grads[-1] is False
             assert trainer.cpu_settings == [] and "CPU tuning" not in err
     for x, y in zip(leaves(runs[True]), leaves(runs[False])):
-        # within float rounding (the rolled loop's convolutions round differently: 4e-6 relative on a bias, 8 steps)
+        # within float rounding (the rolled loop's convolutions and XLA's own kernel gradients round differently)
         np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-7)
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from trainer import losses
+from trainer.conv_grads import eligible_convs
 from trainer.loop import EPOCH_SUMS
 from trainer.step import make_train_step, scan_unroll, use_chunk_guard
 from trainer.sums import restore_sums
@@ -43,27 +44,31 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     except KeyError as err:  # the default loss's message names the batch keys
         raise ValueError(err.args[0]) from err
     trainer._metric_shapes = metric_shapes
-    unroll, chunk_guard = fused_settings(trainer, jaxpr)
-    trainer._train_steps = make_train_step(*args, unroll=unroll, chunk_guard=chunk_guard)
+    trainer._train_steps = make_train_step(*args, **tuned_settings(trainer, jaxpr))
     trainer._reset_sums()
     if trainer.restored_epoch_sums and trainer._sums.get(EPOCH_SUMS) is not None:
         trainer._sums[EPOCH_SUMS] = restore_sums(trainer._sums[EPOCH_SUMS], trainer.restored_epoch_sums)
         trainer.restored_epoch_sums = None
 
 
-def fused_settings(trainer: "Trainer", jaxpr: Any) -> tuple[int | bool, bool]:
-    """The fused scan's ``unroll`` and ``chunk_guard``: plain, or with ``cpu_tuning`` what measured faster on CPU.
+def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
+    """``make_train_step``'s tuning arguments: plain, or with ``cpu_tuning`` what measured faster on CPU.
 
-    Each setting that changes what runs is listed in ``trainer.cpu_settings`` and announced once on
-    stderr, with how to turn it off.
+    ``unroll`` and ``chunk_guard`` shape a fused chunk; ``matmul_kernel_grads`` any step with eligible
+    ``nnx.Conv`` layers (``trainer.conv_grads``). Each setting that changes what runs is listed in
+    ``trainer.cpu_settings`` and announced once on stderr, with how to turn it off.
     """
     if not trainer.cpu_tuning:
         trainer.cpu_settings = []
-        return 1, False
+        return {"unroll": 1, "chunk_guard": False, "matmul_kernel_grads": False}
     unroll = scan_unroll(jaxpr)
     num_params = sum(leaf.size for leaf in jax.tree.leaves(trainer.state.params))
     chunk_guard = use_chunk_guard(unroll, num_params)
+    convs = len(eligible_convs(trainer._model)) if jax.default_backend() == "cpu" else 0
     notes = []
+    if convs:
+        notes.append(f"{convs} convolution layer(s) compute their kernel gradients as matrix products (XLA:CPU's "
+                     "own convolution for them ran up to 3x slower; float rounding differs, within 1e-6)")
     if trainer.steps_per_execution > 1:
         if unroll is True:
             notes.append("a chunk of this convolutional step runs its scan unrolled (XLA:CPU runs convolution "
@@ -76,7 +81,7 @@ def fused_settings(trainer: "Trainer", jaxpr: Any) -> tuple[int | bool, bool]:
         if note not in trainer._announced:
             trainer._announced.add(note)
             print(f"trainer: CPU tuning: {note}. Trainer(cpu_tuning=False) turns this off.", file=sys.stderr, flush=True)
-    return unroll, chunk_guard
+    return {"unroll": unroll, "chunk_guard": chunk_guard, "matmul_kernel_grads": bool(convs)}
 
 
 def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:

@@ -19,6 +19,7 @@ from clu import metrics as clu_metrics
 from flax import nnx
 
 from trainer.carry import flat_jit
+from trainer.conv_grads import use_matmul_kernel_grads
 from trainer.optim import current_learning_rate
 from trainer.packing import scan_packed
 from trainer.state import TrainState
@@ -112,6 +113,7 @@ def make_train_step(
     reductions: Mapping[str, str] | None = None,
     unroll: int | bool = 1,
     chunk_guard: bool = False,
+    matmul_kernel_grads: bool = False,
 ) -> TrainSteps:
     """The train step of ``loss_fn`` with ``tx``, as ``TrainSteps``.
 
@@ -120,6 +122,9 @@ def make_train_step(
 
     ``chunk_guard``: with a guard, a fused chunk first runs without the per-step conditional and
     is rerun guarded only when one of its steps was not finite (see ``use_chunk_guard``).
+
+    ``matmul_kernel_grads``: the eligible ``nnx.Conv`` layers compute their kernel gradients as matrix
+    products (``trainer.conv_grads``; faster on XLA:CPU, float rounding differs).
 
     ``halt_after``: with a guard (``state.guard``), a step whose loss or gradients are not finite
     changes nothing (params, optimizer and model state keep their values) and is counted in
@@ -134,6 +139,8 @@ def make_train_step(
         # False, no guard (a fused chunk's first pass, which reports whether each step was finite).
         model = state.merge(graphdef)
         model.train()
+        if matmul_kernel_grads:  # on this trace's own copy of the model
+            use_matmul_kernel_grads(model)
 
         def objective(model):
             return split_loss_output(loss_fn(model, batch), "the loss function")

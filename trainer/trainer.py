@@ -70,10 +70,12 @@ class Trainer:
         warning), or ``"pad"``-ded to full size with a boolean ``batch["mask"]`` of real rows, which
         the built-in losses (``trainer.losses.supervised``) honour; a custom loss must weight by it.
         Either way the step compiles once.
-      cpu_tuning: on CPU, build a fused chunk as measured fastest there (``benchmarks/RESULTS.md``):
-        a step with convolutions is unrolled inside the scan, and a small model's non-finite guard
-        checks the chunk once, rerunning it guarded only when a step was bad. Each is announced once
-        on stderr and listed in ``cpu_settings``; ``False`` builds the plain rolled, per-step guarded scan.
+      cpu_tuning: on CPU, build the step as measured fastest there (``benchmarks/RESULTS.md``):
+        eligible ``nnx.Conv`` layers compute kernel gradients as matrix products
+        (``trainer.conv_grads``), a fused step with convolutions is unrolled inside the scan, and a
+        small model's non-finite guard checks the chunk once, rerunning it guarded only when a step
+        was bad. Each is announced once on stderr and listed in ``cpu_settings``; ``False`` builds
+        XLA's own convolution gradients and the plain rolled, per-step guarded scan.
 
     Attributes:
       step: optimizer steps completed. ``epoch``: index of the current epoch (= epochs completed

@@ -1,0 +1,119 @@
+"""Convolution weight gradients as matrix products: a CPU tuning (``Trainer(cpu_tuning=True)``).
+
+XLA:CPU computes a convolution's kernel gradient as another convolution, contracting over the
+batch and every pixel, and for small channel counts that runs at a third of its matrix-product
+speed (the MNIST CNN's second layer: 27.6 ms of a 67 ms step; ``benchmarks/RESULTS.md``). Here the
+forward pass and the input gradient stay XLA's own (bitwise the same); only the kernel gradient is
+computed from the padded input and the output gradient with matrix products, which changes its
+float rounding (within 1e-6 relative) and nothing else. Applied to ``nnx.Conv`` layers that use
+``lax.conv_general_dilated`` (the default), inside the train step's trace only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# (kernel taps x input channels) up to which the kernel gradient is one product of the stacked
+# shifted inputs (im2col); above it, one product per tap, up to SHIFTED_MAX_CHANNELS input channels.
+# Measured on the project's 2-core CPU: ci*taps 9 / 25 / 27 ran 2.8x / 1.6x / 2.3x faster stacked;
+# 3x3 taps over 16 / 32 / 64 channels 1.4x / 1.0-2.9x / 1.1x faster per tap, 128 / 256: slower.
+STACKED_MAX_COLUMNS = 32
+SHIFTED_MAX_CHANNELS = 64
+_CHANNELS_LAST_2D = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # NHWC input and output, HWIO kernel
+
+
+def plan(kernel_shape: tuple[int, ...]) -> str | None:
+    """How an HWIO kernel's gradient is computed: ``"stacked"``, ``"shifted"`` or ``None`` (XLA's own)."""
+    if len(kernel_shape) != 4:
+        return None
+    kh, kw, ci, _ = kernel_shape
+    if kh * kw == 1 or kh * kw * ci <= STACKED_MAX_COLUMNS:
+        return "stacked"
+    return "shifted" if ci <= SHIFTED_MAX_CHANNELS else None
+
+
+def _conv(x, w, padding):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_matmul_grad(x, w, padding, how):
+    return _conv(x, w, padding)
+
+
+def _forward(x, w, padding, how):
+    return _conv(x, w, padding), (x, w)
+
+
+def _backward(padding, how, residuals, g):
+    x, w = residuals
+    dx = jax.vjp(lambda x: _conv(x, w, padding), x)[1](g)[0]
+    kh, kw, ci, co = w.shape
+    _, oh, ow, _ = g.shape
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    windows = [xp[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)]
+    if how == "stacked":  # one product: [taps * ci, pixels] x [pixels, co]
+        columns = jnp.concatenate(windows, axis=-1).reshape(-1, kh * kw * ci)
+        dw = (columns.T @ g.reshape(-1, co)).reshape(kh, kw, ci, co)
+    else:  # one product per tap, without building the stacked input
+        dw = jnp.stack([jnp.einsum("nhwc,nhwo->co", window, g) for window in windows]).reshape(kh, kw, ci, co)
+    return dx, dw.astype(w.dtype)
+
+
+_conv_matmul_grad.defvjp(_forward, _backward)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``lax.conv_general_dilated`` whose kernel gradient is a matrix product where ``plan`` says so.
+
+    Only the case measured is taken (2-D, stride 1, no dilation, no groups, channels last, no
+    output dtype or sharding asked for); every other call goes to ``lax.conv_general_dilated`` as is.
+    """
+    options = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                   feature_group_count=feature_group_count, precision=precision, **kwargs)
+    how = plan(tuple(rhs.shape))
+    specs = getattr(dimension_numbers, "lhs_spec", None), getattr(dimension_numbers, "rhs_spec", None), \
+        getattr(dimension_numbers, "out_spec", None)
+    plain = (lhs.ndim == 4 and specs == _CHANNELS_LAST_2D and feature_group_count == 1 and precision is None
+             and all(s == 1 for s in window_strides) and all(d == 1 for d in (lhs_dilation or (1, 1)))
+             and all(d == 1 for d in (rhs_dilation or (1, 1))) and kwargs.get("out_sharding") is None
+             and kwargs.get("preferred_element_type") is None)
+    if how is None or not plain:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+    return _conv_matmul_grad(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding), how)
+
+
+def eligible_convs(model: nnx.Module) -> list[nnx.Conv]:
+    """The model's ``nnx.Conv`` layers (on XLA's default convolution) that ``conv_general_dilated`` speeds up."""
+    found = []
+    for _, module in nnx.iter_graph(model):
+        if (isinstance(module, nnx.Conv) and module.conv_general_dilated is jax.lax.conv_general_dilated
+                and len(module.kernel_size) == 2 and module.feature_group_count == 1
+                and all(_ones(getattr(module, name)) for name in ("strides", "input_dilation", "kernel_dilation"))
+                and plan((*module.kernel_size, module.in_features, module.out_features)) is not None):
+            found.append(module)
+    return found
+
+
+def _ones(value: Any) -> bool:
+    """True for a stride or dilation of 1 in every dimension (``None``, an int or a sequence, as ``nnx.Conv`` takes)."""
+    return value is None or (value == 1 if isinstance(value, int) else all(v == 1 for v in value))
+
+
+def use_matmul_kernel_grads(model: nnx.Module) -> int:
+    """Points each eligible ``nnx.Conv`` of ``model`` at ``conv_general_dilated``; returns how many.
+
+    Meant for the copy of the model merged inside the train step's trace, never the user's own.
+    """
+    convs = eligible_convs(model)
+    for module in convs:
+        module.conv_general_dilated = conv_general_dilated
+    return len(convs)

@@ -68,7 +68,7 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
     notes = []
     if convs:
         notes.append(f"{convs} convolution layer(s) compute their kernel gradients as matrix products (XLA:CPU's "
-                     "own convolution for them ran up to 3x slower; float rounding differs, within 1e-6)")
+                     "own convolution for them ran up to 4x slower; float rounding differs, within 1e-6)")
     if trainer.steps_per_execution > 1:
         if unroll is True:
             notes.append("a chunk of this convolutional step runs its scan unrolled (XLA:CPU runs convolution "

@@ -88,7 +88,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
-    return _conv_matmul_grad(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding), how)
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    if any(p < 0 for pair in padding for p in pair):  # negative padding crops: left to XLA
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
+    return _conv_matmul_grad(lhs, rhs, padding, how)
 
 
 def eligible_convs(model: nnx.Module) -> list[nnx.Conv]:

@@ -118,3 +118,13 @@ def test_targets_without_a_threshold_are_reported_as_measured():
     assert result["target"] == "default callbacks against Lightning"
     assert result["median"] == pytest.approx(0.525) and result["met"] is None
     assert markdown([result]).endswith("| 0.525 (0.50-0.55) | - |")
+
+
+def test_kernel_gradient_timings_name_the_plan_each_shape_gets(capsys):
+    from benchmarks.kernel_grads import main
+
+    rows = main(["--shape", "2", "5", "5", "1", "3", "3", "--shape", "2", "4", "4", "128", "2", "3"])
+    assert [r["plan"] for r in rows] == ["stacked", None]
+    assert all(r[key] > 0 for r in rows for key in ("xla", "shifted", "stacked"))
+    out = capsys.readouterr().out
+    assert "| 2, 5x5, 1 -> 3, 3x3 |" in out and out.rstrip().endswith("| XLA |")

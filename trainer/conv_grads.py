@@ -50,19 +50,30 @@ def _forward(x, w, padding, how):
     return _conv(x, w, padding), (x, w)
 
 
-def _backward(padding, how, residuals, g):
-    x, w = residuals
-    dx = jax.vjp(lambda x: _conv(x, w, padding), x)[1](g)[0]
-    kh, kw, ci, co = w.shape
+def kernel_grad(x, g, kernel_shape: tuple[int, ...], padding, how: str):
+    """The HWIO kernel gradient of a stride-1 NHWC convolution from its input ``x`` and output gradient ``g``.
+
+    ``padding``: ``((top, bottom), (left, right))``; ``how``: ``"stacked"`` (one product of the
+    stacked shifted windows, im2col) or ``"shifted"`` (one product per kernel tap).
+    """
+    kh, kw, ci, co = kernel_shape
     _, oh, ow, _ = g.shape
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     windows = [xp[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)]
     if how == "stacked":  # one product: [taps * ci, pixels] x [pixels, co]
         columns = jnp.concatenate(windows, axis=-1).reshape(-1, kh * kw * ci)
-        dw = (columns.T @ g.reshape(-1, co)).reshape(kh, kw, ci, co)
-    else:  # one product per tap, without building the stacked input
-        dw = jnp.stack([jnp.einsum("nhwc,nhwo->co", window, g) for window in windows]).reshape(kh, kw, ci, co)
-    return dx, dw.astype(w.dtype)
+        return (columns.T @ g.reshape(-1, co)).reshape(kh, kw, ci, co)
+    # one product per tap, without building the stacked input; each a 2-D product contracting the
+    # pixels (an einsum over the 4-D windows ran 2-3x slower on XLA:CPU)
+    pixels = g.reshape(-1, co)
+    products = [jax.lax.dot_general(window.reshape(-1, ci), pixels, (((0,), (0,)), ((), ()))) for window in windows]
+    return jnp.stack(products).reshape(kh, kw, ci, co)
+
+
+def _backward(padding, how, residuals, g):
+    x, w = residuals
+    dx = jax.vjp(lambda x: _conv(x, w, padding), x)[1](g)[0]
+    return dx, kernel_grad(x, g, w.shape, padding, how).astype(w.dtype)
 
 
 _conv_matmul_grad.defvjp(_forward, _backward)

@@ -69,6 +69,24 @@ def test_other_convolutions_are_left_to_xla(options):
         np.testing.assert_array_equal(got, want)  # the same program: nothing of the rewrite runs
 
 
+def test_stacked_windows_too_large_for_memory_keep_xlas_gradient(monkeypatch):
+    import trainer.conv_grads as conv_grads
+
+    rng = np.random.default_rng(0)
+    conv = nnx.Conv(1, 6, kernel_size=(3, 3), rngs=nnx.Rngs(0))
+    x = rng.normal(size=(4, 9, 7, 1)).astype(np.float32)
+    g = rng.normal(size=conv(jnp.asarray(x)).shape).astype(np.float32)
+    calls = []
+    real = conv_grads._conv_matmul_grad
+    monkeypatch.setattr(conv_grads, "_conv_matmul_grad", lambda *args: calls.append(args[3]) or real(*args))
+    grads_of(conv_general_dilated, conv, x, g)
+    assert calls == ["stacked"]
+    monkeypatch.setattr(conv_grads, "STACKED_MAX_BYTES", 4 * 9 * 7 * 9 * 4 - 1)  # one byte short of these windows
+    np.testing.assert_array_equal(grads_of(conv_general_dilated, conv, x, g)[2],
+                                  grads_of(jax.lax.conv_general_dilated, conv, x, g)[2])
+    assert calls == ["stacked"]  # not called again: XLA's own gradient
+
+
 def test_wide_kernels_and_custom_convolutions_are_not_eligible():
     rngs = nnx.Rngs(0)
     wide = nnx.Conv(128, 8, kernel_size=(3, 3), rngs=rngs)  # 128 input channels: XLA's own measured faster

@@ -12,6 +12,7 @@ float rounding (within 1e-6 relative) and nothing else. Applied to ``nnx.Conv`` 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ from flax import nnx
 # 3x3 taps over 16 / 32 / 64 channels 1.4x / 1.0-2.9x / 1.1x faster per tap, 128 / 256: slower.
 STACKED_MAX_COLUMNS = 32
 SHIFTED_MAX_CHANNELS = 64
+STACKED_MAX_BYTES = 64 * 2**20  # the stacked windows are built in memory: larger inputs keep XLA's gradient
 _CHANNELS_LAST_2D = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # NHWC input and output, HWIO kernel
 
 
@@ -84,7 +86,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """``lax.conv_general_dilated`` whose kernel gradient is a matrix product where ``plan`` says so.
 
     Only the case measured is taken (2-D, stride 1, no dilation, no groups, channels last, no
-    output dtype or sharding asked for); every other call goes to ``lax.conv_general_dilated`` as is.
+    output dtype or sharding asked for, stacked windows within ``STACKED_MAX_BYTES``); every other
+    call goes to ``lax.conv_general_dilated`` as is.
     """
     options = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                    feature_group_count=feature_group_count, precision=precision, **kwargs)
@@ -100,7 +103,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
-    if any(p < 0 for pair in padding for p in pair):  # negative padding crops: left to XLA
+    stacked_bytes = lhs.shape[0] * math.prod(lhs.shape[1:3]) * math.prod(rhs.shape[:3]) * lhs.dtype.itemsize
+    if (any(p < 0 for pair in padding for p in pair)  # a negative padding crops: left to XLA
+            or (how == "stacked" and math.prod(rhs.shape[:2]) > 1 and stacked_bytes > STACKED_MAX_BYTES)):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
     return _conv_matmul_grad(lhs, rhs, padding, how)
 

@@ -13,6 +13,7 @@ import jax
 
 from trainer import losses
 from trainer.conv_grads import eligible_convs
+from trainer.dense_grads import eligible_denses, has_sequence_products
 from trainer.loop import EPOCH_SUMS
 from trainer.step import make_train_step, scan_unroll, use_chunk_guard
 from trainer.sums import restore_sums
@@ -55,7 +56,7 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
     """``make_train_step``'s tuning arguments: plain, or with ``cpu_tuning`` what measured faster on CPU.
 
     ``unroll`` and ``chunk_guard`` shape a fused chunk; ``matmul_kernel_grads`` any step with eligible
-    ``nnx.Conv`` layers (``trainer.conv_grads``). Each setting that changes what runs is listed in
+    ``nnx.Conv`` layers (``trainer.conv_grads``) or dense layers on sequences (``trainer.dense_grads``). Each setting that changes what runs is listed in
     ``trainer.cpu_settings`` and announced once on stderr, with how to turn it off.
     """
     if not trainer.cpu_tuning:
@@ -64,11 +65,16 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
     unroll = scan_unroll(jaxpr)
     num_params = sum(leaf.size for leaf in jax.tree.leaves(trainer.state.params))
     chunk_guard = use_chunk_guard(unroll, num_params)
-    convs = len(eligible_convs(trainer._model)) if jax.default_backend() == "cpu" else 0
+    on_cpu = jax.default_backend() == "cpu"
+    convs = len(eligible_convs(trainer._model)) if on_cpu else 0
+    denses = on_cpu and bool(eligible_denses(trainer._model)) and has_sequence_products(jaxpr)
     notes = []
     if convs:
         notes.append(f"{convs} convolution layer(s) compute their kernel gradients as matrix products (XLA:CPU's "
                      "own convolution for them ran up to 4x slower; float rounding differs, within 1e-6)")
+    if denses:
+        notes.append("dense layers on sequences compute their kernel gradients as one 2-D product (XLA:CPU ran "
+                     "the transposed product 1.5-2.3x slower; float rounding differs)")
     if trainer.steps_per_execution > 1:
         if unroll is True:
             notes.append("a chunk of this convolutional step runs its scan unrolled (XLA:CPU runs convolution "
@@ -81,7 +87,7 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
         if note not in trainer._announced:
             trainer._announced.add(note)
             print(f"trainer: CPU tuning: {note}. Trainer(cpu_tuning=False) turns this off.", file=sys.stderr, flush=True)
-    return {"unroll": unroll, "chunk_guard": chunk_guard, "matmul_kernel_grads": bool(convs)}
+    return {"unroll": unroll, "chunk_guard": chunk_guard, "matmul_kernel_grads": bool(convs) or denses}
 
 
 def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:

@@ -20,6 +20,7 @@ from flax import nnx
 
 from trainer.carry import flat_jit
 from trainer.conv_grads import use_matmul_kernel_grads
+from trainer.dense_grads import use_2d_kernel_grads
 from trainer.optim import current_learning_rate
 from trainer.packing import scan_packed
 from trainer.state import TrainState
@@ -124,7 +125,8 @@ def make_train_step(
     is rerun guarded only when one of its steps was not finite (see ``use_chunk_guard``).
 
     ``matmul_kernel_grads``: the eligible ``nnx.Conv`` layers compute their kernel gradients as matrix
-    products (``trainer.conv_grads``; faster on XLA:CPU, float rounding differs).
+    products (``trainer.conv_grads``), dense layers on sequences as one 2-D product
+    (``trainer.dense_grads``); faster on XLA:CPU, float rounding differs.
 
     ``halt_after``: with a guard (``state.guard``), a step whose loss or gradients are not finite
     changes nothing (params, optimizer and model state keep their values) and is counted in
@@ -141,6 +143,7 @@ def make_train_step(
         model.train()
         if matmul_kernel_grads:  # on this trace's own copy of the model
             use_matmul_kernel_grads(model)
+            use_2d_kernel_grads(model)
 
         def objective(model):
             return split_loss_output(loss_fn(model, batch), "the loss function")

@@ -72,7 +72,8 @@ class Trainer:
         Either way the step compiles once.
       cpu_tuning: on CPU, build the step as measured fastest there (``benchmarks/RESULTS.md``):
         eligible ``nnx.Conv`` layers compute kernel gradients as matrix products
-        (``trainer.conv_grads``), a fused step with convolutions is unrolled inside the scan, and a
+        (``trainer.conv_grads``), dense layers on sequences as one 2-D product
+        (``trainer.dense_grads``), a fused step with convolutions is unrolled inside the scan, and a
         small model's non-finite guard checks the chunk once, rerunning it guarded only when a step
         was bad. Each is announced once on stderr and listed in ``cpu_settings``; ``False`` builds
         XLA's own convolution gradients and the plain rolled, per-step guarded scan.

@@ -55,8 +55,9 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
 def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
     """``make_train_step``'s tuning arguments: plain, or with ``cpu_tuning`` what measured faster on CPU.
 
-    ``unroll`` and ``chunk_guard`` shape a fused chunk; ``matmul_kernel_grads`` any step with eligible
-    ``nnx.Conv`` layers (``trainer.conv_grads``) or dense layers on sequences (``trainer.dense_grads``). Each setting that changes what runs is listed in
+    ``unroll`` and ``chunk_guard`` shape a fused chunk; ``matmul_kernel_grads`` any step with
+    eligible ``nnx.Conv`` layers (``trainer.conv_grads``) or dense layers on sequences
+    (``trainer.dense_grads``). Each setting that changes what runs is listed in
     ``trainer.cpu_settings`` and announced once on stderr, with how to turn it off.
     """
     if not trainer.cpu_tuning:

@@ -52,3 +52,20 @@ def data() -> dict[str, np.ndarray]:
 @pytest.fixture
 def model() -> TinyMLP:
     return TinyMLP(rngs=nnx.Rngs(0))
+
+
+def layer_grads(layer: nnx.Module, attribute: str, function, x: np.ndarray, g: np.ndarray):
+    """``layer(x)``, and the gradients (input, kernel) of ``sum(layer(x) * g)``, with ``layer.<attribute>``
+    (its convolution or product) set to ``function`` on a copy merged inside the trace, as the train step does."""
+    import jax.numpy as jnp
+
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def f(x, params):
+        copy = nnx.merge(graphdef, params, rest)
+        setattr(copy, attribute, function)
+        return copy(x)
+
+    y, vjp = jax.vjp(f, jnp.asarray(x), params)
+    dx, dparams = vjp(jnp.asarray(g))
+    return y, dx, dparams["kernel"][...]

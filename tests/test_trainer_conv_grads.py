@@ -9,22 +9,13 @@ import optax
 import pytest
 from flax import nnx
 
+from conftest import layer_grads
 from trainer import ArrayLoader, Trainer
 from trainer.conv_grads import conv_general_dilated, eligible_convs, plan
 
 
-def grads_of(conv_fn, conv: nnx.Conv, x: np.ndarray, g: np.ndarray):
-    """The output and the gradients (input, kernel) of ``sum(conv(x) * g)`` with ``conv_fn`` as the convolution."""
-    graphdef, params, rest = nnx.split(conv, nnx.Param, ...)
-
-    def f(x, params):
-        copy = nnx.merge(graphdef, params, rest)  # a copy inside the trace, as the train step has
-        copy.conv_general_dilated = conv_fn
-        return copy(x)
-
-    y, vjp = jax.vjp(f, jnp.asarray(x), params)
-    dx, dparams = vjp(jnp.asarray(g))
-    return y, dx, dparams["kernel"][...]
+def grads_of(function, layer: nnx.Module, x: np.ndarray, g: np.ndarray):
+    return layer_grads(layer, "conv_general_dilated", function, x, g)
 
 
 @pytest.mark.parametrize("kernel, channels, padding, how", [

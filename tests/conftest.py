@@ -69,3 +69,21 @@ def layer_grads(layer: nnx.Module, attribute: str, function, x: np.ndarray, g: n
     y, vjp = jax.vjp(f, jnp.asarray(x), params)
     dx, dparams = vjp(jnp.asarray(g))
     return y, dx, dparams["kernel"][...]
+
+
+def fit_with_and_without_cpu_tuning(make_model, data: dict, capsys, steps: int = 8, between=None) -> dict:
+    """``{tuning: (trainer, model, stderr)}`` for 8 Adam steps of a fresh ``make_model()`` with
+    ``cpu_tuning`` on and then off, on the same batches; ``between()`` is called between the two."""
+    import optax
+
+    from trainer import ArrayLoader, Trainer
+
+    runs = {}
+    for tuning in (True, False):
+        model = make_model()
+        trainer = Trainer(model, optax.adam(1e-2), max_steps=steps, cpu_tuning=tuning)
+        trainer.fit(ArrayLoader(data, 8, seed=0))
+        runs[tuning] = (trainer, model, capsys.readouterr().err)
+        if tuning and between is not None:
+            between()
+    return runs

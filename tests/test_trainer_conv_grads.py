@@ -5,12 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from conftest import layer_grads
-from trainer import ArrayLoader, Trainer
+from conftest import fit_with_and_without_cpu_tuning, layer_grads
 from trainer.conv_grads import conv_general_dilated, eligible_convs, plan
 
 
@@ -103,21 +101,15 @@ class SmallCNN(nnx.Module):
 def test_trainer_uses_them_on_cpu_says_so_and_stays_within_rounding_of_xla(capsys):
     rng = np.random.default_rng(0)
     images = {"image": rng.random((64, 8, 8, 1), np.float32), "label": rng.integers(0, 3, 64).astype(np.int32)}
-    runs = {}
-    for tuning in (True, False):
-        model = SmallCNN(rngs=nnx.Rngs(0))
-        trainer = Trainer(model, optax.adam(1e-2), max_steps=8, cpu_tuning=tuning)
-        trainer.fit(ArrayLoader(images, 8, seed=0))
-        runs[tuning] = trainer
-        err = capsys.readouterr().err
-        if tuning:
-            assert any("2 convolution layer(s)" in note for note in trainer.cpu_settings)
-            assert err.count("kernel gradients as matrix products") == 1 and "cpu_tuning=False" in err
-            # the user's model keeps XLA's convolution: only the train step's own copy was changed
-            assert model.conv1.conv_general_dilated is jax.lax.conv_general_dilated
-        else:
-            assert trainer.cpu_settings == [] and "CPU tuning" not in err
-    tuned, plain = (jax.tree.leaves(runs[t].state.params) for t in (True, False))
+    runs = fit_with_and_without_cpu_tuning(lambda: SmallCNN(rngs=nnx.Rngs(0)), images, capsys)
+    trainer, model, err = runs[True]
+    assert any("2 convolution layer(s)" in note for note in trainer.cpu_settings)
+    assert err.count("kernel gradients as matrix products") == 1 and "cpu_tuning=False" in err
+    # the user's model keeps XLA's convolution: only the train step's own copy was changed
+    assert model.conv1.conv_general_dilated is jax.lax.conv_general_dilated
+    trainer, _, err = runs[False]
+    assert trainer.cpu_settings == [] and "CPU tuning" not in err
+    tuned, plain = (jax.tree.leaves(runs[t][0].state.params) for t in (True, False))
     assert any(not np.array_equal(a, b) for a, b in zip(tuned, plain))  # the rewrite did run: rounding differs
     for a, b in zip(tuned, plain):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # 8 Adam steps apart only by float rounding

@@ -5,13 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from conftest import layer_grads
-from trainer import ArrayLoader, Trainer
-from trainer.dense_grads import dot_general, eligible_denses, has_sequence_products
+from conftest import fit_with_and_without_cpu_tuning, layer_grads
+from trainer.dense_grads import dot_general, eligible_denses, is_sequence_product
+from trainer.step import any_equation
 
 
 def grads_of(function, layer: nnx.Module, x: np.ndarray, g: np.ndarray):
@@ -50,7 +49,7 @@ def test_products_without_a_sequence_axis_are_left_to_xla():
         np.testing.assert_array_equal(got, want)
     seq = jax.make_jaxpr(lambda x: layer(x))(jnp.zeros((2, 3, 8)))
     flat = jax.make_jaxpr(lambda x: layer(x))(jnp.zeros((2, 8)))
-    assert has_sequence_products(seq) and not has_sequence_products(flat)
+    assert any_equation(seq, is_sequence_product) and not any_equation(flat, is_sequence_product)
 
 
 class TinySequenceModel(nnx.Module):
@@ -71,23 +70,18 @@ def test_trainer_uses_them_on_cpu_says_so_and_stays_within_rounding_of_xla(capsy
     monkeypatch.setattr(dense_grads, "_dense", lambda x, kernel, k: rewritten.append(kernel.shape) or real(x, kernel, k))
     rng = np.random.default_rng(0)
     data = {"image": rng.integers(0, 11, (64, 6)).astype(np.int32), "label": rng.integers(0, 3, 64).astype(np.int32)}
-    runs, rewrites_so_far = {}, {}
-    for tuning in (True, False):
-        model = TinySequenceModel(rngs=nnx.Rngs(0))
-        trainer = Trainer(model, optax.adam(1e-2), max_steps=8, cpu_tuning=tuning)
-        trainer.fit(ArrayLoader(data, 8, seed=0))
-        runs[tuning] = trainer
-        err = capsys.readouterr().err
-        if tuning:
-            assert any("dense layers on sequences" in note for note in trainer.cpu_settings)
-            assert err.count("dense layers on sequences") == 1
-            assert model.hidden.dot_general is jax.lax.dot_general  # the user's model is not changed
-            assert len(eligible_denses(model)) == 2
-            assert sorted(set(rewritten)) == [(8, 16), (16, 3)]  # both layers' products took the rewrite
-        else:
-            assert trainer.cpu_settings == [] and "CPU tuning" not in err
-        rewrites_so_far[tuning] = len(rewritten)
-    assert rewrites_so_far[False] == rewrites_so_far[True]  # the untuned step was traced without a rewrite
-    tuned, plain = (jax.tree.leaves(runs[t].state.params) for t in (True, False))
+    after_tuned = []
+    runs = fit_with_and_without_cpu_tuning(lambda: TinySequenceModel(rngs=nnx.Rngs(0)), data, capsys,
+                                           between=lambda: after_tuned.append(len(rewritten)))
+    trainer, model, err = runs[True]
+    assert any("dense layers on sequences" in note for note in trainer.cpu_settings)
+    assert err.count("dense layers on sequences") == 1
+    assert model.hidden.dot_general is jax.lax.dot_general  # the user's model is not changed
+    assert len(eligible_denses(model)) == 2
+    assert sorted(set(rewritten)) == [(8, 16), (16, 3)]  # both layers' products took the rewrite
+    assert after_tuned == [len(rewritten)]  # and the untuned step, traced after, none
+    trainer, _, err = runs[False]
+    assert trainer.cpu_settings == [] and "CPU tuning" not in err
+    tuned, plain = (jax.tree.leaves(runs[t][0].state.params) for t in (True, False))
     for a, b in zip(tuned, plain):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -13,9 +13,9 @@ import jax
 
 from trainer import losses
 from trainer.conv_grads import eligible_convs
-from trainer.dense_grads import eligible_denses, has_sequence_products
+from trainer.dense_grads import eligible_denses, is_sequence_product
 from trainer.loop import EPOCH_SUMS
-from trainer.step import make_train_step, scan_unroll, use_chunk_guard
+from trainer.step import any_equation, make_train_step, scan_unroll, use_chunk_guard
 from trainer.sums import restore_sums
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,7 +68,7 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
     chunk_guard = use_chunk_guard(unroll, num_params)
     on_cpu = jax.default_backend() == "cpu"
     convs = len(eligible_convs(trainer._model)) if on_cpu else 0
-    denses = on_cpu and bool(eligible_denses(trainer._model)) and has_sequence_products(jaxpr)
+    denses = on_cpu and bool(eligible_denses(trainer._model)) and any_equation(jaxpr, is_sequence_product)
     notes = []
     if convs:
         notes.append(f"{convs} convolution layer(s) compute their kernel gradients as matrix products (XLA:CPU's "

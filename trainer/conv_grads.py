@@ -6,7 +6,8 @@ speed (the MNIST CNN's second layer: 27.6 ms of a 67 ms step; ``benchmarks/RESUL
 forward pass and the input gradient stay XLA's own (bitwise the same); only the kernel gradient is
 computed from the padded input and the output gradient with matrix products, which changes its
 float rounding (within 1e-6 relative) and nothing else. Applied to ``nnx.Conv`` layers that use
-``lax.conv_general_dilated`` (the default), inside the train step's trace only.
+``lax.conv_general_dilated`` (the default), inside the train step's trace only
+(``trainer.step.use_matmul_kernel_grads``).
 """
 
 from __future__ import annotations
@@ -125,14 +126,3 @@ def eligible_convs(model: nnx.Module) -> list[nnx.Conv]:
 def _ones(value: Any) -> bool:
     """True for a stride or dilation of 1 in every dimension (``None``, an int or a sequence, as ``nnx.Conv`` takes)."""
     return value is None or (value == 1 if isinstance(value, int) else all(v == 1 for v in value))
-
-
-def use_matmul_kernel_grads(model: nnx.Module) -> int:
-    """Points each eligible ``nnx.Conv`` of ``model`` at ``conv_general_dilated``; returns how many.
-
-    Meant for the copy of the model merged inside the train step's trace, never the user's own.
-    """
-    convs = eligible_convs(model)
-    for module in convs:
-        module.conv_general_dilated = conv_general_dilated
-    return len(convs)

@@ -7,7 +7,7 @@ gradient flattened to rows (the transformer recipe's shapes; ``benchmarks/RESULT
 transformer's step. The forward pass and the input gradient stay XLA's own (bitwise); the kernel
 gradient's float rounding differs. Applied to ``nnx.Linear`` and ``nnx.LinearGeneral`` layers on
 ``lax.dot_general`` (the default), inside the train step's trace only, for inputs with at least two
-leading axes; every other call is left as it was.
+leading axes; every other call is left as it was (``trainer.step.use_matmul_kernel_grads``).
 """
 
 from __future__ import annotations
@@ -83,32 +83,8 @@ def eligible_denses(model: nnx.Module) -> list[nnx.Module]:
     return found
 
 
-def use_2d_kernel_grads(model: nnx.Module) -> int:
-    """Points each eligible dense layer of ``model`` at ``dot_general``; returns how many.
-
-    Meant for the copy of the model merged inside the train step's trace, never the user's own.
-    """
-    layers = eligible_denses(model)
-    for module in layers:
-        module.dot_general = dot_general
-    return len(layers)
-
-
-def has_sequence_products(jaxpr: Any) -> bool:
-    """Whether a (traced, untuned) step contains a product ``dot_general`` would rewrite.
-
-    Looked for in the whole program: the forward products of the layers are among its ``dot_general``s.
-    """
-    def visit(jaxpr) -> bool:
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general" and sequence_product(
-                    eqn.params["dimension_numbers"], eqn.invars[0].aval.ndim, eqn.params.get("precision")) is not None:
-                return True
-            for value in eqn.params.values():
-                for item in value if isinstance(value, (tuple, list)) else (value,):
-                    inner = getattr(item, "jaxpr", item)
-                    if hasattr(inner, "eqns") and visit(inner):
-                        return True
-        return False
-
-    return visit(jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr)
+def is_sequence_product(eqn: Any) -> bool:
+    """Whether a traced equation is a product ``dot_general`` rewrites (look for it with
+    ``trainer.step.any_equation``: the layers' forward products are among a step's ``dot_general``s)."""
+    return eqn.primitive.name == "dot_general" and sequence_product(
+        eqn.params["dimension_numbers"], eqn.invars[0].aval.ndim, eqn.params.get("precision")) is not None

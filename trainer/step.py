@@ -19,8 +19,7 @@ from clu import metrics as clu_metrics
 from flax import nnx
 
 from trainer.carry import flat_jit
-from trainer.conv_grads import use_matmul_kernel_grads
-from trainer.dense_grads import use_2d_kernel_grads
+from trainer import conv_grads, dense_grads
 from trainer.optim import current_learning_rate
 from trainer.packing import scan_packed
 from trainer.state import TrainState
@@ -143,7 +142,6 @@ def make_train_step(
         model.train()
         if matmul_kernel_grads:  # on this trace's own copy of the model
             use_matmul_kernel_grads(model)
-            use_2d_kernel_grads(model)
 
         def objective(model):
             return split_loss_output(loss_fn(model, batch), "the loss function")
@@ -269,16 +267,28 @@ def scan_unroll(jaxpr: Any) -> int | bool:
     if jax.default_backend() != "cpu":
         return 1
 
-    def has_conv(jaxpr) -> bool:
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                return True
-            for sub in _subjaxprs(eqn):
-                if has_conv(sub):
-                    return True
-        return False
+    return True if any_equation(jaxpr, lambda eqn: eqn.primitive.name == "conv_general_dilated") else 1
 
-    return True if has_conv(jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr) else 1
+
+def any_equation(jaxpr: Any, predicate: Callable[[Any], bool]) -> bool:
+    """Whether any equation of ``jaxpr`` (a closed jaxpr or not), or of a jaxpr nested in one, satisfies ``predicate``."""
+    def visit(jaxpr) -> bool:
+        return any(predicate(eqn) or any(visit(sub) for sub in _subjaxprs(eqn)) for eqn in jaxpr.eqns)
+
+    return visit(jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr)
+
+
+def use_matmul_kernel_grads(model: nnx.Module) -> None:
+    """Points the eligible layers of ``model`` at the CPU tuning's kernel-gradient products.
+
+    ``nnx.Conv`` at ``trainer.conv_grads.conv_general_dilated``, ``nnx.Linear`` / ``nnx.LinearGeneral``
+    at ``trainer.dense_grads.dot_general``. Meant for the copy of the model merged inside the train
+    step's trace, never the user's own.
+    """
+    for module in conv_grads.eligible_convs(model):
+        module.conv_general_dilated = conv_grads.conv_general_dilated
+    for module in dense_grads.eligible_denses(model):
+        module.dot_general = dense_grads.dot_general
 
 
 CHUNK_GUARD_MAX_PARAMS = 100_000

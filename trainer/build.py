@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from trainer import losses
+from trainer import losses, threefry
 from trainer.conv_grads import eligible_convs
 from trainer.dense_grads import eligible_denses, is_sequence_product
 from trainer.loop import EPOCH_SUMS
-from trainer.step import any_equation, make_train_step, scan_unroll, use_chunk_guard
+from trainer.step import any_equation, equations, make_train_step, scan_unroll, use_chunk_guard
 from trainer.sums import restore_sums
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,19 +57,25 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
 
     ``unroll`` and ``chunk_guard`` shape a fused chunk; ``matmul_kernel_grads`` any step with
     eligible ``nnx.Conv`` layers (``trainer.conv_grads``) or dense layers on sequences
-    (``trainer.dense_grads``). Each setting that changes what runs is listed in
+    (``trainer.dense_grads``); ``unrolled_threefry`` a step drawing at least
+    ``threefry.UNROLL_MIN_WORDS`` random words (``trainer.threefry``). Each setting that changes what runs is listed in
     ``trainer.cpu_settings`` and announced once on stderr, with how to turn it off.
     """
     if not trainer.cpu_tuning:
         trainer.cpu_settings = []
-        return {"unroll": 1, "chunk_guard": False, "matmul_kernel_grads": False}
+        return {"unroll": 1, "chunk_guard": False, "matmul_kernel_grads": False, "unrolled_threefry": False}
     unroll = scan_unroll(jaxpr)
     num_params = sum(leaf.size for leaf in jax.tree.leaves(trainer.state.params))
     chunk_guard = use_chunk_guard(unroll, num_params)
     on_cpu = jax.default_backend() == "cpu"
     convs = len(eligible_convs(trainer._model)) if on_cpu else 0
     denses = on_cpu and bool(eligible_denses(trainer._model)) and any_equation(jaxpr, is_sequence_product)
+    words = threefry.random_words(equations(jaxpr)) if on_cpu and threefry.available() else 0
+    unrolled_threefry = words >= threefry.UNROLL_MIN_WORDS
     notes = []
+    if unrolled_threefry:
+        notes.append(f"the step's {words:,} random words (dropout masks) are hashed with JAX's unrolled "
+                     "threefry (its rolled CPU loop cost ~8 ns a word; the same bits)")
     if convs:
         notes.append(f"{convs} convolution layer(s) compute their kernel gradients as matrix products (XLA:CPU's "
                      "own convolution for them ran up to 4x slower; float rounding differs, within 1e-6)")
@@ -88,7 +94,8 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
         if note not in trainer._announced:
             trainer._announced.add(note)
             print(f"trainer: CPU tuning: {note}. Trainer(cpu_tuning=False) turns this off.", file=sys.stderr, flush=True)
-    return {"unroll": unroll, "chunk_guard": chunk_guard, "matmul_kernel_grads": bool(convs) or denses}
+    return {"unroll": unroll, "chunk_guard": chunk_guard, "matmul_kernel_grads": bool(convs) or denses,
+            "unrolled_threefry": unrolled_threefry}
 
 
 def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:

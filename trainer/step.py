@@ -9,7 +9,7 @@ up in ``clu.metrics`` objects (``Average``, ``LastValue``) inside the same compi
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ from clu import metrics as clu_metrics
 from flax import nnx
 
 from trainer.carry import flat_jit
-from trainer import conv_grads, dense_grads
+from trainer import conv_grads, dense_grads, threefry
 from trainer.optim import current_learning_rate
 from trainer.packing import scan_packed
 from trainer.state import TrainState
@@ -114,6 +114,7 @@ def make_train_step(
     unroll: int | bool = 1,
     chunk_guard: bool = False,
     matmul_kernel_grads: bool = False,
+    unrolled_threefry: bool = False,
 ) -> TrainSteps:
     """The train step of ``loss_fn`` with ``tx``, as ``TrainSteps``.
 
@@ -126,6 +127,9 @@ def make_train_step(
     ``matmul_kernel_grads``: the eligible ``nnx.Conv`` layers compute their kernel gradients as matrix
     products (``trainer.conv_grads``), dense layers on sequences as one 2-D product
     (``trainer.dense_grads``); faster on XLA:CPU, float rounding differs.
+
+    ``unrolled_threefry``: the compiled forms hash their random draws with JAX's unrolled threefry
+    (``trainer.threefry``); the same bits, faster on XLA:CPU for large draws.
 
     ``halt_after``: with a guard (``state.guard``), a step whose loss or gradients are not finite
     changes nothing (params, optimizer and model state keep their values) and is counted in
@@ -254,7 +258,10 @@ def make_train_step(
 
         return jax.lax.cond(jnp.all(oks) & ~guard["halted"], take_fast, rerun, carry, batches)
 
-    return TrainSteps(step, flat_jit(accumulating_step), flat_jit(fused_steps, packed_state=True))
+    single, fused = flat_jit(accumulating_step), flat_jit(fused_steps, packed_state=True)
+    if unrolled_threefry:
+        single, fused = threefry.unrolled_calls(single), threefry.unrolled_calls(fused)
+    return TrainSteps(step, single, fused)
 
 
 def scan_unroll(jaxpr: Any) -> int | bool:
@@ -270,12 +277,17 @@ def scan_unroll(jaxpr: Any) -> int | bool:
     return True if any_equation(jaxpr, lambda eqn: eqn.primitive.name == "conv_general_dilated") else 1
 
 
-def any_equation(jaxpr: Any, predicate: Callable[[Any], bool]) -> bool:
-    """Whether any equation of ``jaxpr`` (a closed jaxpr or not), or of a jaxpr nested in one, satisfies ``predicate``."""
-    def visit(jaxpr) -> bool:
-        return any(predicate(eqn) or any(visit(sub) for sub in _subjaxprs(eqn)) for eqn in jaxpr.eqns)
+def equations(jaxpr: Any) -> Iterator[Any]:
+    """Every equation of ``jaxpr`` (a closed jaxpr or not) and of the jaxprs nested in it, depth first."""
+    for eqn in (jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr).eqns:
+        yield eqn
+        for sub in _subjaxprs(eqn):
+            yield from equations(sub)
 
-    return visit(jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr)
+
+def any_equation(jaxpr: Any, predicate: Callable[[Any], bool]) -> bool:
+    """Whether any equation of ``jaxpr``, or of a jaxpr nested in it, satisfies ``predicate``."""
+    return any(predicate(eqn) for eqn in equations(jaxpr))
 
 
 def use_matmul_kernel_grads(model: nnx.Module) -> None:

@@ -13,7 +13,6 @@ their own and not part of a training step (no peer does them either).
 
 from __future__ import annotations
 
-import tempfile
 
 import jax
 import numpy as np
@@ -126,7 +125,7 @@ def run_trainer(workload: str, pacer: Pacer, callbacks: str = "default", steps_p
         def on_step_end(self, trainer, step, metrics):
             pacer.step_done(trainer.execution_steps, sync=lambda: jax.block_until_ready(trainer.state))
 
-    workdir = tempfile.mkdtemp(prefix=f"bench-{workload}-")
+    workdir = workloads.scratch_dir(f"bench-{workload}-")
     chosen = default_callbacks(workload, workdir) if callbacks == "default" else []
     for callback in chosen:  # intervals in seconds count this variant's running time, not the others'
         if isinstance(callback, Checkpoint):

@@ -64,11 +64,12 @@ class Window(Callback):
             trainer.should_stop = True
 
 
-def build(workload: str, spec: str, steps_per_execution: int, window: int, warmup: int) -> tuple[Trainer, Window]:
+def build(workload: str, spec: str, steps_per_execution: int, window: int, warmup: int,
+          scratch: str | None = None) -> tuple[Trainer, Window]:
     from benchmarks import workloads
     from benchmarks.jax_variants import default_callbacks
 
-    workdir = tempfile.mkdtemp(prefix=f"loo-{workload}-")
+    workdir = tempfile.mkdtemp(prefix=f"loo-{workload}-", dir=scratch)
     timer = Window(window)
     trainer = Trainer(workloads.jax_model(workload), workloads.jax_optimizer(workload), max_steps=warmup,
                       max_epochs=10**9, workdir=workdir, steps_per_execution=steps_per_execution,
@@ -81,18 +82,23 @@ def build(workload: str, spec: str, steps_per_execution: int, window: int, warmu
 def run(workload: str, specs: Sequence[str], steps_per_execution: int = 1, window: int = 300,
         rounds: int = 4, warmup: int | None = None) -> dict[str, list[float]]:
     """Seconds of each set's window, round by round (the sets take turns within a round)."""
-    from benchmarks import workloads
-
     k = steps_per_execution
     warmup = warmup if warmup is not None else 2 * k
     if window % k or warmup % k:
         raise ValueError(f"window={window} and warmup={warmup} must be multiples of steps_per_execution={k}.")
+    with tempfile.TemporaryDirectory(prefix=f"loo-{workload}-") as scratch:  # the runs' logs, removed at the end
+        return _run(workload, specs, k, window, rounds, warmup, scratch)
+
+
+def _run(workload: str, specs: Sequence[str], k: int, window: int, rounds: int, warmup: int,
+         scratch: str) -> dict[str, list[float]]:
+    from benchmarks import workloads
     from benchmarks.jax_variants import default_callbacks
 
-    defaults = default_callbacks(workload, tempfile.mkdtemp(prefix=f"loo-{workload}-"))
+    defaults = default_callbacks(workload, scratch)
     for spec in specs:  # a misspelt set fails before anything compiles
         choose_callbacks(defaults, spec)
-    built = {spec: build(workload, spec, k, window, warmup) for spec in specs}
+    built = {spec: build(workload, spec, k, window, warmup, scratch) for spec in specs}
     batches = workloads.batches(workload)
     for r in range(rounds):
         for spec in list(specs[r % len(specs):]) + list(specs[:r % len(specs)]):

@@ -193,7 +193,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
         data = args.data or scratch
-        env = dict(os.environ, BENCH_DATA=data, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+        env = dict(os.environ, BENCH_DATA=data, BENCH_SCRATCH=scratch, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
         log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
         for workload in args.workloads:
             if not os.path.exists(os.path.join(data, f"{workload}.npz")):

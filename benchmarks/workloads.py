@@ -15,6 +15,7 @@ transformer (the MNIST recipe's epoch is 31), 600 for the MLP, whose steps are s
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 
@@ -24,6 +25,12 @@ BATCH_SIZE = {"mnist_cnn": 128, "transformer": 32, "mlp": 32}
 MLP_SIZES = (64, 128, 128, 10)
 TRANSFORMER = dict(context=128, layers=2, width=128, heads=4, dropout=0.05)
 TOTAL_STEPS = 100_000  # schedule length: the learning rate stays in its warm, sane range throughout
+
+
+def scratch_dir(prefix: str) -> str:
+    """A fresh folder for a run's logs and checkpoints: under the suite's scratch folder
+    (``BENCH_SCRATCH``, removed when the suite ends) when the suite started this process."""
+    return tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("BENCH_SCRATCH"))
 
 
 def batches(workload: str, num_batches: int | None = None) -> list[dict[str, np.ndarray]]:

@@ -13,7 +13,6 @@ their own and not part of a training step (no peer does them either).
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 import optax

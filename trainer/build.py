@@ -58,8 +58,9 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
     ``unroll`` and ``chunk_guard`` shape a fused chunk; ``matmul_kernel_grads`` any step with
     eligible ``nnx.Conv`` layers (``trainer.conv_grads``) or dense layers on sequences
     (``trainer.dense_grads``); ``unrolled_threefry`` a step drawing at least
-    ``threefry.UNROLL_MIN_WORDS`` random words (``trainer.threefry``). Each setting that changes what runs is listed in
-    ``trainer.cpu_settings`` and announced once on stderr, with how to turn it off.
+    ``threefry.UNROLL_MIN_WORDS`` random words (``trainer.threefry``). Each setting that changes
+    what runs is listed in ``trainer.cpu_settings`` and announced once on stderr, with how to turn
+    it off.
     """
     if not trainer.cpu_tuning:
         trainer.cpu_settings = []

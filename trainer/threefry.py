@@ -4,10 +4,10 @@ Every ``jax.random`` draw with the default keys (dropout's masks among them) run
 hash. On CPU, JAX lowers it as a rolled loop of five iterations to compile faster, and XLA:CPU runs
 each iteration as its own kernels over the whole array: ~8 ns a word on the 2-core CPU, ~22 ms of
 the transformer recipe's 160 ms step (2.6M words of dropout masks). Unrolled (JAX's own lowering
-on GPU and TPU) the hash is one kernel and the step ran 1.08x faster; the bits are the same.
+on GPU and TPU) the hash is one kernel and the step ran 1.07x faster; the bits are the same.
 
 The unrolled hash's results pass an ``optimization_barrier``, so each array of words is computed
-once (a consumer fused with the hash measured slower: 1.05x instead of 1.08x). The swap of the
+once (fused into its consumers it measured 1.05x, behind the barrier 1.08x). The swap of the
 lowering rule is scoped to the calls that may compile the train step (``unrolled_calls``): other
 programs in the process keep JAX's CPU lowering. It reaches into ``jax._src``; where that layout
 changes, ``available()`` is false and nothing is swapped.

@@ -73,10 +73,12 @@ class Trainer:
       cpu_tuning: on CPU, build the step as measured fastest there (``benchmarks/RESULTS.md``):
         eligible ``nnx.Conv`` layers compute kernel gradients as matrix products
         (``trainer.conv_grads``), dense layers on sequences as one 2-D product
-        (``trainer.dense_grads``), a fused step with convolutions is unrolled inside the scan, and a
-        small model's non-finite guard checks the chunk once, rerunning it guarded only when a step
-        was bad. Each is announced once on stderr and listed in ``cpu_settings``; ``False`` builds
-        XLA's own convolution gradients and the plain rolled, per-step guarded scan.
+        (``trainer.dense_grads``), a step drawing at least 2^20 random words (dropout masks) hashes
+        them with JAX's unrolled threefry (``trainer.threefry``; the same bits), a fused step with
+        convolutions is unrolled inside the scan, and a small model's non-finite guard checks the
+        chunk once, rerunning it guarded only when a step was bad. Each is announced once on stderr
+        and listed in ``cpu_settings``; ``False`` builds XLA's own kernel gradients, JAX's rolled
+        threefry and the plain rolled, per-step guarded scan.
 
     Attributes:
       step: optimizer steps completed. ``epoch``: index of the current epoch (= epochs completed

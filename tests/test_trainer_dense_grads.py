@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import fit_with_and_without_cpu_tuning, layer_grads
-from trainer.dense_grads import dot_general, eligible_denses, is_sequence_product
+from trainer.dense_grads import dot_general, eligible_denses, is_layer_product, is_sequence_product
 from trainer.step import any_equation
 
 
@@ -85,3 +85,28 @@ def test_trainer_uses_them_on_cpu_says_so_and_stays_within_rounding_of_xla(capsy
     tuned, plain = (jax.tree.leaves(runs[t][0].state.params) for t in (True, False))
     for a, b in zip(tuned, plain):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+class FlatLayerBesideOwnProduct(nnx.Module):
+    """A layer on flat inputs, and a 3-D product of the model's own that is no layer's."""
+
+    def __init__(self, *, rngs):
+        self.embed = nnx.Embed(11, 8, rngs=rngs)
+        self.mix = nnx.Param(jax.random.normal(rngs.params(), (8, 5)) / 3)
+        self.head = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, tokens):
+        return self.head((self.embed(tokens) @ self.mix[...]).mean(axis=1))
+
+
+def test_a_models_own_sequence_product_is_not_announced_as_a_layers(capsys):
+    model = FlatLayerBesideOwnProduct(rngs=nnx.Rngs(0))
+    step = jax.make_jaxpr(lambda t: model(t))(jnp.zeros((2, 6), jnp.int32))
+    assert any_equation(step, is_sequence_product)  # the product has the form the rewrite takes...
+    assert not any_equation(step, is_layer_product(eligible_denses(model)))  # ...but no layer's kernel
+    rng = np.random.default_rng(0)
+    data = {"image": rng.integers(0, 11, (64, 6)).astype(np.int32), "label": rng.integers(0, 3, 64).astype(np.int32)}
+    trainer, _, err = fit_with_and_without_cpu_tuning(lambda: FlatLayerBesideOwnProduct(rngs=nnx.Rngs(0)), data,
+                                                      capsys)[True]
+    assert not any("dense layers" in note for note in trainer.cpu_settings)
+    assert "dense layers" not in err

@@ -13,7 +13,7 @@ import jax
 
 from trainer import losses, threefry
 from trainer.conv_grads import eligible_convs
-from trainer.dense_grads import eligible_denses, is_sequence_product
+from trainer.dense_grads import eligible_denses, is_layer_product
 from trainer.loop import EPOCH_SUMS
 from trainer.step import any_equation, equations, make_train_step, scan_unroll, use_chunk_guard
 from trainer.sums import restore_sums
@@ -70,7 +70,8 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
     chunk_guard = use_chunk_guard(unroll, num_params)
     on_cpu = jax.default_backend() == "cpu"
     convs = len(eligible_convs(trainer._model)) if on_cpu else 0
-    denses = on_cpu and bool(eligible_denses(trainer._model)) and any_equation(jaxpr, is_sequence_product)
+    layers = eligible_denses(trainer._model) if on_cpu else []
+    denses = bool(layers) and any_equation(jaxpr, is_layer_product(layers))
     words = threefry.random_words(equations(jaxpr)) if on_cpu and threefry.available() else 0
     unrolled_threefry = words >= threefry.UNROLL_MIN_WORDS
     notes = []

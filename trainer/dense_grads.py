@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from flax import nnx
@@ -81,6 +81,14 @@ def eligible_denses(model: nnx.Module) -> list[nnx.Module]:
               and module.dot_general in (None, jax.lax.dot_general)):
             found.append(module)
     return found
+
+
+def is_layer_product(denses: list[nnx.Module]) -> Callable[[Any], bool]:
+    """A ``trainer.step.any_equation`` predicate: a product ``dot_general`` rewrites whose kernel has
+    the shape of one of ``denses``' kernels, so that a step's own 3-D product beside layers on flat
+    inputs is not taken for a layer on a sequence (the trainer's CPU-tuning note names only what runs)."""
+    shapes = {tuple(module.kernel.shape) for module in denses}
+    return lambda eqn: is_sequence_product(eqn) and tuple(eqn.invars[1].aval.shape) in shapes
 
 
 def is_sequence_product(eqn: Any) -> bool:

@@ -5,7 +5,8 @@
 - ``transformer``: the transformer recipe's model (2 layers, width 128, 4 heads, context 128,
   dropout 0.05, tied head) at batch 32 on the bundled corpus, AdamW + clipping as in the recipe.
 - ``mlp``: a tiny MLP (64 -> 128 -> 128 -> 10, ReLU) at batch 32 on fixed random data, Adam: the
-  step is so small that per-step dispatch overhead dominates.
+  smallest step of the three, where the per-call overhead weighs most (on a GPU most of the step; on
+  the 2-core CPU ~30% of a bare single step, XLA's products the rest: ``RESULTS.md``, sitting 15).
 
 ``NUM_BATCHES`` batches are built once and replayed, one pass per epoch: 30 for the CNN and the
 transformer (the MNIST recipe's epoch is 31), 600 for the MLP, whose steps are so short that

@@ -352,3 +352,35 @@ def test_cpu_tuning_checks_a_small_models_chunk_once_and_off_guards_each_step_al
     assert int(runs[True].state.guard["nonfinite_total"]) >= 1
     with pytest.raises(ValueError, match="cpu_tuning='yes' must be True or False"):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, cpu_tuning="yes")
+
+
+class HalveParamsAt(Callback):
+    """Replaces the state between chunks (as a user's callback or a restore may): params halved at ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.step:
+            trainer.state = trainer.state.replace(params=jax.tree.map(lambda p: p / 2, trainer.state.params))
+
+
+@pytest.mark.parametrize("per_epoch, bad, halve_at", [(12, (6,), 4), (6, (3,), None)],
+                         ids=["state-replaced-between-chunks", "single-steps-between-chunks"])
+def test_a_rerun_starts_from_the_state_the_chunk_started_from(per_epoch, bad, halve_at):
+    """A guarded chunk reruns from a packed copy of its start that the previous chunk left; when the
+    state changed hands in between (a callback replaced it, leftover single steps ran) the rerun
+    must start from the state as it is, as single steps do."""
+    data = make_data(n=16 * per_epoch)
+    batches = [{k: v[i * 16:(i + 1) * 16].copy() for k, v in data.items()} for i in range(per_epoch)]
+    for step in bad:
+        batches[step - 1]["x"][0, 0] = np.nan
+    runs = []
+    for k in (1, 4):
+        extra = [HalveParamsAt(halve_at)] if halve_at else []
+        trainer = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=12, steps_per_execution=k,
+                          callbacks=[*extra, NaNDetector(policy="skip", check_every=4)])
+        trainer.fit(batches)
+        runs.append(trainer)
+    assert_same_runs(*runs)
+    assert int(runs[1].state.guard["nonfinite_total"]) == len(bad) * 12 // per_epoch

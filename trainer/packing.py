@@ -39,14 +39,21 @@ def pack(specs: Sequence[tuple[tuple[int, ...], Any]], leaves: Sequence[Any]) ->
             for dtype in groups(specs)]
 
 
-def unpack(specs: Sequence[tuple[tuple[int, ...], Any]], packed: Sequence[Any]) -> list:
-    """The leaves ``pack`` packed, back in their shapes (numpy or traced arrays alike)."""
+def unpack(specs: Sequence[tuple[tuple[int, ...], Any]], packed: Sequence[Any], shift: Any = None) -> list:
+    """The leaves ``pack`` packed, back in their shapes (numpy or traced arrays alike).
+
+    ``shift``: a traced zero added to every slice's start. The slices are then dynamic, so XLA
+    cannot hoist them out of a loop as invariants and run them (a kernel each) on every call.
+    """
     offsets = {dtype: 0 for dtype in groups(specs)}
     flat = dict(zip(groups(specs), packed))
     out = []
     for shape, dtype in specs:
         size = math.prod(shape)  # np.prod of a tuple cost ~9 us a leaf: most of a logged window's unpack
-        out.append(flat[dtype][offsets[dtype]:offsets[dtype] + size].reshape(shape))
+        if shift is None:
+            out.append(flat[dtype][offsets[dtype]:offsets[dtype] + size].reshape(shape))
+        else:
+            out.append(jax.lax.dynamic_slice(flat[dtype], (offsets[dtype] + shift,), (size,)).reshape(shape))
         offsets[dtype] += size
     return out
 

@@ -18,7 +18,7 @@ import optax
 from clu import metrics as clu_metrics
 from flax import nnx
 
-from trainer.carry import flat_jit
+from trainer.carry import flat_jit, pack_state, unpack_state
 from trainer import conv_grads, dense_grads, threefry
 from trainer.optim import current_learning_rate
 from trainer.packing import scan_packed
@@ -222,13 +222,15 @@ def make_train_step(
         metrics.pop("_valid", None)
         return state, sums, metrics
 
-    def fused_steps(layout, arrays, packed, sums, batches):
+    def fused_steps(layout, arrays, packed, sums, batches, *start):
         # The state comes and goes as the carry holds it between calls, its scalars packed
         # (``trainer.packing.scan_packed``): unpacked, each would be a buffer of the loop, sliced out
         # before it and concatenated back after it, a small kernel each.
+        # ``start`` (with the chunk guard): the state this chunk starts from, packed by dtype.
         guard = layout.join(arrays, packed).guard  # traced slices of the packed scalars (unused ones are dropped)
-        if chunk_guard and halt_after is not None and guard is not None:
-            carry, metrics = _chunk_guarded_scan(layout, (arrays, packed), guard, batches)
+        if start and guard is not None:
+            carry, metrics = _chunk_guarded_scan(layout, (arrays, packed), guard, batches, start[0])
+            start = (pack_state(*carry),)
         else:
             carry, metrics = scan_packed(step, layout, (arrays, packed), batches, unroll=unroll)
         # The running sums are merged after the loop, step by step in order: bitwise what K single
@@ -237,28 +239,35 @@ def make_train_step(
         per_step = jax.vmap(lambda m: to_sums(m, reductions))(metrics)
         sums = merge_steps_packed(sums, per_step)
         metrics.pop("_valid", None)
-        return carry, sums, metrics
+        return (carry, sums, metrics, *start)
 
-    def _chunk_guarded_scan(layout, carry, guard, batches):
-        # The chunk runs unguarded first, noting whether each step's loss and gradients were finite;
-        # only when one was not (or the guard had halted) is it rerun from its start with the guard
-        # in every step. When every step is finite both passes give the same state, bitwise (tested).
-        # (For a single step the same scheme measured slower than the per-step conditional.)
+    def _chunk_guarded_scan(layout, carry, guard, batches, start):
+        # The chunk runs unguarded first, in place on the donated state, noting whether each step's
+        # loss and gradients were finite; only when one was not (or the guard had halted) is it rerun
+        # with the guard in every step, from ``start``: the same state, packed by the previous chunk
+        # (``trainer.carry``). When every step is finite both passes give the same state, bitwise
+        # (tested). Rerun from the donated state itself, XLA copied each of its buffers in before the
+        # loop and back out of a conditional after it: ~50 small kernels, 20% of the tiny MLP's chunk.
         fast, fast_metrics = scan_packed(lambda s, b: step(s, b, per_step_guard=False), layout, carry, batches,
                                          unroll=unroll)
         oks = fast_metrics.pop("_ok")
+        fast_metrics = dict(fast_metrics, nonfinite_total=jnp.broadcast_to(guard["nonfinite_total"], oks.shape),
+                            _valid=jnp.ones_like(oks))
 
-        def take_fast(carry, batches):
-            metrics = dict(fast_metrics, nonfinite_total=jnp.broadcast_to(guard["nonfinite_total"], oks.shape),
-                           _valid=jnp.ones_like(oks))
-            return fast, metrics
+        def rerun(loop):  # rare (0 or 1 trips): its steps select rather than branch, for a smaller program
+            _, again, trip = loop  # trip (0) shifts the slices of ``start``, which XLA would otherwise hoist
+            begin = unpack_state(*carry, start, shift=trip)
+            new, metrics = scan_packed(functools.partial(step, per_step_guard="select"), layout, begin, batches,
+                                       unroll=unroll)
+            return (tuple(new), metrics), jnp.zeros_like(again), trip + 1
 
-        def rerun(carry, batches):  # rare: its steps select rather than branch, for a smaller program
-            return scan_packed(functools.partial(step, per_step_guard="select"), layout, carry, batches, unroll=unroll)
+        again = ~(jnp.all(oks) & ~guard["halted"])
+        (carry, metrics), _, _ = jax.lax.while_loop(lambda loop: loop[1], rerun,
+                                                    ((tuple(fast), fast_metrics), again, jnp.int32(0)))
+        return carry, metrics
 
-        return jax.lax.cond(jnp.all(oks) & ~guard["halted"], take_fast, rerun, carry, batches)
-
-    single, fused = flat_jit(accumulating_step), flat_jit(fused_steps, packed_state=True)
+    single = flat_jit(accumulating_step)
+    fused = flat_jit(fused_steps, packed_state=True, keeps_start=chunk_guard and halt_after is not None)
     if unrolled_threefry:
         single, fused = threefry.unrolled_calls(single), threefry.unrolled_calls(fused)
     return TrainSteps(step, single, fused)
@@ -311,8 +320,9 @@ def use_chunk_guard(unroll: int | bool, num_params: int) -> bool:
 
     On XLA:CPU the guard's per-step ``lax.cond`` costs a fixed ~20-40 us: 10% of the tiny MLP's
     fused step (26k parameters), nothing measurable on the transformer's (426k). The chunk check
-    costs a second compiled scan (transformer: +4 s compile, +70 MiB peak RSS), so it is used only on
-    CPU, for rolled scans of models up to ``CHUNK_GUARD_MAX_PARAMS`` parameters.
+    costs a second compiled scan (transformer: +4 s compile, +70 MiB peak RSS) and a packed copy of
+    the state kept between chunks (``trainer.carry``), so it is used only on CPU, for rolled scans
+    of models up to ``CHUNK_GUARD_MAX_PARAMS`` parameters.
     """
     return (jax.default_backend() == "cpu" and not isinstance(unroll, bool) and unroll == 1
             and num_params <= CHUNK_GUARD_MAX_PARAMS)

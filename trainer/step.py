@@ -96,7 +96,8 @@ class TrainSteps(NamedTuple):
     into every accumulator of ``sums``; jitted over flat leaves (``trainer.carry.flat_jit``: called
     with the tree definitions and leaves of ``state`` and ``sums``, which are donated).
     ``fused``: the same over batches stacked on a leading axis, in one ``lax.scan``; each metric
-    comes back stacked, one value per step.
+    comes back stacked, one value per step. With the chunk guard it also takes and returns the
+    state packed (``keeps_start``: ``trainer.carry.Carry.run`` supplies it).
     """
 
     pure: Callable

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from trainer.packing import Layout, Packed, pack, specs_of, unpack
+from trainer.packing import Layout, Packed, is_prng_key as _is_key, pack, specs_of, unpack
 
 FlatStep = Callable[..., tuple[list, list, list, list, Any]]
 
@@ -71,10 +71,6 @@ def unpack_state(arrays: list, packed: list, start: list, shift: Any = None) -> 
     leaves = [jax.random.wrap_key_data(x, impl=jax.random.key_impl(y)) if _is_key(y) else x
               for x, y in zip(leaves, like)]
     return leaves[:len(arrays)], leaves[len(arrays):]
-
-
-def _is_key(x: Any) -> bool:
-    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _key_data(x: Any) -> Any:

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from trainer.background import SerialWorker
+from trainer.packing import is_prng_key as _is_key
 
 FORMAT = 2  # 2: small arrays stored joined per dtype (``pack_small``); 1 (every array alone) still reads
 READABLE_FORMATS = (1, 2)
@@ -40,10 +41,6 @@ def orbax_checkpoint():
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that does not fit the current model / optimizer."""
-
-
-def _is_key(leaf: Any) -> bool:
-    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
 def flatten(tree: Any, checksums: bool = True) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:

@@ -63,6 +63,11 @@ def specs_of(leaves: Sequence[Any]) -> tuple:
     return tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
 
 
+def is_prng_key(leaf: Any) -> bool:
+    """Whether ``leaf`` is an array of typed PRNG keys (which concatenate and save only as their key data)."""
+    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
 def _packable(leaf: Any) -> bool:
     if not isinstance(leaf, (jax.Array, np.ndarray)) or leaf.size > SMALL:
         return False

@@ -14,11 +14,10 @@ import warnings
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
-import optax
 
 from callbacks.lagged import LaggedFetch
 from trainer.events import Callback, last_value
+from trainer.optim import global_norm
 from trainer.step import StepInfo
 
 
@@ -27,7 +26,7 @@ class GradNormWarning(UserWarning):
 
 
 class GradNormMonitor(Callback):
-    """Adds ``grad_norm`` (``optax.tree.norm``, the global norm of the gradients) to the step metrics.
+    """Adds ``grad_norm``, the global norm of the gradients (``trainer.optim.global_norm``), to the step metrics.
 
     Args:
       every: read the norm on the host every N steps to check the range (no per-step sync).
@@ -52,10 +51,10 @@ class GradNormMonitor(Callback):
     def probe(self, info: StepInfo) -> dict[str, jax.Array]:
         """The in-step probe: global norm, and per top-level module when asked."""
         # float32 sums, the same expression as the trainer's non-finite guard (XLA computes it once)
-        out = {"grad_norm": optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), info.grads))}
+        out = {"grad_norm": global_norm(info.grads)}
         if self.per_layer and hasattr(info.grads, "items"):
             for name, sub in info.grads.items():
-                out[f"grad_norm/{name}"] = optax.tree.norm(sub)
+                out[f"grad_norm/{name}"] = global_norm(sub)
         return out
 
     def on_fit_start(self, trainer: Any) -> None:

@@ -100,3 +100,21 @@ def test_bad_schedule_values_are_refused():
 
 def test_plain_optax_optimizer_has_no_injected_learning_rate():
     assert current_learning_rate(optax.adam(1e-3).init({"w": np.zeros(2)})) is None
+
+
+def test_global_norm_is_optaxs_over_every_leaf_in_float32():
+    import jax.numpy as jnp
+
+    from trainer.optim import global_norm
+
+    rng = np.random.default_rng(0)
+    tree = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.asarray(rng.normal(size=3), jnp.bfloat16),
+            "nested": [jnp.asarray(rng.normal(size=(2, 2, 2)), jnp.float32), jnp.float32(-4.0)]}
+    as_f32 = {k: v for k, v in tree.items()}
+    as_f32["b"] = tree["b"].astype(jnp.float32)
+    assert global_norm(tree).dtype == jnp.float32
+    assert float(global_norm(tree)) == pytest.approx(float(optax.tree.norm(as_f32)), rel=1e-6)
+    assert float(global_norm(tree, squared=True)) == pytest.approx(float(optax.tree.norm(as_f32)) ** 2, rel=1e-6)
+    assert float(global_norm({"only": jnp.asarray([3.0, 4.0])})) == 5.0
+    assert float(global_norm({})) == 0.0
+    assert not np.isfinite(float(global_norm(dict(tree, b=tree["b"].at[1].set(jnp.inf)))))

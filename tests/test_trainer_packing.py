@@ -117,3 +117,31 @@ def test_packed_training_matches_a_plain_optax_loop(data):
         params, opt = step(params, opt, batch)
     for ours, theirs in zip(jax.tree.leaves(trainer.state.params), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-7)
+
+
+def test_scan_packed_gives_each_step_output_as_a_plain_scan_does():
+    """The step's scalar outputs leave the loop packed, one row per dtype: sliced apart they are exactly
+    what ``lax.scan`` stacks, in their dtypes, beside outputs that do not pack (vectors, PRNG keys)."""
+    from trainer.packing import scan_packed
+
+    tree = mixed_tree()
+    layout, large, packed = Layout.split(tree)
+
+    def step(t, x):
+        t = dict(t, step=t["step"] + 1, lr=t["lr"] * x)
+        out = {"loss": t["lr"] * 3, "count": t["step"] * 2, "ok": t["lr"] > 1, "half": t["scale"] / 2,
+               "vector": t["weights"] * x, "key": jax.random.fold_in(t["key"], t["step"]),
+               "nested": {"weak": x + 1.0}}
+        return t, out
+
+    xs = jnp.asarray([0.5, 2.0, 4.0, 8.0], jnp.float32)
+    (large_end, packed_end), got = jax.jit(lambda a, p: scan_packed(step, layout, (a, p), xs))(large, packed)
+    end, want = jax.lax.scan(step, tree, xs)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for name in ("loss", "count", "ok", "half", "vector"):
+        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(got["nested"]["weak"]), np.asarray(want["nested"]["weak"]))
+    assert jnp.array_equal(jax.random.key_data(got["key"]), jax.random.key_data(want["key"]))
+    back = layout.unpacked(large_end, packed_end)
+    assert int(back["step"]) == int(end["step"]) == 11 and float(back["lr"]) == float(end["lr"])

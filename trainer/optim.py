@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -147,6 +148,22 @@ class OptimConfig:
         return make_optimizer(self.optimizer, learning_rate=self.make_schedule(total_steps),
                               weight_decay=self.weight_decay, momentum=self.momentum,
                               nesterov=self.nesterov, clip_norm=self.clip_norm)
+
+
+def global_norm(tree: Any, squared: bool = False) -> jax.Array:
+    """The float32 global norm of ``tree`` (``optax.tree.norm``'s value), as one sum over all its values.
+
+    The leaves are laid end to end and squared and summed once: on XLA:CPU a sum per leaf costs two
+    or three small kernels each (15 a step for the tiny MLP's 6 leaves, 8% of its fused chunk), the
+    concatenation and one sum cost 2. ``GradNormMonitor`` and the trainer's non-finite guard both use
+    it on the gradients, so XLA computes it once for both.
+    """
+    leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    flat = jnp.concatenate(leaves) if len(leaves) > 1 else leaves[0]
+    total = jnp.sum(flat * flat)
+    return total if squared else jnp.sqrt(total)
 
 
 def current_learning_rate(opt_state: Any) -> jax.Array | None:

@@ -164,13 +164,39 @@ def scan_packed(f: Any, layout: Layout, carry: tuple[list, list], xs: Any, unrol
     call's packed arguments before it and concatenated back after it, a small kernel each (the tiny
     MLP's guarded chunk: ~20 of its kernels; on XLA:CPU each costs launch time every call and ~1 MiB
     of memory while compiling). Carried packed, the slicing and packing happen inside the loop,
-    where XLA fuses them into the step's own arithmetic. Returns ``((arrays, packed), out)``.
+    where XLA fuses them into the step's own arithmetic. The step's scalar outputs (its metrics)
+    leave the loop packed too, one row per dtype and step, and are sliced apart once after it: one
+    write a step instead of one per metric. Returns ``((arrays, packed), out)``.
     """
+    described = []  # the outputs' structure, found while tracing the body
+
     def body(carry, x):
         new, out = f(layout.join(*carry), x)
-        return layout.split_traced(new), out
+        leaves, treedef = jax.tree.flatten(out)
+        scalars = [i for i, leaf in enumerate(leaves) if jnp.ndim(leaf) == 0 and not is_prng_key(leaf)]
+        specs = specs_of([leaves[i] for i in scalars])
+        described[:] = [(treedef, scalars, specs)]
+        others = [leaf for i, leaf in enumerate(leaves) if i not in set(scalars)]
+        return layout.split_traced(new), (pack(specs, [leaves[i] for i in scalars]), others)
 
-    return jax.lax.scan(body, tuple(carry), xs, unroll=unroll)
+    carry, (rows, others) = jax.lax.scan(body, tuple(carry), xs, unroll=unroll)
+    treedef, scalars, specs = described[0]
+    columns = iter(_columns(specs, rows))
+    others = iter(others)
+    chosen = set(scalars)
+    return carry, jax.tree.unflatten(treedef, [next(columns) if i in chosen else next(others)
+                                               for i in range(treedef.num_leaves)])
+
+
+def _columns(specs: Sequence[tuple[tuple[int, ...], Any]], rows: Sequence[Any]) -> list:
+    """``pack``'s scalars stacked over steps (``rows``: one ``[steps, n]`` array per dtype), as ``[steps]`` each."""
+    offsets = {dtype: 0 for dtype in groups(specs)}
+    stacked = dict(zip(groups(specs), rows))
+    out = []
+    for _, dtype in specs:
+        out.append(stacked[dtype][:, offsets[dtype]])
+        offsets[dtype] += 1
+    return out
 
 
 pack_jit = jax.jit(pack, static_argnums=0)

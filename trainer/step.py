@@ -20,7 +20,7 @@ from flax import nnx
 
 from trainer.carry import flat_jit, pack_state, unpack_state
 from trainer import conv_grads, dense_grads, threefry
-from trainer.optim import current_learning_rate
+from trainer.optim import current_learning_rate, global_norm
 from trainer.packing import scan_packed
 from trainer.state import TrainState
 from trainer.sums import Metrics, Sums, merge_steps_packed, to_sums
@@ -76,12 +76,10 @@ def init_guard() -> dict[str, jax.Array]:
 def _all_finite(tree: Any) -> jax.Array:
     """True when every value is finite: one sum of squares (a NaN or inf anywhere makes it non-finite).
 
-    Written as ``optax.tree.norm(..., squared=True)``, the expression ``GradNormMonitor`` takes the
-    root of, so with both XLA computes the sum once (common subexpressions are merged).
+    ``trainer.optim.global_norm``, the expression ``GradNormMonitor`` takes the root of, so with both
+    XLA computes the sum once (common subexpressions are merged).
     """
-    if not jax.tree.leaves(tree):
-        return jnp.array(True)
-    return jnp.isfinite(optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree), squared=True))
+    return jnp.isfinite(global_norm(tree, squared=True))
 
 
 def _select(ok: jax.Array, new: Any, old: Any) -> Any:
@@ -190,7 +188,8 @@ def make_train_step(
         if not per_step_guard:  # its state is kept only when every step of the chunk was finite:
             # then the guard's run of bad steps ends at 0, all else in the guard stays as it was
             guard = dict(state.guard, consecutive=jnp.zeros_like(state.guard["consecutive"]))
-            return new.replace(guard=guard), dict(metrics, _ok=loss_ok & grads_ok)
+            # a float (1 or 0), so that it leaves the loop in the same row as the float metrics
+            return new.replace(guard=guard), dict(metrics, _ok=(loss_ok & grads_ok).astype(jnp.float32))
         return _guarded(state.guard, new, metrics, loss_ok, grads_ok, lr)
 
     def _lr(opt_state: Any) -> jax.Array:
@@ -251,7 +250,7 @@ def make_train_step(
         # loop and back out of a conditional after it: ~50 small kernels, 20% of the tiny MLP's chunk.
         fast, fast_metrics = scan_packed(lambda s, b: step(s, b, per_step_guard=False), layout, carry, batches,
                                          unroll=unroll)
-        oks = fast_metrics.pop("_ok")
+        oks = fast_metrics.pop("_ok") > 0
         fast_metrics = dict(fast_metrics, nonfinite_total=jnp.broadcast_to(guard["nonfinite_total"], oks.shape),
                             _valid=jnp.ones_like(oks))
 

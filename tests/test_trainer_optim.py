@@ -118,3 +118,5 @@ def test_global_norm_is_optaxs_over_every_leaf_in_float32():
     assert float(global_norm({"only": jnp.asarray([3.0, 4.0])})) == 5.0
     assert float(global_norm({})) == 0.0
     assert not np.isfinite(float(global_norm(dict(tree, b=tree["b"].at[1].set(jnp.inf)))))
+    large = {"w": jnp.asarray(rng.normal(size=(1 << 17,)), jnp.float32), "b": jnp.asarray(rng.normal(size=7), jnp.float32)}
+    assert float(global_norm(large)) == pytest.approx(float(optax.tree.norm(large)), rel=1e-6)  # summed per leaf

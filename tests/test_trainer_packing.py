@@ -119,7 +119,8 @@ def test_packed_training_matches_a_plain_optax_loop(data):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-7)
 
 
-def test_scan_packed_gives_each_step_output_as_a_plain_scan_does():
+@pytest.mark.parametrize("unroll", [1, True])
+def test_scan_packed_gives_each_step_output_as_a_plain_scan_does(unroll):
     """The step's scalar outputs leave the loop packed, one row per dtype: sliced apart they are exactly
     what ``lax.scan`` stacks, in their dtypes, beside outputs that do not pack (vectors, PRNG keys)."""
     from trainer.packing import scan_packed
@@ -135,7 +136,8 @@ def test_scan_packed_gives_each_step_output_as_a_plain_scan_does():
         return t, out
 
     xs = jnp.asarray([0.5, 2.0, 4.0, 8.0], jnp.float32)
-    (large_end, packed_end), got = jax.jit(lambda a, p: scan_packed(step, layout, (a, p), xs))(large, packed)
+    (large_end, packed_end), got = jax.jit(lambda a, p: scan_packed(step, layout, (a, p), xs, unroll=unroll))(
+        large, packed)
     end, want = jax.lax.scan(step, tree, xs)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for name in ("loss", "count", "ok", "half", "vector"):

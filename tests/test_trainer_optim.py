@@ -103,6 +103,7 @@ def test_plain_optax_optimizer_has_no_injected_learning_rate():
 
 
 def test_global_norm_is_optaxs_over_every_leaf_in_float32():
+    import jax
     import jax.numpy as jnp
 
     from trainer.optim import global_norm
@@ -119,4 +120,7 @@ def test_global_norm_is_optaxs_over_every_leaf_in_float32():
     assert float(global_norm({})) == 0.0
     assert not np.isfinite(float(global_norm(dict(tree, b=tree["b"].at[1].set(jnp.inf)))))
     large = {"w": jnp.asarray(rng.normal(size=(1 << 17,)), jnp.float32), "b": jnp.asarray(rng.normal(size=7), jnp.float32)}
-    assert float(global_norm(large)) == pytest.approx(float(optax.tree.norm(large)), rel=1e-6)  # summed per leaf
+    assert float(global_norm(large)) == pytest.approx(float(optax.tree.norm(large)), rel=1e-6)
+    # a small tree is summed as one concatenation, a large one leaf by leaf (no copy of it all)
+    assert "concatenate" in str(jax.make_jaxpr(global_norm)(tree))
+    assert "concatenate" not in str(jax.make_jaxpr(global_norm)(large))

@@ -177,7 +177,8 @@ def scan_packed(f: Any, layout: Layout, carry: tuple[list, list], xs: Any, unrol
         scalars = [i for i, leaf in enumerate(leaves) if jnp.ndim(leaf) == 0 and not is_prng_key(leaf)]
         specs = specs_of([leaves[i] for i in scalars])
         described[:] = [(treedef, scalars, specs)]
-        others = [leaf for i, leaf in enumerate(leaves) if i not in set(scalars)]
+        chosen = set(scalars)
+        others = [leaf for i, leaf in enumerate(leaves) if i not in chosen]
         return layout.split_traced(new), (pack(specs, [leaves[i] for i in scalars]), others)
 
     carry, (rows, others) = jax.lax.scan(body, tuple(carry), xs, unroll=unroll)

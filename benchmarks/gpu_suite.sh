@@ -5,14 +5,15 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     clu==0.0.12 ml-collections tensorboardX==2.6.5 crc32c keras==3.15.1 namex optree mlxtend==0.25.0
-# and run as: run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=580) (~250 s on an H100, ~350 s with the leave-one-out at the end).
+# and run as: run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=590) (the suite ~260 s on an H200,
+# sitting 18; with the leave-one-out and the two device profiles at the end, ~450 s: untested on a GPU so far).
 # The tables come back as $OUT/*.md; JSON and worker logs as $OUT/raw.tgz (the tool returns at most 8 files).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false KERAS_BACKEND=jax
 OUT=${OUT:-/tmp/gpu-suite}; RAW=/tmp/gpu-suite-raw; mkdir -p "$OUT" "$RAW"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import jax, flax, optax, keras, trainer, callbacks, benchmarks.worker; print(jax.__version__, flax.__version__, optax.__version__, keras.__version__, jax.devices())" || exit 2
-V="hand hand_scan10 trainer_bare trainer_default trainer_k10 trainer_bare_k10 keras"
+V="hand hand_scan10 trainer_bare trainer_default trainer_k10 trainer_bare_k10 trainer_k10_chunk_guard keras"
 run() {  # name, timeout in seconds, suite arguments
   local name=$1 limit=$2; shift 2
   timeout -k 5 "$limit" python3 -m benchmarks.suite "$@" --parallel-start --json "$RAW/$name.json" --markdown "$OUT/$name.md" > "$RAW/$name.log" 2>&1
@@ -25,5 +26,11 @@ run transformer 190 --workloads transformer --variants $V --chunk-scale 50 --rep
 timeout -k 5 90 python3 -m benchmarks.leave_one_out --workload mlp --steps-per-execution 10 --window 4000 --rounds 4 \
   bare default without:ProgressBar without:MetricsLogger without:Throughput without:LearningRateMonitor \
   without:NaNDetector,GradNormMonitor only:NaNDetector,GradNormMonitor > "$OUT/leave_one_out.md" 2>&1; echo "leave_one_out rc=$?"
+# where the CNN's fused chunk spends against the hand-written scan's (0.58x in the third and fifth runs),
+# and what the guard's per-step conditional costs the MLP's chunk: device kernels and idle time a step
+timeout -k 5 100 python3 -m benchmarks.device_profile --workload mnist_cnn --steps 200 \
+  hand_scan10 trainer_bare_k10 trainer_k10 trainer_k10_chunk_guard > "$OUT/profile_cnn.md" 2>&1; echo "profile_cnn rc=$?"
+timeout -k 5 60 python3 -m benchmarks.device_profile --workload mlp --steps 2000 \
+  hand_scan10 trainer_bare_k10 trainer_k10 trainer_k10_chunk_guard > "$OUT/profile_mlp.md" 2>&1; echo "profile_mlp rc=$?"
 for name in mlp cnn transformer; do cat "$OUT/$name.md" 2>/dev/null || tail -5 "$RAW/$name.log"; done
-tail -12 "$OUT/leave_one_out.md"
+tail -12 "$OUT/leave_one_out.md"; head -8 "$OUT/profile_cnn.md" "$OUT/profile_mlp.md"

@@ -116,9 +116,20 @@ def default_callbacks(workload: str, workdir: str) -> list:
     return standard_callbacks(workdir, log_every=50, progress=True)
 
 
+def force_chunk_guard() -> None:
+    """Every rolled fused chunk of this process checks its guard once a chunk (``trainer.step.use_chunk_guard``
+    allows it on CPU only, up to ``CHUNK_GUARD_MAX_PARAMS``): to measure it on a GPU and on larger models."""
+    from trainer import build
+
+    build.use_chunk_guard = lambda unroll, num_params: not isinstance(unroll, bool) and unroll == 1
+
+
 def run_trainer(workload: str, pacer: Pacer, callbacks: str = "default", steps_per_execution: int = 1,
-                prefetch: int | str = "auto") -> None:
+                prefetch: int | str = "auto", chunk_guard: bool = False) -> None:
     from trainer import Callback, Checkpoint, Trainer
+
+    if chunk_guard:
+        force_chunk_guard()
 
     class Pace(Callback):
         def on_step_end(self, trainer, step, metrics):

@@ -2,8 +2,9 @@
 
 Started by ``benchmarks/suite.py``; speaks the line protocol of ``benchmarks/protocol.py``.
 Variants: ``hand``, ``hand_scan10`` (hand-written loops), ``trainer_bare``, ``trainer_default``,
-``trainer_k10``, ``trainer_k10_inline`` (prefetch=0), ``trainer_bare_k10`` (this project), ``keras``, ``keras_k10`` (Keras 3 on JAX), ``torch`` (a plain
-PyTorch loop), ``lightning`` (PyTorch Lightning). The peers need ``pip install -e ".[bench]"``.
+``trainer_k10``, ``trainer_k10_inline`` (prefetch=0), ``trainer_bare_k10``, ``trainer_k10_chunk_guard`` (the
+guard checked once a chunk on any backend and model size) (this project), ``keras``, ``keras_k10`` (Keras 3 on
+JAX), ``torch`` (a plain PyTorch loop), ``lightning`` (PyTorch Lightning). The peers need ``pip install -e ".[bench]"``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ VARIANTS = {
     "trainer_k10_inline": ("benchmarks.jax_variants", "run_trainer",
                            {"callbacks": "default", "steps_per_execution": 10, "prefetch": 0}),
     "trainer_bare_k10": ("benchmarks.jax_variants", "run_trainer", {"callbacks": "none", "steps_per_execution": 10}),
+    "trainer_k10_chunk_guard": ("benchmarks.jax_variants", "run_trainer",
+                                {"callbacks": "default", "steps_per_execution": 10, "chunk_guard": True}),
     "keras": ("benchmarks.peers_keras", "run", {}),
     "keras_k10": ("benchmarks.peers_keras", "run", {"steps_per_execution": 10}),
     "torch": ("benchmarks.peers_torch", "run_plain", {}),

@@ -128,3 +128,52 @@ def test_kernel_gradient_timings_name_the_plan_each_shape_gets(capsys):
     assert all(r[key] > 0 for r in rows for key in ("xla", "shifted", "stacked"))
     out = capsys.readouterr().out
     assert "| 2, 5x5, 1 -> 3, 3x3 |" in out and out.rstrip().endswith("| XLA |")
+
+
+def _span(pid, tid, name, ts, dur):
+    return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
+
+
+def _named(kind, pid, name, tid=None):
+    return {"ph": "M", "pid": pid, "name": kind, "args": {"name": name}, **({"tid": tid} if tid is not None else {})}
+
+
+def test_device_profile_counts_the_devices_kernels_once_and_its_idle_time_not_at_all():
+    from benchmarks.device_profile import summarize
+
+    gpu = [_named("process_name", 1, "/host:CPU"), _named("process_name", 2, "/device:GPU:0 (pid 9)"),
+           _span(1, 5, "PjitFunction(step)", 0, 100),  # the host's call: not a kernel
+           _span(2, 7, "fusion_1", 10, 20), _span(2, 8, "MemcpyH2D", 20, 20),  # two streams, 10 us overlapping
+           _span(2, 7, "fusion_1", 60, 20), _span(2, 7, "dot_2", 90, 10)]  # 50-60 and 80-90: the device waits
+    summary = summarize(gpu, steps=2, top=2)
+    assert summary["kernels_per_step"] == 2.0  # four kernels, two steps
+    assert summary["kernel_us_per_step"] == (20 + 20 + 20 + 10) / 2
+    assert summary["device_busy_us_per_step"] == (30 + 20 + 10) / 2  # 10-40, 60-80, 90-100
+    assert [k["name"] for k in summary["top_kernels"]] == ["fusion_1", "MemcpyH2D"]
+    assert summary["top_kernels"][0] == {"name": "fusion_1", "us_per_step": 20.0, "per_step": 1.0}
+
+
+def test_device_profile_reads_xla_cpu_thunks_without_their_loops_and_bookkeeping():
+    from benchmarks.device_profile import summarize
+
+    cpu = [_named("process_name", 1, "/host:CPU"), _named("thread_name", 1, "python", tid=3),
+           _named("thread_name", 1, "tf_XLAPjRtCpuClient/1", tid=4), _named("thread_name", 1, "tf_XLAEigen/2", tid=6),
+           _span(1, 3, "PjitFunction(step)", 0, 200),
+           _span(1, 4, "while.1", 0, 100), _span(1, 4, "dot.1", 10, 30), _span(1, 4, "end: dot.1", 39, 1),
+           _span(1, 4, "fusion.2", 50, 40), _span(1, 4, "ThunkExecutor::Execute (wait for completion)", 95, 5),
+           _span(1, 6, "ThreadpoolListener::StartRegion", 10, 1), _span(1, 6, "dot.1", 60, 30)]
+    summary = summarize(cpu, steps=1)
+    assert summary["kernels_per_step"] == 3  # the loop holds its body's kernels; markers are not kernels
+    assert summary["kernel_us_per_step"] == 30 + 40 + 30
+    assert summary["device_busy_us_per_step"] == 30 + 40  # 10-40 and 50-90, the other thread's dot inside it
+
+
+@pytest.mark.slow
+def test_device_profile_profiles_a_variant_in_its_own_process():
+    from benchmarks.device_profile import run, table
+
+    (result,) = run("mlp", ["trainer_bare_k10"], steps=20, warmup=10)
+    assert result["variant"] == "trainer_bare_k10" and result["steps"] == 20
+    assert 20 < result["kernels_per_step"] < 200  # XLA:CPU runs the tiny MLP's step as ~55 thunks
+    assert 0 < result["device_busy_us_per_step"] <= result["kernel_us_per_step"] + 1e-6
+    assert table([result]).splitlines()[2].startswith("| trainer_bare_k10 | ")

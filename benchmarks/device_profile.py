@@ -5,8 +5,10 @@ suite variant (``benchmarks/worker.py``) in a process of its own, lets it warm u
 chunk of ``--steps`` steps with ``jax.profiler`` and reports, per step: the wall time, the device's
 busy time (the union of its kernels' intervals: the rest is the device waiting for the host), the
 kernels' summed time, how many kernels ran, and the costliest kernels. On a GPU the kernels are the
-``/device:GPU`` rows of the trace; on a CPU, XLA's thunks (``--xla_cpu_enable_xprof_traceme``, set
-here). The suite says which variant is slower; this says whether its device works longer or waits.
+``/device:GPU`` rows of the trace; on a CPU, the thunks XLA runs on its own threads
+(``--xla_cpu_enable_xprof_traceme``, set here; a small program that XLA:CPU runs on the calling
+thread shows no kernels). The suite says which variant is slower; this says whether its device
+works longer or waits.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """One benchmark variant in its own process: ``python -m benchmarks.worker WORKLOAD VARIANT``.
 
 Started by ``benchmarks/suite.py``; speaks the line protocol of ``benchmarks/protocol.py``.
-Variants: ``hand``, ``hand_scan10`` (hand-written loops), ``trainer_bare``, ``trainer_default``,
-``trainer_k10``, ``trainer_k10_inline`` (prefetch=0), ``trainer_bare_k10``, ``trainer_k10_chunk_guard`` (the
-guard checked once a chunk on any backend and model size) (this project), ``keras``, ``keras_k10`` (Keras 3 on
-JAX), ``torch`` (a plain PyTorch loop), ``lightning`` (PyTorch Lightning). The peers need ``pip install -e ".[bench]"``.
+Variants: ``hand``, ``hand_scan10`` (hand-written loops); this project's ``trainer_bare``,
+``trainer_default``, ``trainer_k10``, ``trainer_k10_inline`` (prefetch=0), ``trainer_bare_k10`` and
+``trainer_k10_chunk_guard`` (the guard checked once a chunk on any backend and model size); ``keras``,
+``keras_k10`` (Keras 3 on JAX), ``torch`` (a plain PyTorch loop), ``lightning`` (PyTorch Lightning).
+The peers need ``pip install -e ".[bench]"``.
 """
 
 from __future__ import annotations

@@ -183,22 +183,12 @@ def scan_packed(f: Any, layout: Layout, carry: tuple[list, list], xs: Any, unrol
 
     carry, (rows, others) = jax.lax.scan(body, tuple(carry), xs, unroll=unroll)
     treedef, scalars, specs = described[0]
-    columns = iter(_columns(specs, rows))
+    # each step's row unpacked as ``pack`` packed it, the steps stacked: one ``[steps]`` column per scalar
+    columns = iter(jax.vmap(lambda *row: unpack(specs, row))(*rows) if specs else [])
     others = iter(others)
     chosen = set(scalars)
     return carry, jax.tree.unflatten(treedef, [next(columns) if i in chosen else next(others)
                                                for i in range(treedef.num_leaves)])
-
-
-def _columns(specs: Sequence[tuple[tuple[int, ...], Any]], rows: Sequence[Any]) -> list:
-    """``pack``'s scalars stacked over steps (``rows``: one ``[steps, n]`` array per dtype), as ``[steps]`` each."""
-    offsets = {dtype: 0 for dtype in groups(specs)}
-    stacked = dict(zip(groups(specs), rows))
-    out = []
-    for _, dtype in specs:
-        out.append(stacked[dtype][:, offsets[dtype]])
-        offsets[dtype] += 1
-    return out
 
 
 pack_jit = jax.jit(pack, static_argnums=0)

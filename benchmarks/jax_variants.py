@@ -124,12 +124,22 @@ def force_chunk_guard() -> None:
     build.use_chunk_guard = lambda unroll, num_params: not isinstance(unroll, bool) and unroll == 1
 
 
+def force_guard_form(form: str) -> None:
+    """Every train step this process builds guards each step in ``form`` (``trainer.step.step_guard_form``
+    picks ``"cond"`` on CPU, ``"select"`` elsewhere): to compare the two on one machine."""
+    from trainer import build
+
+    build.step_guard_form = lambda: form
+
+
 def run_trainer(workload: str, pacer: Pacer, callbacks: str = "default", steps_per_execution: int = 1,
-                prefetch: int | str = "auto", chunk_guard: bool = False) -> None:
+                prefetch: int | str = "auto", chunk_guard: bool = False, guard_form: str | None = None) -> None:
     from trainer import Callback, Checkpoint, Trainer
 
     if chunk_guard:
         force_chunk_guard()
+    if guard_form:
+        force_guard_form(guard_form)
 
     class Pace(Callback):
         def on_step_end(self, trainer, step, metrics):

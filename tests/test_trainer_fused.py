@@ -384,3 +384,33 @@ def test_a_rerun_starts_from_the_state_the_chunk_started_from(per_epoch, bad, ha
         runs.append(trainer)
     assert_same_runs(*runs)
     assert int(runs[1].state.guard["nonfinite_total"]) == len(bad) * 12 // per_epoch
+
+
+def test_the_select_guard_matches_the_conditional_bitwise_without_a_conditional(monkeypatch):
+    """On a GPU the per-step guard selects instead of branching (XLA:GPU's conditional waits for the
+    device on the host every step): the same steps skipped, the same halt, bitwise, single or fused."""
+    from trainer import build
+    from trainer.step import any_equation, step_guard_form
+
+    assert step_guard_form("cpu") == step_guard_form("tpu") == "cond" and step_guard_form("gpu") == "select"
+    data = make_data(n=192)
+    batches = [{k: v[i * 16:(i + 1) * 16].copy() for k, v in data.items()} for i in range(12)]
+    for step in (3, 6, 7):  # 3 skipped; 6 and 7 halt the guard (two in a row)
+        batches[step - 1]["x"][0, 0] = np.nan
+    runs, has_cond = {}, {}
+    for form in ("cond", "select"):
+        monkeypatch.setattr(build, "step_guard_form", lambda form=form: form)
+        for k in (1, 4):  # cpu_tuning=False: the fused chunk guards each step in the same form
+            trainer = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=12,
+                              steps_per_execution=k, cpu_tuning=False,
+                              callbacks=[NaNDetector(policy="skip", max_consecutive_skips=2, check_every=4)])
+            with pytest.raises(FloatingPointError, match="step 7"):
+                trainer.fit(batches)
+            runs[form, k] = trainer
+        jaxpr = jax.make_jaxpr(trainer._train_steps.pure)(trainer.state, batches[0])
+        has_cond[form] = any_equation(jaxpr, lambda eqn: eqn.primitive.name == "cond")
+    assert has_cond == {"cond": True, "select": False}
+    for key, run in runs.items():
+        assert_same_runs(runs["cond", 1], run)
+    guard = jax.device_get(runs["select", 4].state.guard)
+    assert int(guard["nonfinite_total"]) == 3 and int(guard["halt_step"]) == 7

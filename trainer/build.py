@@ -15,7 +15,7 @@ from trainer import losses, threefry
 from trainer.conv_grads import eligible_convs
 from trainer.dense_grads import eligible_denses, is_layer_product
 from trainer.loop import EPOCH_SUMS
-from trainer.step import any_equation, equations, make_train_step, scan_unroll, use_chunk_guard
+from trainer.step import any_equation, equations, make_train_step, scan_unroll, step_guard_form, use_chunk_guard
 from trainer.sums import restore_sums
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,7 +45,7 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     except KeyError as err:  # the default loss's message names the batch keys
         raise ValueError(err.args[0]) from err
     trainer._metric_shapes = metric_shapes
-    trainer._train_steps = make_train_step(*args, **tuned_settings(trainer, jaxpr))
+    trainer._train_steps = make_train_step(*args, **tuned_settings(trainer, jaxpr), guard_form=step_guard_form())
     trainer._reset_sums()
     if trainer.restored_epoch_sums and trainer._sums.get(EPOCH_SUMS) is not None:
         trainer._sums[EPOCH_SUMS] = restore_sums(trainer._sums[EPOCH_SUMS], trainer.restored_epoch_sums)

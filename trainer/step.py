@@ -114,6 +114,7 @@ def make_train_step(
     chunk_guard: bool = False,
     matmul_kernel_grads: bool = False,
     unrolled_threefry: bool = False,
+    guard_form: str = "cond",
 ) -> TrainSteps:
     """The train step of ``loss_fn`` with ``tx``, as ``TrainSteps``.
 
@@ -130,17 +131,26 @@ def make_train_step(
     ``unrolled_threefry``: the compiled forms hash their random draws with JAX's unrolled threefry
     (``trainer.threefry``); the same bits, faster on XLA:CPU for large draws.
 
+    ``guard_form``: how a guarded step skips a non-finite update: ``"cond"``, a conditional around
+    the update; ``"select"``, the update computed and the old values selected back (no conditional:
+    see ``step_guard_form``).
+
     ``halt_after``: with a guard (``state.guard``), a step whose loss or gradients are not finite
     changes nothing (params, optimizer and model state keep their values) and is counted in
     ``nonfinite_total``; after ``halt_after`` such steps in a row the guard halts: every later step
     is a no-op too, and the halting step, its cause and learning rate are kept for the host to read.
     """
+    if guard_form not in GUARD_FORMS:
+        raise ValueError(f"guard_form={guard_form!r}: use one of {GUARD_FORMS}.")
     reductions = dict(reductions or {})
 
     def step(state: TrainState, batch: Any, per_step_guard: bool | str = True) -> tuple[TrainState, Metrics]:
-        # per_step_guard: True, a conditional skips a non-finite step's update; "select", the update
-        # is computed and the old values selected back (fewer kernels, slower: a chunk's rare rerun);
-        # False, no guard (a fused chunk's first pass, which reports whether each step was finite).
+        # per_step_guard: True, the guard in ``guard_form``; "cond", a conditional skips a non-finite
+        # step's update; "select", the update is computed and the old values selected back (fewer
+        # kernels, slower on CPU: a chunk's rare rerun; no host round trip on a GPU); False, no guard
+        # (a fused chunk's first pass, which reports whether each step was finite).
+        if per_step_guard is True:
+            per_step_guard = guard_form
         model = state.merge(graphdef)
         model.train()
         if matmul_kernel_grads:  # on this trace's own copy of the model
@@ -313,6 +323,22 @@ def use_matmul_kernel_grads(model: nnx.Module) -> None:
 
 
 CHUNK_GUARD_MAX_PARAMS = 100_000
+
+
+GUARD_FORMS = ("cond", "select")
+
+
+def step_guard_form(backend: str | None = None) -> str:
+    """The form of the per-step non-finite guard on ``backend`` (default: JAX's): ``"select"`` on a GPU,
+    ``"cond"`` elsewhere.
+
+    XLA:GPU runs a conditional by copying its predicate to the host and waiting for the device
+    (``ConditionalThunk``: ``BlockHostUntilDone``), a host sync in every guarded step; a select has
+    none. XLA:CPU runs the conditional inline and in place, where the select measured slower (the
+    tiny MLP's single step with the default callbacks 0.76x: its update cannot run in place); a
+    TPU branches on the device.
+    """
+    return "select" if (backend or jax.default_backend()) in ("gpu", "cuda", "rocm") else "cond"
 
 
 def use_chunk_guard(unroll: int | bool, num_params: int) -> bool:

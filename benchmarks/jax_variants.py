@@ -129,7 +129,7 @@ def force_guard_form(form: str) -> None:
     picks ``"cond"`` on CPU, ``"select"`` elsewhere): to compare the two on one machine."""
     from trainer import build
 
-    build.step_guard_form = lambda: form
+    build.step_guard_form = lambda num_params: form
 
 
 def run_trainer(workload: str, pacer: Pacer, callbacks: str = "default", steps_per_execution: int = 1,

@@ -390,16 +390,17 @@ def test_the_select_guard_matches_the_conditional_bitwise_without_a_conditional(
     """On a GPU the per-step guard selects instead of branching (XLA:GPU's conditional waits for the
     device on the host every step): the same steps skipped, the same halt, bitwise, single or fused."""
     from trainer import build
-    from trainer.step import any_equation, step_guard_form
+    from trainer.step import SELECT_GUARD_MAX_PARAMS, any_equation, step_guard_form
 
     assert step_guard_form("cpu") == step_guard_form("tpu") == "cond" and step_guard_form("gpu") == "select"
+    assert step_guard_form("gpu", num_params=SELECT_GUARD_MAX_PARAMS + 1) == "cond"  # its copies: memory
     data = make_data(n=192)
     batches = [{k: v[i * 16:(i + 1) * 16].copy() for k, v in data.items()} for i in range(12)]
     for step in (3, 6, 7):  # 3 skipped; 6 and 7 halt the guard (two in a row)
         batches[step - 1]["x"][0, 0] = np.nan
     runs, has_cond = {}, {}
     for form in ("cond", "select"):
-        monkeypatch.setattr(build, "step_guard_form", lambda form=form: form)
+        monkeypatch.setattr(build, "step_guard_form", lambda num_params, form=form: form)
         for k in (1, 4):  # cpu_tuning=False: the fused chunk guards each step in the same form
             trainer = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=12,
                               steps_per_execution=k, cpu_tuning=False,

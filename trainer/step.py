@@ -326,19 +326,22 @@ CHUNK_GUARD_MAX_PARAMS = 100_000
 
 
 GUARD_FORMS = ("cond", "select")
+SELECT_GUARD_MAX_PARAMS = 10_000_000
 
 
-def step_guard_form(backend: str | None = None) -> str:
-    """The form of the per-step non-finite guard on ``backend`` (default: JAX's): ``"select"`` on a GPU,
-    ``"cond"`` elsewhere.
+def step_guard_form(backend: str | None = None, num_params: int = 0) -> str:
+    """The form of the per-step non-finite guard on ``backend`` (default: JAX's) for a model of
+    ``num_params`` parameters: ``"select"`` on a GPU up to ``SELECT_GUARD_MAX_PARAMS``, else ``"cond"``.
 
     XLA:GPU runs a conditional by copying its predicate to the host and waiting for the device
     (``ConditionalThunk``: ``BlockHostUntilDone``), a host sync in every guarded step; a select has
-    none. XLA:CPU runs the conditional inline and in place, where the select measured slower (the
-    tiny MLP's single step with the default callbacks 0.76x: its update cannot run in place); a
-    TPU branches on the device.
+    none, but its update does not run in place: XLA copies the parameters and optimizer state each
+    step, transient memory that a large model may not have and whose step hides the sync anyway.
+    XLA:CPU runs the conditional inline and in place, where the select measured slower (the tiny
+    MLP's single step with the default callbacks 0.76x); a TPU branches on the device.
     """
-    return "select" if (backend or jax.default_backend()) in ("gpu", "cuda", "rocm") else "cond"
+    on_gpu = (backend or jax.default_backend()) in ("gpu", "cuda", "rocm")
+    return "select" if on_gpu and num_params <= SELECT_GUARD_MAX_PARAMS else "cond"
 
 
 def use_chunk_guard(unroll: int | bool, num_params: int) -> bool:

@@ -125,11 +125,13 @@ def force_chunk_guard() -> None:
 
 
 def force_guard_form(form: str) -> None:
-    """Every train step this process builds guards each step in ``form`` (``trainer.step.step_guard_form``
-    picks ``"cond"`` on CPU, ``"select"`` elsewhere): to compare the two on one machine."""
+    """Every train step this process builds guards each step in ``form`` (``make_train_step``'s
+    ``guard_form``; the Trainer's is ``"cond"``): to compare the select with it on a GPU."""
+    import functools
+
     from trainer import build
 
-    build.step_guard_form = lambda num_params: form
+    build.make_train_step = functools.partial(build.make_train_step, guard_form=form)
 
 
 def run_trainer(workload: str, pacer: Pacer, callbacks: str = "default", steps_per_execution: int = 1,

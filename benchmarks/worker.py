@@ -4,8 +4,8 @@ Started by ``benchmarks/suite.py``; speaks the line protocol of ``benchmarks/pro
 Variants: ``hand``, ``hand_scan10`` (hand-written loops); this project's ``trainer_bare``,
 ``trainer_default``, ``trainer_k10``, ``trainer_k10_inline`` (prefetch=0), ``trainer_bare_k10``,
 ``trainer_k10_chunk_guard`` (the guard checked once a chunk on any backend and model size),
-``trainer_default_cond_guard`` and ``trainer_k10_cond_guard`` (the per-step guard a conditional on
-any backend: a GPU's form before sitting 19); ``keras``, ``keras_k10`` (Keras 3 on JAX), ``torch``
+``trainer_default_select_guard`` and ``trainer_k10_select_guard`` (the per-step guard a select
+instead of a conditional); ``keras``, ``keras_k10`` (Keras 3 on JAX), ``torch``
 (a plain PyTorch loop), ``lightning`` (PyTorch Lightning).
 The peers need ``pip install -e ".[bench]"``.
 """
@@ -31,9 +31,10 @@ VARIANTS = {
     "trainer_bare_k10": ("benchmarks.jax_variants", "run_trainer", {"callbacks": "none", "steps_per_execution": 10}),
     "trainer_k10_chunk_guard": ("benchmarks.jax_variants", "run_trainer",
                                 {"callbacks": "default", "steps_per_execution": 10, "chunk_guard": True}),
-    "trainer_default_cond_guard": ("benchmarks.jax_variants", "run_trainer", {"callbacks": "default", "guard_form": "cond"}),
-    "trainer_k10_cond_guard": ("benchmarks.jax_variants", "run_trainer",
-                               {"callbacks": "default", "steps_per_execution": 10, "guard_form": "cond"}),
+    "trainer_default_select_guard": ("benchmarks.jax_variants", "run_trainer",
+                                     {"callbacks": "default", "guard_form": "select"}),
+    "trainer_k10_select_guard": ("benchmarks.jax_variants", "run_trainer",
+                                 {"callbacks": "default", "steps_per_execution": 10, "guard_form": "select"}),
     "keras": ("benchmarks.peers_keras", "run", {}),
     "keras_k10": ("benchmarks.peers_keras", "run", {"steps_per_execution": 10}),
     "torch": ("benchmarks.peers_torch", "run_plain", {}),

@@ -386,32 +386,54 @@ def test_a_rerun_starts_from_the_state_the_chunk_started_from(per_epoch, bad, ha
     assert int(runs[1].state.guard["nonfinite_total"]) == len(bad) * 12 // per_epoch
 
 
-def test_the_select_guard_matches_the_conditional_bitwise_without_a_conditional(monkeypatch):
-    """On a GPU the per-step guard selects instead of branching (XLA:GPU's conditional waits for the
-    device on the host every step): the same steps skipped, the same halt, bitwise, single or fused."""
-    from trainer import build
-    from trainer.step import SELECT_GUARD_MAX_PARAMS, any_equation, step_guard_form
+class StepRows(Callback):
+    """Every step's loss and ``UpdateProbe``'s values, as the host sees them at chunk ends."""
 
-    assert step_guard_form("cpu") == step_guard_form("tpu") == "cond" and step_guard_form("gpu") == "select"
-    assert step_guard_form("gpu", num_params=SELECT_GUARD_MAX_PARAMS + 1) == "cond"  # its copies: memory
+    def __init__(self):
+        self.rows = []
+
+    def on_step_end(self, trainer, step, metrics):
+        self.rows.append(jax.device_get({n: metrics[n] for n in ("loss", "update_abs", "param_abs")}))
+
+    def columns(self, steps):
+        return {n: np.concatenate([np.ravel(r[n]) for r in self.rows])[:steps] for n in self.rows[0]}
+
+
+def test_the_select_guard_matches_the_conditional_bitwise_without_a_conditional(monkeypatch):
+    """The per-step guard as a select (``guard_form="select"``, no conditional: XLA:GPU reads a
+    conditional's predicate on the host) skips the same steps and halts at the same one as the
+    Trainer's conditional, bitwise, single or fused."""
+    import functools
+
+    from trainer import build
+    from trainer.step import any_equation
+
     data = make_data(n=192)
     batches = [{k: v[i * 16:(i + 1) * 16].copy() for k, v in data.items()} for i in range(12)]
     for step in (3, 6, 7):  # 3 skipped; 6 and 7 halt the guard (two in a row)
         batches[step - 1]["x"][0, 0] = np.nan
-    runs, has_cond = {}, {}
+    real = build.make_train_step
+    runs, steps, has_cond = {}, {}, {}
     for form in ("cond", "select"):
-        monkeypatch.setattr(build, "step_guard_form", lambda num_params, form=form: form)
+        monkeypatch.setattr(build, "make_train_step", functools.partial(real, guard_form=form))
         for k in (1, 4):  # cpu_tuning=False: the fused chunk guards each step in the same form
+            record = StepRows()
             trainer = Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=12,
-                              steps_per_execution=k, cpu_tuning=False,
-                              callbacks=[NaNDetector(policy="skip", max_consecutive_skips=2, check_every=4)])
+                              steps_per_execution=k, cpu_tuning=False, callbacks=[
+                                  record, UpdateProbe(), NaNDetector(policy="skip", max_consecutive_skips=2,
+                                                                     check_every=4)])
             with pytest.raises(FloatingPointError, match="step 7"):
                 trainer.fit(batches)
-            runs[form, k] = trainer
+            runs[form, k], steps[form, k] = trainer, record.columns(8)
         jaxpr = jax.make_jaxpr(trainer._train_steps.pure)(trainer.state, batches[0])
         has_cond[form] = any_equation(jaxpr, lambda eqn: eqn.primitive.name == "cond")
     assert has_cond == {"cond": True, "select": False}
     for key, run in runs.items():
-        assert_same_runs(runs["cond", 1], run)
+        assert_same_runs(runs["cond", 1], run)  # parameters, optimizer and model state, the guard
+        for name, column in steps[key].items():  # every step's loss (NaN where bad) and what a probe saw
+            np.testing.assert_array_equal(steps["cond", 1][name], column, err_msg=f"{key} {name}")
+    loss, update = steps["select", 4]["loss"], steps["select", 4]["update_abs"]
+    assert np.isnan(loss[[2, 5, 6]]).all() and np.isfinite(loss[[0, 1, 3, 4, 7]]).all()
+    assert (update[[2, 5, 6, 7]] == 0).all() and (update[[0, 1, 3, 4]] > 0).all()  # step 8: after the halt
     guard = jax.device_get(runs["select", 4].state.guard)
     assert int(guard["nonfinite_total"]) == 3 and int(guard["halt_step"]) == 7

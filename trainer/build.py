@@ -15,7 +15,7 @@ from trainer import losses, threefry
 from trainer.conv_grads import eligible_convs
 from trainer.dense_grads import eligible_denses, is_layer_product
 from trainer.loop import EPOCH_SUMS
-from trainer.step import any_equation, equations, make_train_step, scan_unroll, step_guard_form, use_chunk_guard
+from trainer.step import any_equation, equations, make_train_step, scan_unroll, use_chunk_guard
 from trainer.sums import restore_sums
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,16 +45,14 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     except KeyError as err:  # the default loss's message names the batch keys
         raise ValueError(err.args[0]) from err
     trainer._metric_shapes = metric_shapes
-    num_params = sum(leaf.size for leaf in jax.tree.leaves(trainer.state.params))
-    trainer._train_steps = make_train_step(*args, **tuned_settings(trainer, jaxpr, num_params),
-                                           guard_form=step_guard_form(num_params=num_params))
+    trainer._train_steps = make_train_step(*args, **tuned_settings(trainer, jaxpr))
     trainer._reset_sums()
     if trainer.restored_epoch_sums and trainer._sums.get(EPOCH_SUMS) is not None:
         trainer._sums[EPOCH_SUMS] = restore_sums(trainer._sums[EPOCH_SUMS], trainer.restored_epoch_sums)
         trainer.restored_epoch_sums = None
 
 
-def tuned_settings(trainer: "Trainer", jaxpr: Any, num_params: int) -> dict[str, Any]:
+def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
     """``make_train_step``'s tuning arguments: plain, or with ``cpu_tuning`` what measured faster on CPU.
 
     ``unroll`` and ``chunk_guard`` shape a fused chunk; ``matmul_kernel_grads`` any step with
@@ -68,6 +66,7 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any, num_params: int) -> dict[str,
         trainer.cpu_settings = []
         return {"unroll": 1, "chunk_guard": False, "matmul_kernel_grads": False, "unrolled_threefry": False}
     unroll = scan_unroll(jaxpr)
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(trainer.state.params))
     chunk_guard = use_chunk_guard(unroll, num_params)
     on_cpu = jax.default_backend() == "cpu"
     convs = len(eligible_convs(trainer._model)) if on_cpu else 0

@@ -45,6 +45,7 @@ Probe = Callable[[StepInfo], Mapping[str, jax.Array]]
 
 # Non-finite guard kinds, recorded on the device when training halts.
 BAD_LOSS, BAD_GRADS = 1, 2
+GUARD_FORMS = ("cond", "select")  # how a guarded step skips its update (``make_train_step``'s ``guard_form``)
 
 
 def split_loss_output(out: Any, where: str) -> tuple[jax.Array, Metrics]:
@@ -131,9 +132,11 @@ def make_train_step(
     ``unrolled_threefry``: the compiled forms hash their random draws with JAX's unrolled threefry
     (``trainer.threefry``); the same bits, faster on XLA:CPU for large draws.
 
-    ``guard_form``: how a guarded step skips a non-finite update: ``"cond"``, a conditional around
-    the update; ``"select"``, the update computed and the old values selected back (no conditional:
-    see ``step_guard_form``).
+    ``guard_form``: how a guarded step skips a non-finite update: ``"cond"`` (the Trainer's), a
+    conditional around the update, which runs in place; ``"select"``, the update computed and the
+    old values selected back: no conditional (XLA:GPU reads a conditional's predicate on the host),
+    but XLA copies the parameters and optimizer state for it every step. The same steps, bit for
+    bit on CPU.
 
     ``halt_after``: with a guard (``state.guard``), a step whose loss or gradients are not finite
     changes nothing (params, optimizer and model state keep their values) and is counted in
@@ -323,25 +326,6 @@ def use_matmul_kernel_grads(model: nnx.Module) -> None:
 
 
 CHUNK_GUARD_MAX_PARAMS = 100_000
-
-
-GUARD_FORMS = ("cond", "select")
-SELECT_GUARD_MAX_PARAMS = 10_000_000
-
-
-def step_guard_form(backend: str | None = None, num_params: int = 0) -> str:
-    """The form of the per-step non-finite guard on ``backend`` (default: JAX's) for a model of
-    ``num_params`` parameters: ``"select"`` on a GPU up to ``SELECT_GUARD_MAX_PARAMS``, else ``"cond"``.
-
-    XLA:GPU runs a conditional by copying its predicate to the host and waiting for the device
-    (``ConditionalThunk``: ``BlockHostUntilDone``), a host sync in every guarded step; a select has
-    none, but its update does not run in place: XLA copies the parameters and optimizer state each
-    step, transient memory that a large model may not have and whose step hides the sync anyway.
-    XLA:CPU runs the conditional inline and in place, where the select measured slower (the tiny
-    MLP's single step with the default callbacks 0.76x); a TPU branches on the device.
-    """
-    on_gpu = (backend or jax.default_backend()) in ("gpu", "cuda", "rocm")
-    return "select" if on_gpu and num_params <= SELECT_GUARD_MAX_PARAMS else "cond"
 
 
 def use_chunk_guard(unroll: int | bool, num_params: int) -> bool:

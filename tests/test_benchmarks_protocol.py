@@ -102,9 +102,12 @@ def test_targets_take_ratios_round_by_round_and_judge_each_threshold():
     assert keras["median"] == pytest.approx(1.0) and keras["met"] is False  # "faster" is strict: a tie is not
     rss = results[("peak RSS at K=10 <= 1.2x the hand-written scan's", "mlp")]
     assert rss["median"] == pytest.approx(1.3) and rss["met"] is False
+    need = results[("K=10 / hand-written scan that 2x K=1 would need", "mlp")]  # 2 x 100/210, 2 x 50/100, 2 x 100/230
+    assert (need["median"], need["min"], need["max"]) == pytest.approx((200 / 210, 200 / 230, 1.0))
+    assert need["met"] is None and need["ratio"] == "2 x trainer_default / hand_scan10"
     # variants that did not run leave their targets out; measured-only rows have no verdict
     assert ("default callbacks >= 0.97x the hand loop", "transformer") not in results
-    assert not any(r["met"] is None for r in results.values())
+    assert [r for r in results.values() if r["met"] is None] == [need]
     table = markdown(list(results.values()))
     assert "| K=10 >= 2x K=1, default callbacks | mlp | trainer_k10 / trainer_default | 2.100 (2.00-2.20) | **yes** |" in table
     assert "| peak RSS <= 1.2x the hand loop's | mnist_cnn | trainer_default / hand | 1.040 | **yes** |" in table

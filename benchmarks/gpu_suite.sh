@@ -8,8 +8,7 @@
 # and run as: run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=600) (the suite took ~260 s on an
 # H200 in sitting 18 with two variants fewer; with the two device profiles at the end, ~450 s: untested on a GPU so far;
 # each part has its own timeout: 560 s in all, 40 s for the import check). The tables come back as $OUT/*.md; JSON and
-# worker logs as $OUT/raw.tgz
-# (the tool returns at most 8 files).
+# worker logs as $OUT/raw.tgz (the tool returns at most 8 files).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false KERAS_BACKEND=jax
 OUT=${OUT:-/tmp/gpu-suite}; RAW=/tmp/gpu-suite-raw; mkdir -p "$OUT" "$RAW"

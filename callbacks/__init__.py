@@ -10,7 +10,7 @@
 from trainer.checkpoint import Checkpoint
 from trainer.checkpoint_store import CheckpointError
 from trainer.evaluation import Evaluator
-from trainer.events import Callback, last_value
+from trainer.events import Callback, DefaultInterval, last_value
 from callbacks.early_stopping import EarlyStopping
 from callbacks.epoch_summary import EpochSummary
 from callbacks.grad_norm import GradNormMonitor, GradNormWarning
@@ -27,7 +27,7 @@ from callbacks.throughput import Throughput
 from callbacks.writers import ConsoleWriter, CsvWriter, JsonlWriter, MetricWriter, read_jsonl
 
 __all__ = [
-    "Callback", "Checkpoint", "CheckpointError", "ConsoleWriter", "CsvWriter", "EarlyStopping", "EpochSummary", "Evaluator",
+    "Callback", "Checkpoint", "CheckpointError", "ConsoleWriter", "DefaultInterval", "CsvWriter", "EarlyStopping", "EpochSummary", "Evaluator",
     "GradNormMonitor", "GradNormWarning", "JsonlWriter", "LearningRateMonitor", "MetricWriter",
     "MetricsLogger", "NaNDetector", "NonFiniteError", "Plots", "PredictionGrid", "Profiler",
     "ProgressBar", "TensorBoardWriter", "TextSamples", "Throughput", "last_value", "read_jsonl",

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import jax
 
 from callbacks.lagged import LaggedFetch
-from trainer.events import Callback, last_value
+from trainer.events import Callback, DefaultInterval, last_value
 from trainer.optim import global_norm
 from trainer.step import StepInfo
 
@@ -36,7 +36,7 @@ class GradNormMonitor(Callback):
 
     step_interval_attributes = ("every",)
 
-    def __init__(self, every: int = 50, warn_below: float | None = 0.1, warn_above: float | None = 10.0,
+    def __init__(self, every: int = DefaultInterval(50), warn_below: float | None = 0.1, warn_above: float | None = 10.0,
                  per_layer: bool = False):
         if not isinstance(every, int) or every <= 0:
             raise ValueError(f"every={every!r} must be a positive integer.")

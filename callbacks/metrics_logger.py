@@ -20,7 +20,7 @@ import numpy as np
 
 from callbacks.lagged import LaggedFetch
 from callbacks.writers import MetricWriter
-from trainer.events import Callback
+from trainer.events import Callback, DefaultInterval
 from trainer.sums import compute_sums
 
 
@@ -39,7 +39,7 @@ class MetricsLogger(Callback):
 
     step_interval_attributes = ("log_every",)
 
-    def __init__(self, writers: Iterable[MetricWriter], log_every: int = 50):
+    def __init__(self, writers: Iterable[MetricWriter], log_every: int = DefaultInterval(50)):
         if not isinstance(log_every, int) or log_every <= 0:
             raise ValueError(f"log_every={log_every!r} must be a positive integer.")
         self.writers = list(writers)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from callbacks.lagged import LaggedFetch
-from trainer.events import Callback, last_value
+from trainer.events import Callback, DefaultInterval, last_value
 from trainer.step import BAD_GRADS, BAD_LOSS
 
 POLICIES = ("raise", "skip", "rollback")
@@ -46,7 +46,7 @@ class NaNDetector(Callback):
 
     step_interval_attributes = ("check_every",)
 
-    def __init__(self, policy: str = "raise", max_consecutive_skips: int = 10, check_every: int = 10,
+    def __init__(self, policy: str = "raise", max_consecutive_skips: int = 10, check_every: int = DefaultInterval(10),
                  max_rollbacks: int = 3):
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r} is not known; choose one of {list(POLICIES)}.")

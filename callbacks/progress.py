@@ -15,7 +15,7 @@ import time
 from typing import Any, Mapping, TextIO
 
 from callbacks.lagged import LaggedFetch
-from trainer.events import Callback, last_value
+from trainer.events import Callback, DefaultInterval, last_value
 
 
 def _duration(seconds: float) -> str:
@@ -36,7 +36,7 @@ class ProgressBar(Callback):
 
     step_interval_attributes = ("refresh_every",)
 
-    def __init__(self, refresh_every: int = 10, stream: TextIO | None = None, plain: bool | None = None,
+    def __init__(self, refresh_every: int = DefaultInterval(10), stream: TextIO | None = None, plain: bool | None = None,
                  min_seconds: float = 0.5):
         if not isinstance(refresh_every, int) or refresh_every <= 0:
             raise ValueError(f"refresh_every={refresh_every!r} must be a positive integer.")

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from callbacks.plots import find_logger
-from trainer.events import Callback
+from trainer.events import Callback, DefaultInterval
 
 
 def sample_tokens(graphdef: nnx.GraphDef, state: Any, prompt: np.ndarray, *, length: int, context: int,
@@ -96,7 +96,7 @@ class TextSamples(Callback):
     step_interval_attributes = ("every_n_steps",)
 
     def __init__(self, prompt: str, *, encode: Callable[[str], np.ndarray], decode: Callable[[Any], str],
-                 context: int, every_n_steps: int = 500, length: int = 200, temperature: float = 0.8,
+                 context: int, every_n_steps: int = DefaultInterval(500), length: int = 200, temperature: float = 0.8,
                  top_k: int | None = 10, seed: int = 0):
         if every_n_steps <= 0 or length <= 0:
             raise ValueError("every_n_steps and length must be positive.")

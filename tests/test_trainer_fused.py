@@ -437,3 +437,28 @@ def test_the_select_guard_matches_the_conditional_bitwise_without_a_conditional(
     assert (update[[2, 5, 6, 7]] == 0).all() and (update[[0, 1, 3, 4]] > 0).all()  # step 8: after the halt
     guard = jax.device_get(runs["select", 4].state.guard)
     assert int(guard["nonfinite_total"]) == 3 and int(guard["halt_step"]) == 7
+
+
+def test_intervals_left_at_their_defaults_round_up_to_a_multiple_of_k(data, capsys):
+    """steps_per_execution=4 works with the callbacks' defaults (10 and 50 steps round up to 12 and
+    52, from the declared default whatever an earlier trainer made of it); an interval set by hand is
+    still refused."""
+    import io
+
+    from callbacks import ProgressBar
+
+    memory = Memory()
+    logger, bar, nan = MetricsLogger([memory]), ProgressBar(stream=io.StringIO()), NaNDetector()
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=104, steps_per_execution=4,
+                      callbacks=[logger, bar, nan])
+    assert (logger.log_every, bar.refresh_every, nan.check_every) == (52, 12, 12)
+    err = capsys.readouterr().err
+    assert "MetricsLogger(log_every) left at its default 50 runs every 52 steps" in err and err.count("trainer:") == 3
+    trainer.fit(ArrayLoader(data, 16, seed=1))
+    assert [step for step, _ in memory.scalars] == [52, 104]
+    capsys.readouterr()  # the fit's own notes
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=5, callbacks=[logger, bar, nan])
+    assert (logger.log_every, bar.refresh_every, nan.check_every) == (50, 10, 10) and not capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"ProgressBar\(refresh_every=10\) is not a multiple of steps_per_execution=4"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=4,
+                callbacks=[ProgressBar(refresh_every=10)])

@@ -10,14 +10,14 @@ from trainer.checkpoint import Checkpoint
 from trainer.checkpoint_store import CheckpointError
 from trainer.data import ArrayLoader, ArrayLoaderIterator
 from trainer.evaluation import Evaluator
-from trainer.events import Callback, CallbackList, last_value
+from trainer.events import Callback, CallbackList, DefaultInterval, last_value
 from trainer.export import load_model
 from trainer.optim import OptimConfig, make_optimizer, make_schedule
 from trainer.state import TrainState
 from trainer.trainer import Trainer
 
 __all__ = [
-    "ArrayLoader", "ArrayLoaderIterator", "Callback", "CallbackList", "Checkpoint", "CheckpointError",
+    "ArrayLoader", "ArrayLoaderIterator", "Callback", "CallbackList", "Checkpoint", "CheckpointError", "DefaultInterval",
     "Evaluator", "OptimConfig", "TrainState", "Trainer", "export", "load_model", "losses",
     "last_value", "make_optimizer", "make_schedule", "optim",
 ]

@@ -13,6 +13,7 @@ import jax
 
 from trainer import losses, threefry
 from trainer.conv_grads import eligible_convs
+from trainer.events import DefaultInterval
 from trainer.dense_grads import eligible_denses, is_layer_product
 from trainer.loop import EPOCH_SUMS
 from trainer.step import any_equation, equations, make_train_step, scan_unroll, use_chunk_guard
@@ -23,11 +24,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def check_intervals(trainer: "Trainer") -> None:
-    """Refuses callback step intervals that are not multiples of ``steps_per_execution``."""
+    """Refuses callback step intervals that are not multiples of ``steps_per_execution``; those left
+    at their defaults (``DefaultInterval``) are rounded up to the next multiple instead, said once on
+    stderr."""
     k = trainer.steps_per_execution
     for callback in trainer.callbacks.callbacks:
         for name, every in callback.step_intervals().items():
-            if every % k:
+            if isinstance(every, DefaultInterval):
+                fitted = every.fit_to(k)
+                setattr(callback, name, fitted)
+                if fitted != every.base:
+                    print(f"trainer: {type(callback).__name__}({name}) left at its default {every.base} runs every "
+                          f"{int(fitted)} steps, a multiple of steps_per_execution={k}.", file=sys.stderr, flush=True)
+            elif every % k:
                 raise ValueError(
                     f"{type(callback).__name__}({name}={every}) is not a multiple of steps_per_execution={k}: "
                     f"hooks run only between chunks of {k} steps. Use {name}={max(k, every // k * k)} (a "

@@ -27,6 +27,26 @@ EVENTS = (
 )
 
 
+class DefaultInterval(int):
+    """A step interval left at its default: with ``steps_per_execution=K`` the trainer rounds it up
+    to the next multiple of ``K`` (``ProgressBar()``'s 10 steps become 32 at ``K=32``), where an
+    interval a user set must be a multiple of ``K`` or is refused. An ``int`` everywhere else.
+
+    A callback declares one as the default of its argument: ``every: int = DefaultInterval(100)``.
+    """
+
+    base: int  # the default as declared, what every rounding starts from
+
+    def __new__(cls, value: int, base: int | None = None) -> "DefaultInterval":
+        interval = super().__new__(cls, value)
+        interval.base = int(value) if base is None else base
+        return interval
+
+    def fit_to(self, k: int) -> "DefaultInterval":
+        """This default rounded up to a multiple of ``k`` (from the declared default, not a past rounding)."""
+        return DefaultInterval(-(-self.base // k) * k, base=self.base)
+
+
 class Callback:
     """Base class with a no-op method for every event; override the ones you need.
 
@@ -55,7 +75,8 @@ class Callback:
     ``state_dict()`` / ``load_state_dict()`` carry a callback's own state through checkpoints.
 
     ``step_interval_attributes`` names the attributes holding step intervals (``("every",)``);
-    the trainer refuses intervals that are not multiples of ``steps_per_execution``.
+    the trainer refuses intervals that are not multiples of ``steps_per_execution``, and rounds up
+    those left at a ``DefaultInterval`` default.
     """
 
     step_interval_attributes: tuple[str, ...] = ()

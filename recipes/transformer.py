@@ -28,7 +28,7 @@ from callbacks import Checkpoint, Evaluator, TextSamples
 from recipes.common import run_config, standard_callbacks
 from recipes.config_cli import parse_config
 from recipes.text import CharVocab, TextWindows, default_corpus, eval_windows, load_text
-from trainer import Trainer
+from trainer import DefaultInterval, Trainer
 from trainer.optim import OptimConfig
 
 
@@ -57,15 +57,16 @@ class TransformerConfig:
     dropout: float = 0.05
     batch_size: int = 32
     steps: int = 1200
-    eval_every: int = 300
+    eval_every: int = DefaultInterval(300)
     seed: int = 0
     workdir: str = "runs/transformer"
     prompt: str = "The "
-    sample_every: int = 600
+    sample_every: int = DefaultInterval(600)
     sample_length: int = 200
     temperature: float = 0.8
     top_k: int = 10
-    log_every: int = 50
+    log_every: int = DefaultInterval(50)
+    steps_per_execution: int = 1
     progress: bool = True
     checkpoint: bool = True
     checkpoint_min_seconds: float | None = 30.0
@@ -84,6 +85,8 @@ HELP = {
     "prompt": "text the samples continue", "sample_every": "steps between generated samples",
     "sample_length": "characters per sample", "temperature": "sampling temperature", "top_k": "sample among the k likeliest",
     "log_every": "steps per logged window", "progress": "progress bar",
+    "steps_per_execution": "batches per compiled call (K > 1: one lax.scan of K steps; step intervals left at "
+                           "their defaults round up to multiples of K, ones given must be multiples)",
     "checkpoint": "checkpoint at every evaluation into <workdir>/checkpoints",
     "checkpoint_min_seconds": "skip a periodic checkpoint due sooner than this after the last (none: never skip); the last is always saved",
     "resume": "continue from the newest checkpoint", "export": "write the trained model to this folder",
@@ -158,7 +161,8 @@ def build(config: TransformerConfig, text: str, callbacks: Sequence | None = Non
     if callbacks is None:
         callbacks = default_callbacks(config, vocab, valid)
     trainer = LanguageModelTrainer(model, tx, max_steps=config.steps, seed=config.seed, workdir=config.workdir or None,
-                                   config={**run_config(config), "vocab": vocab.chars}, callbacks=callbacks)
+                                   config={**run_config(config), "vocab": vocab.chars}, callbacks=callbacks,
+                                   steps_per_execution=config.steps_per_execution)
     return trainer, train, valid, vocab
 
 

@@ -96,7 +96,7 @@ def test_cli_help_lists_every_option_with_default():
     assert out.returncode == 0
     for flag in ("--epochs", "--batch-size", "--learning-rate", "--schedule", "--optimizer", "--warmup-steps",
                  "--weight-decay", "--momentum", "--nesterov", "--clip-norm", "--decay-rate", "--data-dir",
-                 "--workdir", "--seed", "--dropout", "--max-shift"):
+                 "--workdir", "--seed", "--dropout", "--max-shift", "--steps-per-execution"):
         assert flag in out.stdout, flag
     assert "(default: 0.003)" in out.stdout
 

@@ -125,7 +125,8 @@ def test_cli_help_lists_every_option():
     out = subprocess.run([sys.executable, "-m", "recipes.cli", "transformer", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for flag in ("--text", "--context", "--layers", "--width", "--heads", "--dropout", "--steps", "--temperature",
-                 "--top-k", "--prompt", "--clip-norm", "--warmup-steps", "--learning-rate", "--resume", "--export"):
+                 "--top-k", "--prompt", "--clip-norm", "--warmup-steps", "--learning-rate", "--resume", "--export",
+                 "--steps-per-execution"):
         assert flag in out.stdout, flag
 
 
@@ -136,10 +137,12 @@ def test_recipe_end_to_end_on_a_small_text_file(tmp_path):
     out = subprocess.run([sys.executable, "-m", "recipes.cli", "transformer", "--text", str(tmp_path / "corpus.txt"),
                           "--steps", "40", "--eval-every", "20", "--sample-every", "20", "--context", "32",
                           "--layers", "1", "--width", "32", "--heads", "2", "--batch-size", "8", "--no-progress",
-                          "--warmup-steps", "5", "--workdir", str(tmp_path / "run")],
+                          "--warmup-steps", "5", "--steps-per-execution", "4", "--workdir", str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("validation bits per character: ") and float(last.split(": ")[1]) < 4.0
     assert "samples/text:" in out.stdout
     assert (tmp_path / "run" / "checkpoints" / "step_40").is_dir()
+    # --steps-per-execution 4: the default --log-every 50 rounds up to 52, said on stderr
+    assert "MetricsLogger(log_every) left at its default 50 runs every 52 steps" in out.stderr

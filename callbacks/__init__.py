@@ -27,8 +27,8 @@ from callbacks.throughput import Throughput
 from callbacks.writers import ConsoleWriter, CsvWriter, JsonlWriter, MetricWriter, read_jsonl
 
 __all__ = [
-    "Callback", "Checkpoint", "CheckpointError", "ConsoleWriter", "DefaultInterval", "CsvWriter", "EarlyStopping", "EpochSummary", "Evaluator",
-    "GradNormMonitor", "GradNormWarning", "JsonlWriter", "LearningRateMonitor", "MetricWriter",
+    "Callback", "Checkpoint", "CheckpointError", "ConsoleWriter", "CsvWriter", "DefaultInterval", "EarlyStopping",
+    "EpochSummary", "Evaluator", "GradNormMonitor", "GradNormWarning", "JsonlWriter", "LearningRateMonitor", "MetricWriter",
     "MetricsLogger", "NaNDetector", "NonFiniteError", "Plots", "PredictionGrid", "Profiler",
     "ProgressBar", "TensorBoardWriter", "TextSamples", "Throughput", "last_value", "read_jsonl",
 ]

@@ -145,4 +145,4 @@ def test_recipe_end_to_end_on_a_small_text_file(tmp_path):
     assert "samples/text:" in out.stdout
     assert (tmp_path / "run" / "checkpoints" / "step_40").is_dir()
     # --steps-per-execution 4: the default --log-every 50 rounds up to 52, said on stderr
-    assert "MetricsLogger(log_every) left at its default 50 runs every 52 steps" in out.stderr
+    assert "MetricsLogger(log_every=50, a default) runs every 52 steps" in out.stderr

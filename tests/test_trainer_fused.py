@@ -441,8 +441,8 @@ def test_the_select_guard_matches_the_conditional_bitwise_without_a_conditional(
 
 def test_intervals_left_at_their_defaults_round_up_to_a_multiple_of_k(data, capsys):
     """steps_per_execution=4 works with the callbacks' defaults (10 and 50 steps round up to 12 and
-    52, from the declared default whatever an earlier trainer made of it); an interval set by hand is
-    still refused."""
+    52, from the declared default whatever another trainer made of it, at construction and at each
+    fit); an interval set by hand is still refused, at construction or, appended later, at fit."""
     import io
 
     from callbacks import ProgressBar
@@ -453,12 +453,16 @@ def test_intervals_left_at_their_defaults_round_up_to_a_multiple_of_k(data, caps
                       callbacks=[logger, bar, nan])
     assert (logger.log_every, bar.refresh_every, nan.check_every) == (52, 12, 12)
     err = capsys.readouterr().err
-    assert "MetricsLogger(log_every) left at its default 50 runs every 52 steps" in err and err.count("trainer:") == 3
-    trainer.fit(ArrayLoader(data, 16, seed=1))
+    assert "MetricsLogger(log_every=50, a default) runs every 52 steps" in err and err.count("a default)") == 3
+    other = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=5,
+                    callbacks=[logger, bar, nan])  # the same callbacks under another K: from the declared defaults
+    assert (logger.log_every, bar.refresh_every, nan.check_every) == (50, 10, 10) and "a default)" not in capsys.readouterr().err
+    trainer.fit(ArrayLoader(data, 16, seed=1))  # fit rounds them for its own K again, a callback appended since too
+    assert (logger.log_every, bar.refresh_every, nan.check_every) == (52, 12, 12)
     assert [step for step, _ in memory.scalars] == [52, 104]
-    capsys.readouterr()  # the fit's own notes
-    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=5, callbacks=[logger, bar, nan])
-    assert (logger.log_every, bar.refresh_every, nan.check_every) == (50, 10, 10) and not capsys.readouterr().err
+    other.callbacks.callbacks.append(ProgressBar(refresh_every=7, stream=io.StringIO()))
+    with pytest.raises(ValueError, match=r"ProgressBar\(refresh_every=7\) is not a multiple of steps_per_execution=5"):
+        other.fit(ArrayLoader(data, 16, seed=1))
     with pytest.raises(ValueError, match=r"ProgressBar\(refresh_every=10\) is not a multiple of steps_per_execution=4"):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=4,
                 callbacks=[ProgressBar(refresh_every=10)])

@@ -25,16 +25,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def check_intervals(trainer: "Trainer") -> None:
     """Refuses callback step intervals that are not multiples of ``steps_per_execution``; those left
-    at their defaults (``DefaultInterval``) are rounded up to the next multiple instead, said once on
-    stderr."""
+    at their defaults (``DefaultInterval``) are rounded up to the next multiple instead, a line on
+    stderr for each one that changes. Run at construction and at each ``fit`` (a callback appended
+    since, or shared with a trainer of another ``K``)."""
     k = trainer.steps_per_execution
     for callback in trainer.callbacks.callbacks:
         for name, every in callback.step_intervals().items():
             if isinstance(every, DefaultInterval):
                 fitted = every.fit_to(k)
                 setattr(callback, name, fitted)
-                if fitted != every.base:
-                    print(f"trainer: {type(callback).__name__}({name}) left at its default {every.base} runs every "
+                if fitted != every and fitted != every.base:
+                    print(f"trainer: {type(callback).__name__}({name}={every.base}, a default) runs every "
                           f"{int(fitted)} steps, a multiple of steps_per_execution={k}.", file=sys.stderr, flush=True)
             elif every % k:
                 raise ValueError(

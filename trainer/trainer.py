@@ -354,6 +354,7 @@ class Trainer:
             )
             return self.history
         check_batch_source(train_data, "train_data"), check_batch_source(eval_data, "eval_data")
+        check_intervals(self)  # again: callbacks appended since, or shared with a trainer of another K
         self.should_stop, self.stop_reason = False, None
         self.add_metric_sums(EPOCH_SUMS)
         self._fit_evaluators = [Evaluator(eval_data)] if eval_data is not None else []

@@ -131,10 +131,12 @@ def test_recipe_end_to_end_on_idx_files_through_the_command_line(idx_dir, tmp_pa
 @pytest.mark.slow
 def test_recipe_smoke_on_bundled_digits_through_python_m():
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    out = subprocess.run([sys.executable, "-m", "recipes.mnist", "--max-steps", "6", "--epochs", "1"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run([sys.executable, "-m", "recipes.mnist", "--max-steps", "6", "--epochs", "1",
+                          "--steps-per-execution", "3"], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert "trained 6 steps" in out.stdout and out.stdout.strip().splitlines()[-1].startswith("test accuracy: ")
+    # the default --log-every 50 rounds up to a multiple of 3
+    assert "MetricsLogger(log_every=50, a default) runs every 51 steps" in out.stderr
 
 
 def test_recipe_reports_bad_data_dir(tmp_path):

@@ -13,8 +13,8 @@ import jax
 
 from trainer import losses, threefry
 from trainer.conv_grads import eligible_convs
-from trainer.events import DefaultInterval
 from trainer.dense_grads import eligible_denses, is_layer_product
+from trainer.events import DefaultInterval
 from trainer.loop import EPOCH_SUMS
 from trainer.step import any_equation, equations, make_train_step, scan_unroll, use_chunk_guard
 from trainer.sums import restore_sums

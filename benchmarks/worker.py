@@ -5,8 +5,8 @@ Variants: ``hand``, ``hand_scan10`` (hand-written loops); this project's ``train
 ``trainer_default``, ``trainer_k10``, ``trainer_k10_inline`` (prefetch=0), ``trainer_bare_k10``,
 ``trainer_k10_chunk_guard`` (the guard checked once a chunk on any backend and model size),
 ``trainer_default_select_guard`` and ``trainer_k10_select_guard`` (the per-step guard a select
-instead of a conditional; on a CPU a small model's chunk still checks once); ``keras``, ``keras_k10`` (Keras 3 on JAX), ``torch``
-(a plain PyTorch loop), ``lightning`` (PyTorch Lightning).
+instead of a conditional; on a CPU a small model's chunk still checks once); ``keras``, ``keras_k10``
+(Keras 3 on JAX), ``torch`` (a plain PyTorch loop), ``lightning`` (PyTorch Lightning).
 The peers need ``pip install -e ".[bench]"``.
 """
 

@@ -28,7 +28,7 @@ from callbacks.writers import ConsoleWriter, CsvWriter, JsonlWriter, MetricWrite
 
 __all__ = [
     "Callback", "Checkpoint", "CheckpointError", "ConsoleWriter", "CsvWriter", "DefaultInterval", "EarlyStopping",
-    "EpochSummary", "Evaluator", "GradNormMonitor", "GradNormWarning", "JsonlWriter", "LearningRateMonitor", "MetricWriter",
-    "MetricsLogger", "NaNDetector", "NonFiniteError", "Plots", "PredictionGrid", "Profiler",
+    "EpochSummary", "Evaluator", "GradNormMonitor", "GradNormWarning", "JsonlWriter", "LearningRateMonitor",
+    "MetricWriter", "MetricsLogger", "NaNDetector", "NonFiniteError", "Plots", "PredictionGrid", "Profiler",
     "ProgressBar", "TensorBoardWriter", "TextSamples", "Throughput", "last_value", "read_jsonl",
 ]

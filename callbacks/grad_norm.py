@@ -36,8 +36,8 @@ class GradNormMonitor(Callback):
 
     step_interval_attributes = ("every",)
 
-    def __init__(self, every: int = DefaultInterval(50), warn_below: float | None = 0.1, warn_above: float | None = 10.0,
-                 per_layer: bool = False):
+    def __init__(self, every: int = DefaultInterval(50), warn_below: float | None = 0.1,
+                 warn_above: float | None = 10.0, per_layer: bool = False):
         if not isinstance(every, int) or every <= 0:
             raise ValueError(f"every={every!r} must be a positive integer.")
         if warn_below is not None and warn_above is not None and warn_below >= warn_above:

@@ -36,8 +36,8 @@ class ProgressBar(Callback):
 
     step_interval_attributes = ("refresh_every",)
 
-    def __init__(self, refresh_every: int = DefaultInterval(10), stream: TextIO | None = None, plain: bool | None = None,
-                 min_seconds: float = 0.5):
+    def __init__(self, refresh_every: int = DefaultInterval(10), stream: TextIO | None = None,
+                 plain: bool | None = None, min_seconds: float = 0.5):
         if not isinstance(refresh_every, int) or refresh_every <= 0:
             raise ValueError(f"refresh_every={refresh_every!r} must be a positive integer.")
         self.refresh_every = refresh_every

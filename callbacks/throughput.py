@@ -34,7 +34,8 @@ class Throughput(Callback):
 
     step_interval_attributes = ("every",)
 
-    def __init__(self, every: int = DefaultInterval(50), min_seconds: float = 0.5, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, every: int = DefaultInterval(50), min_seconds: float = 0.5,
+                 clock: Callable[[], float] = time.perf_counter):
         if not isinstance(every, int) or every <= 0:
             raise ValueError(f"every={every!r} must be a positive integer.")
         if min_seconds < 0:

@@ -17,7 +17,7 @@ from trainer.state import TrainState
 from trainer.trainer import Trainer
 
 __all__ = [
-    "ArrayLoader", "ArrayLoaderIterator", "Callback", "CallbackList", "Checkpoint", "CheckpointError", "DefaultInterval",
-    "Evaluator", "OptimConfig", "TrainState", "Trainer", "export", "load_model", "losses",
+    "ArrayLoader", "ArrayLoaderIterator", "Callback", "CallbackList", "Checkpoint", "CheckpointError",
+    "DefaultInterval", "Evaluator", "OptimConfig", "TrainState", "Trainer", "export", "load_model", "losses",
     "last_value", "make_optimizer", "make_schedule", "optim",
 ]

@@ -117,7 +117,7 @@ def default_callbacks(workload: str, workdir: str) -> list:
 
 
 def force_chunk_guard() -> None:
-    """Every rolled fused chunk of this process checks its guard once a chunk (``trainer.step.use_chunk_guard``
+    """Every rolled fused chunk of this process checks its guard once a chunk (``trainer.jaxprs.use_chunk_guard``
     allows it on CPU only, up to ``CHUNK_GUARD_MAX_PARAMS``): to measure it on a GPU and on larger models."""
     from trainer import build
 

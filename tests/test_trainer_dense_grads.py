@@ -10,7 +10,7 @@ from flax import nnx
 
 from conftest import fit_with_and_without_cpu_tuning, layer_grads
 from trainer.dense_grads import dot_general, eligible_denses, is_layer_product, is_sequence_product
-from trainer.step import any_equation
+from trainer.jaxprs import any_equation
 
 
 def grads_of(function, layer: nnx.Module, x: np.ndarray, g: np.ndarray):

@@ -11,7 +11,7 @@ from flax import nnx
 from callbacks import Callback, GradNormMonitor, MetricsLogger, MetricWriter, NaNDetector
 from conftest import TinyMLP, make_data
 from trainer import ArrayLoader, Checkpoint, Trainer, last_value
-from trainer.step import use_chunk_guard
+from trainer.jaxprs import use_chunk_guard
 
 
 class Executions(Callback):
@@ -406,7 +406,7 @@ def test_the_select_guard_matches_the_conditional_bitwise_without_a_conditional(
     import functools
 
     from trainer import build
-    from trainer.step import any_equation
+    from trainer.jaxprs import any_equation
 
     data = make_data(n=192)
     batches = [{k: v[i * 16:(i + 1) * 16].copy() for k, v in data.items()} for i in range(12)]

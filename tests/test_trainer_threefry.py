@@ -11,7 +11,7 @@ from flax import nnx
 
 from conftest import TinyMLP
 from trainer import ArrayLoader, Trainer, threefry
-from trainer.step import equations
+from trainer.jaxprs import equations
 
 pytestmark = pytest.mark.skipif(not threefry.available(), reason="this jax has no CPU threefry rule to swap")
 

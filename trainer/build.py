@@ -16,7 +16,8 @@ from trainer.conv_grads import eligible_convs
 from trainer.dense_grads import eligible_denses, is_layer_product
 from trainer.events import DefaultInterval
 from trainer.loop import EPOCH_SUMS
-from trainer.step import any_equation, equations, make_train_step, scan_unroll, use_chunk_guard
+from trainer.jaxprs import any_equation, equations, scan_unroll, use_chunk_guard
+from trainer.step import make_train_step
 from trainer.sums import restore_sums
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -84,7 +84,7 @@ def eligible_denses(model: nnx.Module) -> list[nnx.Module]:
 
 
 def is_layer_product(denses: list[nnx.Module]) -> Callable[[Any], bool]:
-    """A ``trainer.step.any_equation`` predicate: a product ``dot_general`` rewrites whose kernel has
+    """A ``trainer.jaxprs.any_equation`` predicate: a product ``dot_general`` rewrites whose kernel has
     the shape of one of ``denses``' kernels, so that a step's own 3-D product beside layers on flat
     inputs is not taken for a layer on a sequence (the trainer's CPU-tuning note names only what runs)."""
     shapes = {tuple(module.kernel.shape) for module in denses}
@@ -93,6 +93,6 @@ def is_layer_product(denses: list[nnx.Module]) -> Callable[[Any], bool]:
 
 def is_sequence_product(eqn: Any) -> bool:
     """Whether a traced equation is a product ``dot_general`` rewrites (look for it with
-    ``trainer.step.any_equation``: the layers' forward products are among a step's ``dot_general``s)."""
+    ``trainer.jaxprs.any_equation``: the layers' forward products are among a step's ``dot_general``s)."""
     return eqn.primitive.name == "dot_general" and sequence_product(
         eqn.params["dimension_numbers"], eqn.invars[0].aval.ndim, eqn.params.get("precision")) is not None

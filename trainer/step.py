@@ -9,7 +9,7 @@ up in ``clu.metrics`` objects (``Average``, ``LastValue``) inside the same compi
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -123,7 +123,7 @@ def make_train_step(
     convolution gradients much slower inside a rolled loop).
 
     ``chunk_guard``: with a guard, a fused chunk first runs without the per-step conditional and
-    is rerun guarded only when one of its steps was not finite (see ``use_chunk_guard``).
+    is rerun guarded only when one of its steps was not finite (see ``trainer.jaxprs.use_chunk_guard``).
 
     ``matmul_kernel_grads``: the eligible ``nnx.Conv`` layers compute their kernel gradients as matrix
     products (``trainer.conv_grads``), dense layers on sequences as one 2-D product
@@ -286,32 +286,6 @@ def make_train_step(
     return TrainSteps(step, single, fused)
 
 
-def scan_unroll(jaxpr: Any) -> int | bool:
-    """How far to unroll the fused ``lax.scan`` of a step with this jaxpr: fully for convolutions on CPU.
-
-    Measured on XLA:CPU (``benchmarks/RESULTS.md``): inside a rolled loop the MNIST CNN's step ran
-    10x slower (its convolution gradients), while unrolled it matches single steps; a transformer or
-    an MLP runs as fast rolled and compiles 3-6x faster, so everything else stays rolled.
-    """
-    if jax.default_backend() != "cpu":
-        return 1
-
-    return True if any_equation(jaxpr, lambda eqn: eqn.primitive.name == "conv_general_dilated") else 1
-
-
-def equations(jaxpr: Any) -> Iterator[Any]:
-    """Every equation of ``jaxpr`` (a closed jaxpr or not) and of the jaxprs nested in it, depth first."""
-    for eqn in (jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr).eqns:
-        yield eqn
-        for sub in _subjaxprs(eqn):
-            yield from equations(sub)
-
-
-def any_equation(jaxpr: Any, predicate: Callable[[Any], bool]) -> bool:
-    """Whether any equation of ``jaxpr``, or of a jaxpr nested in it, satisfies ``predicate``."""
-    return any(predicate(eqn) for eqn in equations(jaxpr))
-
-
 def use_matmul_kernel_grads(model: nnx.Module) -> None:
     """Points the eligible layers of ``model`` at the CPU tuning's kernel-gradient products.
 
@@ -323,31 +297,6 @@ def use_matmul_kernel_grads(model: nnx.Module) -> None:
         module.conv_general_dilated = conv_grads.conv_general_dilated
     for module in dense_grads.eligible_denses(model):
         module.dot_general = dense_grads.dot_general
-
-
-CHUNK_GUARD_MAX_PARAMS = 100_000
-
-
-def use_chunk_guard(unroll: int | bool, num_params: int) -> bool:
-    """Whether a guarded fused chunk checks for non-finite steps once, rerunning itself guarded if one was.
-
-    On XLA:CPU the guard's per-step ``lax.cond`` costs a fixed ~20-40 us: 10% of the tiny MLP's
-    fused step (26k parameters), nothing measurable on the transformer's (426k). The chunk check
-    costs a second compiled scan (transformer: +4 s compile, +70 MiB peak RSS) and a packed copy of
-    the state kept between chunks (``trainer.carry``), so it is used only on CPU, for rolled scans
-    of models up to ``CHUNK_GUARD_MAX_PARAMS`` parameters.
-    """
-    return (jax.default_backend() == "cpu" and not isinstance(unroll, bool) and unroll == 1
-            and num_params <= CHUNK_GUARD_MAX_PARAMS)
-
-
-def _subjaxprs(eqn: Any):
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if hasattr(item, "eqns"):
-                yield item
-            elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
-                yield item.jaxpr
 
 
 def per_example_metrics(loss_fn: Callable[[nnx.Module, Any], Any]) -> Callable[[nnx.Module, Any], Metrics]:

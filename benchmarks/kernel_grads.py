@@ -1,6 +1,6 @@
 """Times a convolution's kernel gradient three ways, the measurements behind ``trainer.conv_grads.plan``.
 
-    python -m benchmarks.kernel_grads            # the shapes of RESULTS.md's table
+    python -m benchmarks.kernel_grads            # the shapes of HISTORY.md's table ("Sitting 13")
     python -m benchmarks.kernel_grads --shape 128 14 14 32 64 3
 
 For each shape (batch, height, width, input channels, output channels, kernel size; stride 1,
@@ -60,7 +60,7 @@ def measure(shape: tuple[int, ...]) -> dict:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs=6, type=int, action="append", metavar=("N", "H", "W", "CI", "CO", "K"),
-                        help="a shape to time (repeatable); default: the RESULTS.md table's")
+                        help="a shape to time (repeatable); default: the HISTORY.md table's")
     args = parser.parse_args(argv)
     rows = [measure(tuple(shape)) for shape in (args.shape or SHAPES)]
     print("| batch, size, in -> out, kernel | XLA ms | shifted ms | stacked ms | plan |\n|---|---|---|---|---|")

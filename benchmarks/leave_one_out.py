@@ -8,7 +8,7 @@ all alike. Saves, logging windows and epoch ends inside the window count; compil
 ``fit`` (its final save, plots) do not. A set is ``bare`` (no callbacks), ``default``, ``without:A,B``
 (the defaults without the classes ``A`` and ``B``) or ``only:A,B``. Ratios are to the first set.
 
-This found the transformer's saves costing 19-28% of its steps on a GPU (``benchmarks/RESULTS.md``,
+This found the transformer's saves costing 19-28% of its steps on a GPU (``benchmarks/HISTORY.md``,
 "On a GPU, fourth run"), where the suite had shown only that the defaults cost.
 """
 

@@ -33,7 +33,7 @@ from benchmarks.worker import VARIANTS
 
 CHUNK = {"mnist_cnn": 20, "transformer": 10, "mlp": 2000}  # steps per timed chunk: ~1-5 s each here
 PEER_MODULES = {"keras": "keras", "keras_k10": "keras", "torch": "torch", "lightning": "lightning"}
-FLAG_SETS = {  # "variant+name" runs the variant with these XLA_FLAGS (measured in RESULTS.md)
+FLAG_SETS = {  # "variant+name" runs the variant with these XLA_FLAGS (measured in HISTORY.md)
     "onednn": "--xla_cpu_use_onednn=true",
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     "xnnfusion": "--xla_cpu_use_xnnpack=true --xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",

@@ -6,7 +6,7 @@
   dropout 0.05, tied head) at batch 32 on the bundled corpus, AdamW + clipping as in the recipe.
 - ``mlp``: a tiny MLP (64 -> 128 -> 128 -> 10, ReLU) at batch 32 on fixed random data, Adam: the
   smallest step of the three, where the per-call overhead weighs most (on a GPU most of the step; on
-  the 2-core CPU ~30% of a bare single step, XLA's products the rest: ``RESULTS.md``, sitting 15).
+  the 2-core CPU ~30% of a bare single step, XLA's products the rest: ``HISTORY.md``, sitting 15).
 
 ``NUM_BATCHES`` batches are built once and replayed, one pass per epoch: 30 for the CNN and the
 transformer (the MNIST recipe's epoch is 31), 600 for the MLP, whose steps are so short that

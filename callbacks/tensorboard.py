@@ -3,7 +3,7 @@
 Events are written in the calling thread with tensorboardX's own record writer (``EventsWriter``)
 and summary builders, not through ``SummaryWriter``, whose events go through a
 ``multiprocessing.Queue`` to a writer thread: on two cores that queue's feeder and writer threads,
-woken at every window, cost the fused tiny MLP ~8% of its wall time (``benchmarks/RESULTS.md``);
+woken at every window, cost the fused tiny MLP ~8% of its wall time (``benchmarks/HISTORY.md``);
 a window of 6 scalars written here costs ~12 us of CPU (with the ``crc32c`` package tensorboardX uses
 for its checksums; 31 us with its pure-Python one) against ~104 us through the queue.
 

@@ -2,7 +2,7 @@
 
 XLA:CPU computes a convolution's kernel gradient as another convolution, contracting over the
 batch and every pixel, and for small channel counts that runs at a third of its matrix-product
-speed (the MNIST CNN's second layer: 27.6 ms of a 67 ms step; ``benchmarks/RESULTS.md``). Here the
+speed (the MNIST CNN's second layer: 27.6 ms of a 67 ms step; ``benchmarks/HISTORY.md``). Here the
 forward pass and the input gradient stay XLA's own (bitwise the same); only the kernel gradient is
 computed from the padded input and the output gradient with matrix products, which changes its
 float rounding (within 1e-6 relative) and nothing else. Applied to ``nnx.Conv`` layers that use

@@ -3,7 +3,7 @@
 For ``y = x @ kernel`` with ``x`` of shape ``[batch, time, features]`` JAX's transpose rule
 computes the kernel gradient as a product contracting two axes and transposes its result; on
 XLA:CPU that ran 1.5-2.3x slower than the same sums as one 2-D product of ``x`` and the output
-gradient flattened to rows (the transformer recipe's shapes; ``benchmarks/RESULTS.md``), 11% of the
+gradient flattened to rows (the transformer recipe's shapes; ``benchmarks/HISTORY.md``), 11% of the
 transformer's step. The forward pass and the input gradient stay XLA's own (bitwise); the kernel
 gradient's float rounding differs. Applied to ``nnx.Linear`` and ``nnx.LinearGeneral`` layers on
 ``lax.dot_general`` (the default), inside the train step's trace only, for inputs with at least two

@@ -15,7 +15,7 @@ import jax
 def scan_unroll(jaxpr: Any) -> int | bool:
     """How far to unroll the fused ``lax.scan`` of a step with this jaxpr: fully for convolutions on CPU.
 
-    Measured on XLA:CPU (``benchmarks/RESULTS.md``): inside a rolled loop the MNIST CNN's step ran
+    Measured on XLA:CPU (``benchmarks/HISTORY.md``): inside a rolled loop the MNIST CNN's step ran
     10x slower (its convolution gradients), while unrolled it matches single steps; a transformer or
     an MLP runs as fast rolled and compiles 3-6x faster, so everything else stays rolled.
     """

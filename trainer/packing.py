@@ -2,7 +2,7 @@
 
 Each argument and result of a ``jax.jit`` call costs the host a buffer of bookkeeping: ~1.4 us on
 XLA:CPU, and on a GPU, where the loop of a small model is bound by the host, it showed as the
-default callbacks' main cost (``benchmarks/RESULTS.md``).
+default callbacks' main cost (``benchmarks/HISTORY.md``).
 The trainer's state and running sums hold dozens of scalars (step counter, optimizer count and
 hyperparameters, the non-finite guard, one total and count per metric and reader), so between
 steps they travel packed (``Layout.split``) and are sliced back out inside the compiled step

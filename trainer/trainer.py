@@ -70,7 +70,7 @@ class Trainer:
         warning), or ``"pad"``-ded to full size with a boolean ``batch["mask"]`` of real rows, which
         the built-in losses (``trainer.losses.supervised``) honour; a custom loss must weight by it.
         Either way the step compiles once.
-      cpu_tuning: on CPU, build the step as measured fastest there (``benchmarks/RESULTS.md``):
+      cpu_tuning: on CPU, build the step as measured fastest there (``benchmarks/HISTORY.md``):
         eligible ``nnx.Conv`` layers compute kernel gradients as matrix products
         (``trainer.conv_grads``), dense layers on sequences as one 2-D product
         (``trainer.dense_grads``), a step drawing at least 2^20 random words (dropout masks) hashes

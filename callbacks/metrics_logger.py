@@ -82,6 +82,7 @@ class MetricsLogger(Callback):
         self.flush()
 
     def flush(self) -> None:
+        """Flushes every writer."""
         for writer in self.writers:
             writer.flush()
 
@@ -106,6 +107,7 @@ class MetricsLogger(Callback):
             self.write_scalars(step, scalars)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Writes ``scalars`` at ``step`` to every writer now, flushed, and keeps them in ``history``."""
         scalars = {k: float(v) for k, v in scalars.items()}
         self.history.append((step, scalars))
         for writer in self.writers:
@@ -113,11 +115,13 @@ class MetricsLogger(Callback):
             writer.flush()  # at the log cadence only: a killed run keeps every window it wrote
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """Writes named images (``[H, W, C]``) at ``step`` to every writer, flushed."""
         for writer in self.writers:
             writer.write_images(step, images)
             writer.flush()
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Writes named texts at ``step`` to every writer, flushed."""
         for writer in self.writers:
             writer.write_texts(step, texts)
             writer.flush()

@@ -127,7 +127,7 @@ class NaNDetector(Callback):
         lr_text = f"learning rate {lr:.4g}" if not math.isnan(lr) else "learning rate unknown (not injected)"
         step = int(guard["halt_step"])
         if self.policy == "rollback":
-            head = f"non-finite {what} at step {step} ({lr_text}) after {len(self.rollbacks)} rollbacks"
+            head = f"non-finite {what} at step {step} ({lr_text}) after {len(self.rollbacks)} rollback{'' if len(self.rollbacks) == 1 else 's'}"
         elif self.policy == "raise":
             head = f"non-finite {what} at step {step} ({lr_text})"
         else:

@@ -1,7 +1,8 @@
 """``ProgressBar``: a per-epoch bar (tqdm) with step, loss, steps/s and ETA; plain lines off a terminal.
 
-The loss shown is read on the host every ``refresh_every`` steps, one step late (``LaggedFetch``),
-so the bar never makes the loop wait for the device.
+The loss is fetched every ``refresh_every`` steps without waiting (``LaggedFetch``) and shown once
+that step has finished on the device, labelled with its own step: the bar never makes the loop wait,
+and never shows a loss or a rate for a step that has not run.
 
 Example::
 
@@ -19,7 +20,10 @@ from trainer.events import Callback, DefaultInterval, last_value
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
+    seconds = max(seconds, 0.0)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
@@ -47,7 +51,6 @@ class ProgressBar(Callback):
         self._last_refresh = -float("inf")
         self._bar = None
         self._fetch = LaggedFetch()
-        self._loss: float | None = None
         self._marks: list[tuple[float, int]] = []
         self._done = 0
         self._total: int | None = None
@@ -75,21 +78,33 @@ class ProgressBar(Callback):
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
         self._done += trainer.execution_steps
-        popped = self._fetch.pop(block=False)
-        if popped is not None:  # step popped[0] has finished: a true progress mark
-            self._loss = float(last_value(popped[1]))
-            self._marks.append((time.perf_counter(), popped[0]))
+        self._show_finished(block=False)
         if self._bar is not None:
             self._bar.update(trainer.execution_steps)
         if step % self.refresh_every == 0 and time.perf_counter() - self._last_refresh >= self.min_seconds:
             self._last_refresh = time.perf_counter()
-            self._fetch.push(step, metrics["loss"])
-            self._show(step)
+            self._fetch.push(step, (metrics["loss"], self._done))
+        if trainer.epoch_length is not None and trainer.position >= trainer.epoch_length:
+            # the epoch's last step: the loop next waits for the epoch's metrics anyway, so this wait
+            # costs nothing and its lines come before the epoch's evaluation and summary
+            self._show_finished(block=True)
 
-    def _show(self, step: int) -> None:
-        loss = f"{self._loss:.4f}" if self._loss is not None else "-"
+    def _show_finished(self, block: bool) -> None:
+        """Shows every fetched step that has finished (``block``: waits for those pending)."""
+        finished = []
+        while self._fetch.pending:
+            popped = self._fetch.pop(block=block)
+            if popped is None:
+                break
+            finished.append(popped)
+        if finished:  # the newest has finished by now: a true progress mark (the older ones' times are unknown)
+            self._marks.append((time.perf_counter(), finished[-1][0]))
+        for step, (loss, done) in finished:
+            self._show(step, float(last_value(loss)), int(done))
+
+    def _show(self, step: int, loss: float, done: int) -> None:
         if self._bar is not None:
-            self._bar.set_postfix(step=step, loss=loss, refresh=False)
+            self._bar.set_postfix(step=step, loss=f"{loss:.4f}", refresh=False)
             return
         rate = 0.0
         if len(self._marks) >= 2:  # between finished steps, not dispatched ones
@@ -97,8 +112,8 @@ class ProgressBar(Callback):
             rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
         of = f"/{self._total}" if self._total is not None else ""
         speed = f"  {rate:.2f} steps/s" if rate else ""
-        eta = f"  eta {_duration((self._total - self._done) / rate)}" if self._total and rate else ""
-        print(f"{self._label}  batch {self._done}{of}  step {step}  loss {loss}{speed}{eta}",
+        eta = f"  eta {_duration((self._total - done) / rate)}" if self._total and rate else ""
+        print(f"{self._label}  batch {done}{of}  step {step}  loss {loss:.4f}{speed}{eta}",
               file=self._out(), flush=True)
 
     def _close(self) -> None:
@@ -106,11 +121,17 @@ class ProgressBar(Callback):
             self._bar.close()
             self._bar = None
 
+    def on_eval_start(self, trainer: Any) -> None:
+        self._show_finished(block=True)  # evaluating reads the trained state: those steps are done
+
     def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
+        self._show_finished(block=True)  # the epoch's steps are done: its metrics were read
         self._close()
 
     def on_fit_end(self, trainer: Any) -> None:
+        self._show_finished(block=True)  # a stop mid-epoch: what was fetched, shown before the end
         self._close()
 
     def on_exception(self, trainer: Any, exception: BaseException) -> None:
+        self._fetch.clear()
         self._close()

@@ -75,10 +75,12 @@ class TensorBoardWriter(MetricWriter):
         self._write(step, summary_pb2.Summary(value=values))
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """One image summary per name (``[H, W, C]``, as uint8)."""
         for name, image in images.items():
             self._write(step, _tensorboardx().summary.image(name, to_uint8(image), dataformats="HWC"))
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """One text summary per name (the Text tab renders markdown)."""
         for name, text in texts.items():
             self._write(step, _tensorboardx().summary.text(name, text))
 

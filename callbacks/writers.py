@@ -26,13 +26,24 @@ import numpy as np
 class MetricWriter:
     """The writer interface: every method is optional to override; the base does nothing."""
 
-    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None: ...
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Writes one logged window's scalars (name -> float) at ``step``."""
+
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """``images``: name -> ``[H, W, C]`` (C of 1, 3 or 4) uint8, or float in [0, 1]."""
-    def write_texts(self, step: int, texts: Mapping[str, str]) -> None: ...
-    def write_hparams(self, hparams: Mapping[str, Any]) -> None: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Writes named texts (generated samples, notes) at ``step``."""
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Writes the run's config (plain values) once, at the start of ``fit``."""
+
+    def flush(self) -> None:
+        """Makes what was written so far durable (called at the log cadence)."""
+
+    def close(self) -> None:
+        """Releases the file or handle; writing again reopens it, appending."""
+
     def rewind(self, step: int) -> None:
         """Forget what was written after ``step`` (a run resumed from a checkpoint at ``step``)."""
 
@@ -71,14 +82,17 @@ class ConsoleWriter(MetricWriter):
         print(text, file=self.stream or sys.stdout, flush=True)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Prints ``step N  name value ...`` with ``precision`` significant digits."""
         values = "  ".join(f"{k} {v:.{self.precision}g}" for k, v in scalars.items())
         self._print(f"step {step}  {values}")
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Prints each text under a ``step N  name:`` line."""
         for name, text in texts.items():
             self._print(f"step {step}  {name}:\n{text}")
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Prints ``config {...}`` (JSON, keys sorted)."""
         self._print("config " + json.dumps(_plain(hparams), sort_keys=True))
 
 
@@ -94,10 +108,12 @@ class _FileWriter(MetricWriter):
         return self._file
 
     def flush(self) -> None:
+        """Flushes the open file (no ``fsync``)."""
         if self._file is not None:
             self._file.flush()
 
     def close(self) -> None:
+        """Closes the file; the next write reopens it, appending."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -126,12 +142,15 @@ class JsonlWriter(_FileWriter):
         self._open().write(json.dumps(record) + "\n")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Appends ``{"step": N, "scalars": {...}}``."""
         self._write({"step": int(step), "scalars": {k: float(v) for k, v in scalars.items()}})
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Appends ``{"step": N, "texts": {...}}``."""
         self._write({"step": int(step), "texts": dict(texts)})
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Appends ``{"hparams": {...}}``."""
         self._write({"hparams": _plain(hparams)})
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
@@ -174,6 +193,7 @@ class CsvWriter(_FileWriter):
         return []
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Appends a row; a new metric name adds a column (the file is rewritten atomically)."""
         if self.columns is None:
             self.columns = self._read_columns()
         new = [k for k in scalars if k not in self.columns]

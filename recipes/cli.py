@@ -19,6 +19,7 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``nnx-train RECIPE [options]``: runs the named recipe's ``main``; the exit status (2: unknown recipe)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

@@ -12,6 +12,7 @@ import types
 import typing
 from typing import Any, Sequence, TypeVar
 
+from trainer.events import DefaultInterval
 from trainer.optim import OPTIMIZERS, SCHEDULES
 
 C = TypeVar("C")
@@ -94,4 +95,22 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, descriptio
     """Parses ``argv`` into a ``cls`` config; ``--help`` lists every option with its default."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_arguments(parser, cls, help_texts)
-    return config_from_args(cls, parser.parse_args(argv))
+    config = config_from_args(cls, parser.parse_args(argv))
+    problem = interval_problem(config)
+    if problem:
+        parser.error(problem)  # a usage line and the problem on stderr, exit status 2
+    return config
+
+
+def interval_problem(config: Any) -> str | None:
+    """What is wrong with a step interval given on the command line, if anything: each must be a
+    multiple of ``--steps-per-execution`` (those left at their defaults round up to one instead)."""
+    k = getattr(config, "steps_per_execution", 1)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(field.default, DefaultInterval) and not isinstance(value, DefaultInterval) and value % k:
+            flag = "--" + field.name.replace("_", "-")
+            return (f"{flag} {value} is not a multiple of --steps-per-execution {k}: callbacks run only between "
+                    f"chunks of {k} steps. Use {flag} {max(k, value // k * k)}, or leave it at its default "
+                    f"(rounded up to a multiple of {k}).")
+    return None

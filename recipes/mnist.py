@@ -82,7 +82,7 @@ HELP = {
     "progress": "progress bar (plain lines when not on a terminal)",
     "tensorboard": "TensorBoard event files in <workdir>/tb",
     "grad_norm": "log the gradient norm and warn outside [0.1, 10]",
-    "nan_policy": "non-finite loss/gradients: raise or skip",
+    "nan_policy": "non-finite loss/gradients: raise, skip (the update), or rollback (to the last checkpoint)",
     "plots": "PNG curves and a prediction grid in <workdir>/plots at the end",
     "checkpoint": "checkpoint every epoch into <workdir>/checkpoints (SIGTERM/SIGINT save and exit)",
     "checkpoint_min_seconds": "skip a periodic checkpoint due sooner than this after the last (none: never skip); the last is always saved",
@@ -198,6 +198,7 @@ def load_exported(path: str) -> CNN:
 
 
 def main(argv: Sequence[str] | None = None) -> float:
+    """``nnx-train mnist [options]``: parses ``argv`` (``--help`` lists them) and runs; the test accuracy."""
     config = parse_config(MnistConfig, argv, prog="nnx-train mnist", description=DESCRIPTION, help_texts=HELP)
     return run(config)
 

@@ -136,6 +136,7 @@ class LanguageModelTrainer(Trainer):
     """Adds bits per character and perplexity, both exact functions of the mean loss."""
 
     def finish_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Adds ``bpc`` (bits per character, ``loss / ln 2``) and ``perplexity`` beside the mean ``loss``."""
         metrics = dict(metrics)
         if "loss" in metrics:
             metrics["bpc"] = metrics["loss"] / math.log(2)
@@ -167,6 +168,8 @@ def build(config: TransformerConfig, text: str, callbacks: Sequence | None = Non
 
 
 def default_callbacks(config: TransformerConfig, vocab: CharVocab, valid) -> list:
+    """The recipe's callbacks as ``config`` chooses them: progress, logging, NaN checks, grad norm, an
+    evaluation on ``valid`` every ``eval_every`` steps, text samples, and checkpoints with the evaluations."""
     callbacks = [*standard_callbacks(config.workdir or None, log_every=config.log_every, progress=config.progress),
                  Evaluator(valid, every_n_steps=config.eval_every, every_n_epochs=None),
                  TextSamples(config.prompt, encode=vocab.encode, decode=vocab.decode, context=config.context,
@@ -193,6 +196,7 @@ def run(config: TransformerConfig) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> float:
+    """``nnx-train transformer [options]``: parses ``argv`` (``--help`` lists them), runs; the validation bits/char."""
     config = parse_config(TransformerConfig, argv, prog="nnx-train transformer", help_texts=HELP,
                           description="Train a small character-level transformer language model.")
     return run(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import jax
 import numpy as np
@@ -133,11 +134,21 @@ class Finished(Callback):
 def test_progress_bar_plain_lines_and_terminal_bar(model, data):
     out = io.StringIO()
     bar = ProgressBar(refresh_every=2, plain=True, stream=out, min_seconds=0)
-    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[Finished(), bar])  # the rate needs two finished reads
+    losses = {}
+
+    class Losses(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            losses[step] = float(metrics["loss"])
+
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[Finished(), bar, Losses()])  # the rate needs two finished reads
     trainer.fit(ArrayLoader(data, 16))  # 6 steps per epoch
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("epoch 1/2  batch 2/6  step 2  loss -")
-    assert "epoch 2/2  batch 6/6  step 12  loss " in lines[-1] and "steps/s" in lines[-1]
+    # a line for every refresh, each showing the loss of the very step it names (once that step ran)
+    shown = [re.match(r"epoch (\d)/2  batch (\d)/6  step (\d+)  loss (\d+\.\d{4})", line) for line in lines]
+    assert [(int(m[1]), int(m[2]), int(m[3])) for m in shown] == [
+        (1, 2, 2), (1, 4, 4), (1, 6, 6), (2, 2, 8), (2, 4, 10), (2, 6, 12)], lines
+    assert all(abs(float(m[4]) - losses[int(m[3])]) <= 5e-5 for m in shown), (lines, losses)
+    assert "steps/s" in lines[-1]
 
     class Tty(io.StringIO):
         def isatty(self):

@@ -101,6 +101,20 @@ def test_cli_help_lists_every_option_with_default():
     assert "(default: 0.003)" in out.stdout
 
 
+def test_cli_refuses_an_interval_that_is_not_a_multiple_of_k_before_loading_anything(capsys):
+    from recipes.config_cli import parse_config
+    from recipes.mnist import MnistConfig
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(MnistConfig, ["--log-every", "7", "--steps-per-execution", "5"], prog="nnx-train mnist",
+                     description="")
+    assert exit_.value.code == 2
+    assert "--log-every 7 is not a multiple of --steps-per-execution 5" in capsys.readouterr().err
+    given = parse_config(MnistConfig, ["--log-every", "10", "--steps-per-execution", "5"], prog="p", description="")
+    default = parse_config(MnistConfig, ["--steps-per-execution", "7"], prog="p", description="")
+    assert (given.log_every, default.log_every) == (10, 50)  # a default is left for the trainer to round up
+
+
 def test_cli_unknown_recipe_fails_clearly():
     out = run_cli("cifar")
     assert out.returncode == 2 and "unknown recipe 'cifar'" in out.stderr

@@ -225,3 +225,17 @@ def test_fit_when_limits_already_reached_warns_and_does_nothing(model, data):
     with pytest.warns(UserWarning, match="nothing to do"):
         trainer.fit(loaders(data)[0])
     assert trainer.step == 2
+
+
+def test_assigning_a_state_moves_the_step_counter_with_it(model, data):
+    """``trainer.state = other.state`` carries the other run's step: ``max_steps`` and the
+    state's own counter then agree, as they would after a resume from a checkpoint."""
+    from conftest import TinyMLP
+    from flax import nnx
+    first = Trainer(model, optax.sgd(0.1), max_steps=5)
+    first.fit(ArrayLoader(data, 16, seed=3))
+    second = Trainer(TinyMLP(rngs=nnx.Rngs(1)), optax.sgd(0.1), max_steps=8)
+    second.state = first.state
+    assert second.step == 5
+    second.fit(ArrayLoader(data, 16, seed=3))
+    assert second.step == 8 and int(second.state.step) == 8

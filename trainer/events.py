@@ -131,6 +131,7 @@ class CallbackList:
         self._listeners_of: tuple[Callback, ...] = ()
 
     def dispatch(self, event: str, trainer: "Trainer", *args: Any) -> None:
+        """Calls ``event`` on every callback that defines it, in list order."""
         for cb in self.listeners(event):
             getattr(cb, event)(trainer, *args)
 

@@ -111,6 +111,7 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
     run = steps.fused if execution.stacked else steps.single
     started = time.perf_counter()
     metrics = trainer._carry.run(run, execution.batch)
+    _bound_run_ahead(trainer, metrics)
     if run not in trainer._compiled:  # the first call traces and compiles before it dispatches
         trainer._compiled.add(run)
         trainer.compile_seconds += time.perf_counter() - started
@@ -121,6 +122,25 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
     trainer.execution_steps = execution.steps
     trainer.last_batch_size, trainer.last_examples = execution.sizes[-1], sum(execution.sizes)
     trainer.callbacks.dispatch("on_step_end", trainer, trainer.step, metrics)
+
+
+def _bound_run_ahead(trainer: "Trainer", metrics: Any) -> None:
+    """Waits for the oldest execution in flight when more than ``trainer.dispatch_ahead`` are.
+
+    Its metrics are the marker (an output no later call donates). Waiting on an older execution
+    never idles the device while a newer one is queued; it only stops the host running further ahead.
+    """
+    limit = trainer.dispatch_ahead
+    if limit is None:
+        trainer._in_flight.clear()
+        return
+    marker = next((x for x in jax.tree.leaves(metrics) if isinstance(x, jax.Array)), None)
+    if marker is None:
+        return
+    in_flight = trainer._in_flight
+    in_flight.append(marker)
+    while len(in_flight) > limit:
+        in_flight.popleft().block_until_ready()
 
 
 def _timed(trainer: "Trainer", items: Iterator[Execution]) -> Iterator[Execution]:

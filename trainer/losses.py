@@ -171,4 +171,6 @@ def _masked_mean(mask: jax.Array | None) -> Callable[[jax.Array], jax.Array]:
 
 
 default_loss = supervised(cross_entropy)
+default_loss.__doc__ = ("The Trainer's loss when none is given: ``supervised(cross_entropy)``, softmax "
+                        "cross-entropy on integer (or one-hot) labels, plus ``accuracy``.")
 """The loss a Trainer uses without ``loss_fn``: cross-entropy on integer labels, plus accuracy."""

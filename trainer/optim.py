@@ -140,11 +140,13 @@ class OptimConfig:
     clip_norm: float | None = None
 
     def make_schedule(self, total_steps: int | None) -> optax.Schedule:
+        """The learning-rate schedule of these settings over ``total_steps`` (``make_schedule``)."""
         return make_schedule(self.schedule, learning_rate=self.learning_rate, total_steps=total_steps,
                              warmup_steps=self.warmup_steps, end_learning_rate=self.end_learning_rate,
                              decay_rate=self.decay_rate, decay_steps=self.decay_steps)
 
     def build(self, total_steps: int | None = None) -> optax.GradientTransformation:
+        """The optax transformation (``make_optimizer``) with this schedule over ``total_steps``."""
         return make_optimizer(self.optimizer, learning_rate=self.make_schedule(total_steps),
                               weight_decay=self.weight_decay, momentum=self.momentum,
                               nesterov=self.nesterov, clip_norm=self.clip_norm)

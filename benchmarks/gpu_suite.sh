@@ -22,15 +22,16 @@ run() {  # name, timeout in seconds, suite arguments
   timeout -k 5 "$limit" python3 -m benchmarks.suite "$@" --parallel-start --json "$RAW/$name.json" --markdown "$OUT/$name.md" > "$RAW/$name.log" 2>&1
   echo "$name rc=$? at $(date +%T)"; pkill -f benchmarks.worker; tar czf "$OUT/raw.tgz" -C "$RAW" .
 }
-run mlp 120 --workloads mlp --variants $V keras_k10 --chunk-scale 2 --repeats 4
+# trainer_*_unbounded: dispatch_ahead=None, the loop as far ahead as JAX lets it (the default 4: sitting 20, CPU only)
+run mlp 140 --workloads mlp --variants $V keras_k10 trainer_default_unbounded trainer_k10_unbounded --chunk-scale 2 --repeats 4
 run cnn 120 --workloads mnist_cnn --variants $V --chunk-scale 50 --repeats 5
 run transformer 170 --workloads transformer --variants $V --chunk-scale 50 --repeats 5
 # where the MLP's fused chunk spends with each form of the guard (conditional, select, checked once a chunk),
 # and the CNN's against the hand-written scan's (0.58x in the third and fifth runs; the CNN moves 4 MB of
 # images a chunk, the others under 0.2 MB): device kernels, copies and idle time a step
-timeout -k 5 70 python3 -m benchmarks.device_profile --workload mlp --steps 2000 \
+timeout -k 5 60 python3 -m benchmarks.device_profile --workload mlp --steps 2000 \
   trainer_bare_k10 trainer_k10 trainer_k10_select_guard trainer_k10_chunk_guard > "$OUT/profile_mlp.md" 2>&1; echo "profile_mlp rc=$?"
-timeout -k 5 80 python3 -m benchmarks.device_profile --workload mnist_cnn --steps 200 \
+timeout -k 5 70 python3 -m benchmarks.device_profile --workload mnist_cnn --steps 200 \
   hand_scan10 trainer_bare_k10 trainer_k10 > "$OUT/profile_cnn.md" 2>&1; echo "profile_cnn rc=$?"
 for name in mlp cnn transformer; do cat "$OUT/$name.md" 2>/dev/null || tail -5 "$RAW/$name.log"; done
 head -8 "$OUT/profile_mlp.md" "$OUT/profile_cnn.md"

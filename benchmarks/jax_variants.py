@@ -135,7 +135,8 @@ def force_guard_form(form: str) -> None:
 
 
 def run_trainer(workload: str, pacer: Pacer, callbacks: str = "default", steps_per_execution: int = 1,
-                prefetch: int | str = "auto", chunk_guard: bool = False, guard_form: str | None = None) -> None:
+                prefetch: int | str = "auto", chunk_guard: bool = False, guard_form: str | None = None,
+                unbounded: bool = False) -> None:
     from trainer import Callback, Checkpoint, Trainer
 
     if chunk_guard:
@@ -154,7 +155,8 @@ def run_trainer(workload: str, pacer: Pacer, callbacks: str = "default", steps_p
             callback.clock = pacer.running_clock
     trainer = Trainer(workloads.jax_model(workload), workloads.jax_optimizer(workload), max_epochs=10**9,
                       callbacks=[*chosen, Pace()], workdir=workdir if chosen else None,
-                      steps_per_execution=steps_per_execution, prefetch=prefetch)  # the default loss, as the recipes
+                      steps_per_execution=steps_per_execution, prefetch=prefetch,  # the default loss, as the recipes
+                      **({"dispatch_ahead": None} if unbounded else {}))
     batches = workloads.batches(workload)
     pacer.final = lambda: {"prefetch_in_use": trainer.prefetch_in_use, "compile_seconds_trainer": trainer.compile_seconds}
     pacer.start()

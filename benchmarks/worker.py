@@ -5,7 +5,8 @@ Variants: ``hand``, ``hand_scan10`` (hand-written loops); this project's ``train
 ``trainer_default``, ``trainer_k10``, ``trainer_k10_inline`` (prefetch=0), ``trainer_bare_k10``,
 ``trainer_k10_chunk_guard`` (the guard checked once a chunk on any backend and model size),
 ``trainer_default_select_guard`` and ``trainer_k10_select_guard`` (the per-step guard a select
-instead of a conditional; on a CPU a small model's chunk still checks once); ``keras``, ``keras_k10``
+instead of a conditional; on a CPU a small model's chunk still checks once); ``trainer_default_unbounded``
+and ``trainer_k10_unbounded`` (``dispatch_ahead=None``: the loop runs as far ahead as JAX lets it); ``keras``, ``keras_k10``
 (Keras 3 on JAX), ``torch`` (a plain PyTorch loop), ``lightning`` (PyTorch Lightning).
 The peers need ``pip install -e ".[bench]"``.
 """
@@ -35,6 +36,9 @@ VARIANTS = {
                                      {"callbacks": "default", "guard_form": "select"}),
     "trainer_k10_select_guard": ("benchmarks.jax_variants", "run_trainer",
                                  {"callbacks": "default", "steps_per_execution": 10, "guard_form": "select"}),
+    "trainer_default_unbounded": ("benchmarks.jax_variants", "run_trainer", {"callbacks": "default", "unbounded": True}),
+    "trainer_k10_unbounded": ("benchmarks.jax_variants", "run_trainer",
+                              {"callbacks": "default", "steps_per_execution": 10, "unbounded": True}),
     "keras": ("benchmarks.peers_keras", "run", {}),
     "keras_k10": ("benchmarks.peers_keras", "run", {"steps_per_execution": 10}),
     "torch": ("benchmarks.peers_torch", "run_plain", {}),

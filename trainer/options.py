@@ -1,0 +1,43 @@
+"""The ``Trainer``'s constructor arguments checked up front: a clear error naming what was wrong.
+
+Kept apart from ``trainer.py`` (the public surface) so that the class reads as what it does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from trainer.feed import RAGGED
+
+
+def check_options(model: Any, optimizer: Any, *, max_epochs: Any, max_steps: Any, steps_per_execution: Any,
+                  prefetch: Any, ragged_batches: Any, cpu_tuning: Any, dispatch_ahead: Any) -> None:
+    """Raises ``TypeError`` / ``ValueError`` for the first argument of ``Trainer(...)`` that is wrong."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}.")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation (e.g. optax.adamw(1e-3)); "
+            f"got {type(optimizer).__name__}."
+        )
+    if max_epochs is None and max_steps is None:
+        raise ValueError("give max_epochs or max_steps (or both): neither was set, so fit would never end.")
+    for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
+    for name, value, low in (("steps_per_execution", steps_per_execution, 1), ("prefetch", prefetch, 0)):
+        if value == "auto" and name == "prefetch":
+            continue
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}={value!r} must be an integer >= {low}" + (" or 'auto'." if name == "prefetch" else "."))
+    if ragged_batches not in RAGGED:
+        raise ValueError(f"ragged_batches={ragged_batches!r} must be one of {RAGGED}.")
+    if not isinstance(cpu_tuning, bool):
+        raise ValueError(f"cpu_tuning={cpu_tuning!r} must be True or False.")
+    if dispatch_ahead is not None and (not isinstance(dispatch_ahead, (int, np.integer))
+                                       or isinstance(dispatch_ahead, bool) or dispatch_ahead < 1):
+        raise ValueError(f"dispatch_ahead={dispatch_ahead!r} must be an integer >= 1 (2 or more keeps the "
+                         "device busy), or None for no limit of the trainer's own.")

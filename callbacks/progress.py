@@ -1,8 +1,10 @@
 """``ProgressBar``: a per-epoch bar (tqdm) with step, loss, steps/s and ETA; plain lines off a terminal.
 
 The loss is fetched every ``refresh_every`` steps without waiting (``LaggedFetch``) and shown once
-that step has finished on the device, labelled with its own step: the bar never makes the loop wait,
-and never shows a loss or a rate for a step that has not run.
+that step has finished on the device, labelled with its own step; plain lines count finished steps
+for their rate. The bar waits for the device only where the loop is about to anyway: at an epoch's
+last step, before an evaluation, at the end of an epoch or of ``fit``. tqdm's own count, rate and
+ETA follow dispatched steps, at most ``Trainer(dispatch_ahead=...)`` executions ahead.
 
 Example::
 
@@ -134,4 +136,10 @@ class ProgressBar(Callback):
 
     def on_exception(self, trainer: Any, exception: BaseException) -> None:
         self._fetch.clear()
+        self._close()
+
+    def on_checkpoint_restore(self, trainer: Any, checkpoint: Mapping[str, Any]) -> None:
+        # a rollback: the steps fetched since the restored one are trained again, and shown then
+        self._fetch.clear()
+        self._marks = []
         self._close()

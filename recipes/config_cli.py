@@ -106,6 +106,8 @@ def interval_problem(config: Any) -> str | None:
     """What is wrong with a step interval given on the command line, if anything: each must be a
     multiple of ``--steps-per-execution`` (those left at their defaults round up to one instead)."""
     k = getattr(config, "steps_per_execution", 1)
+    if not isinstance(k, int) or k < 1:
+        return f"--steps-per-execution {k} must be an integer >= 1."
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if isinstance(field.default, DefaultInterval) and not isinstance(value, DefaultInterval) and value % k:

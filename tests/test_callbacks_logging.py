@@ -160,6 +160,25 @@ def test_progress_bar_plain_lines_and_terminal_bar(model, data):
     assert "epoch 1/1" in tty.getvalue() and "6/6" in tty.getvalue() and "loss=" in tty.getvalue()
 
 
+def test_progress_bar_drops_the_lines_of_steps_a_rollback_undid():
+    """Steps fetched before a restore are trained again afterwards: their old lines are not printed."""
+    import types
+
+    out = io.StringIO()
+    bar = ProgressBar(refresh_every=1, plain=True, stream=out, min_seconds=0)
+    trainer = types.SimpleNamespace(epoch_length=100, position=0, execution_steps=1, max_epochs=1)
+    bar.on_epoch_start(trainer, 0)
+    double = jax.jit(lambda x: x * 2)
+    for step in (1, 2, 3):
+        trainer.position = step
+        bar.on_step_end(trainer, step, {"loss": double(jax.numpy.float32(step))})
+    printed = len(out.getvalue().splitlines())
+    bar.on_checkpoint_restore(trainer, {})
+    bar.on_epoch_start(trainer, 0)
+    bar.on_epoch_end(trainer, 0, {})  # would print every fetch still pending
+    assert len(out.getvalue().splitlines()) == printed
+
+
 def count_host_reads(monkeypatch) -> dict[str, int]:
     """Counts every read of a device array's value on the host (``float``, ``np.asarray``, ``device_get``)
     and every ``block_until_ready``. (A transfer guard cannot see these on CPU, where no copy is made.)"""

@@ -239,3 +239,31 @@ def test_assigning_a_state_moves_the_step_counter_with_it(model, data):
     assert second.step == 5
     second.fit(ArrayLoader(data, 16, seed=3))
     assert second.step == 8 and int(second.state.step) == 8
+
+
+def test_assigning_a_state_made_from_the_current_one_never_waits_for_the_device(data, monkeypatch):
+    import jax
+    from conftest import TinyMLP
+    from flax import nnx
+
+    def model():
+        return TinyMLP(rngs=nnx.Rngs(0))
+
+    reads = []
+    real = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: reads.append(1) or real(x))
+
+    class Swap(Callback):  # as an EMA swap or a weight projection would, every step
+        def __init__(self, swap):
+            self.swap = swap
+
+        def on_step_end(self, trainer, step, metrics):
+            if self.swap:
+                trainer.state = trainer.state.replace(params=trainer.state.params)
+
+    counts = {}
+    for swap in (False, True):
+        reads.clear()
+        Trainer(model(), optax.sgd(0.1), max_steps=6, callbacks=[Swap(swap)]).fit(ArrayLoader(data, 16, seed=3))
+        counts[swap] = len(reads)
+    assert counts[True] == counts[False], counts  # the loop never waits on the device for such a swap

@@ -304,6 +304,8 @@ class _Wide(nnx.Module):
 
 @pytest.mark.parametrize("ahead", [None, 2])
 def test_the_loop_runs_at_most_dispatch_ahead_executions_ahead_of_the_device(ahead):
+    if ahead is None and jax.default_backend() != "cpu":
+        pytest.skip("a GPU may finish this step before the host dispatches the next: nothing to bound")
     rng = np.random.default_rng(0)
     data = {"x": rng.normal(size=(512 * 8, 1024)).astype(np.float32), "y": rng.integers(0, 4, 512 * 8)}
     losses_by_step, behind = {}, []

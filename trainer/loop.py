@@ -111,11 +111,11 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
     run = steps.fused if execution.stacked else steps.single
     started = time.perf_counter()
     metrics = trainer._carry.run(run, execution.batch)
-    _bound_run_ahead(trainer, metrics)
     if run not in trainer._compiled:  # the first call traces and compiles before it dispatches
         trainer._compiled.add(run)
         trainer.compile_seconds += time.perf_counter() - started
         release_freed_memory()  # the compiler's freed memory, so later allocations do not stack on it
+    _bound_run_ahead(trainer, metrics)
     if trainer.steps_per_execution > 1 and not execution.stacked:
         metrics = _stack_one(metrics)  # callbacks see one shape of metrics: [steps of the execution]
     trainer.step, trainer.position = first + execution.steps - 1, execution.end_position

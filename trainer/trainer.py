@@ -86,8 +86,8 @@ class Trainer:
         the loop runs up to JAX's own queue (~32 executions on CPU) ahead of the device: progress
         and hooks report steps not yet run, a stop or preemption waits for the whole queue, and each
         queued step holds its batch. 2 or more keeps the next execution queued while one runs (on
-        CPU against no bound: the CNN and the transformer 1.0x, the tiny MLP's single step 0.99x
-        and its fused chunk 1.05x); ``None``: no bound of the trainer's own.
+        CPU against no bound: the CNN and the transformer 1.0x with 2, the tiny MLP's single step
+        0.99x and its fused chunk 1.05x with 4); ``None``: no bound of the trainer's own.
 
     Attributes:
       step: optimizer steps completed. ``epoch``: index of the current epoch (= epochs completed
@@ -218,20 +218,25 @@ class Trainer:
 
     @property
     def state(self) -> TrainState:
-        """The ``TrainState`` (params, model state, optimizer state, step); assign to replace it
-        (``trainer.step`` then follows the assigned state's ``step``).
+        """The ``TrainState`` (params, model state, optimizer state, step); assign to replace it.
 
         Between steps the loop keeps it as flat arrays; reading it rebuilds the structure (cheap,
         but do it at an interval, not every step, in a callback that must stay off the hot path).
+        ``trainer.step`` follows an assigned state's ``step``: free for a state made from the one
+        last read (``trainer.state.replace(params=...)``), a wait for the device otherwise (a state
+        from elsewhere, whose step is read); assign one with another step between fits.
         """
-        return self._carry.state
+        state = self._carry.state
+        self._step_handed_out = (state.step, getattr(self, "step", None))
+        return state
 
     @state.setter
     def state(self, value: TrainState) -> None:
-        # ``trainer.step`` follows the state's own counter (``max_steps``, intervals, checkpoints
-        # count with it); reading it waits for ``value``, fine off the hot path where this runs
+        handed, at_step = getattr(self, "_step_handed_out", (None, None))
+        same_step = value.step is handed and at_step == self.step  # read since the last step ran
         self._carry.state = value
-        self.step = int(jax.device_get(value.step))
+        if not same_step:  # max_steps, intervals and checkpoints count with trainer.step
+            self.step = int(jax.device_get(value.step))
 
     @property
     def _sums(self) -> dict[str, Sums | None]:  # named running sums of the step metrics

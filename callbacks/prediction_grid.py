@@ -26,7 +26,8 @@ class PredictionGrid(Callback):
     """Draws ``examples`` (a batch: dict or ``(images, labels)``) with the model's predictions.
 
     Args:
-      examples: images ``[N, H, W]`` or ``[N, H, W, C]`` with integer labels; up to 36 are drawn.
+      examples: images ``[N, H, W]`` or ``[N, H, W, C]`` (C of 1, 3 or 4) with integer or one-hot
+        labels; up to 36 are drawn. Anything else is refused here, not after training.
       class_names: names for the label ids (default: the ids).
       path: the PNG (default ``<workdir>/plots/predictions.png``).
     """
@@ -37,6 +38,16 @@ class PredictionGrid(Callback):
         self.labels = np.asarray(batch_labels(examples))[:36]
         if len(self.images) == 0:
             raise ValueError("PredictionGrid got no examples.")
+        shape = self.images.shape
+        if not (len(shape) == 3 or (len(shape) == 4 and shape[-1] in (1, 3, 4))):
+            raise ValueError(f"PredictionGrid draws images: its examples' inputs must be [N, H, W] or [N, H, W, C] "
+                             f"with C of 1, 3 or 4; got shape {shape}. For other inputs, read trainer.predict(...) "
+                             "in a callback of your own.")
+        if self.labels.ndim == 2:  # one-hot (or soft) labels: the class with the largest value
+            self.labels = self.labels.argmax(axis=-1)
+        if self.labels.shape != shape[:1]:
+            raise ValueError(f"PredictionGrid needs one label per example ({shape[0]}); got labels of shape "
+                             f"{self.labels.shape}.")
         self.class_names = class_names
         self.path = path
         self.predicted: np.ndarray | None = None

@@ -61,6 +61,16 @@ def test_plots_and_prediction_grid_are_real_pngs(tmp_path):
                                                        "plots/predictions"}
 
 
+def test_prediction_grid_refuses_what_it_cannot_draw_at_once_and_reads_one_hot_labels():
+    images = np.zeros((4, 8, 8), np.float32)
+    with pytest.raises(ValueError, match=r"must be \[N, H, W\] or \[N, H, W, C\].*got shape \(4, 64\)"):
+        PredictionGrid({"image": images.reshape(4, 64), "label": np.zeros(4, np.int32)})
+    with pytest.raises(ValueError, match="one label per example"):
+        PredictionGrid({"image": images, "label": np.zeros(3, np.int32)})
+    grid = PredictionGrid({"image": images, "label": np.eye(3, dtype=np.float32)[[0, 2, 1, 2]]})
+    np.testing.assert_array_equal(grid.labels, [0, 2, 1, 2])
+
+
 def test_plots_need_a_folder(data):
     with pytest.raises(ValueError, match="Plots needs a folder"):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, callbacks=[Plots()]).fit(ArrayLoader(data, 32))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +38,25 @@ def standard_callbacks(workdir: str | None, *, log_every: int, progress: bool, t
     if grad_norm:
         callbacks.append(GradNormMonitor(every=log_every))
     return callbacks
+
+
+def fresh_workdir(config: Any) -> Any:
+    """``config`` with its workdir moved to a fresh sibling (``runs/mnist-2``, ...) when it is the
+    recipe's default, already holds an earlier run, and ``resume`` is off: running a recipe twice
+    starts a second run instead of overwriting the first. A workdir given explicitly is left as it
+    is (the trainer refuses to start a fresh run over another run's checkpoints)."""
+    workdir = config.workdir
+    default = type(config).__dataclass_fields__["workdir"].default
+    if not workdir or config.resume or workdir != default or not _used(Path(workdir)):
+        return config
+    n = 2
+    while _used(Path(f"{workdir}-{n}")):
+        n += 1
+    fresh = f"{workdir}-{n}"
+    print(f"{workdir} holds an earlier run: this one writes to {fresh} (--resume continues {workdir}; "
+          "--workdir chooses the folder)", file=sys.stderr, flush=True)
+    return dataclasses.replace(config, workdir=fresh)
+
+
+def _used(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())

@@ -7,10 +7,14 @@ of the optimizer is reachable from the command line without being listed twice.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
+import sys
 import types
 import typing
-from typing import Any, Sequence, TypeVar
+from pathlib import Path
+from typing import Any, Iterator, Sequence, TypeVar
 
 from trainer.events import DefaultInterval
 from trainer.optim import OPTIMIZERS, SCHEDULES
@@ -96,10 +100,24 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, descriptio
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_arguments(parser, cls, help_texts)
     config = config_from_args(cls, parser.parse_args(argv))
-    problem = interval_problem(config)
+    problem = interval_problem(config) or export_problem(config)
     if problem:
         parser.error(problem)  # a usage line and the problem on stderr, exit status 2
     return config
+
+
+def export_problem(config: Any) -> str | None:
+    """What is wrong with ``--export`` if anything, found before training rather than after it: the
+    folder, or its nearest existing parent, must be a writable folder."""
+    export = getattr(config, "export", None)
+    if not export:
+        return None
+    path = Path(export).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        return (f"--export {export}: {existing} is not a writable folder, so the trained model could not be "
+                "written there; choose another folder.")
+    return None
 
 
 def interval_problem(config: Any) -> str | None:
@@ -116,3 +134,16 @@ def interval_problem(config: Any) -> str | None:
                     f"chunks of {k} steps. Use {flag} {max(k, value // k * k)}, or leave it at its default "
                     f"(rounded up to a multiple of {k}).")
     return None
+
+
+@contextlib.contextmanager
+def usage_errors(prog: str) -> Iterator[None]:
+    """A ``CheckpointError`` (a used workdir without ``--resume``, nothing usable to resume) as a
+    command-line error: the message on stderr and exit status 2, no traceback."""
+    from trainer.checkpoint_store import CheckpointError
+
+    try:
+        yield
+    except CheckpointError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from err

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from callbacks import Checkpoint, EpochSummary, Plots, PredictionGrid
-from recipes.common import run_config, standard_callbacks
-from recipes.config_cli import parse_config
+from recipes.common import fresh_workdir, run_config, standard_callbacks
+from recipes.config_cli import parse_config, usage_errors
 from recipes.datasets import load_mnist_bundled, load_mnist_idx
 from trainer import ArrayLoader, DefaultInterval, Trainer
 from trainer.export import load_model, read_model_info
@@ -174,6 +174,7 @@ def build(config: MnistConfig, train: dict, test: dict, callbacks: Sequence | No
 def run(config: MnistConfig) -> float:
     """Trains, evaluates on the test split and returns the test accuracy."""
     started = time.perf_counter()
+    config = fresh_workdir(config)
     train, test = load_data(config)
     trainer, train_loader, test_loader = build(config, train, test)
     trainer.fit(train_loader, eval_data=test_loader, resume=config.resume)  # ends with a test evaluation
@@ -200,7 +201,8 @@ def load_exported(path: str) -> CNN:
 def main(argv: Sequence[str] | None = None) -> float:
     """``nnx-train mnist [options]``: parses ``argv`` (``--help`` lists them) and runs; the test accuracy."""
     config = parse_config(MnistConfig, argv, prog="nnx-train mnist", description=DESCRIPTION, help_texts=HELP)
-    return run(config)
+    with usage_errors("nnx-train mnist"):
+        return run(config)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from callbacks import Checkpoint, Evaluator, TextSamples
-from recipes.common import run_config, standard_callbacks
-from recipes.config_cli import parse_config
+from recipes.common import fresh_workdir, run_config, standard_callbacks
+from recipes.config_cli import parse_config, usage_errors
 from recipes.text import CharVocab, TextWindows, default_corpus, eval_windows, load_text
 from trainer import DefaultInterval, Trainer
 from trainer.optim import OptimConfig
@@ -184,6 +184,7 @@ def default_callbacks(config: TransformerConfig, vocab: CharVocab, valid) -> lis
 def run(config: TransformerConfig) -> float:
     """Trains; prints and returns the validation bits per character."""
     started = time.perf_counter()
+    config = fresh_workdir(config)
     trainer, train, valid, _ = build(config, load_corpus(config))
     trainer.fit(train, resume=config.resume)
     evaluated_now = any(ev.last_step == trainer.step for ev in trainer.evaluators)
@@ -199,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> float:
     """``nnx-train transformer [options]``: parses ``argv`` (``--help`` lists them), runs; the validation bits/char."""
     config = parse_config(TransformerConfig, argv, prog="nnx-train transformer", help_texts=HELP,
                           description="Train a small character-level transformer language model.")
-    return run(config)
+    with usage_errors("nnx-train transformer"):
+        return run(config)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ def test_cli_help_lists_every_option_with_default():
     assert "(default: 0.003)" in out.stdout
 
 
-def test_cli_refuses_an_interval_that_is_not_a_multiple_of_k_before_loading_anything(capsys):
+def test_cli_refuses_an_interval_that_is_not_a_multiple_of_k_or_a_bad_export_before_loading_anything(
+        capsys, tmp_path):
     from recipes.config_cli import parse_config
     from recipes.mnist import MnistConfig
 
@@ -113,6 +114,11 @@ def test_cli_refuses_an_interval_that_is_not_a_multiple_of_k_before_loading_anyt
     given = parse_config(MnistConfig, ["--log-every", "10", "--steps-per-execution", "5"], prog="p", description="")
     default = parse_config(MnistConfig, ["--steps-per-execution", "7"], prog="p", description="")
     assert (given.log_every, default.log_every) == (10, 50)  # a default is left for the trainer to round up
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        parse_config(MnistConfig, ["--export", str(tmp_path / "afile" / "model")], prog="nnx-train mnist",
+                     description="")
+    assert "afile is not a writable folder" in capsys.readouterr().err  # before training, not after it
 
 
 def test_cli_unknown_recipe_fails_clearly():
@@ -143,14 +149,26 @@ def test_recipe_end_to_end_on_idx_files_through_the_command_line(idx_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_recipe_smoke_on_bundled_digits_through_python_m():
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    out = subprocess.run([sys.executable, "-m", "recipes.mnist", "--max-steps", "6", "--epochs", "1",
-                          "--steps-per-execution", "3"], capture_output=True, text=True, timeout=300, env=env)
+def test_recipe_smoke_on_bundled_digits_through_python_m(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path))
+    command = [sys.executable, "-m", "recipes.mnist", "--max-steps", "6", "--epochs", "1", "--steps-per-execution", "3"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "trained 6 steps" in out.stdout and out.stdout.strip().splitlines()[-1].startswith("test accuracy: ")
     # the default --log-every 50 rounds up to a multiple of 3
     assert "MetricsLogger(log_every=50, a default) runs every 51 steps" in out.stderr
+    # the same command again: a second run in a fresh sibling of the default workdir, the first left as it was
+    first = sorted(p.name for p in (tmp_path / "runs" / "mnist" / "checkpoints").iterdir())
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "runs/mnist holds an earlier run: this one writes to runs/mnist-2" in again.stderr
+    assert sorted(p.name for p in (tmp_path / "runs" / "mnist" / "checkpoints").iterdir()) == first
+    assert (tmp_path / "runs" / "mnist-2" / "checkpoints").is_dir()
+    # an explicit --workdir that holds a run is refused as a usage error, not a traceback
+    used = subprocess.run([*command, "--workdir", "runs/mnist-2"], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+    assert used.returncode == 2 and "nnx-train mnist: error: runs/mnist-2/checkpoints already holds" in used.stderr
+    assert "Traceback" not in used.stderr
 
 
 def test_recipe_reports_bad_data_dir(tmp_path):

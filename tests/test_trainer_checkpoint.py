@@ -60,6 +60,17 @@ def test_resume_mid_epoch_is_bitwise_identical_to_an_unbroken_run(tmp_path):
     assert second.history == unbroken.history
 
 
+def test_a_fresh_run_over_another_runs_checkpoints_is_refused_and_they_stay(tmp_path, data):
+    make(tmp_path, 8).fit(ArrayLoader(data, 16, seed=2))
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()}
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints of an earlier run \(steps 8, 4\).*resume=True"):
+        make(tmp_path, 12).fit(ArrayLoader(data, 16, seed=2))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()} == before
+    again = make(tmp_path, 12)
+    again.fit(ArrayLoader(data, 16, seed=2), resume=True)  # continuing it is what the message offers
+    assert again.step == 12
+
+
 def test_resume_true_on_an_empty_workdir_starts_fresh(tmp_path, data):
     trainer = make(tmp_path, 3)
     trainer.fit(ArrayLoader(data, 16), resume=True)
@@ -330,3 +341,15 @@ def test_a_halted_guard_is_not_saved_and_the_last_good_checkpoint_stays(tmp_path
     with pytest.warns(RuntimeWarning, match="not saving step 5: training halted"):
         assert checkpoint.save(trainer, wait=True) is False
     assert checkpoint.store.steps() == [4]
+
+
+def test_a_failing_on_fit_end_does_not_skip_the_final_checkpoint(tmp_path, data):
+    class Broken(Callback):  # a plot that cannot be written, say
+        def on_fit_end(self, trainer):
+            raise OSError("disk full")
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=5, workdir=tmp_path,
+                      callbacks=[Broken(), Checkpoint(every_n_epochs=None)])
+    with pytest.raises(OSError, match="disk full"):
+        trainer.fit(ArrayLoader(data, 16))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_5"]  # saved after the error, then raised

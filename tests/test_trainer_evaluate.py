@@ -37,3 +37,23 @@ def test_predict_returns_every_row_in_order(model, data):
     out = trainer.predict(ArrayLoader({"x": data["x"]}, 40, shuffle=False, drop_remainder=False))
     assert isinstance(out, np.ndarray) and out.shape == (96, 3)
     np.testing.assert_allclose(out, np.asarray(trainer.model(data["x"])), rtol=1e-5, atol=1e-6)
+
+
+def test_raw_arrays_are_refused_by_predict_evaluate_and_evaluator(model, data):
+    import jax.numpy as jnp
+
+    from trainer import Evaluator
+
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=1)
+    for raw in (data["x"], jnp.asarray(data["x"])):  # iterating one would give its rows as batches
+        with pytest.raises(TypeError, match="predict's data must be an iterable of batches"):
+            trainer.predict(raw)
+    with pytest.raises(TypeError, match="evaluate's data must be an iterable of batches"):
+        trainer.evaluate(data)
+    with pytest.raises(TypeError, match="Evaluator's data must be an iterable of batches"):
+        Evaluator(data)
+    with pytest.raises(TypeError, match="Evaluator needs data"):
+        Evaluator(None)
+    with pytest.raises(TypeError, match="prefix=5 must be a string"):
+        Evaluator(ArrayLoader(data, 32), prefix=5)
+    assert trainer.predict([data["x"][:8]]).shape == (8, 3)  # a list of input arrays is batches

@@ -52,3 +52,16 @@ def test_damaged_export_fails_its_checksum(data, tmp_path):
 def test_not_an_export(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model export"):
         load_model(tmp_path, TinyMLP(rngs=nnx.Rngs(0)))
+
+
+def test_an_export_path_under_a_file_is_a_clear_error_and_the_process_can_exit(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "afile").write_text("not a folder")
+    script = ("import sys; sys.path.insert(0, 'tests'); from conftest import TinyMLP; from flax import nnx; "
+              "from trainer.export import save_model; "
+              f"save_model(TinyMLP(rngs=nnx.Rngs(0)), {str(tmp_path / 'afile' / 'sub')!r})")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # orbax's writer threads, left open by a failed save, kept such a process from ever exiting
+    assert out.returncode == 1 and "cannot export the model to" in out.stderr and "Not a directory" in out.stderr

@@ -213,6 +213,19 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def refuse_used_stores(trainer: "Trainer") -> None:
+    """A fresh run (step 0, no ``resume``) would overwrite and prune the checkpoints an earlier run left
+    in its store: refused before anything is written, the earlier run's checkpoints untouched."""
+    for checkpoint in trainer.checkpoints:
+        steps = checkpoint.open(trainer).steps()
+        if steps:
+            shown = ", ".join(str(s) for s in steps[:5]) + (", ..." if len(steps) > 5 else "")
+            raise CheckpointError(
+                f"{checkpoint.directory} already holds checkpoints of an earlier run (steps {shown}); a fresh "
+                "run would overwrite and prune them. Pass resume=True (recipes: --resume) to continue that run, "
+                "or give this run another workdir or Checkpoint(directory=...), or delete that folder.")
+
+
 def find_store(trainer: "Trainer", resume: bool | str | os.PathLike) -> tuple[CheckpointStore | None, int | None]:
     """The store to resume from and, for a path to one step folder, that step."""
     if resume is True:

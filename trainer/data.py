@@ -135,8 +135,11 @@ class ArrayLoader:
 
 def check_batch_source(data: Any, name: str) -> None:
     """Refuses raw arrays where an iterable of batches is expected, saying how to wrap them."""
-    raw = isinstance(data, Mapping) or isinstance(data, np.ndarray) or (
-        isinstance(data, tuple) and data and all(isinstance(a, np.ndarray) for a in data))
+    def array(a: Any) -> bool:  # numpy or JAX
+        return isinstance(a, np.ndarray) or (hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "ndim"))
+
+    raw = isinstance(data, Mapping) or array(data) or (
+        isinstance(data, tuple) and data and all(array(a) for a in data))
     if raw:
         raise TypeError(f"{name} must be an iterable of batches, not raw arrays ({type(data).__name__}); wrap "
                         f"them: ArrayLoader({{'image': x, 'label': y}}, batch_size=128).")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from trainer.data import check_batch_source
 from trainer.events import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,6 +43,11 @@ class Evaluator(Callback):
                 raise ValueError(f"{name}={value!r} must be a positive integer or None.")
         if every_n_steps is None and every_n_epochs is None:
             raise ValueError("Evaluator needs every_n_steps or every_n_epochs; both are None.")
+        if data is None or not hasattr(data, "__iter__"):
+            raise TypeError(f"Evaluator needs data, an iterable of batches (an ArrayLoader); got {type(data).__name__}.")
+        check_batch_source(data, "Evaluator's data")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix={prefix!r} must be a string (such as 'eval/').")
         self.data = data
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs

@@ -135,6 +135,17 @@ class CallbackList:
         for cb in self.listeners(event):
             getattr(cb, event)(trainer, *args)
 
+    def dispatch_all(self, event: str, trainer: "Trainer", *args: Any) -> list[Exception]:
+        """Calls ``event`` on every callback that defines it even when one raises; returns the errors
+        (for the events that end a run: one failing plot must not skip the final checkpoint)."""
+        errors = []
+        for cb in self.listeners(event):
+            try:
+                getattr(cb, event)(trainer, *args)
+            except Exception as err:  # noqa: BLE001 - raised again by the caller, after the others ran
+                errors.append(err)
+        return errors
+
     def listeners(self, event: str) -> list[Callback]:
         """The callbacks that define ``event``, in list order (recomputed when the list changes)."""
         current = tuple(self.callbacks)

@@ -32,10 +32,18 @@ INFERENCE_STATE = nnx.Not(nnx.RngState)
 def save_model(model: nnx.Module, path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> Path:
     """Writes the model's inference state and ``config`` to the folder ``path`` (replacing it)."""
     path = Path(path).absolute()
+    try:  # a bad path fails here, clearly, before orbax's writer threads start
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot export the model to {path}: {err.strerror or err}. Choose a folder that can "
+                      "be created (its parents must be folders, writable).") from err
     arrays, leaves = flatten(nnx.state(model, INFERENCE_STATE))
     checkpointer = orbax_checkpoint().StandardCheckpointer()
-    checkpointer.save(path / "weights", arrays, force=True)
-    checkpointer.wait_until_finished()
+    try:
+        checkpointer.save(path / "weights", arrays, force=True)
+        checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()  # its threads would otherwise keep a failed process from exiting
     model_class = f"{type(model).__module__}:{type(model).__qualname__}"
     (path / "model.json").write_text(json.dumps({"format": 1, "model_class": model_class, "leaves": leaves,
                                                   "config": json.loads(json.dumps(config or {}, default=str))}))

@@ -360,6 +360,8 @@ class Trainer:
         check_intervals(self)  # again: callbacks appended since, or shared with a trainer of another K
         self.should_stop, self.stop_reason = False, None
         self.add_metric_sums(EPOCH_SUMS)
+        if resume is False and self.step == 0:
+            checkpointing.refuse_used_stores(self)
         self._fit_evaluators = [Evaluator(eval_data)] if eval_data is not None else []
         if self.checkpoints:
             self._preemption.install()
@@ -375,13 +377,19 @@ class Trainer:
         except Preempted:
             checkpointing.save_and_exit(self, self._preemption)
         except BaseException as exc:
-            self.callbacks.dispatch("on_exception", self, exc)
+            for error in self.callbacks.dispatch_all("on_exception", self, exc):
+                warnings.warn(f"a callback's on_exception raised {error!r} while handling {exc!r}", RuntimeWarning,
+                              stacklevel=2)
             raise
         finally:
             self._preemption.uninstall()
             self._fit_evaluators = []
             _ = self.model  # the caller's module holds the trained state, even after an error
-        self.callbacks.dispatch("on_fit_end", self)
+        errors = self.callbacks.dispatch_all("on_fit_end", self)  # every callback's end runs (final saves)
+        if errors:
+            for error in errors[1:]:
+                warnings.warn(f"another callback's on_fit_end raised too: {error!r}", RuntimeWarning, stacklevel=2)
+            raise errors[0]
         return self.history
 
     def evaluate(self, data: Iterable[Any], *, prefix: str = "") -> dict[str, float]:
@@ -390,6 +398,7 @@ class Trainer:
         The last, smaller batch is padded to the first batch's size and masked, so every example
         counts once and one compiled function serves all batches.
         """
+        check_batch_source(data, "evaluate's data")
         if self._eval_step is None:
             self._eval_sums, self._eval_step = make_eval_step(self.graphdef, self.compute_metrics)
         self.callbacks.dispatch("on_eval_start", self)
@@ -411,7 +420,12 @@ class Trainer:
         return dict(self.eval_metrics)
 
     def predict(self, data: Iterable[Any]) -> Any:
-        """``predict_step`` over every batch, concatenated on the host (numpy array or pytree)."""
+        """``predict_step`` over every batch, concatenated on the host (numpy array or pytree).
+
+        ``data`` is an iterable of batches (a list of input arrays works): one array alone is refused,
+        since iterating it would give its rows.
+        """
+        check_batch_source(data, "predict's data")
         if self._predict_step is None:
             self._predict_step = make_predict_step(self.graphdef, self.predict_step)
         outputs, size = [], None

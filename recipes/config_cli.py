@@ -100,10 +100,18 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, descriptio
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_arguments(parser, cls, help_texts)
     config = config_from_args(cls, parser.parse_args(argv))
-    problem = interval_problem(config) or export_problem(config)
+    problem = interval_problem(config) or export_problem(config) or dropout_problem(config)
     if problem:
         parser.error(problem)  # a usage line and the problem on stderr, exit status 2
     return config
+
+
+def dropout_problem(config: Any) -> str | None:
+    """A ``--dropout`` outside ``[0, 1)``: 1 drops everything (the model trains to chance), below 0 is no rate."""
+    rate = getattr(config, "dropout", None)
+    if rate is not None and not 0 <= rate < 1:
+        return f"--dropout {rate} must be in [0, 1): the share of activations zeroed while training."
+    return None
 
 
 def export_problem(config: Any) -> str | None:

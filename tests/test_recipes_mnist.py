@@ -119,6 +119,10 @@ def test_cli_refuses_an_interval_that_is_not_a_multiple_of_k_or_a_bad_export_bef
         parse_config(MnistConfig, ["--export", str(tmp_path / "afile" / "model")], prog="nnx-train mnist",
                      description="")
     assert "afile is not a writable folder" in capsys.readouterr().err  # before training, not after it
+    for rate in ("1.0", "-0.5"):
+        with pytest.raises(SystemExit):
+            parse_config(MnistConfig, ["--dropout", rate], prog="nnx-train mnist", description="")
+        assert f"--dropout {float(rate)} must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_cli_unknown_recipe_fails_clearly():

@@ -184,6 +184,14 @@ def test_max_to_keep_and_best_k_retention(tmp_path, data):
     assert kept == [6, 15, 18]  # the best (epoch 2, step 6) and the two newest
 
 
+def test_a_monitor_that_is_never_logged_warns_once_naming_the_metrics(tmp_path, data):
+    cp = Checkpoint(every_n_epochs=1, max_to_keep=1, monitor="eval/acc", keep_best=1)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=3, workdir=tmp_path, callbacks=[cp])
+    with pytest.warns(RuntimeWarning, match=r"monitor='eval/acc'\) is not among the epoch's metrics \['accuracy'") as seen:
+        trainer.fit(ArrayLoader(data, 32))
+    assert sum("monitor='eval/acc'" in str(w.message) for w in seen) == 1
+
+
 def test_min_interval_skips_periodic_saves_but_never_the_last(tmp_path, data):
     """Every epoch (3 steps) is due; the clock says 4 s pass per epoch; saves at least 10 s apart."""
     epochs = iter(range(100))

@@ -40,11 +40,15 @@ def test_batch_missing_the_key_the_loss_needs(model, data):
 
 
 @pytest.mark.parametrize("bad", [-1, 3, 7])
-def test_labels_out_of_range_name_step_and_range(model, data, bad):
+@pytest.mark.parametrize("loss", ["default", "explicit"])
+def test_labels_out_of_range_name_step_and_range(model, data, bad, loss):
+    from trainer import losses
+
     labels = data["label"].copy()
     labels[40] = bad  # lands in the second batch of 32 without shuffling
     loader = ArrayLoader({"x": data["x"], "label": labels}, 32, shuffle=False)
-    trainer = Trainer(model, optax.sgd(0.1), max_steps=5)
+    loss_fn = losses.supervised(losses.cross_entropy, l2=1e-4) if loss == "explicit" else None  # the same check
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=5, loss_fn=loss_fn)
     with pytest.raises(ValueError, match=r"labels at step 2 \(epoch 0, batch 1\) lie in .* must be in \[0, 3\)"):
         trainer.fit(loader)
     assert trainer.step == 1  # the bad batch never reached the device
@@ -109,3 +113,14 @@ def test_label_range_check_catches_every_integer_kind(labels):
     with pytest.raises(ValueError, match=r"labels at here lie in \[-?\d+, \d+\] .* must be in \[0, 3\)"):
         check_label_range(labels, 3, "here")
     check_label_range(np.clip(labels, 0, 2).astype(labels.dtype), 3, "here")  # in range: no error
+
+
+@pytest.mark.parametrize("kind", ["float", "column"])
+def test_labels_of_the_wrong_dtype_or_shape_are_named_before_the_device(model, data, kind):
+    labels = data["label"].astype(np.float32) if kind == "float" else data["label"][:, None]
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=2)
+    expected = {"float": r"float32 \(32,\), but this loss .* takes integer labels.*cross_entropy_onehot",
+                "column": r"shape \(32, 1\), but the model's outputs \(32, 3\) need one class id per output row"}[kind]
+    with pytest.raises(ValueError, match=expected):
+        trainer.fit(ArrayLoader({"x": data["x"], "label": labels}, 32, shuffle=False))
+    assert trainer.step == 0

@@ -81,6 +81,9 @@ def test_sgd_with_nesterov_momentum_matches_optax():
     ({"learning_rate": 0.0}, "must be positive"),
     ({"learning_rate": 1e-3, "clip_norm": 0.0}, "clip_norm"),
     ({"learning_rate": 1e-3, "weight_decay": -1.0}, "weight_decay"),
+    ({"learning_rate": 1e-3, "momentum": 1.5}, r"momentum=1.5 must be in \[0, 1\)"),
+    ({"learning_rate": 1e-3, "momentum": -1.0}, r"momentum=-1.0 must be in \[0, 1\)"),
+    ({"learning_rate": 1e-3, "b2": 1.0}, r"b2=1.0 must be in \[0, 1\)"),
 ])
 def test_bad_optimizer_values_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -10,6 +10,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 
 from trainer import losses, threefry
 from trainer.conv_grads import eligible_convs
@@ -112,21 +113,35 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
 
 
 def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
-    """With the default loss, integer labels must lie in ``[0, num_classes)`` (a host check).
+    """With the default loss (or any ``losses.supervised(losses.cross_entropy, ...)``), integer labels
+    must lie in ``[0, num_classes)`` (a host check).
 
     Runs in the prefetch thread when there is one, so it reads only the state's shapes taken at
     construction, never ``trainer.state`` (which the loop's thread owns).
     """
     from trainer.trainer import Trainer
 
-    if trainer.loss_fn is not None or type(trainer).compute_loss is not Trainer.compute_loss:
+    loss = trainer.loss_fn or losses.default_loss
+    if not getattr(loss, "integer_class_labels", False) or type(trainer).compute_loss is not Trainer.compute_loss:
         return
     try:
+        labels = losses.batch_labels(batch)
+        if isinstance(labels, np.ndarray) and labels.dtype.kind not in "iu":
+            raise ValueError(
+                f"labels at {where} are {labels.dtype} {labels.shape}, but this loss (softmax cross-entropy on "
+                "class ids) takes integer labels. One-hot labels: loss_fn=losses.supervised("
+                "losses.cross_entropy_onehot); regression targets: losses.supervised(losses.mse).")
         if trainer._num_classes is None:  # the model's output size, from shapes only
             out = jax.eval_shape(lambda s, b: trainer.predict_step(s.merge(trainer.graphdef), b),
                                  trainer._state_shapes, batch)
             trainer._num_classes = out.shape[-1] if hasattr(out, "shape") and out.shape else 0
+            trainer._label_shape = tuple(out.shape[:-1]) if trainer._num_classes else None
+        if isinstance(labels, np.ndarray) and trainer._label_shape and labels.shape[1:] != trainer._label_shape[1:]:
+            raise ValueError(
+                f"labels at {where} have shape {labels.shape}, but the model's outputs {trainer._label_shape + (trainer._num_classes,)} "
+                f"need one class id per output row, shape {(labels.shape[0],) + trainer._label_shape[1:]} "
+                "(drop a trailing axis of 1: labels.reshape(-1)).")
         if trainer._num_classes:
-            losses.check_label_range(losses.batch_labels(batch), trainer._num_classes, where)
+            losses.check_label_range(labels, trainer._num_classes, where)
     except KeyError as err:  # the default loss's message names the batch keys
         raise ValueError(err.args[0]) from err

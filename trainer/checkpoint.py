@@ -109,6 +109,7 @@ class Checkpoint(Callback):
         self.async_save = async_save
         self.min_interval_seconds, self.clock = min_interval_seconds, clock
         self.store: CheckpointStore | None = None
+        self._warned_monitor = False
         self.last_saved_step: int | None = None
         self._last_saved_at: float | None = None
 
@@ -162,6 +163,11 @@ class Checkpoint(Callback):
         meta = describe(trainer, leaves)
         metrics = {self.monitor: trainer.history[-1][self.monitor]} if (
             self.monitor and trainer.history and self.monitor in trainer.history[-1]) else None
+        if self.monitor and trainer.history and metrics is None and not self._warned_monitor:
+            self._warned_monitor = True  # a misspelt name would otherwise keep only the newest, silently
+            warnings.warn(f"Checkpoint(monitor={self.monitor!r}) is not among the epoch's metrics "
+                          f"{sorted(trainer.history[-1])}: checkpoints are not ranked by it, so keep_best keeps "
+                          "nothing beyond the newest. Name one of those metrics.", RuntimeWarning, stacklevel=2)
         store.save(trainer.step, arrays, meta, metrics)
         if wait or not self.async_save:
             store.wait()

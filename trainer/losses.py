@@ -160,6 +160,7 @@ def supervised(
             loss = loss + l2 * penalty
         return loss, metrics
 
+    loss_fn.integer_class_labels = criterion is cross_entropy  # the Trainer then checks each batch's labels
     return loss_fn
 
 
@@ -172,5 +173,6 @@ def _masked_mean(mask: jax.Array | None) -> Callable[[jax.Array], jax.Array]:
 
 default_loss = supervised(cross_entropy)
 default_loss.__doc__ = ("The Trainer's loss when none is given: ``supervised(cross_entropy)``, softmax "
-                        "cross-entropy on integer (or one-hot) labels, plus ``accuracy``.")
+                        "cross-entropy on integer labels, plus ``accuracy`` (one-hot labels: "
+                        "``supervised(cross_entropy_onehot)``).")
 """The loss a Trainer uses without ``loss_fn``: cross-entropy on integer labels, plus accuracy."""

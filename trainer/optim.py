@@ -106,6 +106,11 @@ def make_optimizer(
         raise ValueError(f"weight_decay={weight_decay} must be >= 0.")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm={clip_norm} must be positive, or None for no clipping.")
+    if not 0 <= momentum < 1:  # 1 or more never forgets (diverges); below 0 oscillates
+        raise ValueError(f"momentum={momentum} must be in [0, 1) (0.9 is usual; 0 for plain SGD).")
+    for beta, value in (("b1", b1), ("b2", b2)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{beta}={value} must be in [0, 1) (Adam's defaults: b1=0.9, b2=0.999).")
     if name == "adamw":
         base = optax.inject_hyperparams(optax.adamw)(learning_rate=learning_rate, b1=b1, b2=b2,
                                                      weight_decay=weight_decay)

@@ -62,8 +62,8 @@ def _sampler(graphdef, length: int, context: int, temperature: float, top_k: int
             raw = model(window[None])[0, count - 1]
             seen = seen.at[i].set(raw)
             logits = raw / max(temperature, 1e-6)
-            if top_k:
-                threshold = jax.lax.top_k(logits, top_k)[0][-1]
+            if top_k:  # more than the vocabulary is all of it
+                threshold = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][-1]
                 logits = jnp.where(logits < threshold, -jnp.inf, logits)
             key, sub = jax.random.split(key)
             token = jax.random.categorical(sub, logits).astype(jnp.int32)
@@ -102,6 +102,12 @@ class TextSamples(Callback):
             raise ValueError("every_n_steps and length must be positive.")
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be positive (small: greedier).")
+        if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+            raise ValueError(f"top_k={top_k!r} must be a positive integer (the most likely tokens kept), or None for all.")
+        if not isinstance(context, int) or context <= 0:
+            raise ValueError(f"context={context!r} must be a positive integer: the model's window in tokens.")
+        if not isinstance(prompt, str) or not len(encode(prompt)):
+            raise ValueError(f"prompt={prompt!r} must be text of at least one token: generation continues it.")
         self.prompt, self.encode, self.decode, self.context = prompt, encode, decode, context
         self.every_n_steps, self.length, self.temperature, self.top_k = every_n_steps, length, temperature, top_k
         self.seed = seed

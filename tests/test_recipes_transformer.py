@@ -55,6 +55,24 @@ def test_generation_slides_past_the_context():
     assert tokens.shape == (20,) and tokens.min() >= 0 and tokens.max() < 12
 
 
+def test_top_k_beyond_the_vocabulary_keeps_it_all_and_bad_sample_settings_are_refused_when_built():
+    from callbacks import TextSamples
+
+    model = tiny(context=8)  # 12 tokens
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    kwargs = dict(length=6, context=8, key=jax.random.key(1), temperature=1.0)
+    all_of_it = sample_tokens(graphdef, (params, rest), np.array([1, 2]), top_k=1000, **kwargs)
+    np.testing.assert_array_equal(all_of_it, sample_tokens(graphdef, (params, rest), np.array([1, 2]), top_k=None,
+                                                           **kwargs))
+    vocab = CharVocab.from_text("abc")
+    good = dict(encode=vocab.encode, decode=vocab.decode, context=8)
+    for bad, message in ((dict(prompt=""), "prompt='' must be text of at least one token"),
+                         (dict(prompt="a", top_k=-3), "top_k=-3 must be a positive integer"),
+                         (dict(prompt="a", context=0), "context=0 must be a positive integer")):
+        with pytest.raises(ValueError, match=message):
+            TextSamples(**{**good, **bad})
+
+
 def test_loss_on_a_repeated_pattern_falls_near_zero():
     text = "abcdefg" * 200
     vocab = CharVocab.from_text(text)

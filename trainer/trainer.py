@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 
 from trainer import losses
-from trainer.data import batch_size_of, check_batch_source, pad_batch
+from trainer.data import check_batch_source
 from trainer import checkpoint as checkpointing
 from trainer import export
 from trainer.build import check_intervals, check_labels
@@ -29,14 +28,15 @@ from trainer.carry import Carry
 from trainer.checkpoint import Checkpoint
 from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
+from trainer.inference import run_evaluation, run_prediction
 from trainer.loop import EPOCH_SUMS, run_epoch
 from trainer.options import check_options
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
 from trainer.preemption import PreemptionHandler, Preempted
 from trainer.state import TrainState, reseed_streams, zeros_like_tree
-from trainer.step import Probe, init_guard, make_eval_step, make_predict_step, per_example_metrics
-from trainer.sums import Sums, compute_sums, empty_sums
+from trainer.step import Probe, init_guard, per_example_metrics
+from trainer.sums import Sums, empty_sums
 
 
 class Trainer:
@@ -399,26 +399,7 @@ class Trainer:
         The last, smaller batch is padded to the first batch's size and masked, so every example
         counts once and one compiled function serves all batches.
         """
-        check_batch_source(data, "evaluate's data")
-        if self._eval_step is None:
-            self._eval_sums, self._eval_step = make_eval_step(self.graphdef, self.compute_metrics)
-        self.callbacks.dispatch("on_eval_start", self)
-        sums, size = None, None
-        for batch in data:
-            if self._preemption.signal:
-                raise Preempted()  # leave the evaluation; fit saves and exits
-            size = size or batch_size_of(batch)
-            padded, mask = pad_batch(batch, size)
-            check_labels(self, batch, "eval")
-            if sums is None:
-                sums = zeros_like_tree(jax.eval_shape(self._eval_sums, self.state, padded, mask))
-            sums = self._eval_step(self.state, sums, padded, mask)
-        if sums is None:
-            raise ValueError("the evaluation data yielded no batches; pass a non-empty dataset.")
-        metrics = self.finish_metrics(compute_sums(jax.device_get(sums)))
-        self.eval_metrics = {prefix + k: v for k, v in metrics.items()}
-        self.callbacks.dispatch("on_eval_end", self, dict(self.eval_metrics))
-        return dict(self.eval_metrics)
+        return run_evaluation(self, data, prefix)
 
     def predict(self, data: Iterable[Any]) -> Any:
         """``predict_step`` over every batch, concatenated on the host (numpy array or pytree).
@@ -426,20 +407,7 @@ class Trainer:
         ``data`` is an iterable of batches (a list of input arrays works): one array alone is refused,
         since iterating it would give its rows.
         """
-        check_batch_source(data, "predict's data")
-        if self._predict_step is None:
-            self._predict_step = make_predict_step(self.graphdef, self.predict_step)
-        outputs, size = [], None
-        for batch in data:
-            size = size or batch_size_of(batch)
-            n = batch_size_of(batch)
-            padded, _ = pad_batch(batch, size)
-            outputs.append((self._predict_step(self.state, padded), n))
-        if not outputs:
-            raise ValueError("predict got no batches; pass a non-empty dataset.")
-        host = jax.device_get([out for out, _ in outputs])
-        parts = [jax.tree.map(lambda a, n=n: a[:n], out) for out, (_, n) in zip(host, outputs)]
-        return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
+        return run_prediction(self, data)
 
     # ----- the loop ------------------------------------------------------------------------
 

@@ -1,0 +1,65 @@
+"""``Trainer.evaluate`` and ``Trainer.predict``: the compiled eval / predict step over a dataset.
+
+Kept apart from ``trainer.py`` (the public surface). Both pad the last, smaller batch to the first
+batch's size, so one compiled function serves every batch; evaluation masks the padding out of its
+sums, prediction cuts it off.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+import jax
+import numpy as np
+
+from trainer.build import check_labels
+from trainer.data import batch_size_of, check_batch_source, pad_batch
+from trainer.preemption import Preempted
+from trainer.state import zeros_like_tree
+from trainer.step import make_eval_step, make_predict_step
+from trainer.sums import compute_sums
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.trainer import Trainer
+
+
+def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict[str, float]:
+    """Mean of ``trainer.compute_metrics`` over every example of ``data``, between the eval hooks."""
+    check_batch_source(data, "evaluate's data")
+    if trainer._eval_step is None:
+        trainer._eval_sums, trainer._eval_step = make_eval_step(trainer.graphdef, trainer.compute_metrics)
+    trainer.callbacks.dispatch("on_eval_start", trainer)
+    sums, size = None, None
+    for batch in data:
+        if trainer._preemption.signal:
+            raise Preempted()  # leave the evaluation; fit saves and exits
+        size = size or batch_size_of(batch)
+        padded, mask = pad_batch(batch, size)
+        check_labels(trainer, batch, "eval")
+        if sums is None:
+            sums = zeros_like_tree(jax.eval_shape(trainer._eval_sums, trainer.state, padded, mask))
+        sums = trainer._eval_step(trainer.state, sums, padded, mask)
+    if sums is None:
+        raise ValueError("the evaluation data yielded no batches; pass a non-empty dataset.")
+    metrics = trainer.finish_metrics(compute_sums(jax.device_get(sums)))
+    trainer.eval_metrics = {prefix + k: v for k, v in metrics.items()}
+    trainer.callbacks.dispatch("on_eval_end", trainer, dict(trainer.eval_metrics))
+    return dict(trainer.eval_metrics)
+
+
+def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:
+    """``trainer.predict_step`` over every batch, concatenated on the host."""
+    check_batch_source(data, "predict's data")
+    if trainer._predict_step is None:
+        trainer._predict_step = make_predict_step(trainer.graphdef, trainer.predict_step)
+    outputs, size = [], None
+    for batch in data:
+        size = size or batch_size_of(batch)
+        n = batch_size_of(batch)
+        padded, _ = pad_batch(batch, size)
+        outputs.append((trainer._predict_step(trainer.state, padded), n))
+    if not outputs:
+        raise ValueError("predict got no batches; pass a non-empty dataset.")
+    host = jax.device_get([out for out, _ in outputs])
+    parts = [jax.tree.map(lambda a, n=n: a[:n], out) for out, (_, n) in zip(host, outputs)]
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)

@@ -75,6 +75,10 @@ class ConsoleWriter(MetricWriter):
     """``step 50  loss 0.1234  accuracy 0.9612`` lines on ``stream`` (stdout by default)."""
 
     def __init__(self, stream: TextIO | None = None, precision: int = 4):
+        if not isinstance(precision, int) or precision < 1:
+            raise ValueError(f"precision={precision!r} must be a positive integer (significant digits).")
+        if stream is not None and not callable(getattr(stream, "write", None)):
+            raise TypeError(f"stream must be a text stream with write() (sys.stdout, an open file); got {stream!r}.")
         self.stream = stream
         self.precision = precision
 

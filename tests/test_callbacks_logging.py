@@ -160,6 +160,16 @@ def test_progress_bar_plain_lines_and_terminal_bar(model, data):
     assert "epoch 1/1" in tty.getvalue() and "6/6" in tty.getvalue() and "loss=" in tty.getvalue()
 
 
+def test_writer_and_progress_bar_settings_that_cannot_work_are_refused_when_built():
+    from callbacks import ConsoleWriter
+
+    with pytest.raises(ValueError, match="precision=-2 must be a positive integer"):
+        ConsoleWriter(precision=-2)
+    for make in (lambda: ConsoleWriter(stream="out.txt"), lambda: ProgressBar(stream="out.txt")):
+        with pytest.raises(TypeError, match="stream must be a text stream with write"):
+            make()
+
+
 def test_progress_bar_drops_the_lines_of_steps_a_rollback_undid():
     """Steps fetched before a restore are trained again afterwards: their old lines are not printed."""
     import types

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -68,12 +69,37 @@ def test_empty_train_data(model):
         Trainer(model, optax.sgd(0.1), max_epochs=1).fit([])
 
 
-def test_generator_exhausted_after_one_epoch_says_so(model, data):
+def test_a_one_pass_iterator_for_several_epochs_is_refused_before_training(model, data):
     batches = iter(list(ArrayLoader(data, 32)))
     trainer = Trainer(model, optax.sgd(0.1), max_epochs=2)
-    with pytest.raises(ValueError, match="yielded no batches in epoch 1.*iterated only once"):
+    with pytest.raises(TypeError, match="one-pass list_iterator, but max_epochs=2 iterates it once an epoch"):
         trainer.fit(batches)
+    assert trainer.step == 0
+
+
+def test_a_data_source_that_runs_dry_after_one_epoch_says_so(model, data):
+    class Once:  # re-iterable in form, empty after its first pass
+        def __init__(self):
+            self.batches = list(ArrayLoader(data, 32))
+
+        def __iter__(self):
+            batches, self.batches = self.batches, []
+            return iter(batches)
+
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2)
+    with pytest.raises(ValueError, match="yielded no batches in epoch 1.*iterated only once"):
+        trainer.fit(Once())
     assert trainer.epoch == 1
+
+
+def test_loss_outputs_and_eval_data_of_the_wrong_form_are_refused_before_training(model, data):
+    from trainer import Evaluator
+
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=2, loss_fn=lambda m, b: (jnp.float32(0.0), [1.0]))
+    with pytest.raises(TypeError, match=r"returned a tuple of \(.*, list\); return the loss alone, or \(loss, metrics\)"):
+        trainer.fit(ArrayLoader(data, 32))
+    with pytest.raises(TypeError, match="Evaluator's data is a one-pass generator"):
+        Evaluator(b for b in ArrayLoader(data, 32))
 
 
 def test_generator_with_max_steps_is_fine(model, data):

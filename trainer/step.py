@@ -52,6 +52,10 @@ def split_loss_output(out: Any, where: str) -> tuple[jax.Array, Metrics]:
     """``loss`` or ``(loss, metrics)`` -> ``(loss, metrics)``, checking the loss is a scalar."""
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
         loss, metrics = out
+    elif isinstance(out, (tuple, list)):
+        kinds = ", ".join(type(x).__name__ for x in out)
+        raise TypeError(f"{where} returned a {type(out).__name__} of ({kinds}); return the loss alone, or "
+                        "(loss, metrics) with metrics a dict of name -> scalar.")
     else:
         loss, metrics = out, {}
     if jnp.ndim(loss) != 0:

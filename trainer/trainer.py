@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import collections.abc
 
 import warnings
 from pathlib import Path
@@ -358,6 +359,9 @@ class Trainer:
             )
             return self.history
         check_batch_source(train_data, "train_data"), check_batch_source(eval_data, "eval_data")
+        if self.max_steps is None and (self.max_epochs or 0) - self.epoch > 1 and isinstance(train_data, collections.abc.Iterator):
+            raise TypeError(f"train_data is a one-pass {type(train_data).__name__}, but max_epochs={self.max_epochs} "
+                            "iterates it once an epoch; pass a list or an ArrayLoader, or set max_steps.")
         check_intervals(self)  # again: callbacks appended since, or shared with a trainer of another K
         self.should_stop, self.stop_reason = False, None
         self.add_metric_sums(EPOCH_SUMS)

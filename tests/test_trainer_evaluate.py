@@ -57,3 +57,14 @@ def test_raw_arrays_are_refused_by_predict_evaluate_and_evaluator(model, data):
     with pytest.raises(TypeError, match="prefix=5 must be a string"):
         Evaluator(ArrayLoader(data, 32), prefix=5)
     assert trainer.predict([data["x"][:8]]).shape == (8, 3)  # a list of input arrays is batches
+
+
+def test_eval_data_the_model_cannot_take_fails_before_training(model, data):
+    bad = ArrayLoader({"x": np.zeros((32, 5), np.float32), "label": data["label"][:32]}, 16)
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=2)
+    with pytest.raises(ValueError, match=r"evaluation data does not fit the model: its first batch has shapes "
+                                         r"\{'label': \(16,\), 'x': \(16, 5\)\}.*dot_general"):
+        trainer.fit(ArrayLoader(data, 32), eval_data=bad)
+    assert trainer.step == 0
+    trainer.fit(ArrayLoader(data, 32), eval_data=[dict(x=data["x"][:16], label=data["label"][:16])])  # a list fits
+    assert trainer.epoch == 2 and "eval/accuracy" in trainer.history[-1]

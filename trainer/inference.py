@@ -63,3 +63,30 @@ def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:
     host = jax.device_get([out for out, _ in outputs])
     parts = [jax.tree.map(lambda a, n=n: a[:n], out) for out, (_, n) in zip(host, outputs)]
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
+
+
+def check_eval_data_fits(trainer: "Trainer") -> None:
+    """Traces (shapes only) the evaluation's sums on the first batch of each evaluator's data that can be
+    read without side effects (a list, an ``ArrayLoader``), so data the model cannot take fails at the
+    start of ``fit`` with its shapes named, not after the first epoch of training."""
+    from trainer.data import ArrayLoader
+
+    for evaluator in trainer.evaluators:
+        data = evaluator.data
+        if isinstance(data, (list, tuple)) and data:
+            batch = data[0]
+        elif isinstance(data, ArrayLoader):
+            batch = next(iter(data), None)
+        else:
+            continue
+        if batch is None:
+            continue
+        if trainer._eval_step is None:
+            trainer._eval_sums, trainer._eval_step = make_eval_step(trainer.graphdef, trainer.compute_metrics)
+        try:  # what the evaluation's first call will trace, on shapes only
+            padded, mask = pad_batch(batch, batch_size_of(batch))
+            jax.eval_shape(trainer._eval_sums, trainer._state_shapes, padded, mask)
+        except Exception as err:  # noqa: BLE001 - whatever the model raised, named with the batch's shapes
+            shapes = jax.tree.map(lambda a: tuple(np.shape(a)), batch)
+            raise ValueError(f"the evaluation data does not fit the model: its first batch has shapes {shapes} "
+                             f"and evaluating it fails with {type(err).__name__}: {str(err).splitlines()[0]}") from err

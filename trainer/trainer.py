@@ -29,7 +29,7 @@ from trainer.carry import Carry
 from trainer.checkpoint import Checkpoint
 from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
-from trainer.inference import run_evaluation, run_prediction
+from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.loop import EPOCH_SUMS, run_epoch
 from trainer.options import check_options
 from trainer.optim import current_learning_rate
@@ -368,6 +368,7 @@ class Trainer:
         if resume is False and self.step == 0:
             checkpointing.refuse_used_stores(self)
         self._fit_evaluators = [Evaluator(eval_data)] if eval_data is not None else []
+        check_eval_data_fits(self)
         if self.checkpoints:
             self._preemption.install()
         try:

@@ -18,6 +18,7 @@ import time
 from typing import Any, Mapping, TextIO
 
 from callbacks.lagged import LaggedFetch
+from callbacks.writers import check_stream
 from trainer.events import Callback, DefaultInterval, last_value
 
 
@@ -46,8 +47,7 @@ class ProgressBar(Callback):
                  plain: bool | None = None, min_seconds: float = 0.5):
         if not isinstance(refresh_every, int) or refresh_every <= 0:
             raise ValueError(f"refresh_every={refresh_every!r} must be a positive integer.")
-        if stream is not None and not callable(getattr(stream, "write", None)):
-            raise TypeError(f"stream must be a text stream with write() (sys.stderr, an open file); got {stream!r}.")
+        check_stream(stream)
         self.refresh_every = refresh_every
         self.stream = stream
         self.plain = plain

@@ -48,6 +48,12 @@ class MetricWriter:
         """Forget what was written after ``step`` (a run resumed from a checkpoint at ``step``)."""
 
 
+def check_stream(stream: Any) -> None:
+    """Refuses a ``stream=`` that cannot be written to (a file name, say), when the writer is built."""
+    if stream is not None and not callable(getattr(stream, "write", None)):
+        raise TypeError(f"stream must be a text stream with write() (sys.stdout, an open file); got {stream!r}.")
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """An image as ``[H, W, C]`` uint8 (float images are taken to be in [0, 1])."""
     image = np.asarray(image)
@@ -77,8 +83,7 @@ class ConsoleWriter(MetricWriter):
     def __init__(self, stream: TextIO | None = None, precision: int = 4):
         if not isinstance(precision, int) or precision < 1:
             raise ValueError(f"precision={precision!r} must be a positive integer (significant digits).")
-        if stream is not None and not callable(getattr(stream, "write", None)):
-            raise TypeError(f"stream must be a text stream with write() (sys.stdout, an open file); got {stream!r}.")
+        check_stream(stream)
         self.stream = stream
         self.precision = precision
 

@@ -316,7 +316,9 @@ def roll_back(trainer: "Trainer", bad_step: int) -> None:
 def save_and_exit(trainer: "Trainer", preemption: Any) -> None:
     """After a preemption signal: save synchronously, fire ``on_fit_end``, exit with 128 + signal."""
     saved = [cb for cb in trainer.checkpoints if cb.save(trainer, wait=True)]
-    trainer.callbacks.dispatch("on_fit_end", trainer)
+    for error in trainer.callbacks.dispatch_all("on_fit_end", trainer):  # the save is done: exit regardless
+        warnings.warn(f"a callback's on_fit_end raised {error!r} after the preemption save", RuntimeWarning,
+                      stacklevel=2)
     where = ", ".join(str(cb.directory) for cb in saved) or "nowhere (the state was not finite)"
     print(f"received {preemption.name}: saved checkpoint step {trainer.step} in {where}; resume with "
           "fit(..., resume=True) (recipes: --resume).", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from trainer.build import check_labels
-from trainer.data import batch_size_of, check_batch_source, pad_batch
+from trainer.data import ArrayLoader, batch_size_of, check_batch_source, pad_batch
 from trainer.preemption import Preempted
 from trainer.state import zeros_like_tree
 from trainer.step import make_eval_step, make_predict_step
@@ -23,11 +23,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
 
 
+def _build_eval_step(trainer: "Trainer") -> None:
+    """The compiled eval step and its pure sums function, made once per trainer."""
+    if trainer._eval_step is None:
+        trainer._eval_sums, trainer._eval_step = make_eval_step(trainer.graphdef, trainer.compute_metrics)
+
+
 def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict[str, float]:
     """Mean of ``trainer.compute_metrics`` over every example of ``data``, between the eval hooks."""
     check_batch_source(data, "evaluate's data")
-    if trainer._eval_step is None:
-        trainer._eval_sums, trainer._eval_step = make_eval_step(trainer.graphdef, trainer.compute_metrics)
+    _build_eval_step(trainer)
     trainer.callbacks.dispatch("on_eval_start", trainer)
     sums, size = None, None
     for batch in data:
@@ -69,8 +74,6 @@ def check_eval_data_fits(trainer: "Trainer") -> None:
     """Traces (shapes only) the evaluation's sums on the first batch of each evaluator's data that can be
     read without side effects (a list, an ``ArrayLoader``), so data the model cannot take fails at the
     start of ``fit`` with its shapes named, not after the first epoch of training."""
-    from trainer.data import ArrayLoader
-
     for evaluator in trainer.evaluators:
         data = evaluator.data
         if isinstance(data, (list, tuple)) and data:
@@ -81,8 +84,7 @@ def check_eval_data_fits(trainer: "Trainer") -> None:
             continue
         if batch is None:
             continue
-        if trainer._eval_step is None:
-            trainer._eval_sums, trainer._eval_step = make_eval_step(trainer.graphdef, trainer.compute_metrics)
+        _build_eval_step(trainer)
         try:  # what the evaluation's first call will trace, on shapes only
             padded, mask = pad_batch(batch, batch_size_of(batch))
             jax.eval_shape(trainer._eval_sums, trainer._state_shapes, padded, mask)

@@ -9,9 +9,7 @@ Example::
 
 from __future__ import annotations
 
-import collections
 import collections.abc
-
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -147,9 +145,10 @@ class Trainer:
         reseed_streams(model, self.seed)
         self._model = model
         self._carry = Carry()  # state and running sums, flat between steps (see trainer.carry)
+        self.step = 0
+        self._step_handed_out: tuple = (None, None)  # the step array last read with trainer.state, at what step
         self.graphdef, self.state = TrainState.create(model, optimizer)
         self._state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
-        self.step = 0
         self.epoch = 0
         self.should_stop = False
         self.stop_reason: str | None = None
@@ -229,12 +228,12 @@ class Trainer:
         from elsewhere, whose step is read); assign one with another step between fits.
         """
         state = self._carry.state
-        self._step_handed_out = (state.step, getattr(self, "step", None))
+        self._step_handed_out = (state.step, self.step)
         return state
 
     @state.setter
     def state(self, value: TrainState) -> None:
-        handed, at_step = getattr(self, "_step_handed_out", (None, None))
+        handed, at_step = self._step_handed_out
         same_step = value.step is handed and at_step == self.step  # read since the last step ran
         self._carry.state = value
         if not same_step:  # max_steps, intervals and checkpoints count with trainer.step
@@ -359,7 +358,8 @@ class Trainer:
             )
             return self.history
         check_batch_source(train_data, "train_data"), check_batch_source(eval_data, "eval_data")
-        if self.max_steps is None and (self.max_epochs or 0) - self.epoch > 1 and isinstance(train_data, collections.abc.Iterator):
+        epochs_left = (self.max_epochs or 0) - self.epoch
+        if self.max_steps is None and epochs_left > 1 and isinstance(train_data, collections.abc.Iterator):
             raise TypeError(f"train_data is a one-pass {type(train_data).__name__}, but max_epochs={self.max_epochs} "
                             "iterates it once an epoch; pass a list or an ArrayLoader, or set max_steps.")
         check_intervals(self)  # again: callbacks appended since, or shared with a trainer of another K

@@ -1,7 +1,8 @@
 """Command-line options from a recipe's config dataclass: one ``--flag`` per field, defaults shown.
 
 Fields of a nested dataclass (such as ``OptimConfig``) become flags of their own, so every option
-of the optimizer is reachable from the command line without being listed twice.
+of the optimizer is reachable from the command line without being listed twice. Fields declared
+with ``trainer.settings.setting`` bounds refuse other values as usage errors that name the flag.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from trainer.events import DefaultInterval
 from trainer.optim import OPTIMIZERS, SCHEDULES
+from trainer.settings import bounds_of, setting_problems
 
 C = TypeVar("C")
 
@@ -45,17 +47,22 @@ def _base_type(annotation: Any) -> tuple[type, bool]:
     return annotation, False
 
 
-def _fields(cls: type) -> list[tuple[dataclasses.Field, Any, str | None]]:
-    """(field, resolved type, name of the nested dataclass field it belongs to or None)."""
+def _fields(cls: type) -> list[tuple[dataclasses.Field, Any, str | None, type]]:
+    """(field, resolved type, name of the nested dataclass field it belongs to or None, the dataclass declaring it)."""
     hints = typing.get_type_hints(cls)
     out = []
     for field in dataclasses.fields(cls):
         kind = hints[field.name]
         if dataclasses.is_dataclass(kind):
-            out += [(inner, t, field.name) for inner, t, _ in _fields(kind)]
+            out += [(inner, t, field.name, owner) for inner, t, _, owner in _fields(kind)]
         else:
-            out.append((field, kind, None))
+            out.append((field, kind, None, cls))
     return out
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a config field: ``max_shift`` -> ``--max-shift``."""
+    return "--" + name.replace("_", "-")
 
 
 def _parse_optional(kind: type):
@@ -69,17 +76,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, help_texts:
     """Adds a ``--field-name`` option for every (nested) field of the dataclass ``cls``."""
     help_texts = help_texts or {}
     defaults = dataclasses.asdict(cls())
-    for field, kind, parent in _fields(cls):
+    for field, kind, parent, owner in _fields(cls):
         default = defaults[parent][field.name] if parent else defaults[field.name]
         base, optional = _base_type(kind)
-        flag = "--" + field.name.replace("_", "-")
+        flag = flag_of(field.name)
         text = help_texts.get(field.name, OPTIM_HELP.get(field.name, ""))
         text = f"{text} (default: %(default)s)".lstrip()
         if base is bool:
             parser.add_argument(flag, dest=field.name, default=default, help=text,
                                 action=argparse.BooleanOptionalAction)
+            continue
+        convert = _parse_optional(base) if optional else base
+        bounds = bounds_of(owner, field.name)
+        if bounds is not None and bounds.choices is not None:  # argparse names the choices itself
+            parser.add_argument(flag, dest=field.name, default=default, type=convert, help=text,
+                                choices=bounds.choices)
         else:
-            convert = _parse_optional(base) if optional else base
             parser.add_argument(flag, dest=field.name, default=default, type=convert, help=text,
                                 metavar=base.__name__.upper())
 
@@ -95,22 +107,29 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
 
 
 def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, description: str,
-                 help_texts: dict[str, str] | None = None) -> C:
-    """Parses ``argv`` into a ``cls`` config; ``--help`` lists every option with its default."""
+                 help_texts: dict[str, str] | None = None,
+                 checks: Sequence[Callable[[C], str | None]] = ()) -> C:
+    """Parses ``argv`` into a ``cls`` config; ``--help`` lists every option with its default.
+
+    Values outside a field's declared bounds (``trainer.settings``), step intervals that do not fit
+    ``--steps-per-execution``, an unwritable ``--export`` and whatever ``checks`` (a config -> problem
+    or None) find are usage errors: the problem on stderr, exit status 2, before anything is built.
+    """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_arguments(parser, cls, help_texts)
     config = config_from_args(cls, parser.parse_args(argv))
-    problem = interval_problem(config) or export_problem(config) or dropout_problem(config)
+    problem = (bounds_problem(config) or interval_problem(config) or export_problem(config)
+               or next((p for p in (check(config) for check in checks) if p), None))
     if problem:
         parser.error(problem)  # a usage line and the problem on stderr, exit status 2
     return config
 
 
-def dropout_problem(config: Any) -> str | None:
-    """A ``--dropout`` outside ``[0, 1)``: 1 drops everything (the model trains to chance), below 0 is no rate."""
-    rate = getattr(config, "dropout", None)
-    if rate is not None and not 0 <= rate < 1:
-        return f"--dropout {rate} must be in [0, 1): the share of activations zeroed while training."
+def bounds_problem(config: Any) -> str | None:
+    """The first option whose value its field's declared bounds refuse, as the command line spells it."""
+    for name, value, bounds in setting_problems(config):
+        why = f": {bounds.why}" if bounds.why else ""
+        return f"{flag_of(name)} {value} {bounds.requirement()}{why}."
     return None
 
 
@@ -137,21 +156,36 @@ def interval_problem(config: Any) -> str | None:
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if isinstance(field.default, DefaultInterval) and not isinstance(value, DefaultInterval) and value % k:
-            flag = "--" + field.name.replace("_", "-")
+            flag = flag_of(field.name)
             return (f"{flag} {value} is not a multiple of --steps-per-execution {k}: callbacks run only between "
                     f"chunks of {k} steps. Use {flag} {max(k, value // k * k)}, or leave it at its default "
                     f"(rounded up to a multiple of {k}).")
     return None
 
 
+class UsageError(ValueError):
+    """An option that fails only once the data is read (a ``--prompt`` character the text never uses):
+    raised inside ``usage_errors``, it is reported like a bad flag."""
+
+
+@contextlib.contextmanager
+def reading_options() -> Iterator[None]:
+    """Reading the files an option names (``--text``, ``--data-dir``): a missing, empty or unreadable one
+    is a usage error (the loaders' messages name the flag), not a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
+
+
 @contextlib.contextmanager
 def usage_errors(prog: str) -> Iterator[None]:
-    """A ``CheckpointError`` (a used workdir without ``--resume``, nothing usable to resume) as a
-    command-line error: the message on stderr and exit status 2, no traceback."""
+    """A ``UsageError`` or a ``CheckpointError`` (a used workdir without ``--resume``, nothing usable
+    to resume) as a command-line error: the message on stderr and exit status 2, no traceback."""
     from trainer.checkpoint_store import CheckpointError
 
     try:
         yield
-    except CheckpointError as err:
+    except (UsageError, CheckpointError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from err

@@ -22,12 +22,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from callbacks import Checkpoint, EpochSummary, Plots, PredictionGrid
+from callbacks.nan_detector import POLICIES
 from recipes.common import fresh_workdir, run_config, standard_callbacks
-from recipes.config_cli import parse_config, usage_errors
+from recipes.config_cli import parse_config, reading_options, usage_errors
 from recipes.datasets import load_mnist_bundled, load_mnist_idx
 from trainer import ArrayLoader, DefaultInterval, Trainer
 from trainer.export import load_model, read_model_info
 from trainer.optim import OptimConfig
+from trainer.settings import setting
 
 
 @dataclasses.dataclass
@@ -45,23 +47,23 @@ class MnistOptim(OptimConfig):
 class MnistConfig:
     """Every setting of the recipe; each is a command-line option."""
 
-    epochs: int = 15
-    batch_size: int = 128
-    max_steps: int | None = None
-    dropout: float = 0.25
-    max_shift: int = 2
+    epochs: int = setting(15, at_least=1)
+    batch_size: int = setting(128, at_least=1)
+    max_steps: int | None = setting(None, at_least=1)
+    dropout: float = setting(0.25, at_least=0, below=1, why="the share of activations zeroed while training")
+    max_shift: int = setting(2, at_least=0, why="pixels of random translation; 0 disables it")
     seed: int = 0
     data_dir: str | None = None
     workdir: str = "runs/mnist"
-    log_every: int = DefaultInterval(50)
-    steps_per_execution: int = 1
+    log_every: int = setting(DefaultInterval(50), at_least=1)
+    steps_per_execution: int = setting(1, at_least=1)
     progress: bool = True
     tensorboard: bool = True
     grad_norm: bool = True
-    nan_policy: str = "raise"
+    nan_policy: str = setting("raise", choices=POLICIES)
     plots: bool = True
     checkpoint: bool = True
-    checkpoint_min_seconds: float | None = 30.0
+    checkpoint_min_seconds: float | None = setting(30.0, at_least=0)
     resume: bool = False
     export: str | None = None
     optim: MnistOptim = dataclasses.field(default_factory=MnistOptim)
@@ -175,7 +177,8 @@ def run(config: MnistConfig) -> float:
     """Trains, evaluates on the test split and returns the test accuracy."""
     started = time.perf_counter()
     config = fresh_workdir(config)
-    train, test = load_data(config)
+    with reading_options():
+        train, test = load_data(config)
     trainer, train_loader, test_loader = build(config, train, test)
     trainer.fit(train_loader, eval_data=test_loader, resume=config.resume)  # ends with a test evaluation
     if "eval/accuracy" not in trainer.eval_metrics:  # resumed a run that had already finished

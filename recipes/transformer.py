@@ -26,10 +26,11 @@ from flax import nnx
 
 from callbacks import Checkpoint, Evaluator, TextSamples
 from recipes.common import fresh_workdir, run_config, standard_callbacks
-from recipes.config_cli import parse_config, usage_errors
+from recipes.config_cli import UsageError, parse_config, reading_options, usage_errors
 from recipes.text import CharVocab, TextWindows, default_corpus, eval_windows, load_text
 from trainer import DefaultInterval, Trainer
 from trainer.optim import OptimConfig
+from trainer.settings import setting
 
 
 @dataclasses.dataclass
@@ -50,26 +51,26 @@ class TransformerConfig:
     """Every setting of the recipe; each is a command-line option."""
 
     text: str | None = None
-    context: int = 128
-    layers: int = 2
-    width: int = 128
-    heads: int = 4
-    dropout: float = 0.05
-    batch_size: int = 32
-    steps: int = 1200
-    eval_every: int = DefaultInterval(300)
+    context: int = setting(128, at_least=1)
+    layers: int = setting(2, at_least=0)
+    width: int = setting(128, at_least=1)
+    heads: int = setting(4, at_least=1)
+    dropout: float = setting(0.05, at_least=0, below=1, why="the share of activations zeroed while training")
+    batch_size: int = setting(32, at_least=1)
+    steps: int = setting(1200, at_least=1)
+    eval_every: int = setting(DefaultInterval(300), at_least=1)
     seed: int = 0
     workdir: str = "runs/transformer"
     prompt: str = "The "
-    sample_every: int = DefaultInterval(600)
-    sample_length: int = 200
-    temperature: float = 0.8
-    top_k: int = 10
-    log_every: int = DefaultInterval(50)
-    steps_per_execution: int = 1
+    sample_every: int = setting(DefaultInterval(600), at_least=1)
+    sample_length: int = setting(200, at_least=1)
+    temperature: float = setting(0.8, above=0, why="small is greedier")
+    top_k: int = setting(10, at_least=1)
+    log_every: int = setting(DefaultInterval(50), at_least=1)
+    steps_per_execution: int = setting(1, at_least=1)
     progress: bool = True
     checkpoint: bool = True
-    checkpoint_min_seconds: float | None = 30.0
+    checkpoint_min_seconds: float | None = setting(30.0, at_least=0)
     resume: bool = False
     export: str | None = None
     optim: TransformerOptim = dataclasses.field(default_factory=TransformerOptim)
@@ -170,6 +171,12 @@ def build(config: TransformerConfig, text: str, callbacks: Sequence | None = Non
 def default_callbacks(config: TransformerConfig, vocab: CharVocab, valid) -> list:
     """The recipe's callbacks as ``config`` chooses them: progress, logging, NaN checks, grad norm, an
     evaluation on ``valid`` every ``eval_every`` steps, text samples, and checkpoints with the evaluations."""
+    if not config.prompt:
+        raise UsageError("--prompt '' is empty: the samples continue it; give at least one character of the text.")
+    unknown = sorted(set(config.prompt) - set(vocab.chars))
+    if unknown:
+        raise UsageError(f"--prompt {config.prompt!r} has characters the training text never uses ({''.join(unknown)!r}): "
+                         "the model has no token for them. Write the prompt with characters of the text.")
     callbacks = [*standard_callbacks(config.workdir or None, log_every=config.log_every, progress=config.progress),
                  Evaluator(valid, every_n_steps=config.eval_every, every_n_epochs=None),
                  TextSamples(config.prompt, encode=vocab.encode, decode=vocab.decode, context=config.context,
@@ -185,7 +192,9 @@ def run(config: TransformerConfig) -> float:
     """Trains; prints and returns the validation bits per character."""
     started = time.perf_counter()
     config = fresh_workdir(config)
-    trainer, train, valid, _ = build(config, load_corpus(config))
+    with reading_options():
+        text = load_corpus(config)
+    trainer, train, valid, _ = build(config, text)
     trainer.fit(train, resume=config.resume)
     evaluated_now = any(ev.last_step == trainer.step for ev in trainer.evaluators)
     metrics = trainer.eval_metrics if evaluated_now else trainer.evaluate(valid, prefix="eval/")
@@ -196,10 +205,19 @@ def run(config: TransformerConfig) -> float:
     return metrics["eval/bpc"]
 
 
+def heads_problem(config: TransformerConfig) -> str | None:
+    """``--heads`` must divide ``--width``: each attention head gets ``width / heads`` dimensions."""
+    if config.width % config.heads:
+        return (f"--heads {config.heads} must divide --width {config.width}: each head gets width / heads "
+                "dimensions (try --heads 4 with --width 128).")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> float:
     """``nnx-train transformer [options]``: parses ``argv`` (``--help`` lists them), runs; the validation bits/char."""
     config = parse_config(TransformerConfig, argv, prog="nnx-train transformer", help_texts=HELP,
-                          description="Train a small character-level transformer language model.")
+                          description="Train a small character-level transformer language model.",
+                          checks=[heads_problem])
     with usage_errors("nnx-train transformer"):
         return run(config)
 

@@ -176,8 +176,32 @@ def test_recipe_smoke_on_bundled_digits_through_python_m(tmp_path):
 
 
 def test_recipe_reports_bad_data_dir(tmp_path):
-    out = run_cli("mnist", "--data-dir", str(tmp_path / "nowhere"))
-    assert out.returncode != 0 and "is not a directory" in out.stderr
+    out = run_cli("mnist", "--data-dir", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "run"))
+    assert out.returncode == 2 and "nnx-train mnist: error: --data-dir" in out.stderr
+    assert "is not a directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_refuses_values_outside_their_range_naming_the_flag(capsys):
+    from recipes.config_cli import parse_config
+    from recipes.mnist import MnistConfig
+
+    refused = {("--max-shift", "-1"): "--max-shift -1 must be >= 0",
+               ("--epochs", "0"): "--epochs 0 must be >= 1",
+               ("--learning-rate", "0"): "--learning-rate 0.0 must be > 0",
+               ("--momentum", "1.5"): "--momentum 1.5 must be in [0, 1)",
+               ("--clip-norm", "-1"): "--clip-norm -1.0 must be > 0",
+               ("--checkpoint-min-seconds", "-5"): "--checkpoint-min-seconds -5.0 must be >= 0",
+               ("--nan-policy", "foo"): "argument --nan-policy: invalid choice: 'foo'",
+               ("--optimizer", "lion"): "argument --optimizer: invalid choice: 'lion'"}
+    for argv, message in refused.items():
+        with pytest.raises(SystemExit) as exit_:
+            parse_config(MnistConfig, list(argv), prog="nnx-train mnist", description="")
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err, argv
+    # the ends of each range and an optional left out are accepted
+    config = parse_config(MnistConfig, ["--max-shift", "0", "--momentum", "0", "--clip-norm", "none",
+                                        "--checkpoint-min-seconds", "0", "--optimizer", "sgd"], prog="p", description="")
+    assert (config.max_shift, config.optim.momentum, config.optim.clip_norm, config.optim.optimizer) == (0, 0.0, None, "sgd")
 
 
 @pytest.mark.slow

@@ -148,6 +148,32 @@ def test_cli_help_lists_every_option():
         assert flag in out.stdout, flag
 
 
+def test_cli_refuses_a_bad_model_shape_prompt_or_text_naming_the_flag(tmp_path, capsys):
+    from recipes.config_cli import parse_config
+    from recipes.transformer import TransformerConfig, heads_problem, main
+
+    for argv, message in {("--width", "-4"): "--width -4 must be >= 1", ("--heads", "0"): "--heads 0 must be >= 1",
+                          ("--heads", "3"): "--heads 3 must divide --width 128",
+                          ("--temperature", "0"): "--temperature 0.0 must be > 0"}.items():
+        with pytest.raises(SystemExit) as exit_:
+            parse_config(TransformerConfig, list(argv), prog="nnx-train transformer", description="",
+                         checks=[heads_problem])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+    (tmp_path / "corpus.txt").write_text("abc abc " * 400)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    small = ["--context", "8", "--layers", "1", "--width", "16", "--heads", "2", "--steps", "2", "--no-progress",
+             "--no-checkpoint", "--workdir", ""]
+    for argv, message in {("--text", str(tmp_path / "corpus.txt"), "--prompt", "Zab"):
+                          "--prompt 'Zab' has characters the training text never uses ('Z')",
+                          ("--text", str(tmp_path / "corpus.txt"), "--prompt", ""): "--prompt '' is empty",
+                          ("--text", str(tmp_path / "latin1.txt")): "is not UTF-8 text",
+                          ("--text", str(tmp_path / "missing.txt")): "missing.txt: no such file"}.items():
+        with pytest.raises(SystemExit) as exit_:
+            main([*small, *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "nnx-train transformer: error: " in err and message in err, (argv, err)
+
+
 @pytest.mark.slow
 def test_recipe_end_to_end_on_a_small_text_file(tmp_path):
     (tmp_path / "corpus.txt").write_text("It was the best of times, it was the worst of times. " * 120)

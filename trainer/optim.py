@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from trainer.settings import setting
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine", "cosine", "exponential")
 
@@ -130,19 +132,23 @@ def make_optimizer(
 
 @dataclasses.dataclass
 class OptimConfig:
-    """Plain optimizer + schedule settings; ``build(total_steps)`` gives the optax transformation."""
+    """Plain optimizer + schedule settings; ``build(total_steps)`` gives the optax transformation.
 
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-3
-    schedule: str = "warmup_cosine"
-    warmup_steps: int = 0
-    end_learning_rate: float = 0.0
-    decay_rate: float = 0.1
-    decay_steps: int | None = None
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
+    Each field declares the values it accepts (``trainer.settings``): a command line built from it
+    refuses the others by flag name before training.
+    """
+
+    optimizer: str = setting("adamw", choices=OPTIMIZERS)
+    learning_rate: float = setting(1e-3, above=0, why="the peak learning rate (try 1e-3)")
+    schedule: str = setting("warmup_cosine", choices=SCHEDULES)
+    warmup_steps: int = setting(0, at_least=0)
+    end_learning_rate: float = setting(0.0, at_least=0)
+    decay_rate: float = setting(0.1, above=0, why="0.1 decays tenfold")
+    decay_steps: int | None = setting(None, at_least=1)
+    weight_decay: float = setting(1e-4, at_least=0)
+    momentum: float = setting(0.9, at_least=0, below=1, why="0.9 is usual; 0 for plain SGD")
     nesterov: bool = False
-    clip_norm: float | None = None
+    clip_norm: float | None = setting(None, above=0, why="the global norm gradients are clipped to")
 
     def make_schedule(self, total_steps: int | None) -> optax.Schedule:
         """The learning-rate schedule of these settings over ``total_steps`` (``make_schedule``)."""

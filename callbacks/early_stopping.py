@@ -25,6 +25,10 @@ class EarlyStopping(Callback):
     every epoch's end (train metrics such as ``loss``). With ``restore_best`` the parameters and
     model state of the best check are put back when it stops the run.
 
+    A monitor nothing reports loses no training: an ``eval/`` metric in a ``fit`` that runs no
+    evaluation is refused at its start; any other name missing from an epoch's logs stops the run
+    after that epoch's checkpoint, and ``fit`` then raises a ``KeyError`` listing the names there are.
+
     Args:
       monitor: metric name, e.g. ``eval/loss``, ``eval/accuracy``, ``loss``.
       mode: ``min`` (lower is better) or ``max``.
@@ -50,6 +54,7 @@ class EarlyStopping(Callback):
         self.stopped_epoch: int | None = None
         self._best_state = None
         self._checked_step: int | None = None
+        self._missing: KeyError | None = None
 
     def _improved(self, value: float) -> bool:
         if self.best is None:
@@ -76,6 +81,13 @@ class EarlyStopping(Callback):
                 f"EarlyStopping: {self.monitor} did not improve for {self.patience} checks; best "
                 f"{self.best:.6g} at step {self.best_step}" + (" (restored)" if self.restore_best else ""))
 
+    def on_fit_start(self, trainer: Any) -> None:
+        self._missing = None
+        if self.monitor.startswith("eval/") and not trainer.evaluators:
+            raise ValueError(f"EarlyStopping monitors {self.monitor!r}, but this fit runs no evaluation: pass "
+                             "eval_data to fit(...) or add an Evaluator callback, or monitor a train metric "
+                             "such as 'loss'.")
+
     def on_eval_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
         if self.monitor in metrics:
             self._check(trainer, float(metrics[self.monitor]))
@@ -83,10 +95,17 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
         if self._checked_step == trainer.step:
             return  # this epoch's evaluation already checked
-        if self.monitor not in logs:
-            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, which no evaluation or epoch reported; "
-                           f"available: {sorted(logs)}. Fix monitor= or add an Evaluator / eval_data.")
+        if self.monitor not in logs:  # stop after this epoch's checkpoint; fit raises at its end
+            self._missing = KeyError(f"EarlyStopping monitors {self.monitor!r}, which no evaluation or epoch "
+                                     f"reported; available: {sorted(logs)}. Fix monitor= or add an Evaluator / "
+                                     "eval_data.")
+            trainer.request_stop(f"EarlyStopping: {self.monitor!r} is not among the epoch's metrics")
+            return
         self._check(trainer, float(logs[self.monitor]))
+
+    def on_fit_end(self, trainer: Any) -> None:
+        if self._missing is not None:
+            raise self._missing
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch,

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from callbacks import (Callback, EarlyStopping, Evaluator, GradNormMonitor, GradNormWarning, NaNDetector,
+from callbacks import (Callback, Checkpoint, EarlyStopping, Evaluator, GradNormMonitor, GradNormWarning, NaNDetector,
                        NonFiniteError)
 from conftest import TinyMLP, make_data
 from trainer import ArrayLoader, Trainer
@@ -198,9 +198,21 @@ def test_early_stopping_on_eval_loss_with_min_delta(data):
     assert trainer.epoch == 2  # no improvement can beat a min_delta of 10
 
 
-def test_early_stopping_unknown_monitor_lists_available(model, data):
-    with pytest.raises(KeyError, match=r"monitors 'eval/los'.*available: \['accuracy', 'loss'\]"):
-        Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[EarlyStopping("eval/los")]).fit(ArrayLoader(data, 32))
+def test_early_stopping_unknown_monitor_lists_available_after_the_epoch_checkpoint(model, data, tmp_path):
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=3, workdir=tmp_path,
+                      callbacks=[EarlyStopping("los"), Checkpoint(async_save=False)])
+    with pytest.raises(KeyError, match=r"monitors 'los'.*available: \['accuracy', 'loss'\]"):
+        trainer.fit(ArrayLoader(data, 32))
+    assert trainer.epoch == 1  # stopped after the first epoch, whose checkpoint was written
+    steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert steps == [trainer.step] and trainer.step == len(ArrayLoader(data, 32))
+
+
+def test_early_stopping_on_an_eval_metric_without_evaluation_is_refused_before_training(model, data):
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[EarlyStopping("eval/loss")])
+    with pytest.raises(ValueError, match="monitors 'eval/loss', but this fit runs no evaluation: pass eval_data"):
+        trainer.fit(ArrayLoader(data, 32))
+    assert trainer.step == 0
 
 
 def test_evaluator_counts_every_example_once_with_batch_128():

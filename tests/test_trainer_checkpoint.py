@@ -77,6 +77,13 @@ def test_resume_true_on_an_empty_workdir_starts_fresh(tmp_path, data):
     assert trainer.step == 3
 
 
+def test_resume_true_with_nowhere_to_look_is_refused_before_training(data):
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=3)  # no workdir, no Checkpoint
+    with pytest.raises(ValueError, match=r"resume=True.*has neither \(workdir=None, no Checkpoint callback\)"):
+        trainer.fit(ArrayLoader(data, 16), resume=True)
+    assert trainer.step == 0
+
+
 def test_explicit_missing_checkpoint_path_is_an_error(tmp_path, data):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         make(tmp_path, 3).fit(ArrayLoader(data, 16), resume=tmp_path / "nowhere")

@@ -232,6 +232,16 @@ def refuse_used_stores(trainer: "Trainer") -> None:
                 "or give this run another workdir or Checkpoint(directory=...), or delete that folder.")
 
 
+def check_resume_source(trainer: "Trainer", resume: bool | str | os.PathLike) -> None:
+    """Refuses ``resume=True`` on a trainer that has nowhere to look for checkpoints, which would
+    otherwise start fresh without a word (an empty workdir does start fresh: the first run of a script)."""
+    if resume is True and not trainer.checkpoints and trainer.workdir is None:
+        raise ValueError("fit(resume=True) continues from the Checkpoint callback's folder or <workdir>/checkpoints, "
+                         "but this trainer has neither (workdir=None, no Checkpoint callback), so nothing could "
+                         "be resumed. Give the Trainer the workdir of the run to continue, or pass "
+                         "resume='path/to/checkpoints'.")
+
+
 def find_store(trainer: "Trainer", resume: bool | str | os.PathLike) -> tuple[CheckpointStore | None, int | None]:
     """The store to resume from and, for a path to one step folder, that step."""
     if resume is True:

@@ -345,7 +345,7 @@ class Trainer:
         with an evaluation whose metrics (``eval/loss``, ...) reach ``on_eval_end``, then ``on_epoch_end``.
 
         ``resume=True`` continues from the newest good checkpoint (of the ``Checkpoint`` callback, or
-        ``<workdir>/checkpoints``; none there: a fresh start); a path resumes from that checkpoint
+        ``<workdir>/checkpoints``; none there: a fresh start; neither: refused); a path resumes from that checkpoint
         folder or step and must exist. With a ``Checkpoint`` callback, SIGTERM / SIGINT end the run
         at the next step boundary with a synchronous save, ``on_fit_end``, and ``SystemExit`` with
         code 143 / 130.
@@ -358,6 +358,7 @@ class Trainer:
             )
             return self.history
         check_batch_source(train_data, "train_data"), check_batch_source(eval_data, "eval_data")
+        checkpointing.check_resume_source(self, resume)
         epochs_left = (self.max_epochs or 0) - self.epoch
         if self.max_steps is None and epochs_left > 1 and isinstance(train_data, collections.abc.Iterator):
             raise TypeError(f"train_data is a one-pass {type(train_data).__name__}, but max_epochs={self.max_epochs} "

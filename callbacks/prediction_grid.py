@@ -19,6 +19,7 @@ import numpy as np
 from callbacks.figures import figure_to_array, new_figure, save_png
 from callbacks.plots import find_logger
 from trainer.events import Callback
+from trainer.inference import prediction_shape
 from trainer.losses import batch_inputs, batch_labels
 
 
@@ -27,8 +28,9 @@ class PredictionGrid(Callback):
 
     Args:
       examples: images ``[N, H, W]`` or ``[N, H, W, C]`` (C of 1, 3 or 4) with integer or one-hot
-        labels; up to 36 are drawn. Anything else is refused here, not after training.
-      class_names: names for the label ids (default: the ids).
+        labels; up to 36 are drawn. Anything else is refused here, and examples the model cannot
+        take (or too few ``class_names``) at the start of ``fit``, not after training.
+      class_names: names for the label ids (default: the ids), one per class the model predicts.
       path: the PNG (default ``<workdir>/plots/predictions.png``).
     """
 
@@ -54,8 +56,25 @@ class PredictionGrid(Callback):
         self.written: Path | None = None
 
     def on_fit_start(self, trainer: Any) -> None:
+        """Refuses, before training, what would fail when drawing at its end: no file, examples the
+        model cannot take or whose predictions are not class scores, labels or names too few for them."""
         if self.path is None and trainer.workdir is None:
             raise ValueError("PredictionGrid needs a file: pass path= or give the Trainer a workdir.")
+        try:
+            out = prediction_shape(trainer, self.images)
+        except ValueError as err:
+            raise ValueError(f"PredictionGrid's examples: {err}") from err
+        shape = getattr(out, "shape", None)
+        if shape is None or len(shape) != 2 or shape[0] != len(self.images):
+            raise ValueError(f"PredictionGrid reads class scores [N, classes] from trainer.predict; for its examples "
+                             f"the model gives {out}. Override Trainer.predict_step to return them.")
+        classes = shape[1]
+        if self.labels.max() >= classes:
+            raise ValueError(f"PredictionGrid's labels go up to {self.labels.max()}, but the model predicts "
+                             f"{classes} classes.")
+        if self.class_names is not None and len(self.class_names) < classes:
+            raise ValueError(f"class_names has {len(self.class_names)} names, but the model predicts {classes} "
+                             "classes; give one name per class.")
 
     def _name(self, label: int) -> str:
         return str(self.class_names[label]) if self.class_names is not None else str(label)

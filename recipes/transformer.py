@@ -168,18 +168,34 @@ def build(config: TransformerConfig, text: str, callbacks: Sequence | None = Non
     return trainer, train, valid, vocab
 
 
+def sample_prompt(config: TransformerConfig, vocab: CharVocab, valid) -> str:
+    """``--prompt``, checked against the vocabulary. The default one (``The ``) on a text without those
+    characters gives way to the validation text's first characters, said on stderr; a prompt given
+    that is empty or holds characters the training text never uses is a ``UsageError``."""
+    prompt = config.prompt
+    unknown = sorted(set(prompt) - set(vocab.chars))
+    default = next(f.default for f in dataclasses.fields(TransformerConfig) if f.name == "prompt")
+    if unknown and prompt == default:
+        start = vocab.decode(valid.arrays["tokens"][0][:len(default)])
+        prompt = "".join(c for c in start if c in vocab.chars) or vocab.chars[0]
+        print(f"the default --prompt {default!r} uses characters the text does not; the samples continue "
+              f"{prompt!r} (the validation text's start) instead", file=sys.stderr, flush=True)
+        return prompt
+    if not prompt:
+        raise UsageError("--prompt '' is empty: the samples continue it; give at least one character of the text.")
+    if unknown:
+        raise UsageError(f"--prompt {prompt!r} has characters the training text never uses ({''.join(unknown)!r}): "
+                         "the model has no token for them. Write the prompt with characters of the text.")
+    return prompt
+
+
 def default_callbacks(config: TransformerConfig, vocab: CharVocab, valid) -> list:
     """The recipe's callbacks as ``config`` chooses them: progress, logging, NaN checks, grad norm, an
     evaluation on ``valid`` every ``eval_every`` steps, text samples, and checkpoints with the evaluations."""
-    if not config.prompt:
-        raise UsageError("--prompt '' is empty: the samples continue it; give at least one character of the text.")
-    unknown = sorted(set(config.prompt) - set(vocab.chars))
-    if unknown:
-        raise UsageError(f"--prompt {config.prompt!r} has characters the training text never uses ({''.join(unknown)!r}): "
-                         "the model has no token for them. Write the prompt with characters of the text.")
+    prompt = sample_prompt(config, vocab, valid)
     callbacks = [*standard_callbacks(config.workdir or None, log_every=config.log_every, progress=config.progress),
                  Evaluator(valid, every_n_steps=config.eval_every, every_n_epochs=None),
-                 TextSamples(config.prompt, encode=vocab.encode, decode=vocab.decode, context=config.context,
+                 TextSamples(prompt, encode=vocab.encode, decode=vocab.decode, context=config.context,
                              every_n_steps=config.sample_every, length=config.sample_length,
                              temperature=config.temperature, top_k=config.top_k, seed=config.seed)]
     if config.checkpoint and config.workdir:

@@ -71,6 +71,28 @@ def test_prediction_grid_refuses_what_it_cannot_draw_at_once_and_reads_one_hot_l
     np.testing.assert_array_equal(grid.labels, [0, 2, 1, 2])
 
 
+def test_prediction_grid_refuses_examples_or_names_that_do_not_fit_the_model_before_training(tmp_path):
+    rng = np.random.default_rng(0)
+    data = {"image": rng.random((32, 8, 8, 1)).astype(np.float32), "label": np.zeros(32, np.int32)}
+    cases = {  # ImageMLP takes 8x8x1 images and predicts 3 classes
+        r"PredictionGrid's examples: the model cannot take inputs of shapes \(4, 6, 6, 1\)":
+            PredictionGrid({"image": np.zeros((4, 6, 6, 1), np.float32), "label": np.zeros(4, np.int32)}),
+        "class_names has 2 names, but the model predicts 3 classes":
+            PredictionGrid({"image": data["image"][:4], "label": np.zeros(4, np.int32)}, class_names=["a", "b"]),
+        "labels go up to 5, but the model predicts 3 classes":
+            PredictionGrid({"image": data["image"][:4], "label": np.array([0, 1, 2, 5], np.int32)}),
+    }
+    for message, grid in cases.items():
+        trainer = Trainer(ImageMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=2, workdir=tmp_path, callbacks=[grid])
+        with pytest.raises(ValueError, match=message):
+            trainer.fit(ArrayLoader(data, 16))
+        assert trainer.step == 0 and not (tmp_path / "plots").exists()
+    grid = PredictionGrid({"image": data["image"][:4], "label": np.zeros(4, np.int32)}, class_names=["a", "b", "c"])
+    Trainer(ImageMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=2, workdir=tmp_path, callbacks=[grid]).fit(
+        ArrayLoader(data, 16))
+    assert grid.written == tmp_path / "plots" / "predictions.png" and grid.written.is_file()
+
+
 def test_plots_need_a_folder(data):
     with pytest.raises(ValueError, match="Plots needs a folder"):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, callbacks=[Plots()]).fit(ArrayLoader(data, 32))

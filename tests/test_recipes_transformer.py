@@ -188,5 +188,7 @@ def test_recipe_end_to_end_on_a_small_text_file(tmp_path):
     assert last.startswith("validation bits per character: ") and float(last.split(": ")[1]) < 4.0
     assert "samples/text:" in out.stdout
     assert (tmp_path / "run" / "checkpoints" / "step_40").is_dir()
+    # the text has no 'T': the default prompt "The " gives way to the validation text's start, said on stderr
+    assert "the default --prompt 'The ' uses characters the text does not; the samples continue" in out.stderr
     # --steps-per-execution 4: the default --log-every 50 rounds up to 52, said on stderr
     assert "MetricsLogger(log_every=50, a default) runs every 52 steps" in out.stderr

@@ -150,3 +150,48 @@ def test_labels_of_the_wrong_dtype_or_shape_are_named_before_the_device(model, d
     with pytest.raises(ValueError, match=expected):
         trainer.fit(ArrayLoader({"x": data["x"], "label": labels}, 32, shuffle=False))
     assert trainer.step == 0
+
+
+def _batches(data, feature_counts):
+    """One batch of 16 per entry, with that many input features (the first ``din`` are the data's)."""
+    out = []
+    for i, count in enumerate(feature_counts):
+        x = np.zeros((16, count), np.float32)
+        x[:, :min(count, 8)] = data["x"][16 * i:16 * i + 16, :min(count, 8)]
+        out.append({"x": x, "label": data["label"][16 * i:16 * i + 16]})
+    return out
+
+
+def test_a_batch_whose_shape_the_model_cannot_take_names_both_shapes(model, data):
+    with pytest.warns(UserWarning, match=r"batch 1\) has shapes .*\(16, 5\) float32.*compiles again"), \
+            pytest.raises(ValueError, match=r"step 2 \(epoch 0, batch 1\) has shapes \{'label': \(16,\) int32, "
+                                            r"'x': \(16, 5\) float32\}, unlike the first batch's \{'label': \(16,\) "
+                                            r"int32, 'x': \(16, 8\) float32\}.*the step fails on them with TypeError"):
+        Trainer(model, optax.sgd(0.1), max_epochs=1).fit(_batches(data, [8, 5]))
+
+
+def test_a_new_shape_the_model_takes_compiles_again_with_one_warning_per_shape(data):
+    from flax import nnx
+
+    class MeanOverFeatures(nnx.Module):  # takes any number of input features
+        def __init__(self, *, rngs):
+            self.out = nnx.Linear(1, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(x.mean(axis=-1, keepdims=True))
+
+    trainer = Trainer(MeanOverFeatures(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=2)
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(_batches(data, [8, 6, 6, 8, 4]))
+    changes = [str(w.message) for w in caught if "compiles again" in str(w.message)]
+    assert len(changes) == 2 and "(16, 6) float32" in changes[0] and "(16, 4) float32" in changes[1]
+    assert trainer.step == 10  # every batch of both epochs trained; the second epoch warned no more
+
+
+def test_batches_of_different_shapes_in_one_fused_chunk_are_refused(model, data):
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=1, steps_per_execution=2)
+    with pytest.warns(UserWarning), pytest.raises(
+            ValueError, match=r"step 2 \(epoch 0, batch 1\) has shapes .*\(16, 5\).*steps_per_execution=2 stacks it "
+                              r"with a batch of shapes .*\(16, 8\)"):
+        trainer.fit(_batches(data, [8, 5]))
+    assert trainer.step == 0

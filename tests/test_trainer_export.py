@@ -49,6 +49,18 @@ def test_damaged_export_fails_its_checksum(data, tmp_path):
         load_model(path, TinyMLP(rngs=nnx.Rngs(0)))
 
 
+def test_a_damaged_weights_folder_or_model_json_is_a_checkpoint_error(data, tmp_path):
+    _, path = trained(data, tmp_path)
+    files = sorted((f for f in (path / "weights").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    for f in files[-3:]:  # the largest: the array data and orbax's metadata
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"export the model again"):
+        load_model(path, TinyMLP(rngs=nnx.Rngs(0)))
+    (path / "model.json").write_text('{"format": 1, "leaves": [')
+    with pytest.raises(CheckpointError, match=r"model.json is damaged \(not JSON"):
+        load_model(path, TinyMLP(rngs=nnx.Rngs(0)))
+
+
 def test_not_an_export(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model export"):
         load_model(tmp_path, TinyMLP(rngs=nnx.Rngs(0)))

@@ -179,6 +179,25 @@ def batch_size_of(batch: Any) -> int:
     return sizes.pop()
 
 
+def batch_shapes(batch: Any) -> tuple:
+    """What the compiled step depends on besides the batch size: the batch's structure and each array's
+    shape past the batch axis and dtype (runs per batch: a fast path for a flat dict of numpy arrays)."""
+    if type(batch) is dict and all(type(a) is np.ndarray for a in batch.values()):
+        return tuple(sorted((key, a.shape[1:], a.dtype) for key, a in batch.items()))
+    leaves, treedef = jax.tree.flatten(batch)
+    return (treedef, *((np.shape(x)[1:], getattr(x, "dtype", type(x))) for x in leaves))
+
+
+def describe_shapes(batch: Any) -> str:
+    """A batch's array shapes and dtypes for a message: ``{'x': (32, 3) float32, 'label': (32,) int32}``."""
+    return str(jax.tree.map(lambda a: _Shown(f"{tuple(np.shape(a))} {getattr(a, 'dtype', type(a).__name__)}"), batch))
+
+
+class _Shown(str):
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def pad_batch(batch: Any, size: int) -> tuple[Any, np.ndarray]:
     """Pad every array of ``batch`` to ``size`` rows (repeating row 0) and a mask of real rows.
 

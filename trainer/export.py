@@ -22,8 +22,8 @@ from typing import Any, Mapping
 import jax
 from flax import nnx
 
-from trainer.checkpoint_store import (check_structure, expected_leaves, flatten, orbax_checkpoint, unflatten,
-                                     verify_checksums)
+from trainer.checkpoint_store import (CheckpointError, check_structure, expected_leaves, flatten, orbax_checkpoint,
+                                     unflatten, verify_checksums)
 
 INFERENCE_STATE = nnx.Not(nnx.RngState)
 """What inference needs: every variable but the RNG streams (parameters, batch statistics...)."""
@@ -55,22 +55,36 @@ def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
     info_path = Path(path) / "model.json"
     if not info_path.exists():
         raise FileNotFoundError(f"{path} is not a model export (no model.json); write one with trainer.save_model.")
-    return json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{info_path} is damaged (not JSON: {err}); export the model again.") from err
+    if not isinstance(info, dict) or not isinstance(info.get("leaves"), list):
+        raise CheckpointError(f"{info_path} is damaged (no list of arrays under 'leaves'); export the model again.")
+    return info
 
 
 def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
     """Loads an export into ``model`` (built like the saved one) and returns the module.
 
     Raises:
-      CheckpointError: the module's structure differs (names the path and both shapes) or an array
-        fails its checksum.
+      CheckpointError: the module's structure differs (names the path and both shapes), an array
+        fails its checksum, or ``model.json`` or the weights are damaged.
     """
     path = Path(path).absolute()
     info = read_model_info(path)
     graphdef, state, rest = nnx.split(model, INFERENCE_STATE, ...)
     check_structure(f"the export in {path}", info["leaves"], expected_leaves(state), "model")
     abstract = {d["name"]: jax.ShapeDtypeStruct(tuple(d["shape"]), d["dtype"]) for d in info["leaves"]}
-    arrays = orbax_checkpoint().StandardCheckpointer().restore(path / "weights", abstract)
+    checkpointer = orbax_checkpoint().StandardCheckpointer()
+    try:
+        arrays = checkpointer.restore(path / "weights", abstract)
+    except Exception as err:  # noqa: BLE001 - orbax / tensorstore errors of a damaged folder, named plainly
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"the export in {path} cannot be read, its weights folder damaged or incomplete "
+                              f"({type(err).__name__}: {first[:300]}); export the model again.") from err
+    finally:
+        checkpointer.close()
     verify_checksums(f"the export in {path}", arrays, info["leaves"])
     restored = unflatten(state, arrays, info["leaves"])
     return nnx.merge(graphdef, jax.device_put(restored), rest)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from trainer.data import batch_size_of, pad_batch
+from trainer.data import batch_shapes, batch_size_of, describe_shapes, pad_batch
 
 RAGGED = ("drop", "pad")
 MASK_KEY = "mask"
@@ -36,6 +36,7 @@ class Execution:
     positions: list[int]  # epoch position of each batch trained on
     end_position: int  # epoch position after the last batch consumed (skipped ones included)
     sizes: list[int]  # real examples in each batch
+    new_shapes: str | None = None  # set when its shapes differ from the first batch's: what changed
 
 
 @dataclasses.dataclass
@@ -51,6 +52,7 @@ class FeedPlan:
     ragged: str = "drop"
     full_size: int | None = None  # the batch size every execution is compiled for
     check: Callable[[Any, str], None] | None = None  # host check of a batch (labels), may raise
+    shapes: "CompiledShapes" = dataclasses.field(default_factory=lambda: CompiledShapes())  # kept across epochs
 
 
 def stack(batches: list[Any]) -> Any:
@@ -77,15 +79,41 @@ def with_mask(batch: Any, mask: np.ndarray) -> Any:
     return {**batch, MASK_KEY: mask}
 
 
+@dataclasses.dataclass
+class CompiledShapes:
+    """The shapes (``batch_shapes``) of the first batch, which the step was compiled for, and the
+    others met since: each of those compiles the step again, so each is warned about once."""
+
+    first: tuple | None = None
+    described: str | None = None
+    others: set = dataclasses.field(default_factory=set)
+
+    def change(self, batch: Any, where: str) -> tuple[tuple, str | None]:
+        """``batch``'s shapes, and ``None`` when they are the first batch's, else what changed."""
+        shapes = batch_shapes(batch)
+        if self.first is None:
+            self.first, self.described = shapes, describe_shapes(batch)
+        if shapes == self.first:
+            return shapes, None
+        change = (f"{where} has shapes {describe_shapes(batch)}, unlike the first batch's {self.described} "
+                  "(only the batch size of an epoch's last batch may differ)")
+        if shapes not in self.others:
+            self.others.add(shapes)
+            warnings.warn(f"{change}: the step compiles again for them. Give every batch the same shapes (pad "
+                          "variable-length inputs to one length) to compile once.", stacklevel=3)
+        return shapes, change
+
+
 def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
     """Cuts ``batches`` (the epoch from ``plan.position``) into executions, see the module docstring."""
     k, step, position = plan.steps_per_execution, plan.step, plan.position
-    pending: list[tuple[int, Any, int]] = []  # (position, batch, real size)
+    pending: list[tuple[int, Any, int, str | None]] = []  # (position, batch, real size, shape change)
+    pending_shapes = None
     warned = False
 
     def single(item) -> Execution:
-        pos, batch, size = item
-        return Execution(batch, 1, False, [pos], pos + 1, [size])
+        pos, batch, size, change = item
+        return Execution(batch, 1, False, [pos], pos + 1, [size], change)
 
     while plan.max_steps is None or step + len(pending) < plan.max_steps:
         try:
@@ -102,8 +130,10 @@ def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
         if size > full:
             raise ValueError(f"batch {pos} of epoch {plan.epoch} has {size} examples, more than the first "
                              f"batch ({full}); only the last batch of an epoch may differ (be smaller).")
+        where = f"step {step + len(pending) + 1} (epoch {plan.epoch}, batch {pos})"
         if plan.check is not None:
-            plan.check(batch, f"step {step + len(pending) + 1} (epoch {plan.epoch}, batch {pos})")
+            plan.check(batch, where)
+        shapes, change = plan.shapes.change(batch, where)
         if plan.ragged == "pad":
             padded, mask = pad_batch(batch, full)
             batch = with_mask(padded, mask)
@@ -116,13 +146,19 @@ def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
         aligned = k > 1 and step % k == 0 and (plan.max_steps is None or step + k <= plan.max_steps)
         if not pending and not aligned:
             step += 1
-            yield single((pos, batch, size))
+            yield single((pos, batch, size, change))
             continue
-        pending.append((pos, batch, size))
+        if not pending:
+            pending_shapes = shapes
+        elif shapes != pending_shapes:
+            raise ValueError(f"{where} has shapes {describe_shapes(batch)}, but steps_per_execution={k} stacks it "
+                             f"with a batch of shapes {describe_shapes(pending[0][1])} into one execution; give "
+                             "every batch the same shapes (pad variable-length inputs to one length).")
+        pending.append((pos, batch, size, change))
         if len(pending) == k:
             step += k
-            yield Execution(stack([b for _, b, _ in pending]), k, True, [p for p, _, _ in pending],
-                            pos + 1, [n for _, _, n in pending])
+            yield Execution(stack([b for _, b, _, _ in pending]), k, True, [p for p, _, _, _ in pending],
+                            pos + 1, [n for _, _, n, _ in pending], next((c for *_, c in pending if c), None))
             pending = []
     for item in pending:  # the epoch ended before a full chunk: single steps
         step += 1

@@ -70,6 +70,19 @@ def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
 
 
+def prediction_shape(trainer: "Trainer", batch: Any) -> Any:
+    """The shapes (``jax.ShapeDtypeStruct``) ``trainer.predict`` would give for ``batch``, traced without
+    running; an input the model cannot take raises a ``ValueError`` naming its shapes."""
+    if trainer._predict_step is None:
+        trainer._predict_step = make_predict_step(trainer.graphdef, trainer.predict_step)
+    try:
+        return jax.eval_shape(trainer._predict_step, trainer._state_shapes, batch)
+    except Exception as err:  # noqa: BLE001 - whatever the model raised, named with the batch's shapes
+        shapes = jax.tree.map(lambda a: tuple(np.shape(a)), batch)
+        raise ValueError(f"the model cannot take inputs of shapes {shapes}: predicting them fails with "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+
+
 def check_eval_data_fits(trainer: "Trainer") -> None:
     """Traces (shapes only) the evaluation's sums on the first batch of each evaluator's data that can be
     read without side effects (a list, an ``ArrayLoader``), so data the model cannot take fails at the

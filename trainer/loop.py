@@ -51,7 +51,7 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
     trainer.callbacks.dispatch("on_epoch_start", trainer, epoch)
     plan = FeedPlan(epoch, trainer.position, trainer.step, trainer.steps_per_execution, trainer.max_steps,
                     frozenset(trainer.skip_batches), trainer.ragged_batches, trainer.compiled_batch_size,
-                    trainer.check_batch)
+                    trainer.check_batch, trainer._compiled_shapes)
     depth = trainer.prefetch if trainer.prefetch_in_use is None else trainer.prefetch_in_use
     custom_placement = type(trainer).place_batch is not _trainer_class().place_batch  # e.g. sharding
     feed = Feed(executions(trainer.data_iterator, plan), depth, lambda e: _placed(trainer, e),
@@ -110,7 +110,13 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
     steps = trainer._train_steps
     run = steps.fused if execution.stacked else steps.single
     started = time.perf_counter()
-    metrics = trainer._carry.run(run, execution.batch)
+    try:
+        metrics = trainer._carry.run(run, execution.batch)
+    except Exception as err:
+        if execution.new_shapes is None:
+            raise
+        raise ValueError(f"{execution.new_shapes}, and the step fails on them with {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from err
     if run not in trainer._compiled:  # the first call traces and compiles before it dispatches
         trainer._compiled.add(run)
         trainer.compile_seconds += time.perf_counter() - started

@@ -28,6 +28,7 @@ from trainer.checkpoint import Checkpoint
 from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
+from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, run_epoch
 from trainer.options import check_options
 from trainer.optim import current_learning_rate
@@ -162,6 +163,7 @@ class Trainer:
         self.last_batch_size = self.last_examples = 0
         self.execution_steps = 1
         self.compiled_batch_size: int | None = None
+        self._compiled_shapes = CompiledShapes()  # the train batches' shapes, checked on the host
         self._halt_after: int | None = None
         self.position = 0  # batches consumed in the current epoch
         self.restored_data_state: dict | None = None

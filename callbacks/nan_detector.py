@@ -76,7 +76,8 @@ class NaNDetector(Callback):
                 checkpoint.save(trainer, wait=True)  # a starting point, in case the first steps go bad
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
-        self._check(trainer)
+        if self._check(trainer):
+            return  # rolling back: this step's counter belongs to the state being discarded
         self._newest = metrics["nonfinite_total"]
         if step % self.check_every == 0:
             self._fetch.push(step, self._newest)
@@ -87,7 +88,9 @@ class NaNDetector(Callback):
     def on_fit_end(self, trainer: Any) -> None:
         self._check(trainer, now=True)
 
-    def _check(self, trainer: Any, now: bool = False) -> None:
+    def _check(self, trainer: Any, now: bool = False) -> bool:
+        """Reads the device's counter (the newest that arrived, or ``now`` the last step's); acts on new
+        bad steps. True when it requested a rollback."""
         if now:
             # The last step's counter: at an epoch's or the fit's end the loop has just waited for the
             # epoch's metrics, so this read waits for nothing and, unlike ``trainer.state``, rebuilds
@@ -100,42 +103,49 @@ class NaNDetector(Callback):
             while newest is not None:  # the counter only grows: the newest value that arrived says it all
                 popped, newest = newest, self._fetch.pop(block=False)
             if popped is None:
-                return
+                return False
             total = int(last_value(popped[1]))
         if total <= self.skipped:
-            return
+            return False
         guard = jax.device_get(trainer.state.guard)
         if bool(guard["halted"]):
             if self.policy == "rollback" and len(self.rollbacks) < self.max_rollbacks:
                 bad_step = int(guard["halt_step"])
                 self.rollbacks.append(bad_step)
-                warnings.warn(f"{self._message(guard).split('. ')[0]}: rolling back to the newest good "
+                warnings.warn(f"{self._head(guard, rolling_back=True)}: rolling back to the newest good "
                               f"checkpoint and skipping that batch (rollback {len(self.rollbacks)} of "
                               f"{self.max_rollbacks}).", RuntimeWarning, stacklevel=2)
                 trainer.request_rollback(bad_step)
-                self.skipped, self._newest = 0, None  # the counter restarts with the restored state
-                return
+                # the counter restarts with the restored state: counters read from the discarded one
+                # (still in flight) would otherwise pass for skips and hide the next bad step
+                self.skipped, self._newest = 0, None
+                self._fetch.clear()
+                return True
             raise NonFiniteError(self._message(guard))
         warnings.warn(f"skipped {total - self.skipped} step(s) with a non-finite loss or gradients "
                       f"(total {total}) up to step {trainer.step}.", RuntimeWarning, stacklevel=2)
         self.skipped = total
+        return False
 
     def _message(self, guard: Mapping[str, Any]) -> str:
+        return (f"{self._head(guard)}. The parameters and optimizer state are those from before that step; nothing "
+                "non-finite was written. Lower the learning rate, clip gradients (clip_norm), or check "
+                "that batch's data.")
+
+    def _head(self, guard: Mapping[str, Any], rolling_back: bool = False) -> str:
+        """What went wrong where: ``non-finite loss at step 8 (learning rate 0.01)``."""
         kind = int(guard["halt_kind"])
         what = " and ".join(name for bit, name in ((BAD_LOSS, "loss"), (BAD_GRADS, "gradients")) if kind & bit)
         lr = float(guard["halt_lr"])
         lr_text = f"learning rate {lr:.4g}" if not math.isnan(lr) else "learning rate unknown (not injected)"
         step = int(guard["halt_step"])
+        if rolling_back or self.policy == "raise":
+            return f"non-finite {what} at step {step} ({lr_text})"
         if self.policy == "rollback":
-            head = f"non-finite {what} at step {step} ({lr_text}) after {len(self.rollbacks)} rollback{'' if len(self.rollbacks) == 1 else 's'}"
-        elif self.policy == "raise":
-            head = f"non-finite {what} at step {step} ({lr_text})"
-        else:
-            head = (f"{self.max_consecutive_skips} steps in a row had non-finite values, the last at step "
-                    f"{step}: non-finite {what} ({lr_text})")
-        return (f"{head}. The parameters and optimizer state are those from before that step; nothing "
-                "non-finite was written. Lower the learning rate, clip gradients (clip_norm), or check "
-                "that batch's data.")
+            count = len(self.rollbacks)
+            return f"non-finite {what} at step {step} ({lr_text}) after {count} rollback{'' if count == 1 else 's'}"
+        return (f"{self.max_consecutive_skips} steps in a row had non-finite values, the last at step "
+                f"{step}: non-finite {what} ({lr_text})")
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped, "rollbacks": list(self.rollbacks)}

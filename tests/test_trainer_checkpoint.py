@@ -266,6 +266,25 @@ def test_nan_rollback_restores_skips_the_bad_batch_and_matches_a_clean_run(tmp_p
         assert folder.name.startswith("step_")
 
 
+@pytest.mark.parametrize("check_every", [1, 2])
+def test_nan_rollback_catches_every_later_bad_step_too(tmp_path, check_every):
+    data = make_data(n=64)
+    x = data["x"].copy()
+    x[3 * 8] = np.nan  # the batch at position 3 of every epoch goes bad (no shuffling)
+    loader = ArrayLoader({"x": x, "label": data["label"]}, 8, shuffle=False)
+    detector = NaNDetector(policy="rollback", check_every=check_every)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=3, workdir=tmp_path,
+                      callbacks=[detector, Checkpoint(every_n_epochs=1, async_save=False)])
+    with pytest.warns(RuntimeWarning, match="rolling back"):
+        trainer.fit(loader)
+    # one rollback an epoch, each from the bad batch; every other batch trained on
+    assert len(detector.rollbacks) == 3 and trainer.skip_batches == {(0, 3), (1, 3), (2, 3)}
+    assert trainer.step == 21 and not bool(jax.device_get(trainer.state.guard["halted"]))
+    assert all(np.isfinite(h["loss"]) for h in trainer.history) and len(trainer.history) == 3
+    steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert steps[-1] == 21
+
+
 def test_nan_rollback_gives_up_after_max_rollbacks(tmp_path, data):
     x = data["x"].copy()
     x[32:] = np.nan  # every batch from the third on is bad

@@ -89,7 +89,7 @@ class EarlyStopping(Callback):
                              "such as 'loss'.")
 
     def on_eval_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
-        if self.monitor in metrics:
+        if trainer.fitting and self.monitor in metrics:  # not an evaluate() called after the run
             self._check(trainer, float(metrics[self.monitor]))
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:

@@ -28,8 +28,11 @@ class MetricsLogger(Callback):
     """Writes means of the step metrics every ``log_every`` steps, and every evaluation's metrics.
 
     Args:
-      writers: ``MetricWriter`` instances (console, JSONL, CSV, TensorBoard).
+      writers: ``MetricWriter`` instances (console, JSONL, CSV, TensorBoard), or one of them.
       log_every: steps per logged window.
+
+    An evaluation without a prefix (``trainer.evaluate(data)``, whose names are the train metrics'
+    own: ``loss``) is not logged; ``evaluate(data, prefix="test/")`` is, at the trainer's step.
 
     At the start of ``fit`` the trainer's ``config`` goes to every writer (``write_hparams``).
     Host values that other callbacks hand over with ``trainer.record`` join the next window.
@@ -42,10 +45,11 @@ class MetricsLogger(Callback):
     def __init__(self, writers: Iterable[MetricWriter], log_every: int = DefaultInterval(50)):
         if not isinstance(log_every, int) or log_every <= 0:
             raise ValueError(f"log_every={log_every!r} must be a positive integer.")
-        self.writers = list(writers)
+        self.writers = [writers] if isinstance(writers, MetricWriter) else list(writers)
         for writer in self.writers:
             if not isinstance(writer, MetricWriter):
-                raise TypeError(f"writers must be MetricWriter instances; got {type(writer).__name__}.")
+                raise TypeError(f"writers must be MetricWriter instances; got {type(writer).__name__}. A writer "
+                                "of your own subclasses callbacks.MetricWriter (write_scalars, ...).")
         self.log_every = log_every
         self.history: list[tuple[int, dict[str, float]]] = []
         self.last_logged_step = 0
@@ -68,6 +72,8 @@ class MetricsLogger(Callback):
             self._fetch.push(step, trainer.take_metric_sums(self._key, packed=True))
 
     def on_eval_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
+        if not trainer.eval_prefix:  # ``trainer.evaluate(data)``: its names are the train metrics' own
+            return
         self._write_pending(trainer)
         self.write_scalars(trainer.step, metrics)
 

@@ -58,6 +58,23 @@ def test_eval_metrics_are_written_at_their_step(model, data):
     assert evals[-1][1] == pytest.approx(trainer.eval_metrics["eval/loss"])
 
 
+def test_an_evaluation_after_fit_is_logged_only_under_a_prefix_and_early_stopping_ignores_it(model, data):
+    from callbacks import EarlyStopping
+
+    memory = Memory()
+    stopper = EarlyStopping(monitor="loss", patience=1)
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=2, callbacks=[MetricsLogger(memory, log_every=3), stopper])
+    trainer.fit(ArrayLoader(data, 32))
+    written, checks = list(memory.scalars), (stopper.best, stopper.best_step, stopper.wait)
+    assert not trainer.fitting and [s for s, _ in written] == [3, 6]
+    bare = trainer.evaluate(ArrayLoader(data, 32, shuffle=False))  # named like the train metrics: not logged
+    assert memory.scalars == written and trainer.eval_prefix == ""
+    assert (stopper.best, stopper.best_step, stopper.wait) == checks  # and not an EarlyStopping check
+    trainer.evaluate(ArrayLoader(data, 32, shuffle=False), prefix="test/")
+    assert memory.scalars[-1] == (6, {"test/loss": pytest.approx(bare["loss"]),
+                                      "test/accuracy": pytest.approx(bare["accuracy"])})
+
+
 def test_hundred_step_fit_with_default_callbacks_makes_two_logging_transfers(monkeypatch):
     """No per-step host sync: logging reads the device twice in 100 steps with log_every=50."""
     data = make_data(n=1600)

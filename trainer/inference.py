@@ -33,6 +33,7 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
     """Mean of ``trainer.compute_metrics`` over every example of ``data``, between the eval hooks."""
     check_batch_source(data, "evaluate's data")
     _build_eval_step(trainer)
+    trainer.eval_prefix = prefix
     trainer.callbacks.dispatch("on_eval_start", trainer)
     sums, size = None, None
     for batch in data:

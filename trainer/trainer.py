@@ -155,6 +155,8 @@ class Trainer:
         self.stop_reason: str | None = None
         self.history: list[dict[str, float]] = []
         self.eval_metrics: dict[str, float] = {}
+        self.eval_prefix = ""  # the prefix of the evaluation under way (or last run)
+        self.fitting = False  # True while fit trains: from before on_fit_start until on_fit_end
         self.probes: list[Probe] = []
         self.metric_reductions: dict[str, str] = {}
         self.pending_logs: dict[str, tuple[int, float]] = {}  # name -> (step recorded at, value)
@@ -374,6 +376,7 @@ class Trainer:
         check_eval_data_fits(self)
         if self.checkpoints:
             self._preemption.install()
+        self.fitting = True
         try:
             self.callbacks.dispatch("on_fit_start", self)
             if resume is not False:
@@ -391,6 +394,7 @@ class Trainer:
                               stacklevel=2)
             raise
         finally:
+            self.fitting = False
             self._preemption.uninstall()
             self._fit_evaluators = []
             _ = self.model  # the caller's module holds the trained state, even after an error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -195,3 +196,43 @@ def test_batches_of_different_shapes_in_one_fused_chunk_are_refused(model, data)
                               r"with a batch of shapes .*\(16, 8\)"):
         trainer.fit(_batches(data, [8, 5]))
     assert trainer.step == 0
+
+
+def test_a_second_trainer_of_the_same_module_leaves_the_first_and_earlier_snapshots_valid(data):
+    from flax import nnx
+
+    from conftest import TinyMLP
+
+    model = TinyMLP(rngs=nnx.Rngs(0))
+    before = nnx.state(model, nnx.Param)  # a snapshot taken before any training
+    first = Trainer(model, optax.adam(1e-2), max_epochs=1)
+    first.fit(ArrayLoader(data, 32))
+    first_params = jax.tree.map(np.asarray, nnx.state(first.model, nnx.Param))
+    second = Trainer(model, optax.adam(1e-3), max_epochs=2)  # fine-tuning the same module
+    second.fit(ArrayLoader(data, 32))
+    assert np.isfinite(float(jax.tree.leaves(before)[0].sum()))  # not donated by either trainer
+    assert first.evaluate(ArrayLoader(data, 32, shuffle=False))["loss"] > 0  # the first trainer still works
+    np.testing.assert_array_equal(jax.tree.leaves(first_params)[0],
+                                  np.asarray(jax.tree.leaves(first.state.params)[0]))
+    assert model(data["x"][:2]).shape == (2, 3)
+
+
+def test_a_state_used_up_by_a_later_step_is_refused_when_assigned(model, data):
+    from callbacks import Callback
+
+    class Keep(Callback):
+        kept = copied = None
+
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 0:
+                self.kept = trainer.state
+                self.copied = jax.tree.map(jnp.copy, trainer.state)
+
+    keep = Keep()
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=2, callbacks=[keep])
+    trainer.fit(ArrayLoader(data, 32))
+    with pytest.raises(ValueError, match="holds arrays a later step has reused.*jax.tree.map\\(jnp.copy"):
+        trainer.state = keep.kept
+    assert trainer.step == 6
+    trainer.state = keep.copied  # a copy is fine, and the step follows it
+    assert trainer.step == 3

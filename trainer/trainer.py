@@ -148,7 +148,13 @@ class Trainer:
         self._carry = Carry()  # state and running sums, flat between steps (see trainer.carry)
         self.step = 0
         self._step_handed_out: tuple = (None, None)  # the step array last read with trainer.state, at what step
-        self.graphdef, self.state = TrainState.create(model, optimizer)
+        self.graphdef, state = TrainState.create(model, optimizer)
+        # The trainer's own copy of the module's arrays, which the step donates (reuses): arrays held
+        # elsewhere (another trainer of this module, a snapshot taken before) stay valid. The module
+        # is pointed at the copy, so the originals are freed unless someone else holds them.
+        params, model_state = jax.device_put((state.params, state.model_state), may_alias=False)
+        nnx.update(model, params, model_state)
+        self.state = state.replace(params=params, model_state=model_state)
         self._state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
         self.epoch = 0
         self.should_stop = False
@@ -229,7 +235,9 @@ class Trainer:
         but do it at an interval, not every step, in a callback that must stay off the hot path).
         ``trainer.step`` follows an assigned state's ``step``: free for a state made from the one
         last read (``trainer.state.replace(params=...)``), a wait for the device otherwise (a state
-        from elsewhere, whose step is read); assign one with another step between fits.
+        from elsewhere, whose step is read); assign one with another step between fits. A state read
+        here is valid until the next step, which reuses (donates) its arrays: keep
+        ``jax.tree.map(jnp.copy, trainer.state)`` to assign later; a used-up one is refused.
         """
         state = self._carry.state
         self._step_handed_out = (state.step, self.step)
@@ -237,6 +245,11 @@ class Trainer:
 
     @state.setter
     def state(self, value: TrainState) -> None:
+        if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(value)):
+            raise ValueError("the state assigned to trainer.state holds arrays a later step has reused (the train "
+                             "step donates its input buffers, so a state read from trainer.state is valid only "
+                             "until the next step). Keep a copy to assign later: "
+                             "saved = jax.tree.map(jnp.copy, trainer.state).")
         handed, at_step = self._step_handed_out
         same_step = value.step is handed and at_step == self.step  # read since the last step ran
         self._carry.state = value

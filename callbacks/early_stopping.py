@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from trainer.events import Callback
-
-MODES = ("min", "max")
+from trainer.metric_names import resolve_mode
 
 
 class EarlyStopping(Callback):
@@ -31,16 +30,16 @@ class EarlyStopping(Callback):
 
     Args:
       monitor: metric name, e.g. ``eval/loss``, ``eval/accuracy``, ``loss``.
-      mode: ``min`` (lower is better) or ``max``.
+      mode: ``min`` (lower is better), ``max``, or ``auto``: read from the name (a loss or error
+        lower, an accuracy higher; a name that says neither is refused).
       patience: checks without improvement before stopping.
       min_delta: the smallest change that counts as an improvement.
       restore_best: restore the best state when stopping.
     """
 
-    def __init__(self, monitor: str = "eval/loss", mode: str = "min", patience: int = 3,
+    def __init__(self, monitor: str = "eval/loss", mode: str = "auto", patience: int = 3,
                  min_delta: float = 0.0, restore_best: bool = True):
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not known; choose 'min' (for losses) or 'max' (for accuracy).")
+        mode = resolve_mode(monitor, mode, "EarlyStopping")
         if not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience={patience!r} must be a positive integer.")
         if min_delta < 0:

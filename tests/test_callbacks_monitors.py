@@ -200,12 +200,25 @@ def test_early_stopping_on_eval_loss_with_min_delta(data):
 
 def test_early_stopping_unknown_monitor_lists_available_after_the_epoch_checkpoint(model, data, tmp_path):
     trainer = Trainer(model, optax.sgd(0.1), max_epochs=3, workdir=tmp_path,
-                      callbacks=[EarlyStopping("los"), Checkpoint(async_save=False)])
+                      callbacks=[EarlyStopping("los", mode="min"), Checkpoint(async_save=False)])
     with pytest.raises(KeyError, match=r"monitors 'los'.*available: \['accuracy', 'loss'\]"):
         trainer.fit(ArrayLoader(data, 32))
     assert trainer.epoch == 1  # stopped after the first epoch, whose checkpoint was written
     steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*"))
     assert steps == [trainer.step] and trainer.step == len(ArrayLoader(data, 32))
+
+
+def test_mode_auto_reads_the_direction_from_the_name_or_asks_for_it():
+    assert [EarlyStopping(name).mode for name in ("eval/loss", "eval/accuracy", "top1_error", "eval/bpc", "acc")] == [
+        "min", "max", "min", "min", "max"]
+    assert Checkpoint(monitor="eval/accuracy", keep_best=1).mode == "max"
+    assert EarlyStopping("score", mode="max").mode == "max"
+    with pytest.raises(ValueError, match=r"EarlyStopping\(monitor='score'\) cannot tell from the name.*mode='max'"):
+        EarlyStopping("score")
+    with pytest.raises(ValueError, match="Checkpoint\(monitor='score'\) cannot tell"):
+        Checkpoint(monitor="score", keep_best=1)
+    with pytest.raises(ValueError, match="mode='best' is not known"):
+        EarlyStopping("loss", mode="best")
 
 
 def test_early_stopping_on_an_eval_metric_without_evaluation_is_refused_before_training(model, data):

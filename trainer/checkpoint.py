@@ -31,6 +31,7 @@ import numpy as np
 from trainer.checkpoint_store import (FORMAT, CheckpointError, CheckpointStore, check_structure, expected_leaves,
                                       flatten, unflatten)
 from trainer.events import Callback
+from trainer.metric_names import MODES, resolve_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -75,7 +76,7 @@ class Checkpoint(Callback):
       every_n_epochs: save after every N-th epoch (``None``: not by epochs).
       max_to_keep: newest checkpoints kept.
       monitor / mode / keep_best: also keep the ``keep_best`` best checkpoints by the epoch metric
-        ``monitor`` (``min`` or ``max``).
+        ``monitor`` (``min``, ``max``, or ``auto``: from its name, a loss lower, an accuracy higher).
       async_save: write in the background: the loop only copies the state to the host (and checks
         it is finite); checksums and orbax's save run on a worker thread. The trainer waits for the
         commit before exiting, before reporting a preemption save, and at the end of ``fit``.
@@ -89,7 +90,7 @@ class Checkpoint(Callback):
 
     def __init__(self, directory: str | os.PathLike | None = None, *, every_n_steps: int | None = None,
                  every_n_epochs: int | None = 1, max_to_keep: int = 3, monitor: str | None = None,
-                 mode: str = "min", keep_best: int | None = None, async_save: bool = True,
+                 mode: str = "auto", keep_best: int | None = None, async_save: bool = True,
                  min_interval_seconds: float | None = None, clock: Callable[[], float] = time.monotonic):
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs),
                             ("keep_best", keep_best)):
@@ -97,8 +98,10 @@ class Checkpoint(Callback):
                 raise ValueError(f"{name}={value!r} must be a positive integer or None.")
         if not isinstance(max_to_keep, int) or max_to_keep <= 0:
             raise ValueError(f"max_to_keep={max_to_keep!r} must be a positive integer.")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode={mode!r} is not known; choose 'min' or 'max'.")
+        if monitor is not None:
+            mode = resolve_mode(monitor, mode, "Checkpoint")
+        elif mode not in MODES:
+            raise ValueError(f"Checkpoint: mode={mode!r} is not known; choose 'auto', 'min' or 'max'.")
         if min_interval_seconds is not None and not min_interval_seconds >= 0:
             raise ValueError(f"min_interval_seconds={min_interval_seconds!r} must be >= 0 or None.")
         if keep_best and monitor is None:

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from trainer import ArrayLoader, Trainer
+from trainer import ArrayLoader, Evaluator, Trainer
 
 
 def _reference(trainer, data):
@@ -42,8 +42,6 @@ def test_predict_returns_every_row_in_order(model, data):
 def test_raw_arrays_are_refused_by_predict_evaluate_and_evaluator(model, data):
     import jax.numpy as jnp
 
-    from trainer import Evaluator
-
     trainer = Trainer(model, optax.adam(1e-2), max_steps=1)
     for raw in (data["x"], jnp.asarray(data["x"])):  # iterating one would give its rows as batches
         with pytest.raises(TypeError, match="predict's data must be an iterable of batches"):
@@ -68,3 +66,21 @@ def test_eval_data_the_model_cannot_take_fails_before_training(model, data):
     assert trainer.step == 0
     trainer.fit(ArrayLoader(data, 32), eval_data=[dict(x=data["x"][:16], label=data["label"][:16])])  # a list fits
     assert trainer.epoch == 2 and "eval/accuracy" in trainer.history[-1]
+
+
+def test_predict_refuses_a_loader_that_shuffles_or_drops_and_evaluation_warns_when_rows_are_left_out(model):
+    from conftest import make_data
+
+    data = make_data(n=100)  # 100 rows: batches of 32 leave 4 out with drop_remainder=True
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1)
+    with pytest.raises(ValueError, match=r"predict's data is an ArrayLoader that shuffles its rows.*shuffle=False"):
+        trainer.predict(ArrayLoader(data, 32, drop_remainder=False))
+    with pytest.raises(ValueError, match=r"leaves out its last 4 rows \(drop_remainder=True\)"):
+        trainer.predict(ArrayLoader(data, 32, shuffle=False))
+    assert trainer.predict(ArrayLoader(data, 32, shuffle=False, drop_remainder=False)).shape == (100, 3)
+    with pytest.warns(UserWarning, match=r"evaluate's data is an ArrayLoader that leaves out its last 4 of 100 rows"):
+        partial = trainer.evaluate(ArrayLoader(data, 32, shuffle=False))
+    whole = trainer.evaluate(ArrayLoader(data, 32, shuffle=False, drop_remainder=False))
+    assert partial["loss"] != whole["loss"]  # the warning is about a real difference
+    with pytest.warns(UserWarning, match=r"Evaluator's data is an ArrayLoader that leaves out its last 4"):
+        Evaluator(ArrayLoader(data, 32))

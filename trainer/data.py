@@ -145,6 +145,31 @@ def check_batch_source(data: Any, name: str) -> None:
                         f"them: ArrayLoader({{'image': x, 'label': y}}, batch_size=128).")
 
 
+def rows_left_out(data: Any) -> int:
+    """Rows an ``ArrayLoader`` never yields (``drop_remainder=True``: the last, smaller batch); 0 for other data."""
+    if isinstance(data, ArrayLoader) and data.drop_remainder:
+        return data.num_examples % data.batch_size
+    return 0
+
+
+def check_every_row_in_order(data: Any, name: str) -> None:
+    """Refuses an ``ArrayLoader`` that shuffles or drops rows where results must line up with its rows (predict)."""
+    dropped = rows_left_out(data)
+    if isinstance(data, ArrayLoader) and (data.shuffle or dropped):
+        what = "shuffles its rows" if data.shuffle else f"leaves out its last {dropped} rows (drop_remainder=True)"
+        raise ValueError(f"{name} is an ArrayLoader that {what}, so the results would not line up with its rows; "
+                         f"pass ArrayLoader(arrays, {data.batch_size}, shuffle=False, drop_remainder=False).")
+
+
+def warn_if_rows_left_out(data: Any, name: str) -> None:
+    """Warns when an ``ArrayLoader`` evaluated leaves rows out (``drop_remainder=True``), so the metrics miss them."""
+    dropped = rows_left_out(data)
+    if dropped:
+        warnings.warn(f"{name} is an ArrayLoader that leaves out its last {dropped} of {data.num_examples} rows "
+                      "(drop_remainder=True), so the metrics miss them; pass drop_remainder=False (the last "
+                      "batch is padded and masked: every row counts once).", stacklevel=3)
+
+
 def epoch_iterator(data: Any, epoch: int, position: int, saved_state: Mapping[str, Any] | None = None
                    ) -> tuple[Iterator[Any], int]:
     """The iterator of epoch ``epoch`` from batch ``position``, and the position it really starts at.

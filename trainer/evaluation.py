@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections.abc
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from trainer.data import check_batch_source
+from trainer.data import check_batch_source, warn_if_rows_left_out
 from trainer.events import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,6 +47,7 @@ class Evaluator(Callback):
         if data is None or not hasattr(data, "__iter__"):
             raise TypeError(f"Evaluator needs data, an iterable of batches (an ArrayLoader); got {type(data).__name__}.")
         check_batch_source(data, "Evaluator's data")
+        warn_if_rows_left_out(data, "Evaluator's data")
         if isinstance(data, collections.abc.Iterator):  # a generator: used up by the first evaluation
             raise TypeError(f"Evaluator's data is a one-pass {type(data).__name__}, but every evaluation iterates "
                             "it again; pass a list of batches or an ArrayLoader.")

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 
 from trainer.build import check_labels
-from trainer.data import ArrayLoader, batch_size_of, check_batch_source, pad_batch
+from trainer.data import (ArrayLoader, batch_size_of, check_batch_source, check_every_row_in_order, pad_batch,
+                          warn_if_rows_left_out)
 from trainer.preemption import Preempted
 from trainer.state import zeros_like_tree
 from trainer.step import make_eval_step, make_predict_step
@@ -32,6 +33,8 @@ def _build_eval_step(trainer: "Trainer") -> None:
 def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict[str, float]:
     """Mean of ``trainer.compute_metrics`` over every example of ``data``, between the eval hooks."""
     check_batch_source(data, "evaluate's data")
+    if not trainer.fitting:  # an Evaluator warned when it was built
+        warn_if_rows_left_out(data, "evaluate's data")
     _build_eval_step(trainer)
     trainer.eval_prefix = prefix
     trainer.callbacks.dispatch("on_eval_start", trainer)
@@ -56,6 +59,7 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
 def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:
     """``trainer.predict_step`` over every batch, concatenated on the host."""
     check_batch_source(data, "predict's data")
+    check_every_row_in_order(data, "predict's data")
     if trainer._predict_step is None:
         trainer._predict_step = make_predict_step(trainer.graphdef, trainer.predict_step)
     outputs, size = [], None

@@ -65,7 +65,7 @@ def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
-    """Loads an export into ``model`` (built like the saved one) and returns the module.
+    """Loads an export into ``model`` (built like the saved one), in place, and returns it.
 
     Raises:
       CheckpointError: the module's structure differs (names the path and both shapes), an array
@@ -73,7 +73,7 @@ def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
     """
     path = Path(path).absolute()
     info = read_model_info(path)
-    graphdef, state, rest = nnx.split(model, INFERENCE_STATE, ...)
+    _, state, _ = nnx.split(model, INFERENCE_STATE, ...)
     check_structure(f"the export in {path}", info["leaves"], expected_leaves(state), "model")
     abstract = {d["name"]: jax.ShapeDtypeStruct(tuple(d["shape"]), d["dtype"]) for d in info["leaves"]}
     checkpointer = orbax_checkpoint().StandardCheckpointer()
@@ -86,5 +86,5 @@ def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
     finally:
         checkpointer.close()
     verify_checksums(f"the export in {path}", arrays, info["leaves"])
-    restored = unflatten(state, arrays, info["leaves"])
-    return nnx.merge(graphdef, jax.device_put(restored), rest)
+    nnx.update(model, jax.device_put(unflatten(state, arrays, info["leaves"])))
+    return model

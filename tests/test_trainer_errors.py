@@ -236,3 +236,34 @@ def test_a_state_used_up_by_a_later_step_is_refused_when_assigned(model, data):
     assert trainer.step == 6
     trainer.state = keep.copied  # a copy is fine, and the step follows it
     assert trainer.step == 3
+
+
+def test_small_mistakes_of_a_newcomer_are_named(model, data):
+    from callbacks import Callback, ProgressBar
+    from trainer.optim import OptimConfig
+
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1, callbacks=ProgressBar(stream=__import__("io").StringIO()))
+    assert [type(cb) for cb in trainer.callbacks.callbacks] == [ProgressBar]  # one callback needs no list
+    with pytest.raises(TypeError, match="config must be a dict of the run's settings"):
+        Trainer(model, optax.sgd(0.1), max_steps=1, config=["lr", 1])
+    with pytest.raises(TypeError, match="callbacks must be a list of Callback instances; got int"):
+        Trainer(model, optax.sgd(0.1), max_steps=1, callbacks=3)
+    with pytest.raises(ValueError, match=r"the loss function looked up the key 'inputs', which the batch lacks; "
+                                         r"the batch has keys \['label', 'x'\]"):
+        Trainer(model, optax.sgd(0.1), max_steps=1, loss_fn=lambda m, b: m(b["inputs"]).mean()).fit(
+            ArrayLoader(data, 32))
+    with pytest.raises(ValueError, match="a batch holds no arrays with a batch axis \\(it holds list\\)"):
+        Trainer(model, optax.sgd(0.1), max_steps=1).fit([{"x": data["x"][:4].tolist(), "label": [0, 1, 2, 0]}])
+    with pytest.raises(TypeError, match="learning_rate='1e-3' must be a number"):
+        OptimConfig(learning_rate="1e-3").build(10)
+
+    class KerasNamed(Callback):
+        def on_train_end(self, logs=None): ...
+        def on_epoch_ends(self, trainer, epoch, logs): ...
+
+    with pytest.warns(UserWarning) as seen:
+        Trainer(model, optax.sgd(0.1), max_steps=1, callbacks=[KerasNamed(), KerasNamed()])
+    messages = [str(w.message) for w in seen]
+    assert len(messages) == 2  # once per class and name, not per instance
+    assert "KerasNamed.on_epoch_ends is not a trainer event, so it is never called; the events are" in messages[0]
+    assert "KerasNamed.on_train_end is not a trainer event, so it is never called; its event here is on_fit_end" in messages[1]

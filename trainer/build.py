@@ -7,7 +7,7 @@ batch for the label check) and read the trainer's configuration, never its hot-p
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import numpy as np
@@ -54,8 +54,12 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     pure = make_train_step(*args).pure
     try:
         jaxpr, (_, metric_shapes) = jax.make_jaxpr(pure, return_shape=True)(trainer.state, batch)
-    except KeyError as err:  # the default loss's message names the batch keys
-        raise ValueError(err.args[0]) from err
+    except KeyError as err:
+        message = err.args[0] if err.args else ""
+        if isinstance(message, str) and message.startswith("the batch"):  # the default loss's: names the keys
+            raise ValueError(message) from err
+        keys = f"; the batch has keys {sorted(batch)}" if isinstance(batch, Mapping) else ""
+        raise ValueError(f"the loss function looked up the key {message!r}, which the batch lacks{keys}.") from err
     trainer._metric_shapes = metric_shapes
     trainer._train_steps = make_train_step(*args, **tuned_settings(trainer, jaxpr))
     trainer._reset_sums()

@@ -211,12 +211,13 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
+    """``value`` as JSON can hold it: arrays (numpy, JAX) and tuples as lists, keys as strings, else ``str``."""
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+        return np.asarray(value).tolist()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)

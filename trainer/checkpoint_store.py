@@ -143,10 +143,11 @@ def check_structure(source: str, stored: list[dict], expected: list[dict], what:
     if stored_paths != expected_paths:
         missing = [p for p in expected_paths if p not in stored_paths]
         extra = [p for p in stored_paths if p not in expected_paths]
+        differences = [f"the current {what} has {missing[:5]}, which it lacks" if missing else "",
+                       f"it has {extra[:5]}, which the current {what} lacks" if extra else ""]
         raise CheckpointError(
-            f"{source} does not fit the current {what}: it lacks {missing[:5]} and has "
-            f"{extra[:5]} that the current one does not. Restore into the model and optimizer it was "
-            "saved from (same architecture and optimizer chain)."
+            f"{source} does not fit the current {what}: {'; '.join(d for d in differences if d) or 'its arrays come in another order'}"
+            ". Restore into the model and optimizer it was saved from (same architecture and optimizer chain)."
         )
     for s, e in zip(stored, expected):
         if s["shape"] != e["shape"] or s["dtype"] != e["dtype"]:

@@ -199,6 +199,10 @@ def batch_size_of(batch: Any) -> int:
             sizes.update(np.shape(x)[0] for x in jax.tree.leaves(a) if np.ndim(x))
         elif shape:
             sizes.add(shape[0])
+    if not sizes:
+        kinds = sorted({type(a).__name__ for a in leaves})
+        raise ValueError(f"a batch holds no arrays with a batch axis (it holds {', '.join(kinds) or 'nothing'}); "
+                         "give its values as numpy or JAX arrays (np.asarray(...)), [batch, ...].")
     if len(sizes) != 1:
         raise ValueError(f"batch arrays must share their first (batch) axis; found sizes {sorted(sizes)}.")
     return sizes.pop()

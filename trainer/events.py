@@ -13,6 +13,8 @@ Example::
 
 from __future__ import annotations
 
+import collections.abc
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
@@ -111,6 +113,34 @@ def last_value(value: Any) -> np.ndarray:
     return np.asarray(value).reshape(-1)[-1]
 
 
+# Hook names of Keras and Lightning, and what they are called here.
+OTHER_NAMES = {"on_train_begin": "on_fit_start", "on_train_start": "on_fit_start", "on_train_end": "on_fit_end",
+               "on_epoch_begin": "on_epoch_start", "on_train_epoch_start": "on_epoch_start",
+               "on_train_epoch_end": "on_epoch_end", "on_batch_begin": "on_step_start",
+               "on_train_batch_begin": "on_step_start", "on_train_batch_start": "on_step_start",
+               "on_batch_end": "on_step_end", "on_train_batch_end": "on_step_end",
+               "on_test_begin": "on_eval_start", "on_validation_start": "on_eval_start",
+               "on_test_end": "on_eval_end", "on_validation_end": "on_eval_end",
+               "on_validation_epoch_end": "on_eval_end", "on_save_checkpoint": "on_checkpoint_save",
+               "on_load_checkpoint": "on_checkpoint_restore"}
+_WARNED_CLASSES: set = set()
+
+
+def warn_unknown_hooks(callback: Callback) -> None:
+    """Warns (once per class) about ``on_*`` methods that are no event here, so never called: a typo or
+    another framework's name (``on_train_end``, whose event here is ``on_fit_end``)."""
+    cls = type(callback)
+    if cls in _WARNED_CLASSES:
+        return
+    _WARNED_CLASSES.add(cls)
+    unknown = sorted(name for klass in cls.__mro__ if klass is not Callback and klass is not object
+                     for name, value in vars(klass).items()
+                     if name.startswith("on_") and callable(value) and name not in EVENTS)
+    for name in dict.fromkeys(unknown):
+        hint = f"; its event here is {OTHER_NAMES[name]}" if name in OTHER_NAMES else f"; the events are {list(EVENTS)}"
+        warnings.warn(f"{cls.__name__}.{name} is not a trainer event, so it is never called{hint}.", stacklevel=4)
+
+
 class CallbackList:
     """Runs one event on every callback that defines it, in list order.
 
@@ -119,7 +149,11 @@ class CallbackList:
     callback that does something, not one per callback (on a GPU the loop's host time is the step's).
     """
 
-    def __init__(self, callbacks: Iterable[Callback] = ()):
+    def __init__(self, callbacks: Iterable[Callback] | Callback = ()):
+        if isinstance(callbacks, Callback):
+            callbacks = [callbacks]
+        elif not isinstance(callbacks, collections.abc.Iterable):
+            raise TypeError(f"callbacks must be a list of Callback instances; got {type(callbacks).__name__}.")
         self.callbacks = list(callbacks)
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
@@ -127,6 +161,7 @@ class CallbackList:
                     f"callbacks must be Callback instances; got {type(cb).__name__}. "
                     "Subclass callbacks.Callback (and pass an instance, not the class)."
                 )
+            warn_unknown_hooks(cb)
         self._listeners: dict[str, list[Callback]] = {}
         self._listeners_of: tuple[Callback, ...] = ()
 

@@ -108,5 +108,6 @@ def check_eval_data_fits(trainer: "Trainer") -> None:
             jax.eval_shape(trainer._eval_sums, trainer._state_shapes, padded, mask)
         except Exception as err:  # noqa: BLE001 - whatever the model raised, named with the batch's shapes
             shapes = jax.tree.map(lambda a: tuple(np.shape(a)), batch)
-            raise ValueError(f"the evaluation data does not fit the model: its first batch has shapes {shapes} "
-                             f"and evaluating it fails with {type(err).__name__}: {str(err).splitlines()[0]}") from err
+            raise ValueError(f"evaluating the first batch of the evaluation data (shapes {shapes}) fails with "
+                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} (the data, the "
+                             "model, or the loss / compute_metrics, traced at the start of fit)") from err

@@ -5,7 +5,7 @@ Kept apart from ``trainer.py`` (the public surface) so that the class reads as w
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx
@@ -14,8 +14,10 @@ from trainer.feed import RAGGED
 
 
 def check_options(model: Any, optimizer: Any, *, max_epochs: Any, max_steps: Any, steps_per_execution: Any,
-                  prefetch: Any, ragged_batches: Any, cpu_tuning: Any, dispatch_ahead: Any) -> None:
+                  prefetch: Any, ragged_batches: Any, cpu_tuning: Any, dispatch_ahead: Any, config: Any = None) -> None:
     """Raises ``TypeError`` / ``ValueError`` for the first argument of ``Trainer(...)`` that is wrong."""
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict of the run's settings (name -> value); got {type(config).__name__}.")
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}.")
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):

@@ -313,7 +313,8 @@ def per_example_metrics(loss_fn: Callable[[nnx.Module, Any], Any]) -> Callable[[
     def metrics_fn(model: nnx.Module, batch: Any) -> Metrics:
         def one(example):
             single = jax.tree.map(lambda a: a[None], example)
-            loss, metrics = split_loss_output(loss_fn(model, single), "the loss function")
+            loss, metrics = split_loss_output(loss_fn(model, single), "the loss function (called by compute_metrics "
+                                              "on each example alone, as a batch of 1)")
             return {"loss": loss, **metrics}
 
         return jax.vmap(one)(batch)
@@ -344,7 +345,8 @@ def make_eval_step(graphdef: nnx.GraphDef, metrics_fn: Callable[[nnx.Module, Any
             else:
                 raise ValueError(
                     f"metric {k!r} has shape {v.shape}; compute_metrics must return a scalar or one "
-                    f"value per example (shape {mask.shape})."
+                    f"value per example (shape {mask.shape}). The default compute_metrics calls the loss "
+                    "function on each example alone, so its metrics must be scalars (batch means)."
                 )
         return out
 

@@ -49,7 +49,7 @@ class Trainer:
       loss_fn: ``(model, batch) -> loss`` or ``-> (loss, metrics)``, a scalar batch mean. Default:
         cross-entropy on integer labels plus accuracy (``losses.default_loss``). Or override
         ``compute_loss``.
-      callbacks: ``Callback`` instances, run in this order for every event.
+      callbacks: ``Callback`` instances (a list, or one), run in this order for every event.
       max_epochs: stop after this many epochs in total (counting earlier ``fit`` calls).
       max_steps: stop after this many optimizer steps in total. At least one limit is required.
       seed: reseeds every RNG stream of the model (dropout, augmentation) with ``nnx.reseed``, so the
@@ -125,7 +125,8 @@ class Trainer:
     ):
         check_options(model, optimizer, max_epochs=max_epochs, max_steps=max_steps,
                       steps_per_execution=steps_per_execution, prefetch=prefetch,
-                      ragged_batches=ragged_batches, cpu_tuning=cpu_tuning, dispatch_ahead=dispatch_ahead)
+                      ragged_batches=ragged_batches, cpu_tuning=cpu_tuning, dispatch_ahead=dispatch_ahead,
+                      config=config)
         self.max_epochs, self.max_steps = max_epochs, max_steps
         self.steps_per_execution = int(steps_per_execution)
         self.prefetch = prefetch if prefetch == "auto" else int(prefetch)

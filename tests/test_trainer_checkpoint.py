@@ -71,10 +71,11 @@ def test_a_fresh_run_over_another_runs_checkpoints_is_refused_and_they_stay(tmp_
     assert again.step == 12
 
 
-def test_resume_true_on_an_empty_workdir_starts_fresh(tmp_path, data):
+def test_resume_true_on_an_empty_workdir_starts_fresh_and_says_so(tmp_path, data, capsys):
     trainer = make(tmp_path, 3)
     trainer.fit(ArrayLoader(data, 16), resume=True)
     assert trainer.step == 3
+    assert f"resume=True: no checkpoints in {tmp_path / 'checkpoints'}; starting fresh" in capsys.readouterr().err
 
 
 def test_resume_true_with_nowhere_to_look_is_refused_before_training(data):

@@ -269,6 +269,8 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     """Restores the newest good checkpoint into ``trainer``; returns its step (None: fresh start)."""
     store, step = find_store(trainer, resume)
     if store is None:
+        print(f"resume=True: no checkpoints in {Path(trainer.workdir) / 'checkpoints'}; starting fresh",
+              file=sys.stderr, flush=True)
         return None
     current = trainer.state
 
@@ -289,6 +291,7 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
         if store.steps():
             raise CheckpointError(f"no usable checkpoint remains in {store.directory}: every step folder is "
                                   "damaged or foreign. Move it away to start fresh.")
+        print(f"resume=True: no checkpoints in {store.directory}; starting fresh", file=sys.stderr, flush=True)
         return None
     found_step, meta, arrays = found
     state = jax.device_put(unflatten(template(meta), arrays, meta["leaves"]))

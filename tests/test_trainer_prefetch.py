@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from callbacks import Callback
+from callbacks import Callback, NaNDetector
 from conftest import TinyMLP, make_data
 from trainer import ArrayLoader, Trainer, losses
 from trainer.prefetch import BusyClock, Feed, Prefetcher
@@ -171,6 +171,25 @@ def test_a_padded_last_batch_trains_on_its_real_rows_only():
     expected = jax.tree.map(lambda p, g: p - 0.5 * g, after_first["params"], grads)
     for x, y in zip(jax.tree.leaves(jax.device_get(trainer.state.params)), jax.tree.leaves(expected)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_with_padding_the_epoch_means_count_every_real_row_once(k):
+    data = make_data(n=40)  # batches of 16, 16 and 8 real rows (padded to 16)
+    batches = [{key: v[i:i + 16] for key, v in data.items()} for i in (0, 16, 32)]
+    losses_seen = []
+
+    class Losses(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            losses_seen.extend(np.asarray(metrics["loss"]).reshape(-1).tolist())
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1, ragged_batches="pad",
+                      steps_per_execution=k, callbacks=[Losses(), NaNDetector(check_every=k)])  # the guarded steps too
+    trainer.fit(batches)
+    assert len(losses_seen) == 3
+    per_example = (16 * losses_seen[0] + 16 * losses_seen[1] + 8 * losses_seen[2]) / 40
+    assert trainer.history[-1]["loss"] == pytest.approx(per_example, rel=1e-6)
+    assert trainer.history[-1]["loss"] != pytest.approx(np.mean(losses_seen), rel=1e-6)  # not a mean of batch means
 
 
 def test_bad_ragged_option():

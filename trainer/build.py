@@ -51,7 +51,8 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     trainer._built_signature = trainer._step_signature()
     args = (trainer.graphdef, trainer.tx, trainer.compute_loss, tuple(trainer.probes), trainer._halt_after,
             trainer.metric_reductions)
-    pure = make_train_step(*args).pure
+    weigh = {"weigh_by_mask": trainer.ragged_batches == "pad"}  # a padded batch counts by its real rows
+    pure = make_train_step(*args, **weigh).pure
     try:
         jaxpr, (_, metric_shapes) = jax.make_jaxpr(pure, return_shape=True)(trainer.state, batch)
     except KeyError as err:
@@ -61,7 +62,7 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
         keys = f"; the batch has keys {sorted(batch)}" if isinstance(batch, Mapping) else ""
         raise ValueError(f"the loss function looked up the key {message!r}, which the batch lacks{keys}.") from err
     trainer._metric_shapes = metric_shapes
-    trainer._train_steps = make_train_step(*args, **tuned_settings(trainer, jaxpr))
+    trainer._train_steps = make_train_step(*args, **weigh, **tuned_settings(trainer, jaxpr))
     trainer._reset_sums()
     if trainer.restored_epoch_sums and trainer._sums.get(EPOCH_SUMS) is not None:
         trainer._sums[EPOCH_SUMS] = restore_sums(trainer._sums[EPOCH_SUMS], trainer.restored_epoch_sums)

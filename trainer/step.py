@@ -23,7 +23,8 @@ from trainer import conv_grads, dense_grads, threefry
 from trainer.optim import current_learning_rate, global_norm
 from trainer.packing import scan_packed
 from trainer.state import TrainState
-from trainer.sums import Metrics, Sums, merge_steps_packed, to_sums
+from trainer.feed import MASK_KEY
+from trainer.sums import CONTROL_KEYS, Metrics, Sums, merge_steps_packed, to_sums
 from trainer.sums import compute_sums, empty_sums, merge_sums, restore_sums  # noqa: F401  (their old home: still importable here)
 
 
@@ -120,6 +121,7 @@ def make_train_step(
     matmul_kernel_grads: bool = False,
     unrolled_threefry: bool = False,
     guard_form: str = "cond",
+    weigh_by_mask: bool = False,
 ) -> TrainSteps:
     """The train step of ``loss_fn`` with ``tx``, as ``TrainSteps``.
 
@@ -141,6 +143,10 @@ def make_train_step(
     old values selected back: no conditional (XLA:GPU reads a conditional's predicate on the host),
     but XLA copies the parameters and optimizer state for it every step. The same steps, bit for
     bit on CPU.
+
+    ``weigh_by_mask``: batches carry a boolean ``batch["mask"]`` of real rows (``ragged_batches="pad"``);
+    each step's metrics count in the running means by its real rows, so a padded last batch counts
+    as the examples it holds (the per-example mean), not as a whole batch.
 
     ``halt_after``: with a guard (``state.guard``), a step whose loss or gradients are not finite
     changes nothing (params, optimizer and model state keep their values) and is counted in
@@ -196,6 +202,8 @@ def make_train_step(
                 params, opt_state, updates, lr = jax.lax.cond(ok, apply, keep, params, state.opt_state)
             model_state = _select(ok, model_state, state.model_state)
         metrics = {"loss": loss, **metrics}
+        if weigh_by_mask:
+            metrics["_weight"] = jnp.sum(batch[MASK_KEY].astype(jnp.int32))
         info = StepInfo(grads, updates, params, opt_state, loss)
         for probe in probes:
             metrics.update(probe(info))
@@ -236,7 +244,8 @@ def make_train_step(
         state, metrics = step(state, batch)
         one_step = jax.tree.map(lambda x: x[None], to_sums(metrics, reductions))
         sums = merge_steps_packed(sums, one_step)  # as a chunk merges: two fused adds, not one per metric and reader
-        metrics.pop("_valid", None)
+        for key in CONTROL_KEYS:
+            metrics.pop(key, None)
         return state, sums, metrics
 
     def fused_steps(layout, arrays, packed, sums, batches, *start):
@@ -255,7 +264,8 @@ def make_train_step(
         # XLA:CPU those cost the tiny MLP 10-20% of its step).
         per_step = jax.vmap(lambda m: to_sums(m, reductions))(metrics)
         sums = merge_steps_packed(sums, per_step)
-        metrics.pop("_valid", None)
+        for key in CONTROL_KEYS:
+            metrics.pop(key, None)
         return (carry, sums, metrics, *start)
 
     def _chunk_guarded_scan(layout, carry, guard, batches, start):

@@ -20,18 +20,26 @@ Metrics = dict[str, jax.Array]
 Sums = dict[str, clu_metrics.Metric]
 
 
+CONTROL_KEYS = ("_valid", "_weight")  # how a step's metrics count, never metrics themselves
+
+
 def to_sums(metrics: Metrics, reductions: Mapping[str, str]) -> Sums:
-    """One step's metrics as clu metrics: ``Average`` (masked by ``_valid``) or ``LastValue``."""
+    """One step's metrics as clu metrics: ``Average`` (masked by ``_valid``, weighted by ``_weight``,
+    the real rows of a padded batch, where the step gives it) or ``LastValue``."""
     valid = metrics.get("_valid", jnp.array(True))
+    weight = metrics.get("_weight")
     out = {}
     for k, v in metrics.items():
-        if k == "_valid":
+        if k in CONTROL_KEYS:
             continue
         v = jnp.asarray(v, jnp.float32)
         if reductions.get(k, "last" if k.endswith("_total") else "mean") == "last":
             out[k] = clu_metrics.LastValue.from_model_output(v[None])
-        else:
+        elif weight is None:
             out[k] = clu_metrics.Average.from_model_output(v[None], mask=valid[None])
+        else:
+            count = jnp.where(valid, weight, 0).astype(jnp.int32)
+            out[k] = clu_metrics.Average(total=v * count.astype(jnp.float32), count=count)
     return out
 
 
@@ -68,7 +76,7 @@ def empty_sums(metric_shapes: Mapping[str, Any], reductions: Mapping[str, str] |
     # Shapes traced, zeros made on the host: run eagerly, ``to_sums``'s ops compiled a program each
     # (~10 compilations, ~1 MiB of resident memory apiece on XLA:CPU).
     def traced():
-        zeros = {k: jnp.zeros((), jnp.float32) for k in metric_shapes if k != "_valid"}
+        zeros = {k: jnp.zeros((), jnp.float32) for k in metric_shapes if k not in CONTROL_KEYS}
         return to_sums(dict(zeros, _valid=jnp.array(False)), reductions or {})
 
     shapes = jax.eval_shape(traced)

@@ -1,16 +1,23 @@
-"""The ``Trainer``'s constructor arguments checked up front: a clear error naming what was wrong.
+"""The ``Trainer``'s constructor and ``fit`` arguments checked up front: a clear error naming what was wrong.
 
 Kept apart from ``trainer.py`` (the public surface) so that the class reads as what it does.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import collections.abc
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 from flax import nnx
 
+from trainer import checkpoint as checkpointing
+from trainer.build import check_intervals
+from trainer.data import check_batch_source
 from trainer.feed import RAGGED
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.trainer import Trainer
 
 
 def check_options(model: Any, optimizer: Any, *, max_epochs: Any, max_steps: Any, steps_per_execution: Any,
@@ -43,3 +50,15 @@ def check_options(model: Any, optimizer: Any, *, max_epochs: Any, max_steps: Any
                                        or isinstance(dispatch_ahead, bool) or dispatch_ahead < 1):
         raise ValueError(f"dispatch_ahead={dispatch_ahead!r} must be an integer >= 1 (2 or more keeps the "
                          "device busy), or None for no limit of the trainer's own.")
+
+
+def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume: Any) -> None:
+    """What ``fit`` refuses before it starts: raw arrays for data, ``resume=True`` with nowhere to look, a
+    one-pass iterator for several epochs, and step intervals that do not fit ``steps_per_execution``."""
+    check_batch_source(train_data, "train_data"), check_batch_source(eval_data, "eval_data")
+    checkpointing.check_resume_source(trainer, resume)
+    epochs_left = (trainer.max_epochs or 0) - trainer.epoch
+    if trainer.max_steps is None and epochs_left > 1 and isinstance(train_data, collections.abc.Iterator):
+        raise TypeError(f"train_data is a one-pass {type(train_data).__name__}, but max_epochs={trainer.max_epochs} "
+                        "iterates it once an epoch; pass a list or an ArrayLoader, or set max_steps.")
+    check_intervals(trainer)  # again: callbacks appended since, or shared with a trainer of another K

@@ -34,9 +34,19 @@ class TrainState:
     guard: dict[str, jax.Array] | None = None
 
     @classmethod
-    def create(cls, model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, "TrainState"]:
-        """Split ``model`` and initialise ``tx`` on its parameters; returns ``(graphdef, state)``."""
+    def create(cls, model: nnx.Module, tx: optax.GradientTransformation,
+               own_arrays: bool = False) -> tuple[nnx.GraphDef, "TrainState"]:
+        """Split ``model`` and initialise ``tx`` on its parameters; returns ``(graphdef, state)``.
+
+        ``own_arrays``: the state holds a copy of the module's arrays, and the module is pointed at it.
+        A train step donates (reuses) the state's arrays; with its own copy, arrays held elsewhere (by
+        another trainer of this module, a snapshot taken before) stay valid, and the originals are
+        freed unless someone else holds them.
+        """
         graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+        if own_arrays:
+            params, model_state = jax.device_put((params, model_state), may_alias=False)
+            nnx.update(model, params, model_state)
         state = cls(params=params, model_state=model_state, opt_state=tx.init(params),
                     step=jnp.zeros((), jnp.int32))
         return graphdef, state

@@ -19,7 +19,6 @@ import optax
 from flax import nnx
 
 from trainer import losses
-from trainer.data import check_batch_source
 from trainer import checkpoint as checkpointing
 from trainer import export
 from trainer.build import check_intervals, check_labels
@@ -30,7 +29,7 @@ from trainer.events import Callback, CallbackList
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, run_epoch
-from trainer.options import check_options
+from trainer.options import check_fit_inputs, check_options
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
 from trainer.preemption import PreemptionHandler, Preempted
@@ -149,13 +148,7 @@ class Trainer:
         self._carry = Carry()  # state and running sums, flat between steps (see trainer.carry)
         self.step = 0
         self._step_handed_out: tuple = (None, None)  # the step array last read with trainer.state, at what step
-        self.graphdef, state = TrainState.create(model, optimizer)
-        # The trainer's own copy of the module's arrays, which the step donates (reuses): arrays held
-        # elsewhere (another trainer of this module, a snapshot taken before) stay valid. The module
-        # is pointed at the copy, so the originals are freed unless someone else holds them.
-        params, model_state = jax.device_put((state.params, state.model_state), may_alias=False)
-        nnx.update(model, params, model_state)
-        self.state = state.replace(params=params, model_state=model_state)
+        self.graphdef, self.state = TrainState.create(model, optimizer, own_arrays=True)
         self._state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
         self.epoch = 0
         self.should_stop = False
@@ -375,13 +368,7 @@ class Trainer:
                 stacklevel=2,
             )
             return self.history
-        check_batch_source(train_data, "train_data"), check_batch_source(eval_data, "eval_data")
-        checkpointing.check_resume_source(self, resume)
-        epochs_left = (self.max_epochs or 0) - self.epoch
-        if self.max_steps is None and epochs_left > 1 and isinstance(train_data, collections.abc.Iterator):
-            raise TypeError(f"train_data is a one-pass {type(train_data).__name__}, but max_epochs={self.max_epochs} "
-                            "iterates it once an epoch; pass a list or an ArrayLoader, or set max_steps.")
-        check_intervals(self)  # again: callbacks appended since, or shared with a trainer of another K
+        check_fit_inputs(self, train_data, eval_data, resume)
         self.should_stop, self.stop_reason = False, None
         self.add_metric_sums(EPOCH_SUMS)
         if resume is False and self.step == 0:

@@ -267,3 +267,10 @@ def test_small_mistakes_of_a_newcomer_are_named(model, data):
     assert len(messages) == 2  # once per class and name, not per instance
     assert "KerasNamed.on_epoch_ends is not a trainer event, so it is never called; the events are" in messages[0]
     assert "KerasNamed.on_train_end is not a trainer event, so it is never called; its event here is on_fit_end" in messages[1]
+
+
+def test_a_first_batch_the_model_cannot_take_gets_its_shapes_noted(model, data):
+    with pytest.raises(TypeError, match="dot_general") as info:
+        Trainer(model, optax.sgd(0.1), max_steps=1).fit(_batches(data, [5]))
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "batch of step 1 (epoch 0, batch 0), of shapes {'label': (16,) int32, 'x': (16, 5) float32}" in notes

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from trainer import losses, threefry
+from trainer.data import describe_shapes
 from trainer.conv_grads import eligible_convs
 from trainer.dense_grads import eligible_denses, is_layer_product
 from trainer.events import DefaultInterval
@@ -137,8 +138,12 @@ def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
                 "class ids) takes integer labels. One-hot labels: loss_fn=losses.supervised("
                 "losses.cross_entropy_onehot); regression targets: losses.supervised(losses.mse).")
         if trainer._num_classes is None:  # the model's output size, from shapes only
-            out = jax.eval_shape(lambda s, b: trainer.predict_step(s.merge(trainer.graphdef), b),
-                                 trainer._state_shapes, batch)
+            try:
+                out = jax.eval_shape(lambda s, b: trainer.predict_step(s.merge(trainer.graphdef), b),
+                                     trainer._state_shapes, batch)
+            except Exception as err:  # the model's own error (a shape it cannot take), with what it was given
+                err.add_note(f"(the model on the batch of {where}, of shapes {describe_shapes(batch)})")
+                raise
             trainer._num_classes = out.shape[-1] if hasattr(out, "shape") and out.shape else 0
             trainer._label_shape = tuple(out.shape[:-1]) if trainer._num_classes else None
         if isinstance(labels, np.ndarray) and trainer._label_shape and labels.shape[1:] != trainer._label_shape[1:]:

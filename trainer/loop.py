@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import jax
 
 from trainer import checkpoint as checkpointing
-from trainer.data import epoch_iterator
+from trainer.data import describe_shapes, epoch_iterator
 from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
 from trainer.prefetch import Feed
@@ -101,7 +101,11 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
         batch = execution.batch
         if execution.stacked:
             batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), batch)
-        _build_train_steps(trainer, batch)
+        try:
+            _build_train_steps(trainer, batch)
+        except Exception as err:  # the model's own error (a shape it cannot take), with what it was given
+            err.add_note(f"(tracing the train step on a batch of shapes {describe_shapes(batch)})")
+            raise
     first = trainer.step + 1
     for i, position in enumerate(execution.positions):
         trainer.step_positions[first + i] = (epoch, position)

@@ -8,6 +8,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -24,9 +25,10 @@ class EarlyStopping(Callback):
     every epoch's end (train metrics such as ``loss``). With ``restore_best`` the parameters and
     model state of the best check are put back when it stops the run.
 
-    A monitor nothing reports loses no training: an ``eval/`` metric in a ``fit`` that runs no
-    evaluation is refused at its start; any other name missing from an epoch's logs stops the run
-    after that epoch's checkpoint, and ``fit`` then raises a ``KeyError`` listing the names there are.
+    A monitor nothing reports loses no training: one missing from an epoch's logs (and from every
+    evaluation so far) stops the run after that epoch's checkpoint, and ``fit`` then raises a
+    ``KeyError`` listing the names there are; an ``eval/`` metric in a ``fit`` without an
+    ``Evaluator`` or ``eval_data`` is warned about at its start.
 
     Args:
       monitor: metric name, e.g. ``eval/loss``, ``eval/accuracy``, ``loss``.
@@ -54,6 +56,7 @@ class EarlyStopping(Callback):
         self._best_state = None
         self._checked_step: int | None = None
         self._missing: KeyError | None = None
+        self._reported = False  # an evaluation of this fit reported the monitor (an epoch's logs need not)
 
     def _improved(self, value: float) -> bool:
         if self.best is None:
@@ -73,27 +76,31 @@ class EarlyStopping(Callback):
         self.wait += 1
         if self.wait >= self.patience:
             self.stopped_epoch = trainer.epoch
-            if self.restore_best and self._best_state is not None:
-                params, model_state = self._best_state
+            if self.restore_best and self._best_state is not None:  # a copy again: the next step donates it
+                params, model_state = jax.tree.map(jnp.copy, self._best_state)
                 trainer.state = trainer.state.replace(params=params, model_state=model_state)
             trainer.request_stop(
                 f"EarlyStopping: {self.monitor} did not improve for {self.patience} checks; best "
                 f"{self.best:.6g} at step {self.best_step}" + (" (restored)" if self.restore_best else ""))
 
     def on_fit_start(self, trainer: Any) -> None:
-        self._missing = None
+        self._missing, self._reported = None, False
         if self.monitor.startswith("eval/") and not trainer.evaluators:
-            raise ValueError(f"EarlyStopping monitors {self.monitor!r}, but this fit runs no evaluation: pass "
-                             "eval_data to fit(...) or add an Evaluator callback, or monitor a train metric "
-                             "such as 'loss'.")
+            warnings.warn(f"EarlyStopping monitors {self.monitor!r}, but this fit has no Evaluator or eval_data: "
+                          "unless a callback of yours evaluates with prefix 'eval/', the first epoch's end stops "
+                          "the run with a KeyError. Pass eval_data to fit(...), or monitor a train metric such as "
+                          "'loss'.", stacklevel=2)
 
     def on_eval_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
         if trainer.fitting and self.monitor in metrics:  # not an evaluate() called after the run
+            self._reported = True
             self._check(trainer, float(metrics[self.monitor]))
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
         if self._checked_step == trainer.step:
             return  # this epoch's evaluation already checked
+        if self.monitor not in logs and self._reported:
+            return  # checked at its evaluations (every N steps), not at epoch ends
         if self.monitor not in logs:  # stop after this epoch's checkpoint; fit raises at its end
             self._missing = KeyError(f"EarlyStopping monitors {self.monitor!r}, which no evaluation or epoch "
                                      f"reported; available: {sorted(logs)}. Fix monitor= or add an Evaluator / "

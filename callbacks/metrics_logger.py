@@ -31,8 +31,9 @@ class MetricsLogger(Callback):
       writers: ``MetricWriter`` instances (console, JSONL, CSV, TensorBoard), or one of them.
       log_every: steps per logged window.
 
-    An evaluation without a prefix (``trainer.evaluate(data)``, whose names are the train metrics'
-    own: ``loss``) is not logged; ``evaluate(data, prefix="test/")`` is, at the trainer's step.
+    An evaluation outside ``fit`` without a prefix (``trainer.evaluate(data)``, whose names are the
+    train metrics' own: ``loss``) is not logged; ``evaluate(data, prefix="test/")`` is, at the
+    trainer's step.
 
     At the start of ``fit`` the trainer's ``config`` goes to every writer (``write_hparams``).
     Host values that other callbacks hand over with ``trainer.record`` join the next window.
@@ -72,8 +73,8 @@ class MetricsLogger(Callback):
             self._fetch.push(step, trainer.take_metric_sums(self._key, packed=True))
 
     def on_eval_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
-        if not trainer.eval_prefix:  # ``trainer.evaluate(data)``: its names are the train metrics' own
-            return
+        if not trainer.fitting and not trainer.eval_prefix:  # ``trainer.evaluate(data)`` after a run: its
+            return  # names are the train metrics' own
         self._write_pending(trainer)
         self.write_scalars(trainer.step, metrics)
 

@@ -174,10 +174,10 @@ def sample_prompt(config: TransformerConfig, vocab: CharVocab, valid) -> str:
     that is empty or holds characters the training text never uses is a ``UsageError``."""
     prompt = config.prompt
     unknown = sorted(set(prompt) - set(vocab.chars))
-    default = next(f.default for f in dataclasses.fields(TransformerConfig) if f.name == "prompt")
-    if unknown and prompt == default:
-        start = vocab.decode(valid.arrays["tokens"][0][:len(default)])
-        prompt = "".join(c for c in start if c in vocab.chars) or vocab.chars[0]
+    default = TransformerConfig.prompt
+    if unknown and prompt == default:  # id 0 (a character the training text lacks) decodes to no character of it
+        tokens = [t for t in valid.arrays["tokens"][0][:len(default)].tolist() if t != CharVocab.UNKNOWN]
+        prompt = vocab.decode(tokens) or vocab.chars[0]
         print(f"the default --prompt {default!r} uses characters the text does not; the samples continue "
               f"{prompt!r} (the validation text's start) instead", file=sys.stderr, flush=True)
         return prompt

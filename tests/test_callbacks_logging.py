@@ -75,6 +75,16 @@ def test_an_evaluation_after_fit_is_logged_only_under_a_prefix_and_early_stoppin
                                       "test/accuracy": pytest.approx(bare["accuracy"])})
 
 
+def test_an_evaluator_without_a_prefix_inside_fit_is_logged(model, data):
+    from callbacks import Evaluator
+
+    memory = Memory()
+    evaluator = Evaluator(ArrayLoader(data, 32, shuffle=False), every_n_steps=3, every_n_epochs=None, prefix="")
+    Trainer(model, optax.adam(1e-2), max_steps=3, callbacks=[evaluator, MetricsLogger(memory, log_every=100)]).fit(
+        ArrayLoader(data, 32))
+    assert (3, evaluator.last_metrics) in memory.scalars
+
+
 def test_hundred_step_fit_with_default_callbacks_makes_two_logging_transfers(monkeypatch):
     """No per-step host sync: logging reads the device twice in 100 steps with log_every=50."""
     data = make_data(n=1600)

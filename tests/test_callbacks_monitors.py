@@ -219,13 +219,42 @@ def test_mode_auto_reads_the_direction_from_the_name_or_asks_for_it():
         Checkpoint(monitor="score", keep_best=1)
     with pytest.raises(ValueError, match="mode='best' is not known"):
         EarlyStopping("loss", mode="best")
+    for unclear in ("eval/previous_best", "eval/terrain_score", "loss_over_accuracy"):  # no word, or both ways
+        with pytest.raises(ValueError, match="cannot tell from the name"):
+            EarlyStopping(unclear)
+    assert [EarlyStopping(name).mode for name in ("val_loss", "eval/top1_acc", "error_rate")] == ["min", "max", "min"]
 
 
-def test_early_stopping_on_an_eval_metric_without_evaluation_is_refused_before_training(model, data):
-    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2, callbacks=[EarlyStopping("eval/loss")])
-    with pytest.raises(ValueError, match="monitors 'eval/loss', but this fit runs no evaluation: pass eval_data"):
+def test_early_stopping_on_an_eval_metric_without_evaluation_warns_then_stops_after_one_epoch(model, data):
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=3, callbacks=[EarlyStopping("eval/loss")])
+    with pytest.warns(UserWarning, match="monitors 'eval/loss', but this fit has no Evaluator or eval_data"), \
+            pytest.raises(KeyError, match="which no evaluation or epoch reported"):
         trainer.fit(ArrayLoader(data, 32))
-    assert trainer.step == 0
+    assert trainer.epoch == 1
+
+
+def test_early_stopping_with_a_step_evaluator_checks_at_its_evaluations_only(model, data):
+    evaluator = Evaluator(ArrayLoader(data, 32, shuffle=False), every_n_steps=2, every_n_epochs=None)
+    stopper = EarlyStopping("eval/loss", patience=100)
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=3, callbacks=[evaluator, stopper])
+    trainer.fit(ArrayLoader(data, 32))  # 3 steps an epoch: the epochs' logs have no eval/loss
+    assert trainer.epoch == 3 and trainer.step == 9 and stopper.best_step in (2, 4, 6, 8)
+
+
+def test_a_second_fit_after_an_early_stop_with_restore_best_trains_on(model, data):
+    from callbacks import Callback
+
+    class Worse(Callback):  # a score that only falls: the best is the first check
+        def on_epoch_end(self, trainer, epoch, logs):
+            logs["score"] = -float(epoch)
+
+    stopper = EarlyStopping("score", mode="max", patience=1)
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=3, callbacks=[Worse(), stopper])
+    trainer.fit(ArrayLoader(data, 32))
+    assert stopper.stopped_epoch == 1 and "(restored)" in trainer.stop_reason
+    trainer.max_epochs = 6
+    trainer.fit(ArrayLoader(data, 32))  # the restored best is the trainer's own copy, not a used-up one
+    assert trainer.epoch >= 3
 
 
 def test_evaluator_counts_every_example_once_with_batch_128():

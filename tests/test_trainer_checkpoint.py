@@ -214,6 +214,20 @@ def test_max_to_keep_and_best_k_retention(tmp_path, data):
     assert kept == [6, 15, 18]  # the best (epoch 2, step 6) and the two newest
 
 
+def test_best_k_retention_by_an_accuracy_with_mode_auto(tmp_path, data):
+    scores = iter([0.5, 0.9, 0.6, 0.7])
+
+    class Accuracy(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            logs["eval/accuracy"] = next(scores)
+
+    cp = Checkpoint(every_n_epochs=1, max_to_keep=1, monitor="eval/accuracy", keep_best=1)  # mode "auto": max
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=4, workdir=tmp_path,
+            callbacks=[Accuracy(), cp]).fit(ArrayLoader(data, 32))
+    kept = sorted(int(p[5:]) for p in os.listdir(tmp_path / "checkpoints") if p.startswith("step_"))
+    assert kept == [6, 12]  # the highest accuracy (epoch 1, step 6) and the newest
+
+
 def test_a_monitor_that_is_never_logged_warns_once_naming_the_metrics(tmp_path, data):
     cp = Checkpoint(every_n_epochs=1, max_to_keep=1, monitor="eval/acc", keep_best=1)
     trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=3, workdir=tmp_path, callbacks=[cp])

@@ -52,18 +52,20 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     trainer._built_signature = trainer._step_signature()
     args = (trainer.graphdef, trainer.tx, trainer.compute_loss, tuple(trainer.probes), trainer._halt_after,
             trainer.metric_reductions)
-    weigh = {"weigh_by_mask": trainer.ragged_batches == "pad"}  # a padded batch counts by its real rows
-    pure = make_train_step(*args, **weigh).pure
+    by_real_rows = {"weigh_by_mask": trainer.ragged_batches == "pad"}  # a padded batch counts by its real rows
+    pure = make_train_step(*args, **by_real_rows).pure
     try:
         jaxpr, (_, metric_shapes) = jax.make_jaxpr(pure, return_shape=True)(trainer.state, batch)
-    except KeyError as err:
-        message = err.args[0] if err.args else ""
-        if isinstance(message, str) and message.startswith("the batch"):  # the default loss's: names the keys
-            raise ValueError(message) from err
-        keys = f"; the batch has keys {sorted(batch)}" if isinstance(batch, Mapping) else ""
-        raise ValueError(f"the loss function looked up the key {message!r}, which the batch lacks{keys}.") from err
+    except losses.BatchKeyError as err:  # the default loss's: names the batch's keys
+        raise ValueError(err.args[0]) from err
+    except KeyError as err:  # a loss of the user's reading a key the batch lacks; other KeyErrors as they are
+        key = err.args[0] if err.args else None
+        if isinstance(batch, Mapping) and isinstance(key, str) and key not in batch:
+            raise ValueError(f"the loss function looked up the key {key!r}, which the batch lacks; the batch has "
+                             f"keys {sorted(batch)}.") from err
+        raise
     trainer._metric_shapes = metric_shapes
-    trainer._train_steps = make_train_step(*args, **weigh, **tuned_settings(trainer, jaxpr))
+    trainer._train_steps = make_train_step(*args, **by_real_rows, **tuned_settings(trainer, jaxpr))
     trainer._reset_sums()
     if trainer.restored_epoch_sums and trainer._sums.get(EPOCH_SUMS) is not None:
         trainer._sums[EPOCH_SUMS] = restore_sums(trainer._sums[EPOCH_SUMS], trainer.restored_epoch_sums)
@@ -153,5 +155,5 @@ def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
                 "(drop a trailing axis of 1: labels.reshape(-1)).")
         if trainer._num_classes:
             losses.check_label_range(labels, trainer._num_classes, where)
-    except KeyError as err:  # the default loss's message names the batch keys
+    except losses.BatchKeyError as err:  # the default loss's message names the batch keys
         raise ValueError(err.args[0]) from err

@@ -31,7 +31,7 @@ import numpy as np
 from trainer.checkpoint_store import (FORMAT, CheckpointError, CheckpointStore, check_structure, expected_leaves,
                                       flatten, unflatten)
 from trainer.events import Callback
-from trainer.metric_names import MODES, resolve_mode
+from trainer.metric_names import check_mode, resolve_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -100,8 +100,8 @@ class Checkpoint(Callback):
             raise ValueError(f"max_to_keep={max_to_keep!r} must be a positive integer.")
         if monitor is not None:
             mode = resolve_mode(monitor, mode, "Checkpoint")
-        elif mode not in MODES:
-            raise ValueError(f"Checkpoint: mode={mode!r} is not known; choose 'auto', 'min' or 'max'.")
+        else:
+            check_mode(mode, "Checkpoint")
         if min_interval_seconds is not None and not min_interval_seconds >= 0:
             raise ValueError(f"min_interval_seconds={min_interval_seconds!r} must be >= 0 or None.")
         if keep_best and monitor is None:
@@ -269,8 +269,8 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     """Restores the newest good checkpoint into ``trainer``; returns its step (None: fresh start)."""
     store, step = find_store(trainer, resume)
     if store is None:
-        print(f"resume=True: no checkpoints in {Path(trainer.workdir) / 'checkpoints'}; starting fresh",
-              file=sys.stderr, flush=True)
+        where = f" in {Path(trainer.workdir) / 'checkpoints'}" if trainer.workdir is not None else ""
+        print(f"resume=True: no checkpoints{where}; starting fresh", file=sys.stderr, flush=True)
         return None
     current = trainer.state
 

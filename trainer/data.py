@@ -161,13 +161,14 @@ def check_every_row_in_order(data: Any, name: str) -> None:
                          f"pass ArrayLoader(arrays, {data.batch_size}, shuffle=False, drop_remainder=False).")
 
 
-def warn_if_rows_left_out(data: Any, name: str) -> None:
-    """Warns when an ``ArrayLoader`` evaluated leaves rows out (``drop_remainder=True``), so the metrics miss them."""
+def warn_if_rows_left_out(data: Any, name: str, stacklevel: int = 3) -> None:
+    """Warns when an ``ArrayLoader`` evaluated leaves rows out (``drop_remainder=True``), so the metrics miss
+    them; ``stacklevel`` points the warning at the user's call."""
     dropped = rows_left_out(data)
     if dropped:
         warnings.warn(f"{name} is an ArrayLoader that leaves out its last {dropped} of {data.num_examples} rows "
                       "(drop_remainder=True), so the metrics miss them; pass drop_remainder=False (the last "
-                      "batch is padded and masked: every row counts once).", stacklevel=3)
+                      "batch is padded and masked: every row counts once).", stacklevel=stacklevel)
 
 
 def epoch_iterator(data: Any, epoch: int, position: int, saved_state: Mapping[str, Any] | None = None
@@ -211,20 +212,28 @@ def batch_size_of(batch: Any) -> int:
 def batch_shapes(batch: Any) -> tuple:
     """What the compiled step depends on besides the batch size: the batch's structure and each array's
     shape past the batch axis and dtype (runs per batch: a fast path for a flat dict of numpy arrays)."""
-    if type(batch) is dict and all(type(a) is np.ndarray for a in batch.values()):
-        return tuple(sorted((key, a.shape[1:], a.dtype) for key, a in batch.items()))
+    if type(batch) is dict and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in batch.values()):
+        return tuple(sorted((key, a.shape[1:], a.dtype) for key, a in batch.items()))  # numpy and JAX alike
     leaves, treedef = jax.tree.flatten(batch)
     return (treedef, *((np.shape(x)[1:], getattr(x, "dtype", type(x))) for x in leaves))
 
 
 def describe_shapes(batch: Any) -> str:
     """A batch's array shapes and dtypes for a message: ``{'x': (32, 3) float32, 'label': (32,) int32}``."""
-    return str(jax.tree.map(lambda a: _Shown(f"{tuple(np.shape(a))} {getattr(a, 'dtype', type(a).__name__)}"), batch))
+    return str(jax.tree.map(lambda a: _Verbatim(f"{tuple(np.shape(a))} {getattr(a, 'dtype', type(a).__name__)}"), batch))
 
 
-class _Shown(str):
+class _Verbatim(str):
+    """A string that a container's ``repr`` shows without quotes."""
+
     def __repr__(self) -> str:
         return str(self)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (JAX's run over many), for a message of our own."""
+    text = str(error)
+    return text.splitlines()[0] if text else ""
 
 
 def pad_batch(batch: Any, size: int) -> tuple[Any, np.ndarray]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections.abc
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
@@ -123,7 +124,7 @@ OTHER_NAMES = {"on_train_begin": "on_fit_start", "on_train_start": "on_fit_start
                "on_test_end": "on_eval_end", "on_validation_end": "on_eval_end",
                "on_validation_epoch_end": "on_eval_end", "on_save_checkpoint": "on_checkpoint_save",
                "on_load_checkpoint": "on_checkpoint_restore"}
-_WARNED_CLASSES: set = set()
+_WARNED_CLASSES: "weakref.WeakSet[type]" = weakref.WeakSet()
 
 
 def warn_unknown_hooks(callback: Callback) -> None:

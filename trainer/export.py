@@ -24,6 +24,7 @@ from flax import nnx
 
 from trainer.checkpoint_store import (CheckpointError, check_structure, expected_leaves, flatten, orbax_checkpoint,
                                      unflatten, verify_checksums)
+from trainer.data import first_line
 
 INFERENCE_STATE = nnx.Not(nnx.RngState)
 """What inference needs: every variable but the RNG streams (parameters, batch statistics...)."""
@@ -80,9 +81,8 @@ def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
     try:
         arrays = checkpointer.restore(path / "weights", abstract)
     except Exception as err:  # noqa: BLE001 - orbax / tensorstore errors of a damaged folder, named plainly
-        first = str(err).splitlines()[0] if str(err) else ""
         raise CheckpointError(f"the export in {path} cannot be read, its weights folder damaged or incomplete "
-                              f"({type(err).__name__}: {first[:300]}); export the model again.") from err
+                              f"({type(err).__name__}: {first_line(err)[:300]}); export the model again.") from err
     finally:
         checkpointer.close()
     verify_checksums(f"the export in {path}", arrays, info["leaves"])

@@ -36,7 +36,7 @@ class Execution:
     positions: list[int]  # epoch position of each batch trained on
     end_position: int  # epoch position after the last batch consumed (skipped ones included)
     sizes: list[int]  # real examples in each batch
-    new_shapes: str | None = None  # set when its shapes differ from the first batch's: what changed
+    shape_change: str | None = None  # set when its shapes differ from the first batch's: what changed
 
 
 @dataclasses.dataclass
@@ -85,23 +85,24 @@ class CompiledShapes:
     others met since: each of those compiles the step again, so each is warned about once."""
 
     first: tuple | None = None
-    described: str | None = None
-    others: set = dataclasses.field(default_factory=set)
+    first_described: str | None = None
+    others: dict = dataclasses.field(default_factory=dict)  # other shapes -> their description
 
     def change(self, batch: Any, where: str) -> tuple[tuple, str | None]:
         """``batch``'s shapes, and ``None`` when they are the first batch's, else what changed."""
         shapes = batch_shapes(batch)
         if self.first is None:
-            self.first, self.described = shapes, describe_shapes(batch)
+            self.first, self.first_described = shapes, describe_shapes(batch)
         if shapes == self.first:
             return shapes, None
-        change = (f"{where} has shapes {describe_shapes(batch)}, unlike the first batch's {self.described} "
-                  "(only the batch size of an epoch's last batch may differ)")
-        if shapes not in self.others:
-            self.others.add(shapes)
-            warnings.warn(f"{change}: the step compiles again for them. Give every batch the same shapes (pad "
-                          "variable-length inputs to one length) to compile once.", stacklevel=3)
-        return shapes, change
+        described = self.others.get(shapes)
+        if described is None:  # described once per set of shapes: bucketed data meets each again and again
+            described = self.others[shapes] = describe_shapes(batch)
+            warnings.warn(f"{where} has shapes {described}, unlike the first batch's {self.first_described} "
+                          "(only the batch size of an epoch's last batch may differ): the step compiles again "
+                          "for them. Give every batch the same shapes (pad variable-length inputs to one "
+                          "length) to compile once.", stacklevel=3)
+        return shapes, (f"{where} has shapes {described}, unlike the first batch's {self.first_described}")
 
 
 def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 
 from trainer.build import check_labels
-from trainer.data import (ArrayLoader, batch_size_of, check_batch_source, check_every_row_in_order, pad_batch,
-                          warn_if_rows_left_out)
+from trainer.data import (ArrayLoader, batch_size_of, check_batch_source, check_every_row_in_order, describe_shapes,
+                          first_line, pad_batch, warn_if_rows_left_out)
 from trainer.preemption import Preempted
 from trainer.state import zeros_like_tree
 from trainer.step import make_eval_step, make_predict_step
@@ -34,7 +34,7 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
     """Mean of ``trainer.compute_metrics`` over every example of ``data``, between the eval hooks."""
     check_batch_source(data, "evaluate's data")
     if not trainer.fitting:  # an Evaluator warned when it was built
-        warn_if_rows_left_out(data, "evaluate's data")
+        warn_if_rows_left_out(data, "evaluate's data", stacklevel=4)
     _build_eval_step(trainer)
     trainer.eval_prefix = prefix
     trainer.callbacks.dispatch("on_eval_start", trainer)
@@ -83,9 +83,8 @@ def prediction_shape(trainer: "Trainer", batch: Any) -> Any:
     try:
         return jax.eval_shape(trainer._predict_step, trainer._state_shapes, batch)
     except Exception as err:  # noqa: BLE001 - whatever the model raised, named with the batch's shapes
-        shapes = jax.tree.map(lambda a: tuple(np.shape(a)), batch)
-        raise ValueError(f"the model cannot take inputs of shapes {shapes}: predicting them fails with "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise ValueError(f"the model cannot take inputs of shapes {describe_shapes(batch)}: predicting them fails "
+                         f"with {type(err).__name__}: {first_line(err)}") from err
 
 
 def check_eval_data_fits(trainer: "Trainer") -> None:
@@ -107,7 +106,6 @@ def check_eval_data_fits(trainer: "Trainer") -> None:
             padded, mask = pad_batch(batch, batch_size_of(batch))
             jax.eval_shape(trainer._eval_sums, trainer._state_shapes, padded, mask)
         except Exception as err:  # noqa: BLE001 - whatever the model raised, named with the batch's shapes
-            shapes = jax.tree.map(lambda a: tuple(np.shape(a)), batch)
-            raise ValueError(f"evaluating the first batch of the evaluation data (shapes {shapes}) fails with "
-                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} (the data, the "
-                             "model, or the loss / compute_metrics, traced at the start of fit)") from err
+            raise ValueError(f"evaluating the first batch of the evaluation data (shapes {describe_shapes(batch)}) "
+                             f"fails with {type(err).__name__}: {first_line(err)} (the data, the model, or the "
+                             "loss / compute_metrics, traced at the start of fit)") from err

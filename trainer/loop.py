@@ -116,11 +116,10 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
     started = time.perf_counter()
     try:
         metrics = trainer._carry.run(run, execution.batch)
-    except Exception as err:
-        if execution.new_shapes is None:
-            raise
-        raise ValueError(f"{execution.new_shapes}, and the step fails on them with {type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    except Exception as err:  # raised as it came, with the batch's new shapes noted when they changed
+        if execution.shape_change is not None:
+            err.add_note(f"({execution.shape_change})")
+        raise
     if run not in trainer._compiled:  # the first call traces and compiles before it dispatches
         trainer._compiled.add(run)
         trainer.compile_seconds += time.perf_counter() - started

@@ -36,11 +36,15 @@ class LossFn(Protocol):
     def __call__(self, model: nnx.Module, batch: Batch) -> jax.Array | tuple[jax.Array, dict]: ...
 
 
+class BatchKeyError(KeyError):
+    """A batch lacks what the default loss reads (inputs, labels); the message names its keys."""
+
+
 def _pick(batch: Mapping, keys: Sequence[str], what: str) -> Any:
     for key in keys:
         if key in batch:
             return batch[key]
-    raise KeyError(
+    raise BatchKeyError(
         f"the batch has no {what}: it has keys {sorted(batch)}, and the default loss looks for "
         f"one of {list(keys)}. Rename the key, or pass loss_fn=... that reads your batch."
     )
@@ -61,7 +65,7 @@ def batch_labels(batch: Batch) -> Any:
         return _pick(batch, LABEL_KEYS, "labels")
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[1]
-    raise KeyError(
+    raise BatchKeyError(
         f"the batch is a {type(batch).__name__} without labels; the default loss needs "
         "(inputs, labels) or a dict with a 'label' key. Pass loss_fn=... for unlabelled data."
     )

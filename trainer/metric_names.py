@@ -1,27 +1,34 @@
 """Which way a metric improves, read from its name: ``mode="auto"`` of ``EarlyStopping`` and ``Checkpoint``.
 
-As Keras's ``mode="auto"``: a loss or an error is better lower, an accuracy higher; a name that says
-neither is refused with a request for ``mode="min"`` or ``"max"`` rather than guessed.
+As Keras's ``mode="auto"``, by whole words of the name (``val_loss``, ``top1_acc``): a loss or an
+error is better lower, an accuracy higher; a name that says neither (or both) is refused with a
+request for ``mode="min"`` or ``"max"`` rather than guessed.
 """
 
 from __future__ import annotations
 
+import re
+
 MODES = ("auto", "min", "max")
-LOWER_IS_BETTER = ("loss", "error", "err", "mse", "mae", "rmse", "bpc", "perplexity", "nll")
-HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "dice")
+LOWER_IS_BETTER = frozenset({"loss", "error", "err", "mse", "mae", "rmse", "bpc", "perplexity", "ppl", "nll"})
+HIGHER_IS_BETTER = frozenset({"acc", "accuracy", "auc", "precision", "recall", "f1", "iou", "dice"})
+
+
+def check_mode(mode: str, who: str) -> None:
+    """Refuses a ``mode`` that is none of ``MODES``."""
+    if mode not in MODES:
+        raise ValueError(f"{who}: mode={mode!r} is not known; choose 'auto', 'min' (for losses) or 'max' (for accuracy).")
 
 
 def resolve_mode(monitor: str, mode: str, who: str) -> str:
-    """``"min"`` or ``"max"`` for ``monitor``: ``mode`` itself, or with ``"auto"`` read from the name's
-    last part (``eval/accuracy`` -> ``max``); ``who`` names the caller in the errors."""
-    if mode not in MODES:
-        raise ValueError(f"{who}: mode={mode!r} is not known; choose 'auto', 'min' (for losses) or 'max' (for accuracy).")
+    """``"min"`` or ``"max"`` for ``monitor``: ``mode`` itself, or with ``"auto"`` read from the words of
+    the name's last part (``eval/top1_acc`` -> ``max``); ``who`` names the caller in the errors."""
+    check_mode(mode, who)
     if mode != "auto":
         return mode
-    name = monitor.rsplit("/", 1)[-1].lower()
-    if any(word in name for word in LOWER_IS_BETTER):
-        return "min"
-    if any(word in name for word in HIGHER_IS_BETTER):
-        return "max"
+    words = set(re.split(r"[^a-z0-9]+", monitor.rsplit("/", 1)[-1].lower()))
+    lower, higher = bool(words & LOWER_IS_BETTER), bool(words & HIGHER_IS_BETTER)
+    if lower != higher:
+        return "min" if lower else "max"
     raise ValueError(f"{who}(monitor={monitor!r}) cannot tell from the name whether a higher or a lower value "
                      "is better; pass mode='max' or mode='min'.")

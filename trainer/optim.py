@@ -57,7 +57,8 @@ def make_schedule(
       ValueError: a non-positive learning rate, an unknown name, or missing ``total_steps``.
     """
     _check_choice("schedule", name, SCHEDULES)
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float, np.integer, np.floating)):
+    if (isinstance(learning_rate, (str, bytes, bool)) or np.ndim(learning_rate) != 0
+            or not np.issubdtype(np.asarray(learning_rate).dtype, np.number)):
         raise TypeError(f"learning_rate={learning_rate!r} must be a number (the peak rate, e.g. 1e-3); a schedule of "
                         "your own goes to make_optimizer(name, learning_rate=schedule).")
     if not learning_rate > 0:

@@ -61,7 +61,7 @@ def test_eval_data_the_model_cannot_take_fails_before_training(model, data):
     bad = ArrayLoader({"x": np.zeros((32, 5), np.float32), "label": data["label"][:32]}, 16)
     trainer = Trainer(model, optax.adam(1e-2), max_epochs=2)
     with pytest.raises(ValueError, match=r"evaluating the first batch of the evaluation data \(shapes "
-                                         r"\{'label': \(16,\), 'x': \(16, 5\)\}\) fails with.*dot_general"):
+                                         r"\{'label': \(16,\) int32, 'x': \(16, 5\) float32\}\) fails with.*dot_general"):
         trainer.fit(ArrayLoader(data, 32), eval_data=bad)
     assert trainer.step == 0
     trainer.fit(ArrayLoader(data, 32), eval_data=[dict(x=data["x"][:16], label=data["label"][:16])])  # a list fits

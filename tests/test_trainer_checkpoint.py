@@ -322,6 +322,27 @@ def test_nan_rollback_catches_every_later_bad_step_too(tmp_path, check_every):
     assert steps[-1] == 21
 
 
+def test_a_stop_during_the_epoch_end_evaluation_keeps_the_epoch_train_metrics(tmp_path, data):
+    class InterruptEvaluation(Callback):  # Ctrl-C while epoch 1's evaluation runs
+        def on_eval_start(self, trainer):
+            if trainer.epoch == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def run(workdir, *extra, resume=False):
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=3, workdir=workdir,
+                          callbacks=[*extra, Checkpoint(async_save=False)])
+        return trainer, trainer.fit(ArrayLoader(data, 32), eval_data=ArrayLoader(data, 32, shuffle=False),
+                                    resume=resume)
+
+    with pytest.raises(SystemExit) as stopped:
+        run(tmp_path / "run", InterruptEvaluation())
+    assert stopped.value.code == 130
+    _, resumed = run(tmp_path / "run", resume=True)
+    _, unbroken = run(tmp_path / "ref")
+    assert [sorted(h) for h in resumed] == [sorted(h) for h in unbroken]  # loss and accuracy of epoch 1 too
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in unbroken]
+
+
 def test_nan_rollback_gives_up_after_max_rollbacks(tmp_path, data):
     x = data["x"].copy()
     x[32:] = np.nan  # every batch from the third on is bad

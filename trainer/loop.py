@@ -165,7 +165,15 @@ def _timed(trainer: "Trainer", items: Iterator[Execution]) -> Iterator[Execution
 
 
 def end_epoch(trainer: "Trainer", epoch: int) -> None:
-    """The epoch's mean train metrics, its evaluations, ``on_epoch_end``, then epoch checkpoints."""
+    """The epoch's evaluations and mean train metrics, ``on_epoch_end``, then epoch checkpoints.
+
+    The train sums are taken after the evaluations: a stop during one (a preemption) saves them
+    untaken, so the resumed run still reports the epoch's train metrics.
+    """
+    evaluated: dict[str, float] = {}
+    for evaluator in trainer.evaluators:
+        if evaluator.due_at_epoch_end(epoch):
+            evaluated.update(evaluator.run(trainer))
     sums = trainer.take_metric_sums(EPOCH_SUMS)
     if sums is not None:
         logs = trainer.finish_metrics(compute_sums(jax.device_get(sums)))
@@ -173,9 +181,7 @@ def end_epoch(trainer: "Trainer", epoch: int) -> None:
         saved = trainer.restored_epoch_sums or {}
         logs = {k: total / count for k, (total, count) in saved.items() if count > 0}
         trainer.restored_epoch_sums = None
-    for evaluator in trainer.evaluators:
-        if evaluator.due_at_epoch_end(epoch):
-            logs.update(evaluator.run(trainer))
+    logs.update(evaluated)
     trainer.history.append(dict(logs, epoch=epoch))
     trainer.callbacks.dispatch("on_epoch_end", trainer, epoch, logs)
     trainer.history[-1].update(logs)  # what callbacks added (a scripted or derived metric) is kept

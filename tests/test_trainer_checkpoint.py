@@ -85,6 +85,29 @@ def test_resume_true_with_nowhere_to_look_is_refused_before_training(data):
     assert trainer.step == 0
 
 
+def test_resume_paths_a_workdir_an_empty_name_and_an_older_step_of_the_own_folder(tmp_path, data):
+    make(tmp_path / "run", 12).fit(ArrayLoader(data, 16))  # steps 4, 8, 12
+    from_workdir = make(tmp_path / "other", 12)
+    from_workdir.fit(ArrayLoader(data, 16), resume=tmp_path / "run")  # the workdir: its checkpoints folder
+    assert from_workdir.step == 12
+    with pytest.raises(ValueError, match="resume='' names no folder"):
+        make(tmp_path / "third", 12).fit(ArrayLoader(data, 16), resume="")
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    older = make(tmp_path / "run", 16)
+    with pytest.raises(CheckpointError, match=r"resuming from step 4 .* also holds the newer steps \[8, 12\]"):
+        older.fit(ArrayLoader(data, 16), resume=tmp_path / "run" / "checkpoints" / "step_4")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == saved
+    branch = make(tmp_path / "branch", 8)  # branching from step 4 into another workdir is fine
+    branch.fit(ArrayLoader(data, 16), resume=tmp_path / "run" / "checkpoints" / "step_4")
+    assert branch.step == 8
+
+
+def test_resuming_with_another_batch_size_is_refused(tmp_path, data):
+    make(tmp_path, 5, every=5).fit(ArrayLoader(data, 16))
+    with pytest.raises(ValueError, match="batch_size=16 but this loader has batch_size=32: its position counts"):
+        make(tmp_path, 10, every=5).fit(ArrayLoader(data, 32), resume=True)
+
+
 def test_explicit_missing_checkpoint_path_is_an_error(tmp_path, data):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         make(tmp_path, 3).fit(ArrayLoader(data, 16), resume=tmp_path / "nowhere")

@@ -255,6 +255,9 @@ def find_store(trainer: "Trainer", resume: bool | str | os.PathLike) -> tuple[Ch
         if trainer.workdir is None or not (Path(trainer.workdir) / "checkpoints").is_dir():
             return None, None
         return CheckpointStore(Path(trainer.workdir) / "checkpoints"), None
+    if not isinstance(resume, (str, os.PathLike)) or not str(resume).strip():
+        raise ValueError(f"resume={resume!r} names no folder; pass resume=True to continue from the newest "
+                         "checkpoint in the workdir, or the path of a checkpoints folder or step_<N> folder.")
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"resume={str(resume)!r} does not exist; pass resume=True to continue from the "
@@ -262,7 +265,22 @@ def find_store(trainer: "Trainer", resume: bool | str | os.PathLike) -> tuple[Ch
     number = path.name.rsplit("_", 1)[-1]
     if number.isdigit() and (path / "meta").is_dir():
         return CheckpointStore(path.parent), int(number)
+    if (path / "checkpoints").is_dir() and not any(path.glob("step_*")):  # a run's workdir
+        return CheckpointStore(path / "checkpoints"), None
     return CheckpointStore(path), None
+
+
+def refuse_overwriting_newer(trainer: "Trainer", store: CheckpointStore, step: int) -> None:
+    """Resuming from an older step of the folder this trainer saves into would replace the newer steps
+    as training passes them: refused, the newer checkpoints untouched."""
+    newer = sorted(s for s in store.steps() if s > step)
+    own = {Path(c.directory if c.directory is not None else Path(trainer.workdir) / "checkpoints").resolve()
+           for c in trainer.checkpoints if c.directory is not None or trainer.workdir is not None}
+    if newer and Path(store.directory).resolve() in own:
+        raise CheckpointError(f"resuming from step {step} of {store.directory}, which also holds the newer steps "
+                              f"{newer}: training on would replace them. To branch from step {step}, give this "
+                              "trainer another workdir (resume= still points at the step); to drop the newer "
+                              "steps, move them away first.")
 
 
 def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
@@ -284,6 +302,8 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     def check(found_step: int, meta: dict) -> None:
         check_structure(f"checkpoint step {found_step}", meta["leaves"], expected_leaves(template(meta)), "model and optimizer")
 
+    if step is not None:
+        refuse_overwriting_newer(trainer, store, step)
     found = store.restore_newest(check, step)
     if found is None:
         if resume is not True:

@@ -53,18 +53,21 @@ class ArrayLoaderIterator:
         return self._loader.take(index)
 
     def get_state(self) -> dict[str, int]:
-        """Where this iterator stands: ``{"epoch", "position", "seed", "num_examples"}``."""
-        return {"epoch": self.epoch, "position": self.position,
-                "seed": self._loader.seed, "num_examples": self._loader.num_examples}
+        """Where this iterator stands: ``{"epoch", "position", "seed", "num_examples", "batch_size"}``."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self._loader.seed,
+                "num_examples": self._loader.num_examples, "batch_size": self._loader.batch_size}
 
     def set_state(self, state: Mapping[str, int]) -> None:
-        """Jump to a position from ``get_state()``; refuses one taken from different data."""
-        for key in ("seed", "num_examples"):
+        """Jump to a position from ``get_state()``; refuses one taken from different data or batch size
+        (the position counts batches: another size would skip or repeat examples)."""
+        for key in ("seed", "num_examples", "batch_size"):
             mine = getattr(self._loader, key)
             if key in state and state[key] != mine:
+                why = ("its position counts batches of that size, so another would skip or repeat examples"
+                       if key == "batch_size" else "it comes from different data")
                 raise ValueError(
-                    f"iterator state has {key}={state[key]} but this loader has {key}={mine}: "
-                    "it comes from different data; build the loader as it was when the state was saved."
+                    f"iterator state has {key}={state[key]} but this loader has {key}={mine}: {why}; "
+                    "build the loader as it was when the state was saved."
                 )
         self._set(state["epoch"], state["position"])
 
@@ -180,8 +183,8 @@ def epoch_iterator(data: Any, epoch: int, position: int, saved_state: Mapping[st
     start a fresh pass (position 0), with a warning when asked to continue mid-epoch.
     """
     if callable(getattr(data, "iterator", None)):
-        iterator = data.iterator(epoch=epoch, position=position)
-        if saved_state is not None:
+        iterator = data.iterator(epoch=epoch, position=0 if saved_state is not None else position)
+        if saved_state is not None:  # checked against the data before the position is taken
             iterator.set_state({**saved_state, "epoch": epoch, "position": position})
         return iterator, position
     if position:

@@ -45,7 +45,7 @@ def test_set_state_of_get_state_continues_the_same_sequence(arrays):
     other = loader.iterator()
     other.set_state(state)
     np.testing.assert_array_equal(ids_of(other), rest)
-    assert state == {"epoch": 2, "position": 3, "seed": 4, "num_examples": 100}
+    assert state == {"epoch": 2, "position": 3, "seed": 4, "num_examples": 100, "batch_size": 10}
 
 
 def test_state_from_other_data_is_refused(arrays):

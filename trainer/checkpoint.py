@@ -270,17 +270,17 @@ def find_store(trainer: "Trainer", resume: bool | str | os.PathLike) -> tuple[Ch
     return CheckpointStore(path), None
 
 
-def refuse_overwriting_newer(trainer: "Trainer", store: CheckpointStore, step: int) -> None:
-    """Resuming from an older step of the folder this trainer saves into would replace the newer steps
-    as training passes them: refused, the newer checkpoints untouched."""
+def warn_of_replacing_newer(trainer: "Trainer", store: CheckpointStore, step: int) -> None:
+    """Resuming from an older step of the folder this trainer saves into rewinds the run: the newer steps
+    are replaced as training passes them (and the logs after the step dropped). Allowed, said once."""
     newer = sorted(s for s in store.steps() if s > step)
     own = {Path(c.directory if c.directory is not None else Path(trainer.workdir) / "checkpoints").resolve()
            for c in trainer.checkpoints if c.directory is not None or trainer.workdir is not None}
     if newer and Path(store.directory).resolve() in own:
-        raise CheckpointError(f"resuming from step {step} of {store.directory}, which also holds the newer steps "
-                              f"{newer}: training on would replace them. To branch from step {step}, give this "
-                              "trainer another workdir (resume= still points at the step); to drop the newer "
-                              "steps, move them away first.")
+        warnings.warn(f"resuming from step {step} of {store.directory}, which also holds the newer steps {newer}: "
+                      "this rewinds the run, and training on replaces them (the logs after that step are dropped "
+                      f"too). To keep them, branch instead: give this trainer another workdir (resume= still points "
+                      "at the step).", RuntimeWarning, stacklevel=4)
 
 
 def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
@@ -303,7 +303,7 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
         check_structure(f"checkpoint step {found_step}", meta["leaves"], expected_leaves(template(meta)), "model and optimizer")
 
     if step is not None:
-        refuse_overwriting_newer(trainer, store, step)
+        warn_of_replacing_newer(trainer, store, step)
     found = store.restore_newest(check, step)
     if found is None:
         if resume is not True:

@@ -40,17 +40,28 @@ def standard_callbacks(workdir: str | None, *, log_every: int, progress: bool, t
     return callbacks
 
 
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", "plots")
+"""What a recipe's run leaves in its workdir: a folder holding any of them holds a run."""
+
+
 def fresh_workdir(config: Any) -> Any:
     """``config`` with its workdir moved to a fresh sibling (``runs/mnist-2``, ...) when it is the
     recipe's default, already holds an earlier run, and ``resume`` is off: running a recipe twice
-    starts a second run instead of overwriting the first. A workdir given explicitly is left as it
-    is (the trainer refuses to start a fresh run over another run's checkpoints)."""
+    starts a second run instead of overwriting the first. A workdir given explicitly that holds a
+    run is a ``UsageError`` without ``--resume``: a fresh run would mix its logs and checkpoints
+    into the earlier run's (with or without ``--checkpoint``)."""
+    from recipes.config_cli import UsageError
+
     workdir = config.workdir
     default = type(config).__dataclass_fields__["workdir"].default
-    if not workdir or config.resume or workdir != default or not _used(Path(workdir)):
+    if not workdir or config.resume or not holds_a_run(Path(workdir)):
         return config
+    if workdir != default:
+        found = [name for name in RUN_OUTPUTS if (Path(workdir) / name).exists()]
+        raise UsageError(f"--workdir {workdir} holds an earlier run ({', '.join(found)}): a fresh run would mix "
+                         "its logs and checkpoints into it. Continue it with --resume, or choose another --workdir.")
     n = 2
-    while _used(Path(f"{workdir}-{n}")):
+    while holds_a_run(Path(f"{workdir}-{n}")):
         n += 1
     fresh = f"{workdir}-{n}"
     print(f"{workdir} holds an earlier run: this one writes to {fresh} (--resume continues {workdir}; "
@@ -58,5 +69,6 @@ def fresh_workdir(config: Any) -> Any:
     return dataclasses.replace(config, workdir=fresh)
 
 
-def _used(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
+def holds_a_run(path: Path) -> bool:
+    """Whether ``path`` holds what a recipe's run leaves (``RUN_OUTPUTS``)."""
+    return any((path / name).exists() for name in RUN_OUTPUTS)

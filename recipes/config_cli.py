@@ -118,7 +118,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, descriptio
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_arguments(parser, cls, help_texts)
     config = config_from_args(cls, parser.parse_args(argv))
-    problem = (bounds_problem(config) or interval_problem(config) or export_problem(config)
+    problem = (bounds_problem(config) or interval_problem(config) or export_problem(config) or resume_problem(config)
                or next((p for p in (check(config) for check in checks) if p), None))
     if problem:
         parser.error(problem)  # a usage line and the problem on stderr, exit status 2
@@ -130,6 +130,13 @@ def bounds_problem(config: Any) -> str | None:
     for name, value, bounds in setting_problems(config):
         why = f": {bounds.why}" if bounds.why else ""
         return f"{flag_of(name)} {value} {bounds.requirement()}{why}."
+    return None
+
+
+def resume_problem(config: Any) -> str | None:
+    """``--resume`` continues the run in ``--workdir``: with an empty workdir there is nothing to continue."""
+    if getattr(config, "resume", False) and not getattr(config, "workdir", "x"):
+        return "--resume continues the run in --workdir, but --workdir is empty ('' writes nothing); name the run's folder."
     return None
 
 

@@ -24,7 +24,7 @@ from flax import nnx
 from callbacks import Checkpoint, EpochSummary, Plots, PredictionGrid
 from callbacks.nan_detector import POLICIES
 from recipes.common import fresh_workdir, run_config, standard_callbacks
-from recipes.config_cli import parse_config, reading_options, usage_errors
+from recipes.config_cli import UsageError, parse_config, reading_options, usage_errors
 from recipes.datasets import load_mnist_bundled, load_mnist_idx
 from trainer import ArrayLoader, DefaultInterval, Trainer
 from trainer.export import load_model, read_model_info
@@ -179,11 +179,16 @@ def run(config: MnistConfig) -> float:
     config = fresh_workdir(config)
     with reading_options():
         train, test = load_data(config)
+    examples = len(train["label"])
+    if config.batch_size > examples:
+        raise UsageError(f"--batch-size {config.batch_size} is larger than the {examples} training examples; "
+                         f"use --batch-size {min(128, examples)} or less.")
     trainer, train_loader, test_loader = build(config, train, test)
     trainer.fit(train_loader, eval_data=test_loader, resume=config.resume)  # ends with a test evaluation
-    if "eval/accuracy" not in trainer.eval_metrics:  # resumed a run that had already finished
-        trainer.evaluate(test_loader, prefix="eval/")
-    accuracy = trainer.eval_metrics["eval/accuracy"]
+    if "eval/accuracy" in trainer.eval_metrics:
+        accuracy = trainer.eval_metrics["eval/accuracy"]
+    else:  # resumed a run that had already finished: evaluated again, unprefixed so that no log repeats a step
+        accuracy = trainer.evaluate(test_loader)["accuracy"]
     if config.export:
         print(f"exported the model to {trainer.save_model(config.export)}")
     seconds = time.perf_counter() - started

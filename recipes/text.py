@@ -39,8 +39,10 @@ def load_text(path: str | os.PathLike, min_chars: int = 1) -> str:
         (the message gives the byte offset).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"--text {path}: no such file.")
+    if not path.is_file():
+        raise ValueError(f"--text {path} is not a regular file (a folder or a device); give a UTF-8 text file.")
     data = path.read_bytes()
     if not data:
         raise ValueError(f"--text {path} is empty; give a UTF-8 text file with some content.")

@@ -213,7 +213,8 @@ def run(config: TransformerConfig) -> float:
     trainer, train, valid, _ = build(config, text)
     trainer.fit(train, resume=config.resume)
     evaluated_now = any(ev.last_step == trainer.step for ev in trainer.evaluators)
-    metrics = trainer.eval_metrics if evaluated_now else trainer.evaluate(valid, prefix="eval/")
+    metrics = trainer.eval_metrics if evaluated_now else {  # unprefixed: no log repeats a step
+        f"eval/{name}": value for name, value in trainer.evaluate(valid).items()}
     if config.export:
         print(f"exported the model to {trainer.save_model(config.export)}")
     print(f"trained {trainer.step} steps in {time.perf_counter() - started:.1f}s")

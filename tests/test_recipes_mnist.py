@@ -171,7 +171,7 @@ def test_recipe_smoke_on_bundled_digits_through_python_m(tmp_path):
     # an explicit --workdir that holds a run is refused as a usage error, not a traceback
     used = subprocess.run([*command, "--workdir", "runs/mnist-2"], capture_output=True, text=True, timeout=300,
                           env=env, cwd=tmp_path)
-    assert used.returncode == 2 and "nnx-train mnist: error: runs/mnist-2/checkpoints already holds" in used.stderr
+    assert used.returncode == 2 and "nnx-train mnist: error: --workdir runs/mnist-2 holds an earlier run" in used.stderr
     assert "Traceback" not in used.stderr
 
 
@@ -179,6 +179,25 @@ def test_recipe_reports_bad_data_dir(tmp_path):
     out = run_cli("mnist", "--data-dir", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "run"))
     assert out.returncode == 2 and "nnx-train mnist: error: --data-dir" in out.stderr
     assert "is not a directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_refuses_a_used_workdir_without_checkpoints_a_resume_without_one_and_a_batch_above_the_data(
+        tmp_path, capsys):
+    from recipes.mnist import main
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text("{}\n")  # an earlier run's logs, no checkpoints
+    for argv, message in {("--workdir", str(used), "--no-checkpoint"): f"--workdir {used} holds an earlier run "
+                                                                       "(metrics.jsonl)",
+                          ("--workdir", "", "--resume"): "--resume continues the run in --workdir, but --workdir is empty",
+                          ("--workdir", str(tmp_path / "new"), "--batch-size", "4001"):
+                              "--batch-size 4001 is larger than the 4000 training examples"}.items():
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--max-steps", "1", "--no-progress"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err, (argv, err)
+    assert (used / "metrics.jsonl").read_text() == "{}\n"  # the earlier run's logs untouched
 
 
 def test_cli_refuses_values_outside_their_range_naming_the_flag(capsys):
@@ -227,3 +246,12 @@ def test_recipe_resume_and_export_through_the_command_line(idx_dir, tmp_path):
     _, test = load_mnist_idx(idx_dir)
     accuracy = (np.asarray(model(test["image"])).argmax(1) == test["label"]).mean()
     assert f"test accuracy: {accuracy:.4f}" == second.stdout.strip().splitlines()[-1]
+    # the finished run resumed again: the same accuracy, and no logged step written twice
+    from callbacks import read_jsonl
+
+    before = read_jsonl(run / "metrics.jsonl")
+    third = run_cli(*common, "--epochs", "2", "--resume")
+    assert third.returncode == 0, third.stderr
+    assert third.stdout.strip().splitlines()[-1] == f"test accuracy: {accuracy:.4f}"
+    scalars = [r for r in read_jsonl(run / "metrics.jsonl") if "scalars" in r]
+    assert len(scalars) == len([r for r in before if "scalars" in r])

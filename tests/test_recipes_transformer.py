@@ -167,7 +167,8 @@ def test_cli_refuses_a_bad_model_shape_prompt_or_text_naming_the_flag(tmp_path, 
                           "--prompt 'Zab' has characters the training text never uses ('Z')",
                           ("--text", str(tmp_path / "corpus.txt"), "--prompt", ""): "--prompt '' is empty",
                           ("--text", str(tmp_path / "latin1.txt")): "is not UTF-8 text",
-                          ("--text", str(tmp_path / "missing.txt")): "missing.txt: no such file"}.items():
+                          ("--text", str(tmp_path / "missing.txt")): "missing.txt: no such file",
+                          ("--text", str(tmp_path)): "is not a regular file (a folder or a device)"}.items():
         with pytest.raises(SystemExit) as exit_:
             main([*small, *argv])
         err = capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -69,8 +71,21 @@ def test_plain_iteration_is_one_fresh_pass(arrays):
     (({"x": np.zeros((0, 2))}, 4), "empty dataset"),
     (({"x": np.zeros((5, 2))}, 8), "batch_size=8 is larger than the dataset"),
     (({"x": np.zeros((5, 2))}, 0), "batch_size=0"),
-    (({"x": np.zeros((5, 2)), "y": np.zeros(4)}, 2), "share their first axis"),
+    (({"x": np.zeros((5, 2)), "y": np.zeros(4)}, 2), r"share their first \(example\) axis"),
 ])
 def test_bad_loader_input_is_refused(args, message):
     with pytest.raises(ValueError, match=message):
         ArrayLoader(*args)
+
+
+def test_lists_are_arrays_and_bad_columns_are_named():
+    x = np.zeros((10, 3), np.float32)
+    loader = ArrayLoader({"x": x, "label": [0, 1] * 5}, 4, shuffle=False)  # a list of numbers: one array
+    assert next(iter(loader))["label"].tolist() == [0, 1, 0, 1]
+    first = next(iter(ArrayLoader([x, np.arange(10)], 4, shuffle=False)))  # a list of arrays: a pytree
+    assert [a.shape for a in first] == [(4, 3), (4,)]
+    for column, found in ((None, "['label']: no first axis"), ([0, 1], "['label']: 2"), ("abc", "['label']: no first axis")):
+        with pytest.raises(ValueError, match=re.escape(f"share their first (example) axis; found {found}, ['x']: 10")):
+            ArrayLoader({"x": x, "label": column}, 4)
+    with pytest.raises(ValueError, match="batch_size=True must be a positive integer"):
+        ArrayLoader({"x": x}, True)

@@ -66,8 +66,10 @@ def test_eval_labels_out_of_range(model, data):
 
 
 def test_empty_train_data(model):
-    with pytest.raises(ValueError, match="yielded no batches in epoch 0"):
+    with pytest.raises(ValueError, match="train_data is an empty list: give it at least one batch"):
         Trainer(model, optax.sgd(0.1), max_epochs=1).fit([])
+    with pytest.raises(ValueError, match="yielded no batches in epoch 0"):
+        Trainer(model, optax.sgd(0.1), max_epochs=1).fit(iter([]))
 
 
 def test_a_one_pass_iterator_for_several_epochs_is_refused_before_training(model, data):

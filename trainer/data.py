@@ -89,17 +89,24 @@ class ArrayLoader:
 
     def __init__(self, arrays: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  drop_remainder: bool = True):
-        self.arrays = jax.tree.map(np.asarray, arrays)
-        leaves = jax.tree.leaves(self.arrays)
-        if not leaves:
+        # a list of numbers (or of rows) is one array, as np.asarray takes it, not a pytree of scalars (a
+        # list of arrays stays a pytree); None (a missing column) stays a leaf, to be named below
+        self.arrays = jax.tree.map(np.asarray, arrays, is_leaf=lambda x: x is None or (
+            isinstance(x, list) and not any(hasattr(item, "shape") for item in x)))
+        named = jax.tree_util.tree_flatten_with_path(self.arrays)[0]
+        if not named:
             raise ValueError("ArrayLoader got no arrays; pass e.g. {'image': x, 'label': y}.")
-        sizes = {a.shape[0] if a.ndim else None for a in leaves}
-        if len(sizes) != 1 or None in sizes:
-            raise ValueError(f"ArrayLoader arrays must share their first axis; found lengths {sorted(map(str, sizes))}.")
+        sizes = {jax.tree_util.keystr(path): (a.shape[0] if a.ndim else None) for path, a in named}
+        if None in sizes.values() or len(set(sizes.values())) != 1:
+            found = ", ".join(f"{name or 'the array'}: {size if size is not None else 'no first axis'}"
+                              for name, size in sizes.items())
+            raise ValueError(f"ArrayLoader arrays must share their first (example) axis; found {found}.")
+        leaves = [a for _, a in named]
+        sizes = {a.shape[0] for a in leaves}
         self.num_examples = sizes.pop()
         if self.num_examples == 0:
             raise ValueError("ArrayLoader got an empty dataset (0 examples); check the data path or split.")
-        if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
         if drop_remainder and batch_size > self.num_examples:
             raise ValueError(

@@ -56,6 +56,8 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
     """What ``fit`` refuses before it starts: raw arrays for data, ``resume=True`` with nowhere to look, a
     one-pass iterator for several epochs, and step intervals that do not fit ``steps_per_execution``."""
     check_batch_source(train_data, "train_data"), check_batch_source(eval_data, "eval_data")
+    if isinstance(train_data, (list, tuple)) and not train_data:
+        raise ValueError("train_data is an empty list: give it at least one batch.")
     checkpointing.check_resume_source(trainer, resume)
     epochs_left = (trainer.max_epochs or 0) - trainer.epoch
     if trainer.max_steps is None and epochs_left > 1 and isinstance(train_data, collections.abc.Iterator):

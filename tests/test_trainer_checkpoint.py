@@ -250,6 +250,12 @@ def test_best_k_retention_by_an_accuracy_with_mode_auto(tmp_path, data):
             callbacks=[Accuracy(), cp]).fit(ArrayLoader(data, 32))
     kept = sorted(int(p[5:]) for p in os.listdir(tmp_path / "checkpoints") if p.startswith("step_"))
     assert kept == [6, 12]  # the highest accuracy (epoch 1, step 6) and the newest
+    scores = iter([0.55, 0.65])  # a resumed run, none of whose epochs beats the best
+    cp = Checkpoint(every_n_epochs=1, max_to_keep=1, monitor="eval/accuracy", keep_best=1)
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=6, workdir=tmp_path,
+            callbacks=[Accuracy(), cp]).fit(ArrayLoader(data, 32), resume=True)
+    kept = sorted(int(p[5:]) for p in os.listdir(tmp_path / "checkpoints") if p.startswith("step_"))
+    assert kept == [6, 18]  # the best of the first run survives the second
 
 
 def test_a_monitor_that_is_never_logged_warns_once_naming_the_metrics(tmp_path, data):

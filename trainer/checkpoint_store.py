@@ -174,6 +174,21 @@ def verify_checksums(source: str, arrays: Mapping[str, np.ndarray], described: l
             raise CheckpointError(f"{source}: array {d['path']} fails its checksum (the file is damaged).")
 
 
+def _quiet_missing_metrics() -> None:
+    """Drops orbax's warning for a save without metrics (a mid-epoch step's, or one before the first
+    epoch's metric) once it tracks a best: such steps are kept by recency alone, as intended."""
+    import logging
+
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _MissingMetricsFilter) for f in logger.filters):
+        logger.addFilter(_MissingMetricsFilter())
+
+
+class _MissingMetricsFilter:
+    def filter(self, record) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
 class CheckpointStore:
     """An orbax ``CheckpointManager`` in ``directory`` with retention, checksums and fallback.
 
@@ -195,12 +210,17 @@ class CheckpointStore:
         from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
         keep: list = [policies.LatestN(n=max_to_keep)]
+        best: dict = {}
         if monitor is not None and keep_best:
             keep.append(policies.BestN(get_metric_fn=lambda m: m[monitor], reverse=(mode == "min"), n=keep_best,
                                       keep_checkpoints_without_metrics=False))
+            # orbax writes a step's metrics to disk only when it tracks a best itself: without them a
+            # resumed run's manager sees the old best as metric-less, and BestN prunes it
+            best = {"best_fn": lambda m: m[monitor], "best_mode": mode}
+            _quiet_missing_metrics()
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True, step_prefix=STEP_PREFIX,
-            preservation_policy=policies.AnyPreservationPolicy(keep))
+            preservation_policy=policies.AnyPreservationPolicy(keep), **best)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._writer = SerialWorker("checkpoint-writer") if async_save else None
 

@@ -20,10 +20,10 @@ from flax import nnx
 
 from trainer.carry import flat_jit, pack_state, unpack_state
 from trainer import conv_grads, dense_grads, threefry
+from trainer.feed import MASK_KEY
 from trainer.optim import current_learning_rate, global_norm
 from trainer.packing import scan_packed
 from trainer.state import TrainState
-from trainer.feed import MASK_KEY
 from trainer.sums import CONTROL_KEYS, Metrics, Sums, merge_steps_packed, to_sums
 from trainer.sums import compute_sums, empty_sums, merge_sums, restore_sums  # noqa: F401  (their old home: still importable here)
 

@@ -238,6 +238,13 @@ def test_max_to_keep_and_best_k_retention(tmp_path, data):
     assert kept == [6, 15, 18]  # the best (epoch 2, step 6) and the two newest
 
 
+def test_max_to_keep_none_keeps_every_checkpoint(tmp_path, data):
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=5, workdir=tmp_path,
+            callbacks=[Checkpoint(every_n_epochs=1, max_to_keep=None)]).fit(ArrayLoader(data, 32))
+    assert sorted(int(p[5:]) for p in os.listdir(tmp_path / "checkpoints") if p.startswith("step_")) == [
+        3, 6, 9, 12, 15]
+
+
 def test_best_k_retention_by_an_accuracy_with_mode_auto(tmp_path, data):
     scores = iter([0.5, 0.9, 0.6, 0.7])
 
@@ -245,7 +252,7 @@ def test_best_k_retention_by_an_accuracy_with_mode_auto(tmp_path, data):
         def on_epoch_end(self, trainer, epoch, logs):
             logs["eval/accuracy"] = next(scores)
 
-    cp = Checkpoint(every_n_epochs=1, max_to_keep=1, monitor="eval/accuracy", keep_best=1)  # mode "auto": max
+    cp = Checkpoint(every_n_epochs=1, max_to_keep=1, monitor="eval/accuracy")  # mode "auto": max; keep_best 1
     Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=4, workdir=tmp_path,
             callbacks=[Accuracy(), cp]).fit(ArrayLoader(data, 32))
     kept = sorted(int(p[5:]) for p in os.listdir(tmp_path / "checkpoints") if p.startswith("step_"))

@@ -74,8 +74,8 @@ class Checkpoint(Callback):
       directory: where step folders go (default ``<workdir>/checkpoints``).
       every_n_steps: save after every N-th step (``None``: not by steps).
       every_n_epochs: save after every N-th epoch (``None``: not by epochs).
-      max_to_keep: newest checkpoints kept.
-      monitor / mode / keep_best: also keep the ``keep_best`` best checkpoints by the epoch metric
+      max_to_keep: newest checkpoints kept (``None``: every one).
+      monitor / mode / keep_best: also keep the ``keep_best`` (1 when a monitor is given) best checkpoints by the epoch metric
         ``monitor`` (``min``, ``max``, or ``auto``: from its name, a loss lower, an accuracy higher).
       async_save: write in the background: the loop only copies the state to the host (and checks
         it is finite); checksums and orbax's save run on a worker thread. The trainer waits for the
@@ -89,15 +89,16 @@ class Checkpoint(Callback):
     step_interval_attributes = ("every_n_steps",)
 
     def __init__(self, directory: str | os.PathLike | None = None, *, every_n_steps: int | None = None,
-                 every_n_epochs: int | None = 1, max_to_keep: int = 3, monitor: str | None = None,
+                 every_n_epochs: int | None = 1, max_to_keep: int | None = 3, monitor: str | None = None,
                  mode: str = "auto", keep_best: int | None = None, async_save: bool = True,
                  min_interval_seconds: float | None = None, clock: Callable[[], float] = time.monotonic):
         for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs),
                             ("keep_best", keep_best)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name}={value!r} must be a positive integer or None.")
-        if not isinstance(max_to_keep, int) or max_to_keep <= 0:
-            raise ValueError(f"max_to_keep={max_to_keep!r} must be a positive integer.")
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or isinstance(max_to_keep, bool)
+                                        or max_to_keep <= 0):
+            raise ValueError(f"max_to_keep={max_to_keep!r} must be a positive integer, or None to keep every checkpoint.")
         if monitor is not None:
             mode = resolve_mode(monitor, mode, "Checkpoint")
         else:
@@ -106,6 +107,8 @@ class Checkpoint(Callback):
             raise ValueError(f"min_interval_seconds={min_interval_seconds!r} must be >= 0 or None.")
         if keep_best and monitor is None:
             raise ValueError("keep_best needs monitor= (the metric that ranks checkpoints).")
+        if monitor is not None and keep_best is None:
+            keep_best = 1  # a monitor ranks checkpoints to keep the best (Lightning's save_top_k=1)
         self.directory = Path(directory) if directory is not None else None
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.max_to_keep, self.monitor, self.mode, self.keep_best = max_to_keep, monitor, mode, keep_best

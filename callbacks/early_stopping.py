@@ -25,10 +25,11 @@ class EarlyStopping(Callback):
     every epoch's end (train metrics such as ``loss``). With ``restore_best`` the parameters and
     model state of the best check are put back when it stops the run.
 
-    A monitor nothing reports loses no training: one missing from an epoch's logs (and from every
-    evaluation so far) stops the run after that epoch's checkpoint, and ``fit`` then raises a
-    ``KeyError`` listing the names there are; an ``eval/`` metric in a ``fit`` without an
-    ``Evaluator`` or ``eval_data`` is warned about at its start.
+    A monitor nothing reports loses no training: one missing from an epoch's logs (with no
+    evaluator running every N steps, which may report it later) stops the run after that epoch's
+    checkpoint, and ``fit`` then raises a ``KeyError`` listing the names there are; one that the
+    step evaluations never report is warned about at the end of ``fit``; an ``eval/`` metric in a
+    ``fit`` without an ``Evaluator`` or ``eval_data`` is warned about at its start.
 
     Args:
       monitor: metric name, e.g. ``eval/loss``, ``eval/accuracy``, ``loss``.
@@ -99,8 +100,8 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
         if self._checked_step == trainer.step:
             return  # this epoch's evaluation already checked
-        if self.monitor not in logs and self._reported:
-            return  # checked at its evaluations (every N steps), not at epoch ends
+        if self.monitor not in logs and (self._reported or any(e.every_n_steps for e in trainer.evaluators)):
+            return  # checked at the evaluations every N steps (which may come later than an epoch's end)
         if self.monitor not in logs:  # stop after this epoch's checkpoint; fit raises at its end
             self._missing = KeyError(f"EarlyStopping monitors {self.monitor!r}, which no evaluation or epoch "
                                      f"reported; available: {sorted(logs)}. Fix monitor= or add an Evaluator / "
@@ -112,6 +113,10 @@ class EarlyStopping(Callback):
     def on_fit_end(self, trainer: Any) -> None:
         if self._missing is not None:
             raise self._missing
+        seen = [m for e in trainer.evaluators for _, m in e.history]
+        if not self._reported and seen and self.monitor not in seen[-1]:
+            warnings.warn(f"EarlyStopping never saw {self.monitor!r}: the evaluations reported {sorted(seen[-1])}, so "
+                          "it never checked; fix monitor=.", RuntimeWarning, stacklevel=2)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch,

@@ -57,9 +57,11 @@ def fresh_workdir(config: Any) -> Any:
     if not workdir or config.resume or not holds_a_run(Path(workdir)):
         return config
     if workdir != default:
-        found = [name for name in RUN_OUTPUTS if (Path(workdir) / name).exists()]
+        found = [name for name in RUN_OUTPUTS if _holds(Path(workdir) / name)]
+        advice = ("Continue it with --resume, or choose another --workdir." if "checkpoints" in found else
+                  "It has no checkpoints to continue from: choose another --workdir, or move the old one away.")
         raise UsageError(f"--workdir {workdir} holds an earlier run ({', '.join(found)}): a fresh run would mix "
-                         "its logs and checkpoints into it. Continue it with --resume, or choose another --workdir.")
+                         f"its logs and checkpoints into it. {advice}")
     n = 2
     while holds_a_run(Path(f"{workdir}-{n}")):
         n += 1
@@ -70,5 +72,14 @@ def fresh_workdir(config: Any) -> Any:
 
 
 def holds_a_run(path: Path) -> bool:
-    """Whether ``path`` holds what a recipe's run leaves (``RUN_OUTPUTS``)."""
-    return any((path / name).exists() for name in RUN_OUTPUTS)
+    """Whether ``path`` holds what a recipe's run leaves (``RUN_OUTPUTS``, not empty: a run that failed
+    before writing anything left nothing to mix with)."""
+    return any(_holds(path / name) for name in RUN_OUTPUTS)
+
+
+def _holds(output: Path) -> bool:
+    if output.name == "checkpoints":
+        return output.is_dir() and any(output.glob("step_*"))
+    if output.is_dir():
+        return any(output.iterdir())
+    return output.is_file() and output.stat().st_size > 0

@@ -223,6 +223,8 @@ def test_mode_auto_reads_the_direction_from_the_name_or_asks_for_it():
         with pytest.raises(ValueError, match="cannot tell from the name"):
             EarlyStopping(unclear)
     assert [EarlyStopping(name).mode for name in ("val_loss", "eval/top1_acc", "error_rate")] == ["min", "max", "min"]
+    assert [EarlyStopping(name).mode for name in ("eval/loss2", "eval/valLoss", "eval/mIoU", "eval/f1score",
+                                                  "eval/top5acc")] == ["min", "min", "max", "max", "max"]
 
 
 def test_early_stopping_on_an_eval_metric_without_evaluation_warns_then_stops_after_one_epoch(model, data):
@@ -239,6 +241,19 @@ def test_early_stopping_with_a_step_evaluator_checks_at_its_evaluations_only(mod
     trainer = Trainer(model, optax.adam(1e-2), max_epochs=3, callbacks=[evaluator, stopper])
     trainer.fit(ArrayLoader(data, 32))  # 3 steps an epoch: the epochs' logs have no eval/loss
     assert trainer.epoch == 3 and trainer.step == 9 and stopper.best_step in (2, 4, 6, 8)
+
+
+def test_early_stopping_waits_for_a_step_evaluator_longer_than_an_epoch_and_warns_of_a_name_never_seen(model, data):
+    evaluator = Evaluator(ArrayLoader(data, 32, shuffle=False), every_n_steps=4, every_n_epochs=None)
+    stopper = EarlyStopping("eval/loss", patience=100)  # 3 steps an epoch: epoch 0 ends before any evaluation
+    Trainer(model, optax.adam(1e-2), max_epochs=3, callbacks=[evaluator, stopper]).fit(ArrayLoader(data, 32))
+    assert stopper.best_step in (4, 8)
+    misspelt = EarlyStopping("eval/los", mode="min")
+    with pytest.warns(RuntimeWarning, match=r"never saw 'eval/los': the evaluations reported \['eval/accuracy', "
+                                            r"'eval/loss'\]"):
+        Trainer(model, optax.adam(1e-2), max_epochs=3,
+                callbacks=[Evaluator(ArrayLoader(data, 32, shuffle=False), every_n_steps=4, every_n_epochs=None),
+                           misspelt]).fit(ArrayLoader(data, 32))
 
 
 def test_a_second_fit_after_an_early_stop_with_restore_best_trains_on(model, data):

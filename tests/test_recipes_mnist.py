@@ -198,6 +198,12 @@ def test_cli_refuses_a_used_workdir_without_checkpoints_a_resume_without_one_and
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err, (argv, err)
     assert (used / "metrics.jsonl").read_text() == "{}\n"  # the earlier run's logs untouched
+    from recipes.common import holds_a_run
+
+    failed_early = tmp_path / "failed"
+    (failed_early / "checkpoints").mkdir(parents=True)
+    (failed_early / "tb").mkdir()  # what a run that failed before its first save leaves: nothing to mix with
+    assert not holds_a_run(failed_early) and holds_a_run(used)
 
 
 def test_cli_refuses_values_outside_their_range_naming_the_flag(capsys):

@@ -238,6 +238,29 @@ def test_max_to_keep_and_best_k_retention(tmp_path, data):
     assert kept == [6, 15, 18]  # the best (epoch 2, step 6) and the two newest
 
 
+def test_step_saves_are_not_ranked_by_the_previous_epoch_metric(tmp_path, data):
+    scores = iter([0.9, 0.5, 0.6, 0.7])  # epochs end at steps 3, 6, 9, 12; step saves every 2 steps
+
+    class Accuracy(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            logs["eval/accuracy"] = next(scores)
+
+    cp = Checkpoint(every_n_steps=2, every_n_epochs=1, max_to_keep=1, monitor="eval/accuracy")
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=4, workdir=tmp_path,
+            callbacks=[Accuracy(), cp]).fit(ArrayLoader(data, 32))
+    kept = sorted(int(p[5:]) for p in os.listdir(tmp_path / "checkpoints") if p.startswith("step_"))
+    assert kept == [3, 12]  # epoch 0's end (0.9) and the newest; step 6, saved at its epoch's end too, scored 0.5
+
+
+def test_a_resume_with_another_monitor_ranks_the_old_steps_last(tmp_path, data):
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2, workdir=tmp_path,
+            callbacks=[Checkpoint(monitor="loss")]).fit(ArrayLoader(data, 32))
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=4, workdir=tmp_path,
+                      callbacks=[Checkpoint(monitor="accuracy", max_to_keep=1)])
+    trainer.fit(ArrayLoader(data, 32), resume=True)
+    assert trainer.epoch == 4
+
+
 def test_max_to_keep_none_keeps_every_checkpoint(tmp_path, data):
     Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=5, workdir=tmp_path,
             callbacks=[Checkpoint(every_n_epochs=1, max_to_keep=None)]).fit(ArrayLoader(data, 32))

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from trainer import losses, threefry
-from trainer.data import describe_shapes
+from trainer.data import add_note, describe_shapes
 from trainer.conv_grads import eligible_convs
 from trainer.dense_grads import eligible_denses, is_layer_product
 from trainer.events import DefaultInterval
@@ -144,7 +144,7 @@ def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
                 out = jax.eval_shape(lambda s, b: trainer.predict_step(s.merge(trainer.graphdef), b),
                                      trainer._state_shapes, batch)
             except Exception as err:  # the model's own error (a shape it cannot take), with what it was given
-                err.add_note(f"(the model on the batch of {where}, of shapes {describe_shapes(batch)})")
+                add_note(err, f"(the model on the batch of {where}, of shapes {describe_shapes(batch)})")
                 raise
             trainer._num_classes = out.shape[-1] if hasattr(out, "shape") and out.shape else 0
             trainer._label_shape = tuple(out.shape[:-1]) if trainer._num_classes else None

@@ -116,6 +116,7 @@ class Checkpoint(Callback):
         self.min_interval_seconds, self.clock = min_interval_seconds, clock
         self.store: CheckpointStore | None = None
         self._warned_monitor = False
+        self._last_ranked = False  # the last save carried the monitored metric
         self.last_saved_step: int | None = None
         self._last_saved_at: float | None = None
 
@@ -150,7 +151,11 @@ class Checkpoint(Callback):
         ``checkpoint.store.wait()`` or the end of ``fit`` waits for it and raises its failure.
         """
         store = self.open(trainer)
-        if self.last_saved_step == trainer.step:
+        # the epoch's metric ranks a checkpoint only at the epoch's end (a step save mid-epoch would carry
+        # the previous epoch's); a step saved just before, unranked, is saved again with it
+        at_epoch_end = trainer.position == 0 and bool(trainer.history) and trainer.history[-1].get("epoch") == trainer.epoch - 1
+        ranked = bool(self.monitor) and at_epoch_end and self.monitor in trainer.history[-1]
+        if self.last_saved_step == trainer.step and not (ranked and not self._last_ranked):
             if wait:
                 store.wait()
             return True
@@ -167,9 +172,8 @@ class Checkpoint(Callback):
                           "good checkpoint stays the newest.", RuntimeWarning, stacklevel=2)
             return False
         meta = describe(trainer, leaves)
-        metrics = {self.monitor: trainer.history[-1][self.monitor]} if (
-            self.monitor and trainer.history and self.monitor in trainer.history[-1]) else None
-        if self.monitor and trainer.history and metrics is None and not self._warned_monitor:
+        metrics = {self.monitor: trainer.history[-1][self.monitor]} if ranked else None
+        if self.monitor and at_epoch_end and not ranked and not self._warned_monitor:
             self._warned_monitor = True  # a misspelt name would otherwise keep only the newest, silently
             warnings.warn(f"Checkpoint(monitor={self.monitor!r}) is not among the epoch's metrics "
                           f"{sorted(trainer.history[-1])}: checkpoints are not ranked by it, so keep_best keeps "
@@ -177,7 +181,7 @@ class Checkpoint(Callback):
         store.save(trainer.step, arrays, meta, metrics)
         if wait or not self.async_save:
             store.wait()
-        self.last_saved_step = trainer.step
+        self.last_saved_step, self._last_ranked = trainer.step, ranked
         if self.min_interval_seconds is not None:
             self._last_saved_at = self.clock()
         trainer.callbacks.dispatch("on_checkpoint_save", trainer, meta)
@@ -281,9 +285,10 @@ def warn_of_replacing_newer(trainer: "Trainer", store: CheckpointStore, step: in
            for c in trainer.checkpoints if c.directory is not None or trainer.workdir is not None}
     if newer and Path(store.directory).resolve() in own:
         warnings.warn(f"resuming from step {step} of {store.directory}, which also holds the newer steps {newer}: "
-                      "this rewinds the run, and training on replaces them (the logs after that step are dropped "
-                      f"too). To keep them, branch instead: give this trainer another workdir (resume= still points "
-                      "at the step).", RuntimeWarning, stacklevel=4)
+                      "this rewinds the run; training on replaces those it passes (the logs after that step are "
+                      "dropped too), and until then a later resume=True continues from the newest of them. To "
+                      "keep them, branch instead: give this trainer another workdir (resume= still points at the "
+                      "step).", RuntimeWarning, stacklevel=4)
 
 
 def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:

@@ -175,7 +175,7 @@ def verify_checksums(source: str, arrays: Mapping[str, np.ndarray], described: l
 
 
 def _quiet_missing_metrics() -> None:
-    """Drops orbax's warning for a save without metrics (a mid-epoch step's, or one before the first
+    """Drops orbax's warning for a save without metrics (a step saved mid-epoch, or one without the
     epoch's metric) once it tracks a best: such steps are kept by recency alone, as intended."""
     import logging
 
@@ -212,11 +212,14 @@ class CheckpointStore:
         keep: list = [policies.LatestN(n=max_to_keep)]
         best: dict = {}
         if monitor is not None and keep_best:
-            keep.append(policies.BestN(get_metric_fn=lambda m: m[monitor], reverse=(mode == "min"), n=keep_best,
+            worst = float("inf") if mode == "min" else float("-inf")  # steps ranked by another monitor (a resume
+            score = lambda m: m.get(monitor, worst)  # noqa: E731  that changed it) rank last
+
+            keep.append(policies.BestN(get_metric_fn=score, reverse=(mode == "min"), n=keep_best,
                                       keep_checkpoints_without_metrics=False))
             # orbax writes a step's metrics to disk only when it tracks a best itself: without them a
             # resumed run's manager sees the old best as metric-less, and BestN prunes it
-            best = {"best_fn": lambda m: m[monitor], "best_mode": mode}
+            best = {"best_fn": score, "best_mode": mode}
             _quiet_missing_metrics()
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True, step_prefix=STEP_PREFIX,

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any, Iterator, Mapping
 
@@ -72,6 +73,15 @@ class ArrayLoaderIterator:
         self._set(state["epoch"], state["position"])
 
 
+def _numbers(x: Any) -> bool:
+    """Whether ``x`` is a non-empty list of numbers, or of such lists (rows; the first one checked)."""
+    if not isinstance(x, list) or not x:
+        return False
+    if all(isinstance(item, (numbers.Number, np.generic)) for item in x):
+        return True
+    return all(isinstance(item, list) for item in x) and _numbers(x[0])
+
+
 class ArrayLoader:
     """Batches over in-memory arrays (any pytree of arrays sharing the first axis).
 
@@ -89,18 +99,18 @@ class ArrayLoader:
 
     def __init__(self, arrays: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  drop_remainder: bool = True):
-        # a list of numbers (or of rows) is one array, as np.asarray takes it, not a pytree of scalars (a
-        # list of arrays stays a pytree); None (a missing column) stays a leaf, to be named below
-        self.arrays = jax.tree.map(np.asarray, arrays, is_leaf=lambda x: x is None or (
-            isinstance(x, list) and not any(hasattr(item, "shape") for item in x)))
+        # a list of numbers (or of rows of numbers) is one array, as np.asarray takes it, not a pytree of
+        # scalars; any other list stays a pytree; None (a missing column) stays a leaf, named below
+        self.arrays = jax.tree.map(np.asarray, arrays, is_leaf=lambda x: x is None or _numbers(x))
         named = jax.tree_util.tree_flatten_with_path(self.arrays)[0]
         if not named:
             raise ValueError("ArrayLoader got no arrays; pass e.g. {'image': x, 'label': y}.")
         sizes = {jax.tree_util.keystr(path): (a.shape[0] if a.ndim else None) for path, a in named}
         if None in sizes.values() or len(set(sizes.values())) != 1:
-            found = ", ".join(f"{name or 'the array'}: {size if size is not None else 'no first axis'}"
-                              for name, size in sizes.items())
-            raise ValueError(f"ArrayLoader arrays must share their first (example) axis; found {found}.")
+            found = [f"{name or 'the array'}: {size if size is not None else 'no first axis'}"
+                     for name, size in sizes.items()]
+            more = f", ... {len(found) - 6} more" if len(found) > 6 else ""
+            raise ValueError(f"ArrayLoader arrays must share their first (example) axis; found {', '.join(found[:6])}{more}.")
         leaves = [a for _, a in named]
         sizes = {a.shape[0] for a in leaves}
         self.num_examples = sizes.pop()
@@ -238,6 +248,12 @@ class _Verbatim(str):
 
     def __repr__(self) -> str:
         return str(self)
+
+
+def add_note(error: BaseException, text: str) -> None:
+    """``error.add_note(text)`` where Python has it (3.11+): context shown under the error's message."""
+    if hasattr(error, "add_note"):
+        error.add_note(text)
 
 
 def first_line(error: BaseException) -> str:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import jax
 
 from trainer import checkpoint as checkpointing
-from trainer.data import describe_shapes, epoch_iterator
+from trainer.data import add_note, describe_shapes, epoch_iterator
 from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
 from trainer.prefetch import Feed
@@ -104,7 +104,7 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
         try:
             _build_train_steps(trainer, batch)
         except Exception as err:  # the model's own error (a shape it cannot take), with what it was given
-            err.add_note(f"(tracing the train step on a batch of shapes {describe_shapes(batch)})")
+            add_note(err, f"(tracing the train step on a batch of shapes {describe_shapes(batch)})")
             raise
     first = trainer.step + 1
     for i, position in enumerate(execution.positions):
@@ -118,7 +118,7 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
         metrics = trainer._carry.run(run, execution.batch)
     except Exception as err:  # raised as it came, with the batch's new shapes noted when they changed
         if execution.shape_change is not None:
-            err.add_note(f"({execution.shape_change})")
+            add_note(err, f"({execution.shape_change})")
         raise
     if run not in trainer._compiled:  # the first call traces and compiles before it dispatches
         trainer._compiled.add(run)

@@ -26,8 +26,14 @@ def resolve_mode(monitor: str, mode: str, who: str) -> str:
     check_mode(mode, who)
     if mode != "auto":
         return mode
-    words = set(re.split(r"[^a-z0-9]+", monitor.rsplit("/", 1)[-1].lower()))
-    lower, higher = bool(words & LOWER_IS_BETTER), bool(words & HIGHER_IS_BETTER)
+    name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", monitor.rsplit("/", 1)[-1]).lower()  # valLoss -> val_loss
+    words = [w.rstrip("0123456789") or w for w in re.findall(r"[a-z]+[0-9]*|[0-9]+", name)]  # loss2 -> loss
+    words.append(re.sub(r"[^a-z0-9]", "", name))  # the name run together: mIoU -> miou
+
+    def says(known: frozenset) -> bool:  # a word that is one of them, or starts or ends with one (f1score, miou)
+        return any(w == k or (len(k) >= 2 and (w.startswith(k) or w.endswith(k))) for w in words for k in known)
+
+    lower, higher = says(LOWER_IS_BETTER), says(HIGHER_IS_BETTER)
     if lower != higher:
         return "min" if lower else "max"
     raise ValueError(f"{who}(monitor={monitor!r}) cannot tell from the name whether a higher or a lower value "

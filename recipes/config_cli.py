@@ -159,7 +159,7 @@ def interval_problem(config: Any) -> str | None:
     multiple of ``--steps-per-execution`` (those left at their defaults round up to one instead)."""
     k = getattr(config, "steps_per_execution", 1)
     if not isinstance(k, int) or k < 1:
-        return f"--steps-per-execution {k} must be an integer >= 1."
+        return None  # its range is bounds_problem's (a setting of at least 1)
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if isinstance(field.default, DefaultInterval) and not isinstance(value, DefaultInterval) and value % k:

@@ -120,13 +120,19 @@ class Checkpoint(Callback):
         self.last_saved_step: int | None = None
         self._last_saved_at: float | None = None
 
+    def folder(self, trainer: "Trainer") -> Path | None:
+        """Where this callback saves: ``directory``, or ``<workdir>/checkpoints`` (None: neither is set)."""
+        if self.directory is not None:
+            return self.directory
+        return Path(trainer.workdir) / "checkpoints" if trainer.workdir is not None else None
+
     def open(self, trainer: "Trainer") -> CheckpointStore:
         """The store in ``directory`` (or ``<workdir>/checkpoints``), opened once."""
         if self.store is None:
             if self.directory is None:
                 if trainer.workdir is None:
                     raise ValueError("Checkpoint needs a folder: pass directory= or give the Trainer a workdir.")
-                self.directory = Path(trainer.workdir) / "checkpoints"
+                self.directory = self.folder(trainer)
             self.store = CheckpointStore(self.directory, max_to_keep=self.max_to_keep, monitor=self.monitor,
                                          mode=self.mode, keep_best=self.keep_best, async_save=self.async_save)
         return self.store
@@ -281,8 +287,7 @@ def warn_of_replacing_newer(trainer: "Trainer", store: CheckpointStore, step: in
     """Resuming from an older step of the folder this trainer saves into rewinds the run: the newer steps
     are replaced as training passes them (and the logs after the step dropped). Allowed, said once."""
     newer = sorted(s for s in store.steps() if s > step)
-    own = {Path(c.directory if c.directory is not None else Path(trainer.workdir) / "checkpoints").resolve()
-           for c in trainer.checkpoints if c.directory is not None or trainer.workdir is not None}
+    own = {folder.resolve() for folder in (c.folder(trainer) for c in trainer.checkpoints) if folder is not None}
     if newer and Path(store.directory).resolve() in own:
         warnings.warn(f"resuming from step {step} of {store.directory}, which also holds the newer steps {newer}: "
                       "this rewinds the run; training on replaces those it passes (the logs after that step are "
@@ -291,12 +296,16 @@ def warn_of_replacing_newer(trainer: "Trainer", store: CheckpointStore, step: in
                       "step).", RuntimeWarning, stacklevel=4)
 
 
+def _starting_fresh(folder: Path | None) -> None:
+    where = f" in {folder}" if folder is not None else ""
+    print(f"resume=True: no checkpoints{where}; starting fresh", file=sys.stderr, flush=True)
+
+
 def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     """Restores the newest good checkpoint into ``trainer``; returns its step (None: fresh start)."""
     store, step = find_store(trainer, resume)
     if store is None:
-        where = f" in {Path(trainer.workdir) / 'checkpoints'}" if trainer.workdir is not None else ""
-        print(f"resume=True: no checkpoints{where}; starting fresh", file=sys.stderr, flush=True)
+        _starting_fresh(Path(trainer.workdir) / "checkpoints" if trainer.workdir is not None else None)
         return None
     current = trainer.state
 
@@ -319,7 +328,7 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
         if store.steps():
             raise CheckpointError(f"no usable checkpoint remains in {store.directory}: every step folder is "
                                   "damaged or foreign. Move it away to start fresh.")
-        print(f"resume=True: no checkpoints in {store.directory}; starting fresh", file=sys.stderr, flush=True)
+        _starting_fresh(store.directory)
         return None
     found_step, meta, arrays = found
     state = jax.device_put(unflatten(template(meta), arrays, meta["leaves"]))

@@ -111,9 +111,7 @@ class ArrayLoader:
                      for name, size in sizes.items()]
             more = f", ... {len(found) - 6} more" if len(found) > 6 else ""
             raise ValueError(f"ArrayLoader arrays must share their first (example) axis; found {', '.join(found[:6])}{more}.")
-        leaves = [a for _, a in named]
-        sizes = {a.shape[0] for a in leaves}
-        self.num_examples = sizes.pop()
+        self.num_examples = next(iter(sizes.values()))
         if self.num_examples == 0:
             raise ValueError("ArrayLoader got an empty dataset (0 examples); check the data path or split.")
         if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size <= 0:
@@ -231,7 +229,7 @@ def batch_size_of(batch: Any) -> int:
 
 def batch_shapes(batch: Any) -> tuple:
     """What the compiled step depends on besides the batch size: the batch's structure and each array's
-    shape past the batch axis and dtype (runs per batch: a fast path for a flat dict of numpy arrays)."""
+    shape past the batch axis and dtype (runs per batch: a fast path for a flat dict of arrays, numpy or JAX)."""
     if type(batch) is dict and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in batch.values()):
         return tuple(sorted((key, a.shape[1:], a.dtype) for key, a in batch.items()))  # numpy and JAX alike
     leaves, treedef = jax.tree.flatten(batch)

@@ -30,6 +30,12 @@ def _build_eval_step(trainer: "Trainer") -> None:
         trainer._eval_sums, trainer._eval_step = make_eval_step(trainer.graphdef, trainer.compute_metrics)
 
 
+def _build_predict_step(trainer: "Trainer") -> None:
+    """The compiled predict step, made once per trainer."""
+    if trainer._predict_step is None:
+        trainer._predict_step = make_predict_step(trainer.graphdef, trainer.predict_step)
+
+
 def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict[str, float]:
     """Mean of ``trainer.compute_metrics`` over every example of ``data``, between the eval hooks."""
     check_batch_source(data, "evaluate's data")
@@ -60,8 +66,7 @@ def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:
     """``trainer.predict_step`` over every batch, concatenated on the host."""
     check_batch_source(data, "predict's data")
     check_every_row_in_order(data, "predict's data")
-    if trainer._predict_step is None:
-        trainer._predict_step = make_predict_step(trainer.graphdef, trainer.predict_step)
+    _build_predict_step(trainer)
     outputs, size = [], None
     for batch in data:
         size = size or batch_size_of(batch)
@@ -78,8 +83,7 @@ def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:
 def prediction_shape(trainer: "Trainer", batch: Any) -> Any:
     """The shapes (``jax.ShapeDtypeStruct``) ``trainer.predict`` would give for ``batch``, traced without
     running; an input the model cannot take raises a ``ValueError`` naming its shapes."""
-    if trainer._predict_step is None:
-        trainer._predict_step = make_predict_step(trainer.graphdef, trainer.predict_step)
+    _build_predict_step(trainer)
     try:
         return jax.eval_shape(trainer._predict_step, trainer._state_shapes, batch)
     except Exception as err:  # noqa: BLE001 - whatever the model raised, named with the batch's shapes

@@ -156,7 +156,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.eval_metrics: dict[str, float] = {}
         self.eval_prefix = ""  # the prefix of the evaluation under way (or last run)
-        self.fitting = False  # True while fit trains: from before on_fit_start until on_fit_end
+        self.fitting = False  # True while fit trains: from before on_fit_start; False again by on_fit_end
         self.probes: list[Probe] = []
         self.metric_reductions: dict[str, str] = {}
         self.pending_logs: dict[str, tuple[int, float]] = {}  # name -> (step recorded at, value)

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -35,7 +36,8 @@ class MetricsLogger(Callback):
     train metrics' own: ``loss``) is not logged; ``evaluate(data, prefix="test/")`` is, at the
     trainer's step.
 
-    At the start of ``fit`` the trainer's ``config`` goes to every writer (``write_hparams``).
+    At the start of ``fit`` the trainer's ``config`` goes to every writer (``write_hparams``), unless this
+    logger already wrote that same config (a second ``fit`` continuing the run).
     Host values that other callbacks hand over with ``trainer.record`` join the next window.
     ``history`` keeps every ``(step, scalars)`` written; ``write_images`` / ``write_texts`` pass
     other outputs (plots, samples) to every writer.
@@ -56,6 +58,7 @@ class MetricsLogger(Callback):
         self.last_logged_step = 0
         self._key = f"metrics_logger_{id(self)}"
         self._fetch = LaggedFetch()
+        self._hparams_written: Any = None  # the config this logger last wrote
 
     @property
     def fetches(self) -> int:
@@ -64,8 +67,10 @@ class MetricsLogger(Callback):
 
     def on_fit_start(self, trainer: Any) -> None:
         trainer.add_metric_sums(self._key)
-        for writer in self.writers:
-            writer.write_hparams(trainer.config)
+        if self._hparams_written != trainer.config:  # a second fit of the same config writes no second record
+            for writer in self.writers:
+                writer.write_hparams(trainer.config)
+            self._hparams_written = copy.deepcopy(trainer.config)
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
         self._write_pending(trainer, block=False)

@@ -19,6 +19,7 @@ from typing import Any
 from callbacks.figures import figure_to_array, new_figure, save_png
 from callbacks.metrics_logger import MetricsLogger
 from trainer.events import Callback
+from trainer.loop import PARTIAL_EPOCH
 
 
 def find_logger(trainer: Any) -> MetricsLogger | None:
@@ -37,7 +38,7 @@ def collect_series(trainer: Any) -> tuple[dict[str, list[tuple[float, float]]], 
         return series, "step"
     for logs in trainer.history:
         for name, value in logs.items():
-            if name != "epoch":
+            if name not in ("epoch", PARTIAL_EPOCH):
                 series.setdefault(name, []).append((logs["epoch"] + 1, value))
     return series, "epoch"
 

@@ -117,14 +117,20 @@ class TextWindows(ArrayLoader):
         return ArrayLoaderIterator(self, epoch, position)
 
 
-def eval_windows(tokens: np.ndarray, *, context: int, batch_size: int) -> ArrayLoader:
-    """Consecutive non-overlapping windows of ``tokens`` (fixed validation set), every one evaluated."""
+def eval_windows(tokens: np.ndarray, *, context: int, batch_size: int, max_windows: int | None = None) -> ArrayLoader:
+    """Non-overlapping windows of ``tokens`` (a fixed validation set): all of them, or ``max_windows``
+    spread evenly over the text (a large held-out text then costs each evaluation a bounded time)."""
     tokens = np.asarray(tokens, np.int32)
     count = (len(tokens) - 1) // context
     if count == 0:
         raise ValueError(f"the validation text has {len(tokens)} tokens, fewer than one window of "
                          f"context={context} plus one; use more text or a smaller context.")
-    index = np.arange(count)[:, None] * context + np.arange(context + 1)[None, :]
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows={max_windows!r} must be a positive number of windows, or None for all.")
+    chosen = np.arange(count)
+    if max_windows is not None and count > max_windows:
+        chosen = np.linspace(0, count - 1, max_windows).round().astype(np.int64)  # distinct: count > max_windows
+    index = chosen[:, None] * context + np.arange(context + 1)[None, :]
     windows = tokens[index]
     return ArrayLoader({"tokens": windows[:, :-1], "targets": windows[:, 1:]}, batch_size, shuffle=False,
                        drop_remainder=False)

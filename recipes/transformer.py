@@ -59,6 +59,7 @@ class TransformerConfig:
     batch_size: int = setting(32, at_least=1)
     steps: int = setting(1200, at_least=1)
     eval_every: int = setting(DefaultInterval(300), at_least=1)
+    eval_batches: int | None = setting(50, at_least=1)
     seed: int = 0
     workdir: str = "runs/transformer"
     prompt: str = "The "
@@ -82,6 +83,7 @@ HELP = {
     "layers": "transformer blocks", "width": "model width", "heads": "attention heads",
     "dropout": "dropout after attention, in the MLP and on embeddings",
     "batch_size": "windows per step", "steps": "optimizer steps", "eval_every": "steps between evaluations",
+    "eval_batches": "batches of held-out windows per evaluation, spread over the held-out text (None: all of it)",
     "seed": "seed of the model, the windows and dropout", "workdir": "where logs, checkpoints go ('' none)",
     "prompt": "text the samples continue", "sample_every": "steps between generated samples",
     "sample_length": "characters per sample", "temperature": "sampling temperature", "top_k": "sample among the k likeliest",
@@ -156,7 +158,8 @@ def build(config: TransformerConfig, text: str, callbacks: Sequence | None = Non
     vocab = CharVocab.from_text(text[:split])
     train = TextWindows(vocab.encode(text[:split]), context=config.context, batch_size=config.batch_size,
                         seed=config.seed)
-    valid = eval_windows(vocab.encode(text[split:]), context=config.context, batch_size=config.batch_size)
+    valid = eval_windows(vocab.encode(text[split:]), context=config.context, batch_size=config.batch_size,
+                         max_windows=None if config.eval_batches is None else config.eval_batches * config.batch_size)
     model = CharTransformer(len(vocab), context=config.context, layers=config.layers, width=config.width,
                             heads=config.heads, dropout=config.dropout, rngs=nnx.Rngs(config.seed))
     tx = config.optim.build(total_steps=max(config.steps, config.optim.warmup_steps + 1))

@@ -49,6 +49,23 @@ def test_windows_are_means_of_the_step_metrics(model, data):
         assert scalars["loss"] == pytest.approx(np.mean(window), rel=1e-5)
 
 
+def test_a_second_fit_writes_the_config_again_only_when_it_changed(model, data, tmp_path):
+    from callbacks import JsonlWriter, read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    logger = MetricsLogger(JsonlWriter(path), log_every=4)
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=4, callbacks=[logger], config={"lr": 0.01})
+    trainer.fit(ArrayLoader(data, 16))
+    trainer.max_steps = 8
+    trainer.fit(ArrayLoader(data, 16))
+    trainer.config["note"] = "changed"
+    trainer.max_steps = 12
+    trainer.fit(ArrayLoader(data, 16))
+    hparams = [r["hparams"] for r in read_jsonl(path) if "hparams" in r]
+    assert hparams == [{"lr": 0.01}, {"lr": 0.01, "note": "changed"}]
+    assert [r["step"] for r in read_jsonl(path) if "scalars" in r] == [4, 8, 12]
+
+
 def test_eval_metrics_are_written_at_their_step(model, data):
     memory = Memory()
     trainer = Trainer(model, optax.adam(1e-2), max_epochs=2, callbacks=[MetricsLogger([memory], log_every=100)])

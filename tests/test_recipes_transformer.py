@@ -130,6 +130,32 @@ def test_windows_need_one_full_window():
         eval_windows(np.arange(5), context=10, batch_size=2)
 
 
+def test_eval_windows_can_be_capped_to_windows_spread_over_the_text():
+    tokens = np.arange(1001)  # 100 windows of 10 plus the last target
+    every = eval_windows(tokens, context=10, batch_size=4)
+    capped = eval_windows(tokens, context=10, batch_size=4, max_windows=5)
+    assert every.num_examples == 100 and capped.num_examples == 5
+    starts = capped.arrays["tokens"][:, 0].tolist()
+    assert starts == [0, 250, 500, 740, 990]  # first and last window kept, evenly between
+    np.testing.assert_array_equal(capped.arrays["targets"], capped.arrays["tokens"] + 1)
+    assert eval_windows(tokens, context=10, batch_size=4, max_windows=500).num_examples == 100
+    with pytest.raises(ValueError, match="max_windows=0"):
+        eval_windows(tokens, context=10, batch_size=4, max_windows=0)
+
+
+def test_eval_batches_caps_the_recipes_held_out_windows():
+    from recipes.config_cli import parse_config
+    from recipes.transformer import TransformerConfig, build
+
+    text = "abcdefgh " * 2000  # the held-out 10%: 1,800 characters, 224 windows of 8
+    argv = ["--context", "8", "--layers", "1", "--width", "16", "--heads", "2", "--batch-size", "4", "--workdir", ""]
+    for flag, windows in (("3", 12), ("None", 224)):
+        config = parse_config(TransformerConfig, [*argv, "--eval-batches", flag], prog="nnx-train transformer",
+                              description="")
+        _, _, valid, _ = build(config, text, callbacks=[])
+        assert valid.num_examples == windows, flag
+
+
 def test_predict_gives_per_position_logits():
     text = "the cat sat on the mat. " * 20
     vocab = CharVocab.from_text(text)
@@ -144,7 +170,7 @@ def test_cli_help_lists_every_option():
     assert out.returncode == 0
     for flag in ("--text", "--context", "--layers", "--width", "--heads", "--dropout", "--steps", "--temperature",
                  "--top-k", "--prompt", "--clip-norm", "--warmup-steps", "--learning-rate", "--resume", "--export",
-                 "--steps-per-execution"):
+                 "--steps-per-execution", "--eval-batches"):
         assert flag in out.stdout, flag
 
 

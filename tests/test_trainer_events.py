@@ -204,6 +204,46 @@ def test_second_fit_continues_stopped_epoch_at_next_batch(model, data):
     assert trainer.epoch == 1
 
 
+class LossSpy(Callback):
+    """Every step's loss, read on the host (a sync each step: fine in a test)."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_step_end(self, trainer, step, metrics):
+        self.losses.append(float(metrics["loss"]))
+
+
+def test_max_steps_inside_an_epoch_leaves_a_partial_history_row(model, data):
+    """A generator of unknown length cut by max_steps: the epoch's means so far and the final
+    evaluation come back as a row marked partial_epoch, as Keras/Lightning report a cut epoch."""
+    spy = LossSpy()
+    _, test = loaders(data)
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=3, callbacks=[spy])
+    history = trainer.fit((b for b in ArrayLoader(data, 16, seed=0)), eval_data=test)
+    assert len(history) == 1 and history[0]["epoch"] == 0 and history[0]["partial_epoch"] is True
+    assert history[0]["loss"] == pytest.approx(sum(spy.losses) / 3, rel=1e-6)
+    assert history[0]["eval/loss"] == trainer.eval_metrics["eval/loss"]
+
+
+def test_a_partial_row_is_replaced_by_the_whole_epoch_when_a_later_fit_finishes_it(model, data):
+    spy = LossSpy()
+
+    class StopAtTwo(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 2 and len(spy.losses) == 2:
+                trainer.request_stop("test")
+
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=1, callbacks=[spy, StopAtTwo()])
+    train = ArrayLoader(data, 16, seed=3)  # 6 batches per epoch
+    first = trainer.fit(train)
+    assert [sorted(row) for row in first] == [["accuracy", "epoch", "loss", "partial_epoch"]]
+    assert first[0]["loss"] == pytest.approx(sum(spy.losses) / 2, rel=1e-6)
+    second = trainer.fit(train)
+    assert len(second) == 1 and "partial_epoch" not in second[0]
+    assert second[0]["loss"] == pytest.approx(sum(spy.losses) / 6, rel=1e-6)
+
+
 def test_new_trainer_on_same_loader_starts_a_fresh_epoch(model, data):
     train = ArrayLoader(data, 16, seed=3)
     first_batches = []

@@ -105,6 +105,12 @@ class Carry:
         self._structure_sums()
         return self._sums
 
+    def peek_sums(self) -> dict:
+        """The sums as a tree, read without taking the carry out of its flat form (no repack later)."""
+        if self._sums_flat is not None:
+            return self._sums_flat[0].unpacked(*self._sums_flat[1:])
+        return self._sums
+
     @sums.setter
     def sums(self, value: dict) -> None:
         self._sums, self._sums_flat = value, None

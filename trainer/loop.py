@@ -38,6 +38,7 @@ def _trainer_class():
     return Trainer
 
 EPOCH_SUMS = "epoch"
+PARTIAL_EPOCH = "partial_epoch"  # the history row of an epoch that fit left unfinished
 _stack_one = jax.jit(lambda metrics: jax.tree.map(lambda v: v[None], metrics))
 
 
@@ -182,6 +183,7 @@ def end_epoch(trainer: "Trainer", epoch: int) -> None:
         logs = {k: total / count for k, (total, count) in saved.items() if count > 0}
         trainer.restored_epoch_sums = None
     logs.update(evaluated)
+    _drop_partial_row(trainer, epoch)
     trainer.history.append(dict(logs, epoch=epoch))
     trainer.callbacks.dispatch("on_epoch_end", trainer, epoch, logs)
     trainer.history[-1].update(logs)  # what callbacks added (a scripted or derived metric) is kept
@@ -189,3 +191,29 @@ def end_epoch(trainer: "Trainer", epoch: int) -> None:
     for checkpoint in trainer.checkpoints:
         if checkpoint.due_after_epoch(epoch):
             checkpoint.save(trainer)
+
+
+def finish_partial_epoch(trainer: "Trainer", evaluate: bool) -> None:
+    """``fit`` ended inside an epoch (``max_steps``, a stop request): that epoch's train means so far,
+    with the evaluations of this step, as a history row marked ``partial_epoch``.
+
+    ``evaluate``: run the per-epoch evaluators first (at ``max_steps``; not after a stop request).
+    No ``on_epoch_end`` runs and the epoch's sums keep running: a later ``fit`` that finishes the
+    epoch replaces the row with the whole epoch's.
+    """
+    evaluated: dict[str, float] = {}
+    for evaluator in trainer.evaluators:
+        if evaluate and evaluator.every_n_epochs and evaluator.last_step != trainer.step:
+            evaluator.run(trainer)
+        if evaluator.last_step == trainer.step:
+            evaluated.update(evaluator.last_metrics)
+    sums = trainer.epoch_sums_snapshot() or trainer.restored_epoch_sums or {}
+    logs = trainer.finish_metrics({k: total / count for k, (total, count) in sums.items() if count > 0})
+    logs.update(evaluated)
+    _drop_partial_row(trainer, trainer.epoch)
+    trainer.history.append(dict(logs, epoch=trainer.epoch, **{PARTIAL_EPOCH: True}))
+
+
+def _drop_partial_row(trainer: "Trainer", epoch: int) -> None:
+    if trainer.history and trainer.history[-1].get(PARTIAL_EPOCH) and trainer.history[-1].get("epoch") == epoch:
+        trainer.history.pop()

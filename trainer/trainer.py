@@ -28,7 +28,7 @@ from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
-from trainer.loop import EPOCH_SUMS, run_epoch
+from trainer.loop import EPOCH_SUMS, finish_partial_epoch, run_epoch
 from trainer.options import check_fit_inputs, check_options
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
@@ -91,7 +91,8 @@ class Trainer:
     Attributes:
       step: optimizer steps completed. ``epoch``: index of the current epoch (= epochs completed
       once it ended). ``should_stop``: set it (or call ``request_stop``) in any hook to end ``fit``
-      after the current step. ``history``: one dict of metrics per completed epoch.
+      after the current step. ``history``: one dict of metrics per epoch; an epoch that ``fit`` left
+      unfinished (``max_steps``, a stop) has its means so far and ``partial_epoch: True`` until it ends.
       ``eval_metrics``: the last evaluation's metrics. ``execution_steps``: steps the last dispatch
       ran (1, or ``steps_per_execution`` for a chunk). ``last_batch_size`` / ``last_examples``: real
       examples in the last batch / the last execution. ``data_wait_seconds``: time the loop waited
@@ -326,7 +327,7 @@ class Trainer:
 
     def epoch_sums_snapshot(self) -> dict[str, list[float]] | None:
         """The current epoch's running sums as ``{metric: [total, count]}`` (for checkpoints)."""
-        sums = self._sums.get(EPOCH_SUMS)
+        sums = self._carry.peek_sums().get(EPOCH_SUMS)
         if sums is None:
             return None
         return {k: [float(m.total), int(m.count)] for k, m in jax.device_get(sums).items()}
@@ -384,9 +385,8 @@ class Trainer:
                 checkpointing.restore(self, resume)
             while not self._limit_reached() and not self.should_stop:
                 self._run_epoch(train_data)
-            if self.position and not self.should_stop:  # max_steps ended mid-epoch: final numbers
-                for evaluator in (e for e in self.evaluators if e.every_n_epochs and e.last_step != self.step):
-                    evaluator.run(self)
+            if self.position:  # ended inside an epoch: its numbers so far (evaluated at max_steps)
+                finish_partial_epoch(self, evaluate=not self.should_stop)
         except Preempted:
             checkpointing.save_and_exit(self, self._preemption)
         except BaseException as exc:

@@ -103,9 +103,14 @@ class EarlyStopping(Callback):
         if self.monitor not in logs and (self._reported or any(e.every_n_steps for e in trainer.evaluators)):
             return  # checked at the evaluations every N steps (which may come later than an epoch's end)
         if self.monitor not in logs:  # stop after this epoch's checkpoint; fit raises at its end
-            self._missing = KeyError(f"EarlyStopping monitors {self.monitor!r}, which no evaluation or epoch "
-                                     f"reported; available: {sorted(logs)}. Fix monitor= or add an Evaluator / "
-                                     "eval_data.")
+            skipped = logs.get("nonfinite_total", 0) > 0 and all("/" in k or k == "nonfinite_total" for k in logs)
+            self._missing = KeyError(
+                f"EarlyStopping monitors {self.monitor!r}, which epoch {epoch} did not report: every step of it was "
+                f"skipped as non-finite (nonfinite_total={logs['nonfinite_total']:g}), so it has no train metrics. "
+                "Lower the learning rate or check the data (NaNDetector(policy='raise') stops at the first bad step)."
+                if skipped else
+                f"EarlyStopping monitors {self.monitor!r}, which no evaluation or epoch reported; available: "
+                f"{sorted(logs)}. Fix monitor= or add an Evaluator / eval_data.")
             trainer.request_stop(f"EarlyStopping: {self.monitor!r} is not among the epoch's metrics")
             return
         self._check(trainer, float(logs[self.monitor]))

@@ -215,7 +215,7 @@ def test_mode_auto_reads_the_direction_from_the_name_or_asks_for_it():
     assert EarlyStopping("score", mode="max").mode == "max"
     with pytest.raises(ValueError, match=r"EarlyStopping\(monitor='score'\) cannot tell from the name.*mode='max'"):
         EarlyStopping("score")
-    with pytest.raises(ValueError, match="Checkpoint\(monitor='score'\) cannot tell"):
+    with pytest.raises(ValueError, match=r"Checkpoint\(monitor='score'\) cannot tell"):
         Checkpoint(monitor="score", keep_best=1)
     with pytest.raises(ValueError, match="mode='best' is not known"):
         EarlyStopping("loss", mode="best")
@@ -232,6 +232,17 @@ def test_early_stopping_on_an_eval_metric_without_evaluation_warns_then_stops_af
     with pytest.warns(UserWarning, match="monitors 'eval/loss', but this fit has no Evaluator or eval_data"), \
             pytest.raises(KeyError, match="which no evaluation or epoch reported"):
         trainer.fit(ArrayLoader(data, 32))
+    assert trainer.epoch == 1
+
+
+def test_early_stopping_on_an_epoch_whose_every_step_was_skipped_names_the_skips(model, data):
+    x = np.full_like(data["x"], np.nan)  # every batch non-finite: the epoch has no train metrics
+    detector = NaNDetector(policy="skip", max_consecutive_skips=100)
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=3, callbacks=[detector, EarlyStopping("loss")])
+    with pytest.warns(RuntimeWarning, match="skipped 6 step"), \
+            pytest.raises(KeyError, match=r"epoch 0 did not report: every step of it was skipped as non-finite "
+                                          r"\(nonfinite_total=6\)"):
+        trainer.fit(ArrayLoader({"x": x, "label": data["label"]}, 16, shuffle=False))
     assert trainer.epoch == 1
 
 

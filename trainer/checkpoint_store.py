@@ -154,7 +154,7 @@ def check_structure(source: str, stored: list[dict], expected: list[dict], what:
             raise CheckpointError(
                 f"{source} does not fit the current {what} at {s['path']}: stored "
                 f"{s['dtype']}{s['shape']}, expected {e['dtype']}{e['shape']}. Build the model with the "
-                "sizes it was saved with."
+                "sizes and dtypes it was saved with."
             )
 
 

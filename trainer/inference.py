@@ -7,7 +7,7 @@ sums, prediction cuts it off.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -36,6 +36,13 @@ def _build_predict_step(trainer: "Trainer") -> None:
         trainer._predict_step = make_predict_step(trainer.graphdef, trainer.predict_step)
 
 
+def _placer(trainer: "Trainer") -> Callable[[Any], Any]:
+    """``trainer.place_batch`` where a subclass overrides it (to shard); else none: jit's own transfer."""
+    from trainer.trainer import Trainer
+
+    return trainer.place_batch if type(trainer).place_batch is not Trainer.place_batch else (lambda batch: batch)
+
+
 def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict[str, float]:
     """Mean of ``trainer.compute_metrics`` over every example of ``data``, between the eval hooks."""
     check_batch_source(data, "evaluate's data")
@@ -44,13 +51,14 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
     _build_eval_step(trainer)
     trainer.eval_prefix = prefix
     trainer.callbacks.dispatch("on_eval_start", trainer)
-    sums, size = None, None
+    sums, size, place = None, None, _placer(trainer)
     for batch in data:
         if trainer._preemption.signal:
             raise Preempted()  # leave the evaluation; fit saves and exits
         size = size or batch_size_of(batch)
         padded, mask = pad_batch(batch, size)
         check_labels(trainer, batch, "eval")
+        padded = place(padded)
         if sums is None:
             sums = zeros_like_tree(jax.eval_shape(trainer._eval_sums, trainer.state, padded, mask))
         sums = trainer._eval_step(trainer.state, sums, padded, mask)
@@ -67,12 +75,12 @@ def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:
     check_batch_source(data, "predict's data")
     check_every_row_in_order(data, "predict's data")
     _build_predict_step(trainer)
-    outputs, size = [], None
+    outputs, size, place = [], None, _placer(trainer)
     for batch in data:
         size = size or batch_size_of(batch)
         n = batch_size_of(batch)
         padded, _ = pad_batch(batch, size)
-        outputs.append((trainer._predict_step(trainer.state, padded), n))
+        outputs.append((trainer._predict_step(trainer.state, place(padded)), n))
     if not outputs:
         raise ValueError("predict got no batches; pass a non-empty dataset.")
     host = jax.device_get([out for out, _ in outputs])

@@ -217,7 +217,10 @@ class Trainer:
         check_labels(self, batch, where)
 
     def place_batch(self, batch: Any) -> Any:
-        """Puts a host batch (or stacked chunk) on the device: ``jax.device_put``; override to shard."""
+        """Puts a host batch (or stacked chunk) on the device: ``jax.device_put``; override to shard.
+
+        An override also places ``evaluate`` / ``predict`` batches (padded to the first batch's size).
+        """
         return jax.device_put(batch)
 
     # ----- public state --------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""Run by ``test_trainer_devices.py`` in a subprocess with 8 host devices (XLA_FLAGS set before jax is
+imported): the same tiny run on one device and data-parallel over 8 through a ``place_batch`` override.
+Prints one JSON line of what the test asserts."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from conftest import TinyMLP, make_data  # noqa: E402
+
+from trainer import ArrayLoader, Trainer  # noqa: E402
+
+MESH = Mesh(np.array(jax.devices()), ("data",))
+seen: list[tuple[str, str]] = []
+
+
+class DataParallel(Trainer):
+    """Shards the batch axis over the 8 devices: axis 0 of a batch, axis 1 of a stacked chunk."""
+
+    def place_batch(self, batch):
+        stacked = batch["x"].ndim == 3
+        return jax.device_put(batch, NamedSharding(MESH, P(None, "data") if stacked else P("data")))
+
+    def compute_metrics(self, model, batch):
+        jax.debug.inspect_array_sharding(batch["x"], callback=lambda s: seen.append(("evaluate", str(s.spec))))
+        return super().compute_metrics(model, batch)
+
+    def predict_step(self, model, batch):
+        jax.debug.inspect_array_sharding(batch["x"], callback=lambda s: seen.append(("predict", str(s.spec))))
+        return super().predict_step(model, batch)
+
+
+def run(cls, k: int) -> dict:
+    data = make_data(n=160)
+    trainer = cls(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2, steps_per_execution=k)
+    history = trainer.fit(ArrayLoader(data, 16, seed=0))  # 10 batches an epoch: K=4 leaves 2 single steps
+    held_out = ArrayLoader(make_data(n=40, seed=1), 16, shuffle=False, drop_remainder=False)  # 16, 16, 8 (padded)
+    return {"losses": [h["loss"] for h in history], "params": [np.asarray(x) for x in jax.tree.leaves(nnx.state(trainer.model, nnx.Param))],
+            "eval": trainer.evaluate(held_out)["loss"], "predict": trainer.predict(held_out),
+            "sharding": [str(getattr(x.sharding, "spec", "one device")) for x in jax.tree.leaves(nnx.state(trainer.model, nnx.Param))]}
+
+
+def gap(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+
+
+out = {"devices": jax.device_count()}
+for k in (1, 4):
+    one, eight = run(Trainer, k), run(DataParallel, k)
+    out[f"k{k}"] = {"loss_gap": gap(one["losses"], eight["losses"]), "param_gap": gap(one["params"], eight["params"]),
+                    "eval_gap": abs(one["eval"] - eight["eval"]), "predict_gap": gap([one["predict"]], [eight["predict"]]),
+                    "predict_shape": list(eight["predict"].shape), "param_specs": sorted(set(eight["sharding"]))}
+out["seen"] = sorted(set(seen))
+print(json.dumps(out))

@@ -1,6 +1,6 @@
 """The benchmark suite: every variant of every workload, interleaved, as a markdown table and JSON.
 
-    python -m benchmarks.suite                      # all workloads and variants (~15 min on 2 cores)
+    python -m benchmarks.suite                      # all workloads and variants (~25 min on 2 cores)
     python -m benchmarks.suite --workloads mlp --variants hand trainer_bare trainer_k10 --repeats 3
 
 Each variant runs in its own worker process (``benchmarks/worker.py``), started one at a time so

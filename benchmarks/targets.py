@@ -78,6 +78,9 @@ def judge(rows: list[dict], targets: tuple[Target, ...] = TARGETS) -> list[dict]
 
 
 def markdown(results: list[dict]) -> str:
+    if not results:
+        return ("(none of issue 6's targets can be judged: each needs both of its variants, e.g. trainer_default "
+                "and trainer_k10 for the MLP's 2x; see TARGETS in benchmarks/targets.py)")
     lines = ["| target | workload | ratio | median (min-max of rounds) | met |", "|---|---|---|---|---|"]
     for r in results:
         spread = f"{r['median']:.3f}" if r["min"] == r["max"] else f"{r['median']:.3f} ({r['min']:.2f}-{r['max']:.2f})"

@@ -98,9 +98,15 @@ def test_plots_need_a_folder(data):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, callbacks=[Plots()]).fit(ArrayLoader(data, 32))
 
 
-def test_profiler_writes_a_trace_of_the_chosen_steps(tmp_path, data):
+@pytest.mark.parametrize("k, traced", [(1, (2, 3)), (4, (1, 4)), (8, (1, 8))])
+def test_profiler_writes_a_trace_of_the_chosen_steps(tmp_path, k, traced):
+    """With chunks of K, the trace holds the chunk(s) with steps 2-3 (no chunk starts inside them)."""
+    from conftest import make_data
+
     profiler = Profiler(start_step=2, num_steps=2)
-    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=5, workdir=tmp_path, callbacks=[profiler])
-    trainer.fit(ArrayLoader(data, 16))
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, workdir=tmp_path, callbacks=[profiler],
+                      steps_per_execution=k)
+    trainer.fit(ArrayLoader(make_data(n=128), 16))
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 1000
+    assert profiler.traced == traced

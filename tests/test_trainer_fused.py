@@ -107,6 +107,11 @@ def test_a_custom_callback_declares_its_intervals():
     Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=4, callbacks=[EveryN(8)])
     with pytest.raises(ValueError, match=r"EveryN\(every=6\)"):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=4, callbacks=[EveryN(6)])
+    for bad in ("4", 0, -4, 4.0, True):  # refused by name whatever K (0 and -4 are multiples of 4)
+        for k in (1, 4):
+            with pytest.raises(ValueError, match=rf"EveryN\(every={bad!r}\) must be a positive whole number of steps"):
+                Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=k,
+                        callbacks=[EveryN(bad)])
 
 
 @pytest.mark.parametrize("value", [0, -2, 1.5, True])
@@ -467,3 +472,19 @@ def test_intervals_left_at_their_defaults_round_up_to_a_multiple_of_k(data, caps
     with pytest.raises(ValueError, match=r"ProgressBar\(refresh_every=10\) is not a multiple of steps_per_execution=4"):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, steps_per_execution=4,
                 callbacks=[ProgressBar(refresh_every=10)])
+
+
+def test_a_k_longer_than_the_epoch_is_warned_about(data):
+    """K=8 over 6-batch epochs: no chunk ever fits, every step runs alone; fit says so and what to use."""
+    sizes = []
+
+    class Sizes(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            sizes.append(trainer.execution_steps)
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=2, steps_per_execution=8,
+                      callbacks=[Sizes()])
+    with pytest.warns(UserWarning, match=r"steps_per_execution=8 is more than the 6 batches of an epoch.*"
+                                         r"Use steps_per_execution=6 or less"):
+        trainer.fit(ArrayLoader(data, 16))
+    assert sizes == [1] * 12

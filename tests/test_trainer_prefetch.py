@@ -130,6 +130,34 @@ def test_stopping_mid_epoch_leaves_no_thread(data):
     assert not prefetch_threads()
 
 
+def test_a_source_stuck_in_next_is_warned_about_and_never_hangs_the_stop(data, monkeypatch):
+    """A stop while the thread waits inside the source (a queue whose producer died): fit returns after
+    the close timeout with a warning; the thread ends once the source returns."""
+    from trainer import prefetch
+
+    monkeypatch.setattr(prefetch, "CLOSE_TIMEOUT_SECONDS", 0.2)
+    release, batches = threading.Event(), list(ArrayLoader(data, 16))
+
+    def stuck():
+        yield from batches[:4]
+        release.wait()  # never set until the test says so
+        yield batches[4]
+
+    class StopAt(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 3:
+                trainer.request_stop("test")
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1, callbacks=[StopAt()], prefetch=2)
+    with pytest.warns(RuntimeWarning, match=r"still inside the data source's next\(\) after 0.2 s"):
+        trainer.fit(stuck())
+    left = prefetch_threads()
+    assert trainer.step == 3 and len(left) == 1
+    release.set()
+    left[0].join()  # it ends once the source returns: nothing left behind for good
+    assert not prefetch_threads()
+
+
 def test_prefetch_off_trains_identically(data):
     runs = []
     for depth in (0, 3):
@@ -143,7 +171,7 @@ def test_prefetch_off_trains_identically(data):
 def test_a_smaller_last_batch_is_dropped_with_one_compilation(data):
     batches = list(ArrayLoader(make_data(n=40), 16, shuffle=False, drop_remainder=False))  # 16, 16, 8
     trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=3)
-    with pytest.warns(UserWarning, match="dropped a smaller last batch"):
+    with pytest.warns(UserWarning, match=r"dropped a batch of 8 rows, fewer than the first batch's 16"):
         trainer.fit(batches)
     assert trainer.step == 6 and trainer.epoch == 3
     assert trainer._train_steps.single._cache_size() == 1

@@ -6,6 +6,7 @@ batch for the label check) and read the trainer's configuration, never its hot-p
 
 from __future__ import annotations
 
+import numbers
 import sys
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -34,6 +35,9 @@ def check_intervals(trainer: "Trainer") -> None:
     k = trainer.steps_per_execution
     for callback in trainer.callbacks.callbacks:
         for name, every in callback.step_intervals().items():
+            if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+                raise ValueError(f"{type(callback).__name__}({name}={every!r}) must be a positive whole number of "
+                                 "steps (or None, for never by steps).")
             if isinstance(every, DefaultInterval):
                 fitted = every.fit_to(k)
                 setattr(callback, name, fitted)

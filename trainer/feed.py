@@ -140,8 +140,9 @@ def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
             batch = with_mask(padded, mask)
         elif size < full:
             if not warned:
-                warnings.warn("dropped a smaller last batch: a second shape would compile the step again. "
-                              "Trainer(ragged_batches='pad') trains on it padded and masked instead.", stacklevel=2)
+                warnings.warn(f"dropped a batch of {size} rows, fewer than the first batch's {full} (usually an epoch's "
+                              "last): a second shape would compile the step again. Trainer(ragged_batches='pad') "
+                              "trains on it padded and masked instead.", stacklevel=2)
                 warned = True
             continue
         aligned = k > 1 and step % k == 0 and (plan.max_steps is None or step + k <= plan.max_steps)

@@ -6,6 +6,7 @@ Kept apart from ``trainer.py`` (the public surface) so that the class reads as w
 from __future__ import annotations
 
 import collections.abc
+import warnings
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
@@ -64,3 +65,8 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
         raise TypeError(f"train_data is a one-pass {type(train_data).__name__}, but max_epochs={trainer.max_epochs} "
                         "iterates it once an epoch; pass a list or an ArrayLoader, or set max_steps.")
     check_intervals(trainer)  # again: callbacks appended since, or shared with a trainer of another K
+    k, batches = trainer.steps_per_execution, len(train_data) if hasattr(train_data, "__len__") else None
+    if k > 1 and batches is not None and batches < k:
+        warnings.warn(f"steps_per_execution={k} is more than the {batches} batches of an epoch: no chunk of {k} "
+                      f"fits in one, so every step runs alone. Use steps_per_execution={batches} or less (one "
+                      "that divides the epoch's length fuses all of it).", stacklevel=3)

@@ -19,11 +19,13 @@ import os
 import queue
 import threading
 import time
+import warnings
 from typing import Any, Callable, Iterator
 
 import jax
 
 _END = object()
+CLOSE_TIMEOUT_SECONDS = 10.0  # how long close() waits for a source stuck in next()
 
 
 class _Failure:
@@ -82,14 +84,24 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
-        """Stops the thread (it may be blocked on a full queue or inside the source) and joins it."""
+        """Stops the thread (it may be blocked on a full queue or inside the source) and joins it.
+
+        A source that does not return within ``CLOSE_TIMEOUT_SECONDS`` (a queue whose producer died)
+        is warned about and its thread left behind (a daemon, it ends once the source returns), so a
+        stop or an error never hangs on it.
+        """
         self._stop.set()
         while True:
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        self._thread.join()
+        self._thread.join(CLOSE_TIMEOUT_SECONDS)
+        if self._thread.is_alive():
+            warnings.warn(f"the prefetch thread is still inside the data source's next() after "
+                          f"{CLOSE_TIMEOUT_SECONDS:g} s; it is left to end when the source returns (that batch "
+                          "is dropped). Iterating the same generator again before then fails.",
+                          RuntimeWarning, stacklevel=2)
 
     @property
     def alive(self) -> bool:

@@ -56,7 +56,8 @@ class Trainer:
       workdir: folder for run outputs (logs, checkpoints, plots); ``None`` writes nothing.
       config: plain values describing the run (hyperparameters), handed to writers and checkpoints.
       steps_per_execution: run this many steps per dispatch: ``K`` batches stacked and scanned in one
-        compiled program (``lax.scan``), bitwise the same result as ``K`` single steps. Hooks run at
+        compiled program (``lax.scan``), bitwise the same parameters and optimizer state as ``K`` single
+        steps (a step's reported loss may differ in its last bit). Hooks run at
         chunk boundaries (``on_step_start`` gets a chunk's first step, ``on_step_end`` its last, with
         every metric stacked: one value per step), so every callback step interval must be a multiple
         of ``K`` (checked here). Chunks start at steps that are multiples of ``K``; batches left over

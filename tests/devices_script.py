@@ -52,7 +52,41 @@ def gap(a, b) -> float:
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
 
 
-out = {"devices": jax.device_count()}
+def kernel_sharded_model() -> TinyMLP:
+    """The first layer's kernel split over the devices by its output axis (tensor-parallel, as a model
+    too large for one device would be)."""
+    model = TinyMLP(rngs=nnx.Rngs(0))
+    model.l1.kernel.set_value(jax.device_put(model.l1.kernel.get_value(), NamedSharding(MESH, P(None, "data"))))
+    return model
+
+
+def spec(array) -> str:
+    return str(getattr(array.sharding, "spec", "one device"))
+
+
+def sharded_layouts_survive_a_resume_and_an_export() -> dict:
+    """A checkpoint restored (``fit(resume=True)``) and an export loaded keep the model's own sharding."""
+    import tempfile
+
+    from trainer import Checkpoint
+    from trainer.export import load_model
+
+    folder = tempfile.mkdtemp()
+    data = ArrayLoader(make_data(n=160), 16, seed=0)
+    first = DataParallel(kernel_sharded_model(), optax.adam(1e-2), max_steps=4,
+                         callbacks=[Checkpoint(f"{folder}/checkpoints", every_n_steps=4)])
+    first.fit(data)
+    first.save_model(f"{folder}/export")
+    resumed = DataParallel(kernel_sharded_model(), optax.adam(1e-2), max_steps=4,
+                           callbacks=[Checkpoint(f"{folder}/checkpoints", every_n_steps=4)])
+    resumed.fit(data, resume=True)  # restores step 4, trains no further
+    loaded = load_model(f"{folder}/export", kernel_sharded_model())
+    return {"trained": spec(first.model.l1.kernel.get_value()), "resumed": spec(resumed.state.params["l1"]["kernel"]),
+            "resumed_step": resumed.step, "exported": spec(loaded.l1.kernel.get_value()),
+            "same": bool(np.array_equal(np.asarray(first.model.l1.kernel.get_value()), np.asarray(loaded.l1.kernel.get_value())))}
+
+
+out = {"devices": jax.device_count(), "sharded": sharded_layouts_survive_a_resume_and_an_export()}
 for k in (1, 4):
     one, eight = run(Trainer, k), run(DataParallel, k)
     out[f"k{k}"] = {"loss_gap": gap(one["losses"], eight["losses"]), "param_gap": gap(one["params"], eight["params"]),

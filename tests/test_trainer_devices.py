@@ -17,6 +17,9 @@ def test_data_parallel_over_8_devices_matches_one_device_and_shards_evaluation_a
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["devices"] == 8
+    # a kernel split over the devices keeps its layout through a checkpoint's restore and an export's load
+    assert out["sharded"] == {"trained": "P(None, 'data')", "resumed": "P(None, 'data')", "resumed_step": 4,
+                              "exported": "P(None, 'data')", "same": True}
     for k in ("k1", "k4"):  # single steps, and chunks of 4 (the chunk's batch axis is its axis 1)
         run = out[k]
         assert run["loss_gap"] < 1e-5 and run["param_gap"] < 1e-5, run  # float rounding of the split sums

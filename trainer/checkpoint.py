@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from trainer.checkpoint_store import (FORMAT, CheckpointError, CheckpointStore, check_structure, expected_leaves,
-                                      flatten, unflatten)
+                                      flatten, place_like, unflatten)
 from trainer.events import Callback
 from trainer.metric_names import check_mode, resolve_mode
 
@@ -331,7 +331,7 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
         _starting_fresh(store.directory)
         return None
     found_step, meta, arrays = found
-    state = jax.device_put(unflatten(template(meta), arrays, meta["leaves"]))
+    state = place_like(template(meta), unflatten(template(meta), arrays, meta["leaves"]))
     if current.guard is not None and state.guard is None:
         state = state.replace(guard=current.guard)
     trainer.state = state

@@ -167,6 +167,17 @@ def unflatten(template: Any, arrays: Mapping[str, np.ndarray], described: list[d
     return jax.tree.unflatten(jax.tree.structure(template), values)
 
 
+def place_like(template: Any, tree: Any) -> Any:
+    """``tree``'s arrays on the devices, each with the sharding of ``template``'s array in its place (a
+    sharded model stays sharded after a restore); where the template has none (an abstract array without
+    one), the default device."""
+    def put(like: Any, value: Any) -> Any:
+        sharding = getattr(like, "sharding", None)
+        return jax.device_put(value, sharding) if sharding is not None else jax.device_put(value)
+
+    return jax.tree.map(put, template, tree)
+
+
 def verify_checksums(source: str, arrays: Mapping[str, np.ndarray], described: list[dict]) -> None:
     for d in described:
         value = np.asarray(arrays[d["name"]], order="C")

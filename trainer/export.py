@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from trainer.checkpoint_store import (CheckpointError, check_structure, expected_leaves, flatten, orbax_checkpoint,
-                                     unflatten, verify_checksums)
+                                     place_like, unflatten, verify_checksums)
 from trainer.data import first_line
 
 INFERENCE_STATE = nnx.Not(nnx.RngState)
@@ -86,5 +86,5 @@ def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
     finally:
         checkpointer.close()
     verify_checksums(f"the export in {path}", arrays, info["leaves"])
-    nnx.update(model, jax.device_put(unflatten(state, arrays, info["leaves"])))
+    nnx.update(model, place_like(state, unflatten(state, arrays, info["leaves"])))
     return model

@@ -25,8 +25,7 @@ seen: list[tuple[str, str]] = []
 class DataParallel(Trainer):
     """Shards the batch axis over the 8 devices: axis 0 of a batch, axis 1 of a stacked chunk."""
 
-    def place_batch(self, batch):
-        stacked = batch["x"].ndim == 3
+    def place_batch(self, batch, *, stacked=False):
         return jax.device_put(batch, NamedSharding(MESH, P(None, "data") if stacked else P("data")))
 
     def compute_metrics(self, model, batch):

@@ -325,6 +325,27 @@ def test_an_overridden_place_batch_runs_without_a_thread_too(data):
     assert seen == [threading.main_thread().name] * 4
 
 
+def test_place_batch_is_told_which_batches_are_stacked_chunks_when_it_asks(data):
+    """K=4 over 6-batch epochs: a chunk of 4 and 2 single batches an epoch. An override that takes
+    ``stacked`` learns which is which; one written without it still gets both (as before)."""
+    told, legacy = [], []
+
+    class Told(Trainer):
+        def place_batch(self, batch, *, stacked=False):
+            told.append((batch["x"].shape, stacked))
+            return super().place_batch(batch)
+
+    class Legacy(Trainer):
+        def place_batch(self, batch):
+            legacy.append(batch["x"].shape)
+            return super().place_batch(batch)
+
+    for cls in (Told, Legacy):
+        cls(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=6, steps_per_execution=4).fit(ArrayLoader(data, 16))
+    assert told == [((4, 16, 8), True), ((16, 8), False), ((16, 8), False)]
+    assert legacy == [(4, 16, 8), (16, 8), (16, 8)]
+
+
 def test_a_checkpoint_records_the_trained_position_not_the_prefetched_one():
     from trainer.checkpoint import describe
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -93,7 +95,16 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
 def _placed(trainer: "Trainer", execution: Execution) -> Execution:
     if execution.batch is None:
         return execution
+    if execution.stacked and _takes_stacked(type(trainer)):
+        return dataclasses.replace(execution, batch=trainer.place_batch(execution.batch, stacked=True))
     return dataclasses.replace(execution, batch=trainer.place_batch(execution.batch))
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_stacked(cls: type) -> bool:
+    """Whether ``cls.place_batch`` accepts ``stacked=`` (an override written before it existed may not)."""
+    parameters = inspect.signature(cls.place_batch).parameters.values()
+    return any(p.name == "stacked" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None:

@@ -217,9 +217,10 @@ class Trainer:
         """
         check_labels(self, batch, where)
 
-    def place_batch(self, batch: Any) -> Any:
-        """Puts a host batch (or stacked chunk) on the device: ``jax.device_put``; override to shard.
+    def place_batch(self, batch: Any, *, stacked: bool = False) -> Any:
+        """Puts a host batch on the device: ``jax.device_put``; override to shard.
 
+        ``stacked``: a chunk of ``steps_per_execution`` batches, ``[K, batch, ...]`` (its batch axis is 1).
         An override also places ``evaluate`` / ``predict`` batches (padded to the first batch's size).
         """
         return jax.device_put(batch)

@@ -85,7 +85,19 @@ def sharded_layouts_survive_a_resume_and_an_export() -> dict:
             "same": bool(np.array_equal(np.asarray(first.model.l1.kernel.get_value()), np.asarray(loaded.l1.kernel.get_value())))}
 
 
-out = {"devices": jax.device_count(), "sharded": sharded_layouts_survive_a_resume_and_an_export()}
+def devices_that_do_not_meet_are_named() -> str:
+    """Parameters on device 5, batches on devices 0-3: the error's note names what to do."""
+    model = TinyMLP(rngs=nnx.Rngs(0))
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[5]))
+    try:
+        DataParallel(model, optax.sgd(0.1), max_steps=1).fit(ArrayLoader(make_data(n=32), 16))
+    except ValueError as err:
+        return "\n".join(getattr(err, "__notes__", []))
+    return "no error"
+
+
+out = {"devices": jax.device_count(), "sharded": sharded_layouts_survive_a_resume_and_an_export(),
+       "mismatch_note": devices_that_do_not_meet_are_named()}
 for k in (1, 4):
     one, eight = run(Trainer, k), run(DataParallel, k)
     out[f"k{k}"] = {"loss_gap": gap(one["losses"], eight["losses"]), "param_gap": gap(one["params"], eight["params"]),

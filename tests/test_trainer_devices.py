@@ -17,6 +17,7 @@ def test_data_parallel_over_8_devices_matches_one_device_and_shards_evaluation_a
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["devices"] == 8
+    assert "the train state's arrays and the batch are on different devices: Trainer.place_batch" in out["mismatch_note"]
     # a kernel split over the devices keeps its layout through a checkpoint's restore and an export's load
     assert out["sharded"] == {"trained": "P(None, 'data')", "resumed": "P(None, 'data')", "resumed_step": 4,
                               "exported": "P(None, 'data')", "same": True}

@@ -131,6 +131,10 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
     except Exception as err:  # raised as it came, with the batch's new shapes noted when they changed
         if execution.shape_change is not None:
             add_note(err, f"({execution.shape_change})")
+        if "incompatible devices" in str(err):  # jit names its flat arguments, not the model's or the batch's
+            add_note(err, "(the train state's arrays and the batch are on different devices: Trainer.place_batch "
+                          "puts batches where the model's parameters are, or place the model's arrays where the "
+                          "batches go before building the Trainer)")
         raise
     if run not in trainer._compiled:  # the first call traces and compiles before it dispatches
         trainer._compiled.add(run)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import tempfile
 import types
 import typing
 from pathlib import Path
@@ -148,10 +149,19 @@ def export_problem(config: Any) -> str | None:
         return None
     path = Path(export).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    if not existing.is_dir() or not os.access(existing, os.W_OK) or not _can_make_folder_in(existing):
         return (f"--export {export}: {existing} is not a writable folder, so the trained model could not be "
                 "written there; choose another folder.")
     return None
+
+
+def _can_make_folder_in(folder: Path) -> bool:
+    """Tries it (and removes the empty folder): permission bits pass for root, and for /proc."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".nnx-train-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 def interval_problem(config: Any) -> str | None:

@@ -119,6 +119,13 @@ def test_cli_refuses_an_interval_that_is_not_a_multiple_of_k_or_a_bad_export_bef
         parse_config(MnistConfig, ["--export", str(tmp_path / "afile" / "model")], prog="nnx-train mnist",
                      description="")
     assert "afile is not a writable folder" in capsys.readouterr().err  # before training, not after it
+    if os.path.isdir("/proc/self"):  # a folder whose permission bits pass (for root) but that takes no folder
+        with pytest.raises(SystemExit):
+            parse_config(MnistConfig, ["--export", "/proc/nnx-export"], prog="nnx-train mnist", description="")
+        assert "/proc is not a writable folder" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".nnx-train-probe-*"))
+    parse_config(MnistConfig, ["--export", str(tmp_path / "out" / "model")], prog="p", description="")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe folder is gone again
     for rate in ("1.0", "-0.5"):
         with pytest.raises(SystemExit):
             parse_config(MnistConfig, ["--dropout", rate], prog="nnx-train mnist", description="")

@@ -103,7 +103,7 @@ class EarlyStopping(Callback):
         if self.monitor not in logs and (self._reported or any(e.every_n_steps for e in trainer.evaluators)):
             return  # checked at the evaluations every N steps (which may come later than an epoch's end)
         if self.monitor not in logs:  # stop after this epoch's checkpoint; fit raises at its end
-            skipped = logs.get("nonfinite_total", 0) > 0 and all("/" in k or k == "nonfinite_total" for k in logs)
+            skipped = logs.get("nonfinite_total", 0) > 0 and "loss" not in logs
             self._missing = KeyError(
                 f"EarlyStopping monitors {self.monitor!r}, which epoch {epoch} did not report: every step of it was "
                 f"skipped as non-finite (nonfinite_total={logs['nonfinite_total']:g}), so it has no train metrics. "

@@ -14,13 +14,13 @@ Example::
 
 from __future__ import annotations
 
-import copy
+import json
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from callbacks.lagged import LaggedFetch
-from callbacks.writers import MetricWriter
+from callbacks.writers import MetricWriter, plain
 from trainer.events import Callback, DefaultInterval
 from trainer.sums import compute_sums
 
@@ -58,7 +58,7 @@ class MetricsLogger(Callback):
         self.last_logged_step = 0
         self._key = f"metrics_logger_{id(self)}"
         self._fetch = LaggedFetch()
-        self._hparams_written: Any = None  # the config this logger last wrote
+        self._hparams_written: str | None = None  # the config this logger last wrote, as JSON
 
     @property
     def fetches(self) -> int:
@@ -67,10 +67,11 @@ class MetricsLogger(Callback):
 
     def on_fit_start(self, trainer: Any) -> None:
         trainer.add_metric_sums(self._key)
-        if self._hparams_written != trainer.config:  # a second fit of the same config writes no second record
+        written = json.dumps(plain(trainer.config), sort_keys=True)  # as the writers write it (arrays too)
+        if written != self._hparams_written:  # a second fit of the same config writes no second record
             for writer in self.writers:
                 writer.write_hparams(trainer.config)
-            self._hparams_written = copy.deepcopy(trainer.config)
+            self._hparams_written = written
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
         self._write_pending(trainer, block=False)

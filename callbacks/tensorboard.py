@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from callbacks.writers import MetricWriter, _plain, to_uint8
+from callbacks.writers import MetricWriter, plain, to_uint8
 
 _FILE_NUMBERS = itertools.count()
 
@@ -86,7 +86,7 @@ class TensorBoardWriter(MetricWriter):
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """The config as a text summary ``config`` (JSON): readable in the Text tab as written."""
-        self.write_texts(0, {"config": "```\n" + json.dumps(_plain(hparams), indent=2, sort_keys=True) + "\n```"})
+        self.write_texts(0, {"config": "```\n" + json.dumps(plain(hparams), indent=2, sort_keys=True) + "\n```"})
 
     def flush(self) -> None:
         """Flushes (and ``fsync``s, about a millisecond) at most once per ``flush_seconds``."""

@@ -64,12 +64,12 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """JSON-safe version of a config value."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, (np.generic,)):
         return value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -102,7 +102,7 @@ class ConsoleWriter(MetricWriter):
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Prints ``config {...}`` (JSON, keys sorted)."""
-        self._print("config " + json.dumps(_plain(hparams), sort_keys=True))
+        self._print("config " + json.dumps(plain(hparams), sort_keys=True))
 
 
 class _FileWriter(MetricWriter):
@@ -160,7 +160,7 @@ class JsonlWriter(_FileWriter):
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Appends ``{"hparams": {...}}``."""
-        self._write({"hparams": _plain(hparams)})
+        self._write({"hparams": plain(hparams)})
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         from callbacks.figures import save_png

@@ -63,8 +63,10 @@ def spec(array) -> str:
     return str(getattr(array.sharding, "spec", "one device"))
 
 
-def sharded_layouts_survive_a_resume_and_an_export() -> dict:
-    """A checkpoint restored (``fit(resume=True)``) and an export loaded keep the model's own sharding."""
+def layouts_survive_a_resume_and_an_export(make_model) -> dict:
+    """A checkpoint restored (``fit(resume=True)``) and trained on, and an export loaded, keep the model's
+    own placement: a kernel split over the devices stays split; arrays left uncommitted on the default
+    device stay so (jit moves them next to the sharded batch)."""
     import tempfile
 
     from trainer import Checkpoint
@@ -72,16 +74,20 @@ def sharded_layouts_survive_a_resume_and_an_export() -> dict:
 
     folder = tempfile.mkdtemp()
     data = ArrayLoader(make_data(n=160), 16, seed=0)
-    first = DataParallel(kernel_sharded_model(), optax.adam(1e-2), max_steps=4,
+    first = DataParallel(make_model(), optax.adam(1e-2), max_steps=4,
                          callbacks=[Checkpoint(f"{folder}/checkpoints", every_n_steps=4)])
     first.fit(data)
     first.save_model(f"{folder}/export")
-    resumed = DataParallel(kernel_sharded_model(), optax.adam(1e-2), max_steps=4,
+    resumed = DataParallel(make_model(), optax.adam(1e-2), max_steps=8,
                            callbacks=[Checkpoint(f"{folder}/checkpoints", every_n_steps=4)])
-    resumed.fit(data, resume=True)  # restores step 4, trains no further
-    loaded = load_model(f"{folder}/export", kernel_sharded_model())
+    resumed.fit(data, resume=True)  # restores step 4 and trains on to 8
+    unbroken = DataParallel(make_model(), optax.adam(1e-2), max_steps=8)
+    unbroken.fit(data)
+    loaded = load_model(f"{folder}/export", make_model())
     return {"trained": spec(first.model.l1.kernel.get_value()), "resumed": spec(resumed.state.params["l1"]["kernel"]),
             "resumed_step": resumed.step, "exported": spec(loaded.l1.kernel.get_value()),
+            "resumed_gap": gap(jax.tree.leaves(nnx.state(resumed.model, nnx.Param)),
+                               jax.tree.leaves(nnx.state(unbroken.model, nnx.Param))),
             "same": bool(np.array_equal(np.asarray(first.model.l1.kernel.get_value()), np.asarray(loaded.l1.kernel.get_value())))}
 
 
@@ -96,7 +102,8 @@ def devices_that_do_not_meet_are_named() -> str:
     return "no error"
 
 
-out = {"devices": jax.device_count(), "sharded": sharded_layouts_survive_a_resume_and_an_export(),
+out = {"devices": jax.device_count(), "sharded": layouts_survive_a_resume_and_an_export(kernel_sharded_model),
+       "replicated": layouts_survive_a_resume_and_an_export(lambda: TinyMLP(rngs=nnx.Rngs(0))),
        "mismatch_note": devices_that_do_not_meet_are_named()}
 for k in (1, 4):
     one, eight = run(Trainer, k), run(DataParallel, k)

@@ -54,7 +54,8 @@ def test_a_second_fit_writes_the_config_again_only_when_it_changed(model, data, 
 
     path = tmp_path / "metrics.jsonl"
     logger = MetricsLogger(JsonlWriter(path), log_every=4)
-    trainer = Trainer(model, optax.adam(1e-2), max_steps=4, callbacks=[logger], config={"lr": 0.01})
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=4, callbacks=[logger],
+                      config={"lr": 0.01, "mean": np.zeros(3)})  # an array compares as written, not elementwise
     trainer.fit(ArrayLoader(data, 16))
     trainer.max_steps = 8
     trainer.fit(ArrayLoader(data, 16))
@@ -62,7 +63,7 @@ def test_a_second_fit_writes_the_config_again_only_when_it_changed(model, data, 
     trainer.max_steps = 12
     trainer.fit(ArrayLoader(data, 16))
     hparams = [r["hparams"] for r in read_jsonl(path) if "hparams" in r]
-    assert hparams == [{"lr": 0.01}, {"lr": 0.01, "note": "changed"}]
+    assert hparams == [{"lr": 0.01, "mean": "[0. 0. 0.]"}, {"lr": 0.01, "mean": "[0. 0. 0.]", "note": "changed"}]
     assert [r["step"] for r in read_jsonl(path) if "scalars" in r] == [4, 8, 12]
 
 

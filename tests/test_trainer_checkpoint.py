@@ -359,8 +359,25 @@ def test_nan_rollback_restores_skips_the_bad_batch_and_matches_a_clean_run(tmp_p
                     callbacks=[NaNDetector()])
     clean.fit(ArrayLoader({"x": x[keep], "label": data["label"][keep]}, 8, shuffle=False))
     assert bitwise_equal(leaves_of(trainer), leaves_of(clean))
+    # the epoch's mean counts the steps before the restored checkpoint too, as the clean run's does
+    assert trainer.history[-1]["loss"] == pytest.approx(clean.history[-1]["loss"], rel=1e-6)
     for folder in (tmp_path / "checkpoints").iterdir():  # nothing non-finite was ever written
         assert folder.name.startswith("step_")
+
+
+def test_a_second_fit_resuming_an_earlier_step_restarts_the_epochs_sums_there(tmp_path):
+    """Stop at 6, then the same (built) trainer resumes step 4 and ends the 10-batch epoch: its mean
+    is the unbroken run's (steps 5 and 6 counted once, those before 4 counted)."""
+    data = ArrayLoader(make_data(n=160), 16, seed=0)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=6,
+                      callbacks=[Checkpoint(tmp_path, every_n_steps=4, every_n_epochs=None)])
+    trainer.fit(data)
+    trainer.max_steps = 10
+    with pytest.warns(RuntimeWarning, match="also holds the newer steps \[6\]"):  # it rewinds over step 6
+        resumed = trainer.fit(data, resume=tmp_path / "step_4")
+    unbroken = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=10).fit(data)
+    assert len(resumed) == 1 and "partial_epoch" not in resumed[0]
+    assert resumed[0]["loss"] == pytest.approx(unbroken[0]["loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("check_every", [1, 2])

@@ -18,10 +18,8 @@ from trainer.data import add_note, describe_shapes
 from trainer.conv_grads import eligible_convs
 from trainer.dense_grads import eligible_denses, is_layer_product
 from trainer.events import DefaultInterval
-from trainer.loop import EPOCH_SUMS
 from trainer.jaxprs import any_equation, equations, scan_unroll, use_chunk_guard
 from trainer.step import make_train_step
-from trainer.sums import restore_sums
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -70,10 +68,7 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
         raise
     trainer._metric_shapes = metric_shapes
     trainer._train_steps = make_train_step(*args, **by_real_rows, **tuned_settings(trainer, jaxpr))
-    trainer._reset_sums()
-    if trainer.restored_epoch_sums and trainer._sums.get(EPOCH_SUMS) is not None:
-        trainer._sums[EPOCH_SUMS] = restore_sums(trainer._sums[EPOCH_SUMS], trainer.restored_epoch_sums)
-        trainer.restored_epoch_sums = None
+    trainer._reset_sums()  # the epoch's sums resumed where a checkpoint left them
 
 
 def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:

@@ -106,7 +106,10 @@ class Carry:
         return self._sums
 
     def peek_sums(self) -> dict:
-        """The sums as a tree, read without taking the carry out of its flat form (no repack later)."""
+        """The sums as a tree, read without taking the carry out of its flat form (no repack later).
+
+        Its leaves may be the carry's own buffers, which the next step donates: read them at once.
+        """
         if self._sums_flat is not None:
             return self._sums_flat[0].unpacked(*self._sums_flat[1:])
         return self._sums

@@ -339,6 +339,7 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     trainer.history = [dict(h) for h in meta["history"]]
     trainer.restored_data_state = meta["data_state"]
     trainer.restored_epoch_sums = meta.get("epoch_sums")
+    trainer._reset_sums()  # a built trainer (a rollback, a second fit) restarts its sums at the checkpoint's
     trainer.skip_batches |= {tuple(b) for b in meta.get("skip_batches", [])}
     for i, cb in enumerate(trainer.callbacks.callbacks):
         saved = meta["callbacks"].get(callback_key(i, cb))

@@ -168,12 +168,14 @@ def unflatten(template: Any, arrays: Mapping[str, np.ndarray], described: list[d
 
 
 def place_like(template: Any, tree: Any) -> Any:
-    """``tree``'s arrays on the devices, each with the sharding of ``template``'s array in its place (a
-    sharded model stays sharded after a restore); where the template has none (an abstract array without
-    one), the default device."""
+    """``tree``'s arrays on the devices, each with the sharding of ``template``'s array in its place where
+    that array was placed on purpose (committed: a sharded model stays sharded after a restore; or an
+    abstract one with a sharding); the others uncommitted on the default device, as ``jax.device_put``
+    leaves them, so that jit still moves them next to the batch (data parallel)."""
     def put(like: Any, value: Any) -> Any:
         sharding = getattr(like, "sharding", None)
-        return jax.device_put(value, sharding) if sharding is not None else jax.device_put(value)
+        placed = like.committed if isinstance(like, jax.Array) else sharding is not None
+        return jax.device_put(value, sharding) if placed else jax.device_put(value)
 
     return jax.tree.map(put, template, tree)
 

@@ -76,8 +76,7 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
                 raise Preempted()
             if trainer._rollback_request is not None:
                 bad_step, trainer._rollback_request = trainer._rollback_request, None
-                checkpointing.roll_back(trainer, bad_step)
-                trainer._reset_sums()  # windows restart at the restored step
+                checkpointing.roll_back(trainer, bad_step)  # the sums restart at the restored step's
                 return
             if trainer.should_stop or trainer._limit_reached():
                 ran_out = False
@@ -102,9 +101,9 @@ def _placed(trainer: "Trainer", execution: Execution) -> Execution:
 
 @functools.lru_cache(maxsize=None)
 def _takes_stacked(cls: type) -> bool:
-    """Whether ``cls.place_batch`` accepts ``stacked=`` (an override written before it existed may not)."""
-    parameters = inspect.signature(cls.place_batch).parameters.values()
-    return any(p.name == "stacked" or p.kind is p.VAR_KEYWORD for p in parameters)
+    """Whether ``cls.place_batch`` names a ``stacked`` parameter (an override written before it existed,
+    or one behind a decorator that hides its signature behind ``**kwargs``, is not sent it)."""
+    return "stacked" in inspect.signature(cls.place_batch).parameters
 
 
 def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None:
@@ -132,9 +131,9 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
         if execution.shape_change is not None:
             add_note(err, f"({execution.shape_change})")
         if "incompatible devices" in str(err):  # jit names its flat arguments, not the model's or the batch's
-            add_note(err, "(the train state's arrays and the batch are on different devices: Trainer.place_batch "
-                          "puts batches where the model's parameters are, or place the model's arrays where the "
-                          "batches go before building the Trainer)")
+            add_note(err, "(the step's arrays, the train state's and the batch's, are not all on the same devices: "
+                          "Trainer.place_batch puts batches where the model's parameters are, or place the model's "
+                          "arrays where the batches go before building the Trainer)")
         raise
     if run not in trainer._compiled:  # the first call traces and compiles before it dispatches
         trainer._compiled.add(run)
@@ -195,7 +194,7 @@ def end_epoch(trainer: "Trainer", epoch: int) -> None:
         logs = trainer.finish_metrics(compute_sums(jax.device_get(sums)))
     else:  # resumed exactly at the end of an epoch: no step ran since the restore
         saved = trainer.restored_epoch_sums or {}
-        logs = {k: total / count for k, (total, count) in saved.items() if count > 0}
+        logs = trainer.finish_metrics({k: total / count for k, (total, count) in saved.items() if count > 0})
         trainer.restored_epoch_sums = None
     logs.update(evaluated)
     _drop_partial_row(trainer, epoch)

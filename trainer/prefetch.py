@@ -52,8 +52,8 @@ class Prefetcher:
     def _produce(self) -> None:
         try:
             for item in self._source:
-                if not self._offer(self._place(item)):
-                    return
+                if self._stop.is_set() or not self._offer(self._place(item)):
+                    return  # closed: what the source still gave is dropped, not placed
         except BaseException as error:  # handed to the consumer, never lost in the thread
             self._offer(_Failure(error))
             return
@@ -100,7 +100,7 @@ class Prefetcher:
         if self._thread.is_alive():
             warnings.warn(f"the prefetch thread is still inside the data source's next() after "
                           f"{CLOSE_TIMEOUT_SECONDS:g} s; it is left to end when the source returns (that batch "
-                          "is dropped). Iterating the same generator again before then fails.",
+                          "is dropped). Iterating the same iterator again before then fails or loses that item.",
                           RuntimeWarning, stacklevel=2)
 
     @property

@@ -35,7 +35,7 @@ from trainer.packing import Packed
 from trainer.preemption import PreemptionHandler, Preempted
 from trainer.state import TrainState, reseed_streams, zeros_like_tree
 from trainer.step import Probe, init_guard, per_example_metrics
-from trainer.sums import Sums, empty_sums
+from trainer.sums import Sums, empty_sums, restore_sums
 
 
 class Trainer:
@@ -441,6 +441,12 @@ class Trainer:
     def _step_signature(self) -> tuple:
         return tuple(self.probes), self._halt_after, tuple(sorted(self.metric_reductions.items()))
 
-    def _reset_sums(self) -> None:  # every registered accumulator back to zero
-        if self._metric_shapes is not None:
-            self._sums = {name: empty_sums(self._metric_shapes, self.metric_reductions) for name in self._sums}
+    def _reset_sums(self) -> None:
+        """Every registered accumulator back to zero, then the epoch's from ``restored_epoch_sums`` where a
+        checkpoint left them (used up). Before the step is built (no metric shapes yet) the build does it."""
+        if self._metric_shapes is None:
+            return
+        self._sums = {name: empty_sums(self._metric_shapes, self.metric_reductions) for name in self._sums}
+        if self.restored_epoch_sums and self._sums.get(EPOCH_SUMS) is not None:
+            self._sums[EPOCH_SUMS] = restore_sums(self._sums[EPOCH_SUMS], self.restored_epoch_sums)
+            self.restored_epoch_sums = None

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any, Mapping, TextIO
 
+from callbacks.writers import check_stream, print_line
 from trainer.events import Callback
 
 
@@ -23,6 +23,7 @@ class EpochSummary(Callback):
     """
 
     def __init__(self, stream: TextIO | None = None):
+        check_stream(stream)
         self.stream = stream
         self._started = 0.0
 
@@ -33,10 +34,10 @@ class EpochSummary(Callback):
         total = f"/{trainer.max_epochs}" if trainer.max_epochs else ""
         values = "  ".join(f"{k} {_format(k, v)}" for k, v in logs.items())
         seconds = time.perf_counter() - self._started
-        print(f"epoch {epoch + 1}{total}  {values}  time {seconds:.1f}s", file=self.stream or sys.stdout, flush=True)
+        print_line(f"epoch {epoch + 1}{total}  {values}  time {seconds:.1f}s", self.stream)
 
 
 def _format(name: str, value: float) -> str:
     if name.endswith("_total") and float(value).is_integer():
         return str(int(value))
-    return f"{value:.4f}"
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"  # a learning rate near its end

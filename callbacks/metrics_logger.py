@@ -36,8 +36,9 @@ class MetricsLogger(Callback):
     train metrics' own: ``loss``) is not logged; ``evaluate(data, prefix="test/")`` is, at the
     trainer's step.
 
-    At the start of ``fit`` the trainer's ``config`` goes to every writer (``write_hparams``), unless this
-    logger already wrote that same config (a second ``fit`` continuing the run).
+    The trainer's ``config`` goes to every writer (``write_hparams``) before the first record of a
+    ``fit``, unless this logger, or the run it resumed, already wrote that same config. After a resume,
+    ``history`` is read back from the first writer that can (``JsonlWriter``, ``CsvWriter``).
     Host values that other callbacks hand over with ``trainer.record`` join the next window.
     ``history`` keeps every ``(step, scalars)`` written; ``write_images`` / ``write_texts`` pass
     other outputs (plots, samples) to every writer.
@@ -58,7 +59,8 @@ class MetricsLogger(Callback):
         self.last_logged_step = 0
         self._key = f"metrics_logger_{id(self)}"
         self._fetch = LaggedFetch()
-        self._hparams_written: str | None = None  # the config this logger last wrote, as JSON
+        self._hparams_written: str | None = None  # the config this logger (or the run it resumed) wrote, as JSON
+        self._hparams_due: Any = None  # the config to write before the next record, if it is new
 
     @property
     def fetches(self) -> int:
@@ -67,10 +69,16 @@ class MetricsLogger(Callback):
 
     def on_fit_start(self, trainer: Any) -> None:
         trainer.add_metric_sums(self._key)
-        written = json.dumps(plain(trainer.config), sort_keys=True)  # as the writers write it (arrays too)
-        if written != self._hparams_written:  # a second fit of the same config writes no second record
+        self._hparams_due = trainer.config  # written before the first record: after a resume's restore
+
+    def _write_hparams_if_new(self) -> None:
+        """The config, unless this logger, or the run it resumed, already wrote the same (compared as
+        written, so arrays in it compare too): a second ``fit`` or a resume writes no second record."""
+        config, self._hparams_due = self._hparams_due, None
+        written = json.dumps(plain(config), sort_keys=True)
+        if written != self._hparams_written:
             for writer in self.writers:
-                writer.write_hparams(trainer.config)
+                writer.write_hparams(config)
             self._hparams_written = written
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
@@ -85,6 +93,8 @@ class MetricsLogger(Callback):
         self.write_scalars(trainer.step, metrics)
 
     def on_fit_end(self, trainer: Any) -> None:
+        if self._hparams_due is not None:  # a fit that logged nothing still records its config
+            self._write_hparams_if_new()
         self._write_pending(trainer)
         if trainer.step > self.last_logged_step:  # the last, partial window
             self._fetch.push(trainer.step, trainer.take_metric_sums(self._key, packed=True))
@@ -123,32 +133,45 @@ class MetricsLogger(Callback):
         """Writes ``scalars`` at ``step`` to every writer now, flushed, and keeps them in ``history``."""
         scalars = {k: float(v) for k, v in scalars.items()}
         self.history.append((step, scalars))
+        if self._hparams_due is not None:
+            self._write_hparams_if_new()
         for writer in self.writers:
             writer.write_scalars(step, scalars)
             writer.flush()  # at the log cadence only: a killed run keeps every window it wrote
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Writes named images (``[H, W, C]``) at ``step`` to every writer, flushed."""
+        if self._hparams_due is not None:
+            self._write_hparams_if_new()
         for writer in self.writers:
             writer.write_images(step, images)
             writer.flush()
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         """Writes named texts at ``step`` to every writer, flushed."""
+        if self._hparams_due is not None:
+            self._write_hparams_if_new()
         for writer in self.writers:
             writer.write_texts(step, texts)
             writer.flush()
 
     def on_checkpoint_restore(self, trainer: Any, checkpoint: dict) -> None:
-        """A resumed run: drop what the writers got after the checkpoint's step (no duplicates)."""
+        """A resumed run: drop what the writers got after the checkpoint's step (no duplicates), and take
+        ``history`` back from the first writer that can read its file (the whole run, for ``Plots``)."""
         while self._fetch.pop() is not None:
             pass
         self.history = [(s, v) for s, v in self.history if s <= trainer.step]
         for writer in self.writers:
             writer.rewind(trainer.step)
+        for writer in self.writers:
+            written = writer.read_scalars()
+            if written is not None:
+                self.history = [(s, v) for s, v in written if s <= trainer.step]
+                break
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_logged_step": self.last_logged_step}
+        return {"last_logged_step": self.last_logged_step, "hparams": self._hparams_written}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.last_logged_step = int(state.get("last_logged_step", 0))
+        self._hparams_written = state.get("hparams", self._hparams_written)

@@ -27,6 +27,22 @@ def find_logger(trainer: Any) -> MetricsLogger | None:
     return next((cb for cb in trainer.callbacks.callbacks if isinstance(cb, MetricsLogger)), None)
 
 
+class FitEndOutput(Callback):
+    """A callback that draws or writes something at the end of ``fit``: where that ``fit`` trained no
+    step since a checkpoint's restore (a finished run resumed), the run's outputs stand and nothing is
+    drawn or logged again (``nothing_new``)."""
+
+    _restored_at: int | None = None
+
+    def on_checkpoint_restore(self, trainer: Any, checkpoint: dict) -> None:
+        self._restored_at = trainer.step
+
+    def nothing_new(self, trainer: Any) -> bool:
+        """At ``on_fit_end``: whether no step ran since a restore in this ``fit`` (and forget the restore)."""
+        restored, self._restored_at = self._restored_at, None
+        return restored == trainer.step
+
+
 def collect_series(trainer: Any) -> tuple[dict[str, list[tuple[float, float]]], str]:
     """``{metric: [(x, value), ...]}`` and the x axis' name (``step`` or ``epoch``)."""
     series: dict[str, list[tuple[float, float]]] = {}
@@ -54,7 +70,7 @@ def _panel(axes, series, names, xlabel, title):
     axes.legend()
 
 
-class Plots(Callback):
+class Plots(FitEndOutput):
     """Writes ``curves.png`` (loss and accuracy, train and eval), ``learning_rate.png`` and
     ``grad_norm.png`` (when those metrics were logged) into ``directory`` (default
     ``<workdir>/plots``); ``written`` lists the files of the last run.
@@ -69,6 +85,8 @@ class Plots(Callback):
             raise ValueError("Plots needs a folder: pass directory= or give the Trainer a workdir.")
 
     def on_fit_end(self, trainer: Any) -> None:
+        if self.nothing_new(trainer):
+            return
         folder = Path(self.directory) if self.directory else Path(trainer.workdir) / "plots"
         series, xlabel = collect_series(trainer)
         images = {}

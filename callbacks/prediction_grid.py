@@ -17,13 +17,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from callbacks.figures import figure_to_array, new_figure, save_png
-from callbacks.plots import find_logger
-from trainer.events import Callback
+from callbacks.plots import FitEndOutput, find_logger
 from trainer.inference import prediction_shape
 from trainer.losses import batch_inputs, batch_labels
 
 
-class PredictionGrid(Callback):
+class PredictionGrid(FitEndOutput):
     """Draws ``examples`` (a batch: dict or ``(images, labels)``) with the model's predictions.
 
     Args:
@@ -80,6 +79,8 @@ class PredictionGrid(Callback):
         return str(self.class_names[label]) if self.class_names is not None else str(label)
 
     def on_fit_end(self, trainer: Any) -> None:
+        if self.nothing_new(trainer):
+            return
         logits = trainer.predict([self.images])
         self.predicted = np.asarray(logits).argmax(axis=-1)
         n = len(self.images)

@@ -33,8 +33,9 @@ _FILE_NUMBERS = itertools.count()
 class TensorBoardWriter(MetricWriter):
     """Scalars, images (``[H, W, C]``), texts and hyperparameters as TensorBoard events in ``logdir``.
 
-    ``flush_seconds``: tensorboardX's flush also ``fsync``s (about a millisecond), so flushes closer
-    together than this are skipped; ``close`` always flushes.
+    ``flush_seconds``: tensorboardX's flush also ``fsync``s (about a millisecond), so ``fsync``s closer
+    together than this are skipped; every ``flush`` still hands the events to the operating system (a
+    killed process loses none), and ``close`` always ``fsync``s.
     """
 
     def __init__(self, logdir: str | os.PathLike, flush_seconds: float = 2.0):
@@ -48,9 +49,10 @@ class TensorBoardWriter(MetricWriter):
         if self._writer is None:
             tbx = _tensorboardx()
             os.makedirs(self.logdir, exist_ok=True)
-            # a name of its own: two files opened within one second would otherwise share one ('wb')
+            # a name of its own: two files opened within one second would otherwise share one ('wb');
+            # the counter zero-padded, so that a rewind's file sorts after the file it purges
             self._writer = tbx.event_file_writer.EventsWriter(
-                os.path.join(self.logdir, "events"), filename_suffix=f".{os.getpid()}.{next(_FILE_NUMBERS)}")
+                os.path.join(self.logdir, "events"), filename_suffix=f".{os.getpid()}.{next(_FILE_NUMBERS):06d}")
             if self._purge_step is not None:  # what tensorboardX's SummaryWriter(purge_step=...) writes
                 event_pb2 = tbx.proto.event_pb2
                 self._writer.write_event(event_pb2.Event(step=self._purge_step, file_version="brain.Event:2"))
@@ -89,10 +91,17 @@ class TensorBoardWriter(MetricWriter):
         self.write_texts(0, {"config": "```\n" + json.dumps(plain(hparams), indent=2, sort_keys=True) + "\n```"})
 
     def flush(self) -> None:
-        """Flushes (and ``fsync``s, about a millisecond) at most once per ``flush_seconds``."""
-        if self._writer is not None and time.monotonic() - self._flushed >= self.flush_seconds:
+        """Hands the written events to the operating system; ``fsync``s (about a millisecond) at most
+        once per ``flush_seconds``."""
+        if self._writer is None:
+            return
+        if time.monotonic() - self._flushed >= self.flush_seconds:
             self._writer.flush()
             self._flushed = time.monotonic()
+        else:  # tensorboardX's flush always fsyncs: the file's own buffer alone
+            file = getattr(getattr(self._writer, "_py_recordio_writer", None), "_writer", None)
+            if file is not None:
+                file.flush()
 
     def close(self) -> None:
         if self._writer is not None:

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from callbacks.plots import find_logger
-from trainer.events import Callback, DefaultInterval
+from callbacks.plots import FitEndOutput, find_logger
+from trainer.events import DefaultInterval
 
 
 def sample_tokens(graphdef: nnx.GraphDef, state: Any, prompt: np.ndarray, *, length: int, context: int,
@@ -80,7 +80,7 @@ def _sampler(graphdef, length: int, context: int, temperature: float, top_k: int
     return _CACHE[cache_key]
 
 
-class TextSamples(Callback):
+class TextSamples(FitEndOutput):
     """Every ``every_n_steps`` steps and at the end of ``fit``, writes ``prompt`` + a sample.
 
     Args:
@@ -132,5 +132,7 @@ class TextSamples(Callback):
             self._write(trainer)
 
     def on_fit_end(self, trainer: Any) -> None:
+        if self.nothing_new(trainer):
+            return
         if not self.samples or self.samples[-1][0] != trainer.step:
             self._write(trainer)

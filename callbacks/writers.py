@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
@@ -47,11 +49,25 @@ class MetricWriter:
     def rewind(self, step: int) -> None:
         """Forget what was written after ``step`` (a run resumed from a checkpoint at ``step``)."""
 
+    def read_scalars(self) -> list[tuple[int, dict[str, float]]] | None:
+        """What the writer holds, ``[(step, scalars), ...]``, where it can read it back; ``None``: it cannot."""
+        return None
+
 
 def check_stream(stream: Any) -> None:
     """Refuses a ``stream=`` that cannot be written to (a file name, say), when the writer is built."""
     if stream is not None and not callable(getattr(stream, "write", None)):
         raise TypeError(f"stream must be a text stream with write() (sys.stdout, an open file); got {stream!r}.")
+
+
+def print_line(text: str, stream: TextIO | None = None) -> None:
+    """Prints ``text`` (stdout by default), flushed, above any progress bar on the terminal: tqdm's
+    ``write`` clears the bars first and redraws them after, so a line is never glued onto a bar."""
+    from tqdm import tqdm
+
+    out = stream or sys.stdout
+    tqdm.write(text, file=out)
+    out.flush()
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -88,7 +104,7 @@ class ConsoleWriter(MetricWriter):
         self.precision = precision
 
     def _print(self, text: str) -> None:
-        print(text, file=self.stream or sys.stdout, flush=True)
+        print_line(text, self.stream)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Prints ``step N  name value ...`` with ``precision`` significant digits."""
@@ -175,13 +191,39 @@ class JsonlWriter(_FileWriter):
 
     def rewind(self, step: int) -> None:
         self.close()
-        _rewrite(self.path, lambda i, line: json.loads(line).get("step", -1) <= step if line.strip() else False)
+        _rewrite(self.path, lambda i, line: _record_step(self.path, i, line) <= step if line.strip() else False)
+
+    def read_scalars(self) -> list[tuple[int, dict[str, float]]] | None:
+        """Every ``(step, scalars)`` in the file, in order (a resumed logger's history for ``Plots``)."""
+        self.flush()
+        if not self.path.exists():
+            return []
+        return [(r["step"], r["scalars"]) for r in read_jsonl(self.path) if "scalars" in r and "step" in r]
+
+
+def _record_step(path: Path, index: int, line: str) -> float:
+    """A record's step for a rewind; a line that is not JSON (a write cut short: a full disk, a kill)
+    counts as after every step, so the rewind drops it, with a warning naming the file and line."""
+    try:
+        return json.loads(line).get("step", -1)
+    except json.JSONDecodeError:
+        warnings.warn(f"{path}: line {index + 1} is not a JSON record (a write cut short); dropped by the rewind.",
+                      RuntimeWarning, stacklevel=4)
+        return math.inf
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Every record of a ``JsonlWriter`` file."""
+    """Every record of a ``JsonlWriter`` file (a last line cut short by a crash is left out)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not a JSON record; the file is damaged.") from None
+    return records
 
 
 class CsvWriter(_FileWriter):
@@ -203,7 +245,7 @@ class CsvWriter(_FileWriter):
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Appends a row; a new metric name adds a column (the file is rewritten atomically)."""
-        if self.columns is None:
+        if self.columns is None or (self._file is None and not self.path.exists()):  # new, or removed since
             self.columns = self._read_columns()
         new = [k for k in scalars if k not in self.columns]
         if new or not self.columns:
@@ -214,6 +256,15 @@ class CsvWriter(_FileWriter):
     def rewind(self, step: int) -> None:
         self.close()
         _rewrite(self.path, lambda i, line: i == 0 or int(line.split(",", 1)[0]) <= step)
+
+    def read_scalars(self) -> list[tuple[int, dict[str, float]]]:
+        """Every row as ``(step, {metric: value})``, empty cells left out."""
+        self.flush()
+        if not self.path.exists() or not self.path.stat().st_size:
+            return []
+        with open(self.path, newline="") as f:
+            return [(int(row.pop("step")), {k: float(v) for k, v in row.items() if v not in ("", None)})
+                    for row in csv.DictReader(f)]
 
     def _grow(self, new: list[str]) -> None:
         self.close()

@@ -215,9 +215,9 @@ def run(config: TransformerConfig) -> float:
         text = load_corpus(config)
     trainer, train, valid, _ = build(config, text)
     trainer.fit(train, resume=config.resume)
-    evaluated_now = any(ev.last_step == trainer.step for ev in trainer.evaluators)
-    metrics = trainer.eval_metrics if evaluated_now else {  # unprefixed: no log repeats a step
-        f"eval/{name}": value for name, value in trainer.evaluate(valid).items()}
+    evaluated_now = any(ev.last_step == trainer.step for ev in trainer.evaluators) and "eval/bpc" in trainer.eval_metrics
+    metrics = trainer.eval_metrics if evaluated_now else {  # a finished run resumed: evaluated again, unprefixed,
+        f"eval/{name}": value for name, value in trainer.evaluate(valid).items()}  # so no log repeats a step
     if config.export:
         print(f"exported the model to {trainer.save_model(config.export)}")
     print(f"trained {trainer.step} steps in {time.perf_counter() - started:.1f}s")

@@ -292,3 +292,27 @@ def test_epoch_summary_prints_one_line_per_epoch_with_the_epoch_logs_and_counts_
     assert [line.split()[:2] for line in lines] == [["epoch", "1/2"], ["epoch", "2/2"]]
     for line, logs in zip(lines, history):
         assert f"loss {logs['loss']:.4f}" in line and "nonfinite_total 0 " in line and line.endswith("s")
+
+
+def test_a_resumed_logger_reads_the_runs_history_back_and_plots_draw_only_what_is_new(tmp_path, data):
+    """Resumed from step 4 of a run logged every 2 steps: the new logger's history holds steps 2 and 4
+    from the file and 6, 8 of its own (Plots draws them all); resuming the finished run again draws
+    and writes nothing (no second plot, no second config)."""
+    from callbacks import Checkpoint, JsonlWriter, Plots, read_jsonl
+
+    def run(max_steps, resume):
+        logger = MetricsLogger(JsonlWriter(tmp_path / "metrics.jsonl"), log_every=2)
+        plots = Plots(tmp_path / "plots")
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=max_steps, config={"lr": 0.01},
+                          callbacks=[logger, plots, Checkpoint(tmp_path / "ckpt", every_n_steps=4, every_n_epochs=None)])
+        trainer.fit(ArrayLoader(data, 16, seed=0), resume=resume)
+        return logger, plots
+
+    run(6, False)
+    logger, plots = run(8, tmp_path / "ckpt" / "step_4")  # rewinds over step 6
+    assert [s for s, _ in logger.history] == [2, 4, 6, 8]
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "scalars" in r] == [2, 4, 6, 8]
+    assert sum("hparams" in r for r in records) == 1 and plots.written
+    logger, plots = run(8, True)  # the finished run resumed: its outputs stand
+    assert read_jsonl(tmp_path / "metrics.jsonl") == records and plots.written == []

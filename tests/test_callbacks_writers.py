@@ -123,3 +123,87 @@ def test_console_writer_prints_steps_and_values():
     writer.write_hparams({"lr": 0.1})
     writer.write_scalars(10, {"loss": 0.123456})
     assert out.getvalue().splitlines() == ['config {"lr": 0.1}', "step 10  loss 0.1235"]
+
+
+def test_tensorboard_flush_hands_events_to_the_os_between_fsyncs(tmp_path):
+    """A flush inside flush_seconds skips the fsync, not the write: a reader (or a killed run) sees
+    every event flushed, without close()."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = TensorBoardWriter(tmp_path / "tb", flush_seconds=3600)
+    for step in (5, 10, 15):
+        writer.write_scalars(step, {"loss": float(step)})
+        writer.flush()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [5, 10, 15]
+    writer.close()
+
+
+def test_tensorboard_rewinds_sort_after_the_files_they_purge_past_nine_files(tmp_path, monkeypatch):
+    """Event files of one process and second are told apart by a counter, zero-padded: file 10 sorts
+    after file 9, so its purge hides what file 9 wrote after the rewind's step."""
+    pytest.importorskip("tensorboard")
+    import itertools
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from callbacks import tensorboard
+
+    monkeypatch.setattr(tensorboard, "_FILE_NUMBERS", itertools.count(9))
+    writer = TensorBoardWriter(tmp_path / "tb")
+    for step in (6, 7, 8):
+        writer.write_scalars(step, {"loss": step + 100.0})
+    writer.rewind(5)
+    for step in (6, 7, 8):
+        writer.write_scalars(step, {"loss": float(step)})
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(6, 6.0), (7, 7.0), (8, 8.0)]
+
+
+def test_a_jsonl_line_cut_short_is_left_out_on_reading_and_dropped_by_a_rewind(tmp_path):
+    path = tmp_path / "m.jsonl"
+    writer = JsonlWriter(path)
+    for step, scalars in SCALARS:
+        writer.write_scalars(step, scalars)
+    writer.close()
+    with open(path, "a") as f:
+        f.write('{"step": 30, "scal')  # a write cut short (a full disk, a kill)
+    assert [r["step"] for r in read_jsonl(path)] == [10, 20]
+    with pytest.warns(RuntimeWarning, match=r"m.jsonl: line 3 is not a JSON record \(a write cut short\)"):
+        writer.rewind(20)
+    assert len(path.read_text().splitlines()) == 2
+    assert writer.read_scalars() == SCALARS
+    with open(path, "a") as f:
+        f.write('{"step": 30\n{"step": 40, "scalars": {}}\n')  # damage before the last line is refused
+    with pytest.raises(ValueError, match="line 3 is not a JSON record; the file is damaged"):
+        read_jsonl(path)
+
+
+def test_csv_reads_back_and_writes_its_header_again_into_a_file_removed_while_closed(tmp_path):
+    path = tmp_path / "m.csv"
+    writer = CsvWriter(path)
+    for step, scalars in SCALARS:
+        writer.write_scalars(step, scalars)
+    assert writer.read_scalars() == SCALARS
+    writer.close()
+    path.unlink()
+    writer.write_scalars(30, {"loss": 0.125})
+    writer.close()
+    with open(path, newline="") as f:
+        assert list(csv.reader(f)) == [["step", "loss"], ["30", "0.125"]]
+
+
+def test_console_lines_go_above_a_progress_bar_not_onto_it():
+    from tqdm import tqdm
+
+    out = io.StringIO()
+    bar = tqdm(total=10, file=out, ncols=60)
+    bar.update(3)
+    ConsoleWriter(out).write_scalars(5, {"loss": 1.0})
+    bar.close()
+    before, after = out.getvalue().split("step 5  loss 1\n")
+    assert before.endswith("\r") and after.startswith("\r")  # the bar cleared before the line, redrawn after

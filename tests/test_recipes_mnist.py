@@ -268,3 +268,7 @@ def test_recipe_resume_and_export_through_the_command_line(idx_dir, tmp_path):
     assert third.stdout.strip().splitlines()[-1] == f"test accuracy: {accuracy:.4f}"
     scalars = [r for r in read_jsonl(run / "metrics.jsonl") if "scalars" in r]
     assert len(scalars) == len([r for r in before if "scalars" in r])
+    # nothing at all written again: no plots or prediction grid redrawn, no second config record
+    assert read_jsonl(run / "metrics.jsonl") == before
+    configs = [r["hparams"] for r in before if "hparams" in r]  # the resume with --epochs 2 wrote its own
+    assert len(configs) == 2 and (configs[0]["epochs"], configs[1]["epochs"]) == (1, 2)

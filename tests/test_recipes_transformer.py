@@ -205,11 +205,11 @@ def test_cli_refuses_a_bad_model_shape_prompt_or_text_naming_the_flag(tmp_path, 
 def test_recipe_end_to_end_on_a_small_text_file(tmp_path):
     (tmp_path / "corpus.txt").write_text("It was the best of times, it was the worst of times. " * 120)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    out = subprocess.run([sys.executable, "-m", "recipes.cli", "transformer", "--text", str(tmp_path / "corpus.txt"),
-                          "--steps", "40", "--eval-every", "20", "--sample-every", "20", "--context", "32",
-                          "--layers", "1", "--width", "32", "--heads", "2", "--batch-size", "8", "--no-progress",
-                          "--warmup-steps", "5", "--steps-per-execution", "4", "--workdir", str(tmp_path / "run")],
-                         capture_output=True, text=True, timeout=300, env=env)
+    command = [sys.executable, "-m", "recipes.cli", "transformer", "--text", str(tmp_path / "corpus.txt"),
+               "--steps", "40", "--eval-every", "20", "--sample-every", "20", "--context", "32",
+               "--layers", "1", "--width", "32", "--heads", "2", "--batch-size", "8", "--no-progress",
+               "--warmup-steps", "5", "--steps-per-execution", "4", "--workdir", str(tmp_path / "run")]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("validation bits per character: ") and float(last.split(": ")[1]) < 4.0
@@ -219,3 +219,11 @@ def test_recipe_end_to_end_on_a_small_text_file(tmp_path):
     assert "the default --prompt 'The ' uses characters the text does not; the samples continue" in out.stderr
     # --steps-per-execution 4: the default --log-every 50 rounds up to 52, said on stderr
     assert "MetricsLogger(log_every=50, a default) runs every 52 steps" in out.stderr
+    # the finished run resumed: the same validation number, evaluated again without logging anything
+    from callbacks import read_jsonl
+
+    before = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    again = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines()[-1] == last
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl") == before

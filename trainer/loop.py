@@ -228,6 +228,12 @@ def finish_partial_epoch(trainer: "Trainer", evaluate: bool) -> None:
     trainer.history.append(dict(logs, epoch=trainer.epoch, **{PARTIAL_EPOCH: True}))
 
 
+def has_partial_row(trainer: "Trainer", epoch: int | None = None) -> bool:
+    """Whether ``history`` ends with the partial row of ``epoch`` (default: the current one)."""
+    epoch = trainer.epoch if epoch is None else epoch
+    return bool(trainer.history) and bool(trainer.history[-1].get(PARTIAL_EPOCH)) and trainer.history[-1].get("epoch") == epoch
+
+
 def _drop_partial_row(trainer: "Trainer", epoch: int) -> None:
-    if trainer.history and trainer.history[-1].get(PARTIAL_EPOCH) and trainer.history[-1].get("epoch") == epoch:
+    if has_partial_row(trainer, epoch):
         trainer.history.pop()

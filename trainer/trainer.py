@@ -28,7 +28,7 @@ from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
-from trainer.loop import EPOCH_SUMS, finish_partial_epoch, run_epoch
+from trainer.loop import EPOCH_SUMS, finish_partial_epoch, has_partial_row, run_epoch
 from trainer.options import check_fit_inputs, check_options
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
@@ -388,10 +388,12 @@ class Trainer:
             self.callbacks.dispatch("on_fit_start", self)
             if resume is not False:
                 checkpointing.restore(self, resume)
+            resumed_at = self.step
             while not self._limit_reached() and not self.should_stop:
                 self._run_epoch(train_data)
-            if self.position:  # ended inside an epoch: its numbers so far (evaluated at max_steps)
-                finish_partial_epoch(self, evaluate=not self.should_stop)
+            if self.position and not (self.step == resumed_at and has_partial_row(self)):
+                finish_partial_epoch(self, evaluate=not self.should_stop)  # its numbers so far; a finished
+                # run resumed keeps the row (and evaluation) it ended with
         except Preempted:
             checkpointing.save_and_exit(self, self._preemption)
         except BaseException as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import warnings
@@ -16,7 +17,7 @@ import pytest
 from flax import nnx
 
 from callbacks import (Callback, Checkpoint, CheckpointError, EarlyStopping, JsonlWriter, MetricsLogger,
-                       NaNDetector, read_jsonl)
+                       NaNDetector, ProgressBar, read_jsonl)
 from conftest import TinyMLP, make_data
 from trainer import ArrayLoader, Trainer
 
@@ -522,3 +523,69 @@ def test_a_failing_on_fit_end_does_not_skip_the_final_checkpoint(tmp_path, data)
     with pytest.raises(OSError, match="disk full"):
         trainer.fit(ArrayLoader(data, 16))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_5"]  # saved after the error, then raised
+
+
+def test_a_rollback_asked_for_at_the_last_epochs_end_is_done_before_fit_ends(tmp_path, data):
+    """Asked in on_epoch_end of the last epoch: restored from epoch 0's checkpoint (not from the one
+    that epoch would save), its bad batch skipped on the replay, and nothing left pending."""
+    restores = []
+
+    class RollBackOnce(Callback):
+        asked = False
+
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 1 and not self.asked:
+                self.asked = True
+                trainer.request_rollback(trainer.step)
+
+        def on_checkpoint_restore(self, trainer, checkpoint):
+            restores.append(trainer.step)
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=2,
+                      callbacks=[RollBackOnce(), Checkpoint(tmp_path, max_to_keep=5)])
+    trainer.fit(ArrayLoader(data, 16, seed=0))  # 6 batches an epoch
+    assert restores == [6] and trainer._rollback_request is None
+    assert trainer.skip_batches == {(1, 5)} and (trainer.step, trainer.epoch) == (11, 2)
+
+
+class Counter(Callback):
+    """A callback with state: the steps it saw, from ``start``."""
+
+    def __init__(self, start=0):
+        self.seen = start
+
+    def on_step_end(self, trainer, step, metrics):
+        self.seen += 1
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+def test_callback_states_follow_their_class_not_their_place_in_the_list(tmp_path, data):
+    """Resumed with another callback put in front (a recipe's --progress) and one left out: each state
+    reaches its callback by class (and order among its class); the one left out is warned about."""
+    class Other(Counter):
+        pass
+
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4,
+            callbacks=[Counter(100), Other(), Counter(200), Checkpoint(tmp_path, every_n_steps=4)]
+            ).fit(ArrayLoader(data, 16))
+    first, second = Counter(), Counter()
+    with pytest.warns(RuntimeWarning, match=r"holds state for callbacks \['Other'\] that this trainer does not have"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4,
+                callbacks=[ProgressBar(plain=True, stream=io.StringIO()), first, second,
+                           Checkpoint(tmp_path, every_n_steps=4)]).fit(ArrayLoader(data, 16), resume=True)
+    assert (first.seen, second.seen) == (104, 204)
+
+
+def test_a_callback_state_json_cannot_keep_is_refused_by_name(tmp_path, data):
+    class Tags(Counter):
+        def state_dict(self):
+            return {"seen": self.seen, "tags": {"a", "b"}}
+
+    with pytest.raises(TypeError, match=r"Tags.state_dict\(\)\['tags'\] holds a set .* a checkpoint \(JSON\) cannot keep"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4,
+                callbacks=[Tags(), Checkpoint(tmp_path, every_n_steps=4)]).fit(ArrayLoader(data, 16))

@@ -8,6 +8,9 @@ import numpy as np
 import optax
 import pytest
 
+from flax import nnx
+
+from conftest import TinyMLP
 from trainer import ArrayLoader, Trainer
 
 
@@ -291,3 +294,44 @@ def test_a_first_batch_the_model_cannot_take_gets_its_shapes_noted(model, data):
         Trainer(model, optax.sgd(0.1), max_steps=1).fit(_batches(data, [5]))
     notes = " ".join(getattr(info.value, "__notes__", []))
     assert "batch of step 1 (epoch 0, batch 0), of shapes {'label': (16,) int32, 'x': (16, 5) float32}" in notes
+
+
+def test_a_predict_step_override_leaves_the_default_losss_label_check_alone(data):
+    """predict_step serves predict() (here: class ids); the label check reads the model's own outputs."""
+    class ClassIds(Trainer):
+        def predict_step(self, model, batch):
+            return model(batch["x"]).argmax(-1)
+
+    labels = np.array(data["label"], np.int64)
+    trainer = ClassIds(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=2)
+    trainer.fit(ArrayLoader({"x": data["x"], "label": labels}, 8))  # batch 8 is no class count
+    assert trainer.predict([{"x": data["x"][:4]}]).shape == (4,)
+    with pytest.raises(ValueError, match=r"the model gives 3 classes, so labels must be in \[0, 3\)"):
+        ClassIds(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=2).fit(
+            ArrayLoader({"x": data["x"], "label": labels + 5}, 32))
+
+
+def test_finish_metrics_must_return_the_dict_of_numbers(model, data):
+    class Forgot(Trainer):
+        def finish_metrics(self, metrics):
+            metrics = dict(metrics, double_loss=2 * metrics.get("loss", 0.0))  # no return
+
+    with pytest.raises(TypeError, match=r"Forgot.finish_metrics must return the dict of metrics; it returned "
+                                        r"NoneType \(a missing return\?\)"):
+        Forgot(model, optax.sgd(0.1), max_epochs=1).fit(ArrayLoader(data, 32))
+
+    class Listed(Trainer):
+        def finish_metrics(self, metrics):
+            return dict(metrics, losses=[1.0, 2.0])
+
+    with pytest.raises(TypeError, match=r"names \(str\) and numbers; these are not: \{'losses': 'list'\}"):
+        Listed(model, optax.sgd(0.1), max_epochs=1).fit(ArrayLoader(data, 32))
+
+
+def test_record_takes_one_number_and_says_so(model):
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1)
+    trainer.record("speed", np.float32(3.5))
+    assert trainer.pending_logs["speed"] == (0, 3.5)
+    for bad in ("fast", None, np.ones(3)):
+        with pytest.raises(TypeError, match=r"record\('speed', .*\): record takes one number"):
+            trainer.record("speed", bad)

@@ -488,3 +488,27 @@ def test_a_k_longer_than_the_epoch_is_warned_about(data):
                                          r"Use steps_per_execution=6 or less"):
         trainer.fit(ArrayLoader(data, 16))
     assert sizes == [1] * 12
+
+
+def test_interval_attributes_and_metric_reductions_are_checked_by_name(data):
+    class Misnamed(Callback):
+        step_interval_attributes = ("every_n_step",)
+
+        def __init__(self):
+            self.every_n_steps = 3
+
+    class AString(Callback):
+        step_interval_attributes = "every"
+        every = 4
+
+    for callback, message in ((Misnamed(), r"names \['every_n_step'\], which it does not have"),
+                              (AString(), r"= 'every' must be a tuple of attribute names, e.g. \('every',\)")):
+        with pytest.raises((AttributeError, TypeError), match=message):
+            Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4, steps_per_execution=2, callbacks=[callback])
+    for reductions, message in (({"loss": "sum"}, r"metric_reductions\['loss'\] = 'sum'.*'mean' .* or 'last'"),
+                                ({"los": "last"}, r"names 'los', which the step does not report; its metrics are "
+                                                  r"\['accuracy', 'loss'\]")):
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=2)
+        trainer.metric_reductions.update(reductions)
+        with pytest.raises(ValueError, match=message):
+            trainer.fit(ArrayLoader(data, 16))

@@ -49,6 +49,20 @@ def check_intervals(trainer: "Trainer") -> None:
                     f"multiple of {k}) or a steps_per_execution that divides {every}.")
 
 
+REDUCTIONS = ("mean", "last")
+
+
+def check_reductions(reductions: Mapping[str, str], metric_shapes: Mapping[str, Any]) -> None:
+    """``trainer.metric_reductions`` names step metrics and says ``"mean"`` or ``"last"`` of each."""
+    for name, how in reductions.items():
+        if how not in REDUCTIONS:
+            raise ValueError(f"metric_reductions[{name!r}] = {how!r}: a step metric is reduced over steps by "
+                             f"'mean' (the default) or 'last' (a running total, a counter).")
+        if name not in metric_shapes:
+            raise ValueError(f"metric_reductions names {name!r}, which the step does not report; its metrics are "
+                             f"{sorted(k for k in metric_shapes if not k.startswith('_'))}.")
+
+
 def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     """Defines the train step for this batch structure (shapes suffice) and sizes the running sums."""
     trainer._built_signature = trainer._step_signature()
@@ -66,6 +80,7 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
             raise ValueError(f"the loss function looked up the key {key!r}, which the batch lacks; the batch has "
                              f"keys {sorted(batch)}.") from err
         raise
+    check_reductions(trainer.metric_reductions, metric_shapes)
     trainer._metric_shapes = metric_shapes
     trainer._train_steps = make_train_step(*args, **by_real_rows, **tuned_settings(trainer, jaxpr))
     trainer._reset_sums()  # the epoch's sums resumed where a checkpoint left them
@@ -140,7 +155,9 @@ def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
                 "losses.cross_entropy_onehot); regression targets: losses.supervised(losses.mse).")
         if trainer._num_classes is None:  # the model's output size, from shapes only
             try:
-                out = jax.eval_shape(lambda s, b: trainer.predict_step(s.merge(trainer.graphdef), b),
+                # what the default loss sees: the model on the inputs (Trainer's own predict_step, not an
+                # override that serves predict(): one returning class ids, say)
+                out = jax.eval_shape(lambda s, b: Trainer.predict_step(trainer, s.merge(trainer.graphdef), b),
                                      trainer._state_shapes, batch)
             except Exception as err:  # the model's own error (a shape it cannot take), with what it was given
                 add_note(err, f"(the model on the batch of {where}, of shapes {describe_shapes(batch)})")

@@ -63,8 +63,39 @@ def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
     return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
-def callback_key(index: int, callback: Callback) -> str:
-    return f"{index}:{type(callback).__name__}"
+def callback_keys(callbacks: list[Callback]) -> list[str]:
+    """Each callback's key in a checkpoint: its class name, with ``#2``, ``#3`` for later ones of the
+    same class, so adding, removing or reordering other callbacks on a resume loses no state."""
+    seen: dict[str, int] = {}
+    keys = []
+    for callback in callbacks:
+        name = type(callback).__name__
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return keys
+
+
+def _callback_states(trainer: "Trainer") -> dict[str, Any]:
+    callbacks = trainer.callbacks.callbacks
+    return {key: _state_jsonable(cb.state_dict(), f"{type(cb).__name__}.state_dict()")
+            for key, cb in zip(callback_keys(callbacks), callbacks)}
+
+
+def _load_callback_states(trainer: "Trainer", saved: Mapping[str, Any]) -> None:
+    """Hands each callback its saved state (by ``callback_keys``; checkpoints written before those keys
+    used ``<index>:<class>``); a non-empty saved state that no callback takes is warned about."""
+    callbacks, taken = trainer.callbacks.callbacks, set()
+    for i, (key, cb) in enumerate(zip(callback_keys(callbacks), callbacks)):
+        old_key = f"{i}:{type(cb).__name__}"
+        found = key if key in saved else old_key if old_key in saved else None
+        if found is not None:
+            taken.add(found)
+            if saved[found] is not None:
+                cb.load_state_dict(saved[found])
+    left = sorted(k for k, v in saved.items() if k not in taken and v)
+    if left:
+        warnings.warn(f"the checkpoint holds state for callbacks {left} that this trainer does not have; it is "
+                      "not restored (add them back to resume their state).", RuntimeWarning, stacklevel=4)
 
 
 class Checkpoint(Callback):
@@ -219,7 +250,7 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
         "data_state": copy.deepcopy(data_state), "history": copy.deepcopy(trainer.history), "config": _jsonable(trainer.config),
         "epoch_sums": trainer.epoch_sums_snapshot(), "skip_batches": sorted(trainer.skip_batches),
         "environment": environment(), "has_guard": trainer.state.guard is not None, "leaves": leaves,
-        "callbacks": {callback_key(i, cb): _jsonable(cb.state_dict()) for i, cb in enumerate(trainer.callbacks.callbacks)},
+        "callbacks": _callback_states(trainer),
     }
 
 
@@ -234,6 +265,25 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+def _state_jsonable(value: Any, where: str) -> Any:
+    """A callback state as JSON holds it (arrays and tuples as lists), refused by name where JSON
+    cannot hold a value (a set, bytes, an object): it would come back as a string."""
+    if isinstance(value, Mapping):
+        for k in value:
+            if not isinstance(k, str):
+                raise TypeError(f"{where} has the key {k!r}, a {type(k).__name__}: checkpoints keep states as JSON, "
+                                "whose keys are strings; use str keys.")
+        return {k: _state_jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_state_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+        return np.asarray(value).tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{where} holds a {type(value).__name__} ({value!r:.60}), which a checkpoint (JSON) cannot "
+                    "keep: give numbers, strings, lists, dicts or arrays (a set as a sorted list).")
 
 
 def refuse_used_stores(trainer: "Trainer") -> None:
@@ -341,10 +391,7 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     trainer.restored_epoch_sums = meta.get("epoch_sums")
     trainer._reset_sums()  # a built trainer (a rollback, a second fit) restarts its sums at the checkpoint's
     trainer.skip_batches |= {tuple(b) for b in meta.get("skip_batches", [])}
-    for i, cb in enumerate(trainer.callbacks.callbacks):
-        saved = meta["callbacks"].get(callback_key(i, cb))
-        if saved is not None:
-            cb.load_state_dict(saved)
+    _load_callback_states(trainer, meta["callbacks"])
     for what, saved, now in (("environment", meta["environment"], environment()),
                              ("config", meta["config"], _jsonable(trainer.config))):
         diffs = _differences(saved, now)

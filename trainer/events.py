@@ -86,8 +86,16 @@ class Callback:
 
     def step_intervals(self) -> dict[str, int]:
         """This callback's step intervals by name (from ``step_interval_attributes``; ``None`` ones left out)."""
-        return {name: getattr(self, name) for name in self.step_interval_attributes
-                if getattr(self, name, None) is not None}
+        names = self.step_interval_attributes
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            example = f", e.g. ({names!r},)" if isinstance(names, str) else ""
+            raise TypeError(f"{type(self).__name__}.step_interval_attributes = {names!r} must be a tuple of attribute "
+                            f"names{example}.")
+        missing = [n for n in names if not hasattr(self, n)]
+        if missing:
+            raise AttributeError(f"{type(self).__name__}.step_interval_attributes names {missing}, which it does not "
+                                 "have: name the attributes that hold its step intervals.")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def on_fit_start(self, trainer: "Trainer") -> None: ...
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...

@@ -15,6 +15,7 @@ import numpy as np
 from trainer.build import check_labels
 from trainer.data import (ArrayLoader, batch_size_of, check_batch_source, check_every_row_in_order, describe_shapes,
                           first_line, pad_batch, warn_if_rows_left_out)
+from trainer.loop import finished_metrics
 from trainer.preemption import Preempted
 from trainer.state import zeros_like_tree
 from trainer.step import make_eval_step, make_predict_step
@@ -64,7 +65,7 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
         sums = trainer._eval_step(trainer.state, sums, padded, mask)
     if sums is None:
         raise ValueError("the evaluation data yielded no batches; pass a non-empty dataset.")
-    metrics = trainer.finish_metrics(compute_sums(jax.device_get(sums)))
+    metrics = finished_metrics(trainer, compute_sums(jax.device_get(sums)))
     trainer.eval_metrics = {prefix + k: v for k, v in metrics.items()}
     trainer.callbacks.dispatch("on_eval_end", trainer, dict(trainer.eval_metrics))
     return dict(trainer.eval_metrics)

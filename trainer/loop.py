@@ -7,14 +7,17 @@ reads a device value. Batches reach it already cut into executions (``trainer.fe
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import functools
 import inspect
+import numbers
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import jax
+import numpy as np
 
 from trainer import checkpoint as checkpointing
 from trainer.data import add_note, describe_shapes, epoch_iterator
@@ -191,20 +194,42 @@ def end_epoch(trainer: "Trainer", epoch: int) -> None:
             evaluated.update(evaluator.run(trainer))
     sums = trainer.take_metric_sums(EPOCH_SUMS)
     if sums is not None:
-        logs = trainer.finish_metrics(compute_sums(jax.device_get(sums)))
+        logs = finished_metrics(trainer, compute_sums(jax.device_get(sums)))
     else:  # resumed exactly at the end of an epoch: no step ran since the restore
         saved = trainer.restored_epoch_sums or {}
-        logs = trainer.finish_metrics({k: total / count for k, (total, count) in saved.items() if count > 0})
+        logs = finished_metrics(trainer, {k: total / count for k, (total, count) in saved.items() if count > 0})
         trainer.restored_epoch_sums = None
     logs.update(evaluated)
     _drop_partial_row(trainer, epoch)
     trainer.history.append(dict(logs, epoch=epoch))
     trainer.callbacks.dispatch("on_epoch_end", trainer, epoch, logs)
     trainer.history[-1].update(logs)  # what callbacks added (a scripted or derived metric) is kept
+    if trainer._rollback_request is not None:  # asked for at the epoch's end: restored before its checkpoint
+        bad_step, trainer._rollback_request = trainer._rollback_request, None
+        checkpointing.roll_back(trainer, bad_step)
+        return
     trainer.epoch, trainer.position = epoch + 1, 0
     for checkpoint in trainer.checkpoints:
         if checkpoint.due_after_epoch(epoch):
             checkpoint.save(trainer)
+
+
+def finished_metrics(trainer: "Trainer", metrics: dict[str, float]) -> dict[str, float]:
+    """``trainer.finish_metrics(metrics)``, refused by name unless it gives a dict of numbers."""
+    finished = trainer.finish_metrics(metrics)
+    if not isinstance(finished, collections.abc.Mapping):
+        raise TypeError(f"{type(trainer).__name__}.finish_metrics must return the dict of metrics; it returned "
+                        f"{type(finished).__name__} (a missing return?).")
+    bad = {k: v for k, v in finished.items() if not isinstance(k, str) or not _is_number(v)}
+    if bad:
+        raise TypeError(f"{type(trainer).__name__}.finish_metrics must give names (str) and numbers; these are not: "
+                        f"{ {k: type(v).__name__ for k, v in bad.items()} }.")
+    return dict(finished)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) or (hasattr(value, "shape") and value.shape == () and
+                                               np.issubdtype(np.asarray(value).dtype, np.number))
 
 
 def finish_partial_epoch(trainer: "Trainer", evaluate: bool) -> None:
@@ -222,7 +247,7 @@ def finish_partial_epoch(trainer: "Trainer", evaluate: bool) -> None:
         if evaluator.last_step == trainer.step:
             evaluated.update(evaluator.last_metrics)
     sums = trainer.epoch_sums_snapshot() or trainer.restored_epoch_sums or {}
-    logs = trainer.finish_metrics({k: total / count for k, (total, count) in sums.items() if count > 0})
+    logs = finished_metrics(trainer, {k: total / count for k, (total, count) in sums.items() if count > 0})
     logs.update(evaluated)
     _drop_partial_row(trainer, trainer.epoch)
     trainer.history.append(dict(logs, epoch=trainer.epoch, **{PARTIAL_EPOCH: True}))

@@ -339,7 +339,12 @@ class Trainer:
 
     def record(self, name: str, value: float) -> None:
         """Hands a host value (throughput, a timing) to the loggers' window that ends at this step (or the next)."""
-        self.pending_logs[name] = (self.step, float(value))
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"record({name!r}, {value!r:.60}): record takes one number (a float, or a 0-d array) "
+                            "per name.") from None
+        self.pending_logs[name] = (self.step, number)
 
     @property
     def checkpoints(self) -> list[Checkpoint]:

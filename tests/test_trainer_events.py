@@ -307,3 +307,27 @@ def test_assigning_a_state_made_from_the_current_one_never_waits_for_the_device(
         Trainer(model(), optax.sgd(0.1), max_steps=6, callbacks=[Swap(swap)]).fit(ArrayLoader(data, 16, seed=3))
         counts[swap] = len(reads)
     assert counts[True] == counts[False], counts  # the loop never waits on the device for such a swap
+
+
+def test_a_hook_that_cannot_take_its_events_arguments_is_refused_when_the_trainer_is_built(model):
+    class Forgot(Callback):
+        def on_fit_end(self):  # no trainer
+            pass
+
+    class Extra(Callback):
+        def on_step_end(self, trainer, step, metrics, more):
+            pass
+
+    class Fine(Callback):
+        def on_step_end(self, trainer, *args, **kwargs):
+            pass
+
+        def on_epoch_end(self, trainer, epoch, logs, extra=None):
+            pass
+
+    for callback, message in ((Forgot(), r"Forgot.on_fit_end\(\) cannot be called as on_fit_end\(trainer\)"),
+                              (Extra(), r"Extra.on_step_end\(trainer, step, metrics, more\) cannot be called as "
+                                        r"on_step_end\(trainer, step, metrics\)")):
+        with pytest.raises(TypeError, match=message):
+            Trainer(model, optax.sgd(0.1), max_steps=1, callbacks=[callback])
+    Trainer(model, optax.sgd(0.1), max_steps=1, callbacks=[Fine(), Recorder()])

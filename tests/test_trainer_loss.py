@@ -126,3 +126,23 @@ def test_trainer_model_is_the_callers_module_updated_in_place(model, data):
     assert not np.array_equal(before, np.array(model.l1.kernel[...]))
     out = model(data["x"][:4])  # usable after fit
     assert out.shape == (4, 3)
+
+
+def test_loss_fn_returning_a_dict_with_loss_trains_as_the_tuple_form(data):
+    """Lightning's habit, {"loss": ..., **metrics}: the same steps and metrics as (loss, metrics)."""
+    def as_tuple(model, batch):
+        logits = model(batch["x"])
+        return losses.cross_entropy(logits, batch["label"]).mean(), {"mean_logit": logits.mean()}
+
+    def as_dict(model, batch):
+        loss, metrics = as_tuple(model, batch)
+        return {"loss": loss, **metrics}
+
+    runs = [Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), loss_fn=fn, max_epochs=2).fit(ArrayLoader(data, 32))
+            for fn in (as_tuple, as_dict)]
+    assert runs[0] == runs[1] and set(runs[1][0]) == {"loss", "mean_logit", "epoch"}
+    for bad, message in ((lambda m, b: {"total": as_tuple(m, b)[0]}, r"returned a dict without a 'loss' key \(\['total'\]\)"),
+                         (lambda m, b: (as_tuple(m, b)[0], {1: 0.0}), r"returned a metric named 1, a int"),
+                         (lambda m, b: (as_tuple(m, b)[0], {"x": None}), r"returned metric 'x' = None")):
+        with pytest.raises(TypeError, match=message):
+            Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn=bad, max_steps=1).fit(ArrayLoader(data, 32))

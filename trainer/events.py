@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import collections.abc
+import inspect
 import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -150,6 +151,24 @@ def warn_unknown_hooks(callback: Callback) -> None:
         warnings.warn(f"{cls.__name__}.{name} is not a trainer event, so it is never called{hint}.", stacklevel=4)
 
 
+def check_hook_signatures(callback: Callback) -> None:
+    """Refuses, when the callback list is built, an event method that cannot take the event's arguments
+    (``on_step_end(self, trainer)``, say), instead of failing when the event first fires (an epoch, or a
+    whole run, later)."""
+    for event in EVENTS:
+        if event not in vars(callback) and getattr(type(callback), event) is getattr(Callback, event):
+            continue  # the base class's no-op
+        hook = getattr(callback, event)
+        expected = list(inspect.signature(getattr(Callback, event)).parameters)[1:]  # trainer, then the event's
+        try:
+            inspect.signature(hook).bind(*expected)
+        except TypeError as err:
+            raise TypeError(f"{type(callback).__name__}.{event}{inspect.signature(hook)} cannot be called as "
+                            f"{event}({', '.join(expected)}): {err}.") from None
+        except ValueError:  # a builtin or C function without a signature: called as it is
+            continue
+
+
 class CallbackList:
     """Runs one event on every callback that defines it, in list order.
 
@@ -171,6 +190,7 @@ class CallbackList:
                     "Subclass callbacks.Callback (and pass an instance, not the class)."
                 )
             warn_unknown_hooks(cb)
+            check_hook_signatures(cb)
         self._listeners: dict[str, list[Callback]] = {}
         self._listeners_of: tuple[Callback, ...] = ()
 

@@ -50,9 +50,15 @@ GUARD_FORMS = ("cond", "select")  # how a guarded step skips its update (``make_
 
 
 def split_loss_output(out: Any, where: str) -> tuple[jax.Array, Metrics]:
-    """``loss`` or ``(loss, metrics)`` -> ``(loss, metrics)``, checking the loss is a scalar."""
+    """``loss``, ``(loss, metrics)`` or ``{"loss": loss, **metrics}`` (Lightning's habit) -> ``(loss,
+    metrics)``, checking the loss is a scalar and each metric a named array."""
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
         loss, metrics = out
+    elif isinstance(out, Mapping):
+        if "loss" not in out:
+            raise TypeError(f"{where} returned a dict without a 'loss' key ({sorted(map(str, out))}); return the loss "
+                            "alone, (loss, metrics), or a dict holding 'loss' and the metrics.")
+        loss, metrics = out["loss"], {k: v for k, v in out.items() if k != "loss"}
     elif isinstance(out, (tuple, list)):
         kinds = ", ".join(type(x).__name__ for x in out)
         raise TypeError(f"{where} returned a {type(out).__name__} of ({kinds}); return the loss alone, or "
@@ -66,6 +72,11 @@ def split_loss_output(out: Any, where: str) -> tuple[jax.Array, Metrics]:
         )
     if "loss" in metrics:
         raise ValueError(f"{where} returned a metric named 'loss'; that name is the loss itself.")
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{where} returned a metric named {name!r}, a {type(name).__name__}; metric names are strings.")
+        if value is None or isinstance(value, (Mapping, str)):
+            raise TypeError(f"{where} returned metric {name!r} = {value!r:.60}; each metric is a number or an array.")
     return loss, dict(metrics)
 
 

@@ -123,6 +123,9 @@ class EarlyStopping(Callback):
             warnings.warn(f"EarlyStopping never saw {self.monitor!r}: the evaluations reported {sorted(seen[-1])}, so "
                           "it never checked; fix monitor=.", RuntimeWarning, stacklevel=2)
 
+    def on_checkpoint_restore(self, trainer: Any, checkpoint: dict) -> None:
+        self._missing = None  # judged on steps the restore discarded
+
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch,
                 "wait": self.wait, "stopped_epoch": self.stopped_epoch}

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -102,6 +103,8 @@ class MetricsLogger(Callback):
         self.flush()
 
     def on_exception(self, trainer: Any, exception: BaseException) -> None:
+        if self._hparams_due is not None:  # a run that failed before its first record still records its config
+            self._write_hparams_if_new()
         self.flush()
 
     def flush(self) -> None:
@@ -164,7 +167,12 @@ class MetricsLogger(Callback):
         for writer in self.writers:
             writer.rewind(trainer.step)
         for writer in self.writers:
-            written = writer.read_scalars()
+            try:
+                written = writer.read_scalars()
+            except (OSError, ValueError, TypeError) as err:  # a damaged file: the history is a plot's, not the run's
+                warnings.warn(f"{type(writer).__name__} could not read its file back ({err}); the logger's history "
+                              "holds only what this run logs.", RuntimeWarning, stacklevel=2)
+                continue
             if written is not None:
                 self.history = [(s, v) for s, v in written if s <= trainer.step]
                 break

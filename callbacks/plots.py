@@ -34,6 +34,9 @@ class FitEndOutput(Callback):
 
     _restored_at: int | None = None
 
+    def on_fit_start(self, trainer: Any) -> None:
+        self._restored_at = None  # a restore of an earlier fit that raised counts no more
+
     def on_checkpoint_restore(self, trainer: Any, checkpoint: dict) -> None:
         self._restored_at = trainer.step
 
@@ -81,6 +84,7 @@ class Plots(FitEndOutput):
         self.written: list[Path] = []
 
     def on_fit_start(self, trainer: Any) -> None:
+        super().on_fit_start(trainer)
         if self.directory is None and trainer.workdir is None:
             raise ValueError("Plots needs a folder: pass directory= or give the Trainer a workdir.")
 

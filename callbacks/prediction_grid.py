@@ -57,6 +57,7 @@ class PredictionGrid(FitEndOutput):
     def on_fit_start(self, trainer: Any) -> None:
         """Refuses, before training, what would fail when drawing at its end: no file, examples the
         model cannot take or whose predictions are not class scores, labels or names too few for them."""
+        super().on_fit_start(trainer)
         if self.path is None and trainer.workdir is None:
             raise ValueError("PredictionGrid needs a file: pass path= or give the Trainer a workdir.")
         try:

@@ -100,7 +100,7 @@ class TensorBoardWriter(MetricWriter):
             self._flushed = time.monotonic()
         else:  # tensorboardX's flush always fsyncs: the file's own buffer alone
             file = getattr(getattr(self._writer, "_py_recordio_writer", None), "_writer", None)
-            if file is not None:
+            if file is not None and hasattr(file, "fileno"):  # a local file (not tensorboardX's S3 writer)
                 file.flush()
 
     def close(self) -> None:

@@ -262,9 +262,16 @@ class CsvWriter(_FileWriter):
         self.flush()
         if not self.path.exists() or not self.path.stat().st_size:
             return []
+        rows = []
         with open(self.path, newline="") as f:
-            return [(int(row.pop("step")), {k: float(v) for k, v in row.items() if v not in ("", None)})
-                    for row in csv.DictReader(f)]
+            for row in csv.DictReader(f, restkey=None):
+                row.pop(None, None)  # cells beyond the header (a line glued onto one cut short)
+                try:
+                    rows.append((int(row.pop("step")), {k: float(v) for k, v in row.items() if v not in ("", None)}))
+                except (TypeError, ValueError):
+                    warnings.warn(f"{self.path}: a row that is not numbers ({row}) is left out of the history read "
+                                  "back.", RuntimeWarning, stacklevel=2)
+        return rows
 
     def _grow(self, new: list[str]) -> None:
         self.close()

@@ -316,3 +316,17 @@ def test_a_resumed_logger_reads_the_runs_history_back_and_plots_draw_only_what_i
     assert sum("hparams" in r for r in records) == 1 and plots.written
     logger, plots = run(8, True)  # the finished run resumed: its outputs stand
     assert read_jsonl(tmp_path / "metrics.jsonl") == records and plots.written == []
+
+
+def test_a_run_that_fails_before_its_first_record_still_records_its_config(tmp_path, data):
+    from callbacks import JsonlWriter, read_jsonl
+
+    class Boom(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            raise RuntimeError("boom")
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, config={"lr": 0.1},
+                      callbacks=[MetricsLogger(JsonlWriter(tmp_path / "m.jsonl"), log_every=4), Boom()])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(ArrayLoader(data, 16))
+    assert read_jsonl(tmp_path / "m.jsonl") == [{"hparams": {"lr": 0.1}}]

@@ -207,3 +207,10 @@ def test_console_lines_go_above_a_progress_bar_not_onto_it():
     bar.close()
     before, after = out.getvalue().split("step 5  loss 1\n")
     assert before.endswith("\r") and after.startswith("\r")  # the bar cleared before the line, redrawn after
+
+
+def test_csv_read_back_leaves_out_rows_that_are_not_numbers(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("step,loss\n2,0.5\n4,0.2\n6,0.1,0.3\n8,1.5e-\n")  # a glued line, a cut number
+    with pytest.warns(RuntimeWarning, match="a row that is not numbers"):
+        assert CsvWriter(path).read_scalars() == [(2, {"loss": 0.5}), (4, {"loss": 0.2}), (6, {"loss": 0.1})]

@@ -411,6 +411,7 @@ def roll_back(trainer: "Trainer", bad_step: int) -> None:
     for checkpoint in trainer.checkpoints:
         if checkpoint.store is not None:
             checkpoint.store.wait()
+    trainer.should_stop, trainer.stop_reason = False, None  # a stop decided on the discarded steps
     if restore(trainer, True) is None:
         raise CheckpointError("rollback found no checkpoint to restore.")
 

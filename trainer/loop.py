@@ -229,7 +229,7 @@ def finished_metrics(trainer: "Trainer", metrics: dict[str, float]) -> dict[str,
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) or (hasattr(value, "shape") and value.shape == () and
-                                               np.issubdtype(np.asarray(value).dtype, np.number))
+                                               np.asarray(value).dtype.kind in "biuf")
 
 
 def finish_partial_epoch(trainer: "Trainer", evaluate: bool) -> None:

@@ -73,8 +73,11 @@ class MetricsLogger(Callback):
         self._hparams_due = trainer.config  # written before the first record: after a resume's restore
 
     def _write_hparams_if_new(self) -> None:
-        """The config, unless this logger, or the run it resumed, already wrote the same (compared as
-        written, so arrays in it compare too): a second ``fit`` or a resume writes no second record."""
+        """The config when it is due (before a fit's first record; at its end or failure if none came),
+        unless this logger, or the run it resumed, already wrote the same (compared as written, so
+        arrays in it compare too): a second ``fit`` or a resume writes no second record."""
+        if self._hparams_due is None:
+            return
         config, self._hparams_due = self._hparams_due, None
         written = json.dumps(plain(config), sort_keys=True)
         if written != self._hparams_written:
@@ -94,8 +97,7 @@ class MetricsLogger(Callback):
         self.write_scalars(trainer.step, metrics)
 
     def on_fit_end(self, trainer: Any) -> None:
-        if self._hparams_due is not None:  # a fit that logged nothing still records its config
-            self._write_hparams_if_new()
+        self._write_hparams_if_new()
         self._write_pending(trainer)
         if trainer.step > self.last_logged_step:  # the last, partial window
             self._fetch.push(trainer.step, trainer.take_metric_sums(self._key, packed=True))
@@ -103,8 +105,7 @@ class MetricsLogger(Callback):
         self.flush()
 
     def on_exception(self, trainer: Any, exception: BaseException) -> None:
-        if self._hparams_due is not None:  # a run that failed before its first record still records its config
-            self._write_hparams_if_new()
+        self._write_hparams_if_new()
         self.flush()
 
     def flush(self) -> None:
@@ -136,24 +137,21 @@ class MetricsLogger(Callback):
         """Writes ``scalars`` at ``step`` to every writer now, flushed, and keeps them in ``history``."""
         scalars = {k: float(v) for k, v in scalars.items()}
         self.history.append((step, scalars))
-        if self._hparams_due is not None:
-            self._write_hparams_if_new()
+        self._write_hparams_if_new()
         for writer in self.writers:
             writer.write_scalars(step, scalars)
             writer.flush()  # at the log cadence only: a killed run keeps every window it wrote
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Writes named images (``[H, W, C]``) at ``step`` to every writer, flushed."""
-        if self._hparams_due is not None:
-            self._write_hparams_if_new()
+        self._write_hparams_if_new()
         for writer in self.writers:
             writer.write_images(step, images)
             writer.flush()
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         """Writes named texts at ``step`` to every writer, flushed."""
-        if self._hparams_due is not None:
-            self._write_hparams_if_new()
+        self._write_hparams_if_new()
         for writer in self.writers:
             writer.write_texts(step, texts)
             writer.flush()

@@ -77,7 +77,7 @@ def callback_keys(callbacks: list[Callback]) -> list[str]:
 
 def _callback_states(trainer: "Trainer") -> dict[str, Any]:
     callbacks = trainer.callbacks.callbacks
-    return {key: _state_jsonable(cb.state_dict(), f"{type(cb).__name__}.state_dict()")
+    return {key: _jsonable(cb.state_dict(), f"{type(cb).__name__}.state_dict()")
             for key, cb in zip(callback_keys(callbacks), callbacks)}
 
 
@@ -254,36 +254,28 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
     }
 
 
-def _jsonable(value: Any) -> Any:
-    """``value`` as JSON can hold it: arrays (numpy, JAX) and tuples as lists, keys as strings, else ``str``."""
+def _jsonable(value: Any, where: str | None = None) -> Any:
+    """``value`` as JSON can hold it: arrays (numpy, JAX) and tuples as lists. Lenient (``where`` None,
+    a config): keys and other values as ``str``. Strict (a callback state, named by ``where``): a key
+    that is no string or a value JSON cannot keep (a set, bytes, an object) is refused by name, since
+    it would come back as a string."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        if where is not None:
+            for k in value:
+                if not isinstance(k, str):
+                    raise TypeError(f"{where} has the key {k!r}, a {type(k).__name__}: checkpoints keep states as "
+                                    "JSON, whose keys are strings; use str keys.")
+        return {str(k): _jsonable(v, where and f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, where and f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, (np.generic, np.ndarray, jax.Array)):
         return np.asarray(value).tolist()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if where is not None:
+        raise TypeError(f"{where} holds a {type(value).__name__} ({value!r:.60}), which a checkpoint (JSON) cannot "
+                        "keep: give numbers, strings, lists, dicts or arrays (a set as a sorted list).")
     return str(value)
-
-
-def _state_jsonable(value: Any, where: str) -> Any:
-    """A callback state as JSON holds it (arrays and tuples as lists), refused by name where JSON
-    cannot hold a value (a set, bytes, an object): it would come back as a string."""
-    if isinstance(value, Mapping):
-        for k in value:
-            if not isinstance(k, str):
-                raise TypeError(f"{where} has the key {k!r}, a {type(k).__name__}: checkpoints keep states as JSON, "
-                                "whose keys are strings; use str keys.")
-        return {k: _state_jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_state_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
-        return np.asarray(value).tolist()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"{where} holds a {type(value).__name__} ({value!r:.60}), which a checkpoint (JSON) cannot "
-                    "keep: give numbers, strings, lists, dicts or arrays (a set as a sorted list).")
 
 
 def refuse_used_stores(trainer: "Trainer") -> None:

@@ -53,6 +53,15 @@ def check_options(model: Any, optimizer: Any, *, max_epochs: Any, max_steps: Any
                          "device busy), or None for no limit of the trainer's own.")
 
 
+def recorded_number(name: str, value: Any) -> float:
+    """``Trainer.record``'s value as a float, refused by name when it is not one number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"record({name!r}, {value!r:.60}): record takes one number (a float, or a 0-d array) "
+                        "per name.") from None
+
+
 def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume: Any) -> None:
     """What ``fit`` refuses before it starts: raw arrays for data, ``resume=True`` with nowhere to look, a
     one-pass iterator for several epochs, and step intervals that do not fit ``steps_per_execution``."""

@@ -95,3 +95,21 @@ def restore_sums(template: Sums, saved: Mapping[str, Sequence[float]]) -> Sums:
 def compute_sums(sums: Sums) -> dict[str, float]:
     """Host floats from (host) accumulators; metrics with no valid step are left out."""
     return {k: float(m.total / m.count) for k, m in sums.items() if int(m.count) > 0}
+
+
+def restarted_sums(sums: Mapping[str, Any], metric_shapes: Mapping[str, Any], reductions: Mapping[str, str],
+                   saved: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, Sums]:
+    """Every reader's accumulators back to zero, those of ``saved`` readers holding their saved
+    ``[total, count]`` pairs (an epoch resumed from a checkpoint)."""
+    out = {name: empty_sums(metric_shapes, reductions) for name in sums}
+    for name, pairs in saved.items():
+        if pairs and name in out:
+            out[name] = restore_sums(out[name], pairs)
+    return out
+
+
+def sums_snapshot(sums: Sums | None) -> dict[str, list[float]] | None:
+    """Device accumulators as host ``{metric: [total, count]}`` (for checkpoints), or ``None``."""
+    if sums is None:
+        return None
+    return {k: [float(m.total), int(m.count)] for k, m in jax.device_get(sums).items()}

@@ -29,13 +29,13 @@ from trainer.events import Callback, CallbackList
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, finish_partial_epoch, has_partial_row, run_epoch
-from trainer.options import check_fit_inputs, check_options
+from trainer.options import check_fit_inputs, check_options, recorded_number
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
 from trainer.preemption import PreemptionHandler, Preempted
 from trainer.state import TrainState, reseed_streams, zeros_like_tree
 from trainer.step import Probe, init_guard, per_example_metrics
-from trainer.sums import Sums, empty_sums, restore_sums
+from trainer.sums import Sums, empty_sums, restarted_sums, sums_snapshot
 
 
 class Trainer:
@@ -332,19 +332,11 @@ class Trainer:
 
     def epoch_sums_snapshot(self) -> dict[str, list[float]] | None:
         """The current epoch's running sums as ``{metric: [total, count]}`` (for checkpoints)."""
-        sums = self._carry.peek_sums().get(EPOCH_SUMS)
-        if sums is None:
-            return None
-        return {k: [float(m.total), int(m.count)] for k, m in jax.device_get(sums).items()}
+        return sums_snapshot(self._carry.peek_sums().get(EPOCH_SUMS))
 
     def record(self, name: str, value: float) -> None:
         """Hands a host value (throughput, a timing) to the loggers' window that ends at this step (or the next)."""
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"record({name!r}, {value!r:.60}): record takes one number (a float, or a 0-d array) "
-                            "per name.") from None
-        self.pending_logs[name] = (self.step, number)
+        self.pending_logs[name] = (self.step, recorded_number(name, value))
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
@@ -451,9 +443,7 @@ class Trainer:
     def _reset_sums(self) -> None:
         """Every registered accumulator back to zero, then the epoch's from ``restored_epoch_sums`` where a
         checkpoint left them (used up). Before the step is built (no metric shapes yet) the build does it."""
-        if self._metric_shapes is None:
-            return
-        self._sums = {name: empty_sums(self._metric_shapes, self.metric_reductions) for name in self._sums}
-        if self.restored_epoch_sums and self._sums.get(EPOCH_SUMS) is not None:
-            self._sums[EPOCH_SUMS] = restore_sums(self._sums[EPOCH_SUMS], self.restored_epoch_sums)
+        if self._metric_shapes is not None:
+            self._sums = restarted_sums(self._sums, self._metric_shapes, self.metric_reductions,
+                                        {EPOCH_SUMS: self.restored_epoch_sums or {}})
             self.restored_epoch_sums = None

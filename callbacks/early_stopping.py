@@ -59,6 +59,12 @@ class EarlyStopping(Callback):
         self._missing: KeyError | None = None
         self._reported = False  # an evaluation of this fit reported the monitor (an epoch's logs need not)
 
+    @property
+    def state_key(self) -> str:
+        """Its checkpointed state is the best of ``monitor`` in ``mode``: a resume that watches another
+        metric or direction starts afresh rather than comparing with the other's best."""
+        return f"{type(self).__name__}[{self.monitor},{self.mode}]"
+
     def _improved(self, value: float) -> bool:
         if self.best is None:
             return not math.isnan(value)

@@ -39,8 +39,8 @@ class NaNDetector(Callback):
       policy: ``"raise"``, ``"skip"`` or ``"rollback"``.
       max_consecutive_skips: with ``skip``, raise after this many bad steps in a row.
       max_rollbacks: with ``rollback``, raise at the bad step after this many rollbacks.
-      check_every: read the device's counter every N steps (and at each epoch's end and the fit's
-        end). The device halts by itself, so a sparse check loses nothing: the parameters stay
+      check_every: read the device's counter every N steps (and at each epoch's end, at ``max_steps``
+        and at the fit's end). The device halts by itself, so a sparse check loses nothing: the parameters stay
         those from before the bad step.
     """
 
@@ -76,10 +76,13 @@ class NaNDetector(Callback):
                 checkpoint.save(trainer, wait=True)  # a starting point, in case the first steps go bad
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
-        if self._check(trainer):
+        last = trainer.should_stop or (trainer.max_steps is not None and step >= trainer.max_steps)
+        if not last and self._check(trainer):
             return  # rolling back: this step's counter belongs to the state being discarded
         self._newest = metrics["nonfinite_total"]
-        if step % self.check_every == 0:
+        if last:  # the run's last step: checked now, so that a rollback it needs still trains to the end
+            self._check(trainer, now=True)
+        elif step % self.check_every == 0:
             self._fetch.push(step, self._newest)
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:

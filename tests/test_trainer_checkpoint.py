@@ -16,7 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
-from callbacks import (Callback, Checkpoint, CheckpointError, EarlyStopping, JsonlWriter, MetricsLogger,
+from callbacks import (Callback, Checkpoint, CheckpointError, EarlyStopping, Evaluator, JsonlWriter, MetricsLogger,
                        NaNDetector, ProgressBar, read_jsonl)
 from conftest import TinyMLP, make_data
 from trainer import ArrayLoader, Trainer
@@ -366,6 +366,43 @@ def test_nan_rollback_restores_skips_the_bad_batch_and_matches_a_clean_run(tmp_p
         assert folder.name.startswith("step_")
 
 
+def _late_bad_batch():
+    data = make_data()
+    x = data["x"].copy()
+    x[8 * 8] = np.nan  # the batch at position 8 (step 9) of 12 goes bad
+    return data, x, ArrayLoader({"x": x, "label": data["label"]}, 8, shuffle=False)
+
+
+def test_nan_rollback_in_the_last_steps_before_max_steps_still_trains_to_the_end(tmp_path):
+    """The bad step falls between the last sparse check and ``max_steps``: it is checked at the last
+    step and rolled back then, and the run still trains its steps (it ended halted, a step short)."""
+    data, x, bad = _late_bad_batch()
+    detector = NaNDetector(policy="rollback")  # checks every 10 steps
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=10, workdir=tmp_path,
+                      callbacks=[detector, Checkpoint(every_n_steps=4, every_n_epochs=None)])
+    with pytest.warns(RuntimeWarning, match="at step 9 .*rolling back"):
+        trainer.fit(bad)
+    assert detector.rollbacks == [9] and trainer._rollback_request is None
+    assert trainer.step == 10 and not bool(jax.device_get(trainer.state.guard["halted"]))
+    keep = np.r_[0:64, 72:96]
+    clean = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=10, callbacks=[NaNDetector()])
+    clean.fit(ArrayLoader({"x": x[keep], "label": data["label"][keep]}, 8, shuffle=False))
+    assert bitwise_equal(leaves_of(trainer), leaves_of(clean))
+
+
+def test_a_rollback_asked_for_at_the_fits_end_is_done_before_fit_returns(tmp_path):
+    """A stop at the bad step (a callback after the detector): the loop has ended when the detector
+    reads the bad step in ``on_fit_end``; ``fit`` restores the newest good checkpoint and says so."""
+    _, _, bad = _late_bad_batch()
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=12, workdir=tmp_path,
+                      callbacks=[NaNDetector(policy="rollback"), StopAt(9),
+                                 Checkpoint(every_n_steps=4, every_n_epochs=None)])
+    with pytest.warns(RuntimeWarning, match=r"fit ended with a rollback pending: restored .* step 8"):
+        trainer.fit(bad)
+    assert trainer.step == 8 and trainer._rollback_request is None and trainer.skip_batches == {(0, 8)}
+    assert not bool(jax.device_get(trainer.state.guard["halted"]))
+
+
 def test_a_second_fit_resuming_an_earlier_step_restarts_the_epochs_sums_there(tmp_path):
     """Stop at 6, then the same (built) trainer resumes step 4 and ends the 10-batch epoch: its mean
     is the unbroken run's (steps 5 and 6 counted once, those before 4 counted)."""
@@ -374,7 +411,7 @@ def test_a_second_fit_resuming_an_earlier_step_restarts_the_epochs_sums_there(tm
                       callbacks=[Checkpoint(tmp_path, every_n_steps=4, every_n_epochs=None)])
     trainer.fit(data)
     trainer.max_steps = 10
-    with pytest.warns(RuntimeWarning, match="also holds the newer steps \[6\]"):  # it rewinds over step 6
+    with pytest.warns(RuntimeWarning, match=r"also holds the newer steps \[6\]"):  # it rewinds over step 6
         resumed = trainer.fit(data, resume=tmp_path / "step_4")
     unbroken = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=10).fit(data)
     assert len(resumed) == 1 and "partial_epoch" not in resumed[0]
@@ -589,3 +626,54 @@ def test_a_callback_state_json_cannot_keep_is_refused_by_name(tmp_path, data):
     with pytest.raises(TypeError, match=r"Tags.state_dict\(\)\['tags'\] holds a set .* a checkpoint \(JSON\) cannot keep"):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4,
                 callbacks=[Tags(), Checkpoint(tmp_path, every_n_steps=4)]).fit(ArrayLoader(data, 16))
+
+
+def test_two_evaluators_keep_their_own_state_when_the_first_is_left_out_on_resume(tmp_path, data):
+    """States are keyed by ``state_key`` (an Evaluator's prefix): the test evaluator's state reaches the
+    test evaluator even when the validation one before it is gone (by class alone it took the other's)."""
+    val, test = make_data(32, seed=1), make_data(32, seed=2)
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4,
+            callbacks=[Evaluator(ArrayLoader(val, 16, shuffle=False), every_n_steps=2, every_n_epochs=None),
+                       Evaluator(ArrayLoader(test, 16, shuffle=False), every_n_steps=4, every_n_epochs=None,
+                                 prefix="test/"),
+                       Checkpoint(tmp_path, every_n_steps=4)]).fit(ArrayLoader(data, 16))
+    alone = Evaluator(ArrayLoader(test, 16, shuffle=False), every_n_steps=4, every_n_epochs=None, prefix="test/")
+    with pytest.warns(RuntimeWarning, match=r"holds state for callbacks \['Evaluator\[eval/\]'\]"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4,
+                callbacks=[alone, Checkpoint(tmp_path, every_n_steps=4)]).fit(ArrayLoader(data, 16), resume=True)
+    assert alone.last_step == 4 and set(alone.last_metrics) == {"test/loss", "test/accuracy"}
+
+
+def test_early_stopping_watching_another_metric_on_resume_starts_afresh(tmp_path, data):
+    first = EarlyStopping(monitor="loss", patience=5)
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=2,
+            callbacks=[first, Checkpoint(tmp_path)]).fit(ArrayLoader(data, 16))
+    assert first.best is not None
+    same, other = EarlyStopping(monitor="loss", patience=5), EarlyStopping(monitor="accuracy", patience=5)
+    for stopper in (same, other):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=2,
+                    callbacks=[stopper, Checkpoint(tmp_path)]).fit(ArrayLoader(data, 16), resume=True)
+    assert same.best == first.best and other.best is None
+
+
+def test_states_saved_by_class_still_reach_callbacks_that_name_their_state(tmp_path, data):
+    """A checkpoint written before ``state_key`` keyed states by class (``Evaluator``, ``Evaluator#2``)."""
+    from trainer.checkpoint import _load_callback_states
+
+    val = ArrayLoader(make_data(32, seed=1), 16, shuffle=False)
+    a, b = Evaluator(val), Evaluator(val, prefix="test/")
+    holder = type("T", (), {"callbacks": type("L", (), {"callbacks": [a, b]})()})()
+    _load_callback_states(holder, {"Evaluator": {"last_step": 3, "last_metrics": {"eval/loss": 1.0}},
+                                   "Evaluator#2": {"last_step": 5, "last_metrics": {"test/loss": 2.0}}})
+    assert (a.last_step, b.last_step) == (3, 5) and b.last_metrics == {"test/loss": 2.0}
+
+
+def test_a_state_key_that_is_not_a_string_is_refused_by_name(tmp_path, data):
+    class Keyed(Counter):
+        state_key = 3
+
+    with pytest.raises(TypeError, match=r"Keyed.state_key = 3 must be a non-empty string"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4,
+                callbacks=[Keyed(), Checkpoint(tmp_path, every_n_steps=4)]).fit(ArrayLoader(data, 16))

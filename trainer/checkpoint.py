@@ -64,15 +64,29 @@ def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
 
 
 def callback_keys(callbacks: list[Callback]) -> list[str]:
-    """Each callback's key in a checkpoint: its class name, with ``#2``, ``#3`` for later ones of the
-    same class, so adding, removing or reordering other callbacks on a resume loses no state."""
+    """Each callback's key in a checkpoint: its ``state_key`` or else its class name, with ``#2``, ``#3``
+    for later ones of the same key, so adding, removing or reordering other callbacks on a resume
+    loses no state."""
+    return _numbered([_state_key(cb) for cb in callbacks])
+
+
+def _numbered(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     keys = []
-    for callback in callbacks:
-        name = type(callback).__name__
+    for name in names:
         seen[name] = seen.get(name, 0) + 1
         keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
     return keys
+
+
+def _state_key(callback: Callback) -> str:
+    key = callback.state_key
+    if key is None:
+        return type(callback).__name__
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"{type(callback).__name__}.state_key = {key!r} must be a non-empty string (or None for the "
+                        "class name).")
+    return key
 
 
 def _callback_states(trainer: "Trainer") -> dict[str, Any]:
@@ -82,12 +96,14 @@ def _callback_states(trainer: "Trainer") -> dict[str, Any]:
 
 
 def _load_callback_states(trainer: "Trainer", saved: Mapping[str, Any]) -> None:
-    """Hands each callback its saved state (by ``callback_keys``; checkpoints written before those keys
-    used ``<index>:<class>``); a non-empty saved state that no callback takes is warned about."""
+    """Hands each callback its saved state (by ``callback_keys``; checkpoints written before ``state_key``
+    used the class name with ``#n``, before that ``<index>:<class>``); a non-empty saved state that no
+    callback takes is warned about."""
     callbacks, taken = trainer.callbacks.callbacks, set()
-    for i, (key, cb) in enumerate(zip(callback_keys(callbacks), callbacks)):
-        old_key = f"{i}:{type(cb).__name__}"
-        found = key if key in saved else old_key if old_key in saved else None
+    by_class = _numbered([type(cb).__name__ for cb in callbacks])
+    for i, (key, class_key, cb) in enumerate(zip(callback_keys(callbacks), by_class, callbacks)):
+        candidates = [key] if cb.state_key is None else [key, class_key]  # an older checkpoint: by class
+        found = next((k for k in [*candidates, f"{i}:{type(cb).__name__}"] if k in saved and k not in taken), None)
         if found is not None:
             taken.add(found)
             if saved[found] is not None:

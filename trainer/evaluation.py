@@ -32,10 +32,15 @@ class Evaluator(Callback):
       every_n_epochs: evaluate at the end of every N-th epoch (``None``: never by epochs).
       prefix: put before every metric name (``eval/loss``).
 
-    ``last_metrics`` holds the newest result, ``history`` every ``(step, metrics)``.
+    ``last_metrics`` holds the newest result, ``history`` every ``(step, metrics)``. Its checkpointed
+    state is keyed by ``prefix`` (``state_key``): a second evaluator (``prefix="test/"``) keeps its own.
     """
 
     step_interval_attributes = ("every_n_steps",)
+
+    @property
+    def state_key(self) -> str:
+        return f"{type(self).__name__}[{self.prefix}]"
 
     def __init__(self, data: Iterable[Any], *, every_n_steps: int | None = None,
                  every_n_epochs: int | None = 1, prefix: str = "eval/"):

@@ -76,7 +76,10 @@ class Callback:
       them on its own copy) and the files may not be committed yet.
     - ``on_exception(exception)``: an error escaped ``fit``; it is re-raised after every callback.
 
-    ``state_dict()`` / ``load_state_dict()`` carry a callback's own state through checkpoints.
+    ``state_dict()`` / ``load_state_dict()`` carry a callback's own state through checkpoints, under
+    ``state_key``: by default the class name (``#2``, ``#3`` for later ones of the class); a callback
+    used more than once (two ``Evaluator``s) names each instance, so that removing one on a resume
+    hands no other its state (Lightning's ``Callback.state_key``).
 
     ``step_interval_attributes`` names the attributes holding step intervals (``("every",)``);
     the trainer refuses intervals that are not multiples of ``steps_per_execution``, and rounds up
@@ -84,6 +87,7 @@ class Callback:
     """
 
     step_interval_attributes: tuple[str, ...] = ()
+    state_key: str | None = None  # None: the class name; a str (a property, say) names this instance's state
 
     def step_intervals(self) -> dict[str, int]:
         """This callback's step intervals by name (from ``step_interval_attributes``; ``None`` ones left out)."""

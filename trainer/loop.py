@@ -77,9 +77,7 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
                     checkpoint.save(trainer)
             if trainer._preemption.signal:
                 raise Preempted()
-            if trainer._rollback_request is not None:
-                bad_step, trainer._rollback_request = trainer._rollback_request, None
-                checkpointing.roll_back(trainer, bad_step)  # the sums restart at the restored step's
+            if roll_back_if_requested(trainer):  # the sums restart at the restored step's
                 return
             if trainer.should_stop or trainer._limit_reached():
                 ran_out = False
@@ -204,14 +202,21 @@ def end_epoch(trainer: "Trainer", epoch: int) -> None:
     trainer.history.append(dict(logs, epoch=epoch))
     trainer.callbacks.dispatch("on_epoch_end", trainer, epoch, logs)
     trainer.history[-1].update(logs)  # what callbacks added (a scripted or derived metric) is kept
-    if trainer._rollback_request is not None:  # asked for at the epoch's end: restored before its checkpoint
-        bad_step, trainer._rollback_request = trainer._rollback_request, None
-        checkpointing.roll_back(trainer, bad_step)
+    if roll_back_if_requested(trainer):  # asked for at the epoch's end: restored before its checkpoint
         return
     trainer.epoch, trainer.position = epoch + 1, 0
     for checkpoint in trainer.checkpoints:
         if checkpoint.due_after_epoch(epoch):
             checkpoint.save(trainer)
+
+
+def roll_back_if_requested(trainer: "Trainer") -> bool:
+    """Does a rollback a callback asked for (``Trainer.request_rollback``); True when it did."""
+    if trainer._rollback_request is None:
+        return False
+    bad_step, trainer._rollback_request = trainer._rollback_request, None
+    checkpointing.roll_back(trainer, bad_step)
+    return True
 
 
 def finished_metrics(trainer: "Trainer", metrics: dict[str, float]) -> dict[str, float]:

@@ -28,7 +28,7 @@ from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
-from trainer.loop import EPOCH_SUMS, finish_partial_epoch, has_partial_row, run_epoch
+from trainer.loop import EPOCH_SUMS, finish_partial_epoch, has_partial_row, roll_back_if_requested, run_epoch
 from trainer.options import check_fit_inputs, check_options, recorded_number
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
@@ -404,6 +404,9 @@ class Trainer:
             self._fit_evaluators = []
             _ = self.model  # the caller's module holds the trained state, even after an error
         errors = self.callbacks.dispatch_all("on_fit_end", self)  # every callback's end runs (final saves)
+        if roll_back_if_requested(self):  # asked for once the loop had ended (a stop): restored, not trained on
+            warnings.warn(f"fit ended with a rollback pending: restored the newest good checkpoint, step {self.step}; "
+                          "fit again to train on from there.", RuntimeWarning, stacklevel=2)
         if errors:
             for error in errors[1:]:
                 warnings.warn(f"another callback's on_fit_end raised too: {error!r}", RuntimeWarning, stacklevel=2)

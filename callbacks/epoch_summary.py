@@ -1,4 +1,5 @@
-"""``EpochSummary``: one plain line per epoch with its train and eval metrics and wall time."""
+"""``EpochSummary``: one plain line per epoch with its train and eval metrics and wall time (and one
+for the epoch a fit ended inside, ``max_steps`` or a stop, marked ``partial``)."""
 
 from __future__ import annotations
 
@@ -26,15 +27,31 @@ class EpochSummary(Callback):
         check_stream(stream)
         self.stream = stream
         self._started = 0.0
+        self._open_epoch: int | None = None  # an epoch this fit started and has not ended
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self._open_epoch = None
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
-        self._started = time.perf_counter()
+        self._started, self._open_epoch = time.perf_counter(), epoch
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
+        self._open_epoch = None
+        self._print(trainer, epoch, logs, "")
+
+    def on_fit_end(self, trainer: Any) -> None:
+        """The epoch the fit ended inside: its row so far (``Trainer.history``'s ``partial_epoch`` row)."""
+        row = trainer.history[-1] if trainer.history else {}
+        if self._open_epoch is not None and row.get("partial_epoch") and row.get("epoch") == self._open_epoch:
+            logs = {k: v for k, v in row.items() if k not in ("epoch", "partial_epoch")}
+            self._print(trainer, self._open_epoch, logs, f" (partial, to step {trainer.step})")
+        self._open_epoch = None
+
+    def _print(self, trainer: Any, epoch: int, logs: Mapping[str, float], note: str) -> None:
         total = f"/{trainer.max_epochs}" if trainer.max_epochs else ""
         values = "  ".join(f"{k} {_format(k, v)}" for k, v in logs.items())
         seconds = time.perf_counter() - self._started
-        print_line(f"epoch {epoch + 1}{total}  {values}  time {seconds:.1f}s", self.stream)
+        print_line(f"epoch {epoch + 1}{total}{note}  {values}  time {seconds:.1f}s", self.stream)
 
 
 def _format(name: str, value: float) -> str:

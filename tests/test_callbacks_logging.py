@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from callbacks import (Callback, EpochSummary, GradNormMonitor, LearningRateMonitor, MetricsLogger, MetricWriter,
+from callbacks import (Callback, Checkpoint, EpochSummary, GradNormMonitor, LearningRateMonitor, MetricsLogger, MetricWriter,
                        NaNDetector, ProgressBar, Throughput)
 from conftest import TinyMLP, make_data
 from trainer import ArrayLoader, OptimConfig, Trainer
@@ -292,6 +292,25 @@ def test_epoch_summary_prints_one_line_per_epoch_with_the_epoch_logs_and_counts_
     assert [line.split()[:2] for line in lines] == [["epoch", "1/2"], ["epoch", "2/2"]]
     for line, logs in zip(lines, history):
         assert f"loss {logs['loss']:.4f}" in line and "nonfinite_total 0 " in line and line.endswith("s")
+
+
+def test_epoch_summary_prints_the_epoch_a_fit_ended_inside_once_marked_partial(tmp_path):
+    """max_steps=9 with 6 batches an epoch: epoch 1, then epoch 2 to step 9 marked partial; resuming
+    the finished run prints nothing again (no epoch ran)."""
+    def run(stream, resume=False):
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=9, workdir=tmp_path,
+                          callbacks=[EpochSummary(stream=stream), Checkpoint(every_n_steps=3, every_n_epochs=None)])
+        return trainer.fit(ArrayLoader(make_data(), 16, seed=0), resume=resume)
+
+    stream = io.StringIO()
+    history = run(stream)
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[:2] for line in lines] == [["epoch", "1"], ["epoch", "2"]]
+    assert "(partial, to step 9)" in lines[1] and f"loss {history[-1]['loss']:.4f}" in lines[1]
+    assert "partial_epoch" not in lines[1] and "(partial" not in lines[0]
+    again = io.StringIO()
+    run(again, resume=True)
+    assert again.getvalue() == ""
 
 
 def test_a_resumed_logger_reads_the_runs_history_back_and_plots_draw_only_what_is_new(tmp_path, data):

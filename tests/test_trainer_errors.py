@@ -332,6 +332,6 @@ def test_record_takes_one_number_and_says_so(model):
     trainer = Trainer(model, optax.sgd(0.1), max_steps=1)
     trainer.record("speed", np.float32(3.5))
     assert trainer.pending_logs["speed"] == (0, 3.5)
-    for bad in ("fast", None, np.ones(3)):
+    for bad in ("fast", "1.5", None, np.ones(3)):
         with pytest.raises(TypeError, match=r"record\('speed', .*\): record takes one number"):
             trainer.record("speed", bad)

@@ -56,6 +56,8 @@ def check_options(model: Any, optimizer: Any, *, max_epochs: Any, max_steps: Any
 def recorded_number(name: str, value: Any) -> float:
     """``Trainer.record``'s value as a float, refused by name when it is not one number."""
     try:
+        if isinstance(value, (str, bytes)):  # float("1.5") would pass a string for a number
+            raise TypeError
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"record({name!r}, {value!r:.60}): record takes one number (a float, or a 0-d array) "

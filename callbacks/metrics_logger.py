@@ -158,13 +158,15 @@ class MetricsLogger(Callback):
 
     def on_checkpoint_restore(self, trainer: Any, checkpoint: dict) -> None:
         """A resumed run: drop what the writers got after the checkpoint's step (no duplicates), and take
-        ``history`` back from the first writer that can read its file (the whole run, for ``Plots``)."""
+        ``history`` back from the first writer that can read its file (the whole run, for ``Plots``);
+        a logger that already holds the run's history (a rollback inside the run) keeps it, cut back."""
         while self._fetch.pop() is not None:
             pass
+        held = bool(self.history)
         self.history = [(s, v) for s, v in self.history if s <= trainer.step]
         for writer in self.writers:
             writer.rewind(trainer.step)
-        for writer in self.writers:
+        for writer in self.writers if not held else ():
             try:
                 written = writer.read_scalars()
             except (OSError, ValueError, TypeError) as err:  # a damaged file: the history is a plot's, not the run's

@@ -403,6 +403,37 @@ def test_a_rollback_asked_for_at_the_fits_end_is_done_before_fit_returns(tmp_pat
     assert not bool(jax.device_get(trainer.state.guard["halted"]))
 
 
+def test_a_rollback_cuts_the_loggers_history_without_reading_its_file_back(tmp_path):
+    """A rollback inside the run cuts the logger's history back to the checkpoint (no read of the whole
+    log, which a long run's makes slow); a resume in a new process's logger reads it back once."""
+    class CountingJsonl(JsonlWriter):
+        reads = 0
+
+        def read_scalars(self):
+            CountingJsonl.reads += 1
+            return super().read_scalars()
+
+    data = make_data()
+    x = data["x"].copy()
+    x[7 * 8] = np.nan  # step 8 goes bad
+    bad = ArrayLoader({"x": x, "label": data["label"]}, 8, shuffle=False)
+    logger = MetricsLogger([CountingJsonl(tmp_path / "log.jsonl")], log_every=2)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=11, workdir=tmp_path,
+                      callbacks=[NaNDetector(policy="rollback", check_every=1), logger,
+                                 Checkpoint(every_n_steps=3, every_n_epochs=None)])
+    with pytest.warns(RuntimeWarning, match="rolling back"):
+        trainer.fit(bad)
+    steps = [s for s, _ in logger.history]
+    assert CountingJsonl.reads == 0 and steps == sorted(set(steps)) and steps[-1] == 11
+    assert steps == [r["step"] for r in read_jsonl(tmp_path / "log.jsonl") if "scalars" in r]
+    fresh = MetricsLogger([CountingJsonl(tmp_path / "log.jsonl")], log_every=2)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=12, workdir=tmp_path,
+                      callbacks=[NaNDetector(policy="rollback", check_every=1), fresh,
+                                 Checkpoint(every_n_steps=3, every_n_epochs=None)])
+    trainer.fit(bad, resume=True)
+    assert CountingJsonl.reads == 1 and [s for s, _ in fresh.history] == [*steps, 12]  # from the final save, 11
+
+
 def test_a_second_fit_resuming_an_earlier_step_restarts_the_epochs_sums_there(tmp_path):
     """Stop at 6, then the same (built) trainer resumes step 4 and ends the 10-batch epoch: its mean
     is the unbroken run's (steps 5 and 6 counted once, those before 4 counted)."""

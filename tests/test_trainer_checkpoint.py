@@ -654,9 +654,11 @@ def test_a_callback_state_json_cannot_keep_is_refused_by_name(tmp_path, data):
         def state_dict(self):
             return {"seen": self.seen, "tags": {"a", "b"}}
 
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4,
+                      callbacks=[Tags(), Checkpoint(tmp_path, every_n_steps=4)])
     with pytest.raises(TypeError, match=r"Tags.state_dict\(\)\['tags'\] holds a set .* a checkpoint \(JSON\) cannot keep"):
-        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4,
-                callbacks=[Tags(), Checkpoint(tmp_path, every_n_steps=4)]).fit(ArrayLoader(data, 16))
+        trainer.fit(ArrayLoader(data, 16))
+    assert trainer.step == 0  # refused when fit started, not at the first save after training
 
 
 def test_two_evaluators_keep_their_own_state_when_the_first_is_left_out_on_resume(tmp_path, data):

@@ -95,6 +95,13 @@ def _callback_states(trainer: "Trainer") -> dict[str, Any]:
             for key, cb in zip(callback_keys(callbacks), callbacks)}
 
 
+def check_callback_states(trainer: "Trainer") -> None:
+    """Refuses a callback state a checkpoint cannot keep when ``fit`` starts, not at the first save
+    (which would fail after the steps before it had trained)."""
+    if trainer.checkpoints:
+        _callback_states(trainer)
+
+
 def _load_callback_states(trainer: "Trainer", saved: Mapping[str, Any]) -> None:
     """Hands each callback its saved state (by ``callback_keys``; checkpoints written before ``state_key``
     used the class name with ``#n``, before that ``<index>:<class>``); a non-empty saved state that no

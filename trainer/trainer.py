@@ -386,6 +386,7 @@ class Trainer:
             if resume is not False:
                 checkpointing.restore(self, resume)
             resumed_at = self.step
+            checkpointing.check_callback_states(self)
             while not self._limit_reached() and not self.should_stop:
                 self._run_epoch(train_data)
             if self.position and not (self.step == resumed_at and has_partial_row(self)):

@@ -20,7 +20,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 import numpy as np
 
@@ -144,15 +144,15 @@ class _FileWriter(MetricWriter):
             self._file = None
 
 
-def _rewrite(path: Path, keep_line) -> None:
-    """Rewrites a text file keeping the lines ``keep_line`` accepts, atomically."""
+def _rewrite(path: Path, keep: Callable[[list[str]], list[bool]]) -> None:
+    """Rewrites a text file keeping the lines ``keep(lines)`` flags, atomically."""
     if not path.exists():
         return
     with open(path, newline="") as f:
         lines = f.readlines()
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
-        f.writelines(line for i, line in enumerate(lines) if keep_line(i, line))
+        f.writelines(line for line, kept in zip(lines, keep(lines)) if kept)
     os.replace(tmp, path)
 
 
@@ -190,8 +190,23 @@ class JsonlWriter(_FileWriter):
         self._write({"step": int(step), "images": paths})
 
     def rewind(self, step: int) -> None:
+        """Drops the records after ``step``, and a config record (no step) whose next record goes: it was
+        written just before that one, by the part of the run the rewind forgets."""
         self.close()
-        _rewrite(self.path, lambda i, line: _record_step(self.path, i, line) <= step if line.strip() else False)
+
+        def keep(lines: list[str]) -> list[bool]:
+            flags, following = [False] * len(lines), None  # the step of the next record with one
+            for i in reversed(range(len(lines))):
+                if not lines[i].strip():
+                    continue
+                at = _record_step(self.path, i, lines[i])
+                if at is None:
+                    flags[i] = following is None or following <= step
+                else:
+                    flags[i], following = at <= step, at
+            return flags
+
+        _rewrite(self.path, keep)
 
     def read_scalars(self) -> list[tuple[int, dict[str, float]]] | None:
         """Every ``(step, scalars)`` in the file, in order (a resumed logger's history for ``Plots``)."""
@@ -201,14 +216,23 @@ class JsonlWriter(_FileWriter):
         return [(r["step"], r["scalars"]) for r in read_jsonl(self.path) if "scalars" in r and "step" in r]
 
 
-def _record_step(path: Path, index: int, line: str) -> float:
-    """A record's step for a rewind; a line that is not JSON (a write cut short: a full disk, a kill)
-    counts as after every step, so the rewind drops it, with a warning naming the file and line."""
+def _record_step(path: Path, index: int, line: str) -> float | None:
+    """A record's step for a rewind (``None``: a record without one, the config); a line that is not
+    JSON (a write cut short: a full disk, a kill) counts as after every step, so the rewind drops it,
+    with a warning naming the file and line."""
     try:
-        return json.loads(line).get("step", -1)
-    except json.JSONDecodeError:
+        return json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
         warnings.warn(f"{path}: line {index + 1} is not a JSON record (a write cut short); dropped by the rewind.",
                       RuntimeWarning, stacklevel=4)
+        return math.inf
+
+
+def _row_step(line: str) -> float:
+    """A CSV row's step for a rewind; a row whose step is not a number counts as after every step."""
+    try:
+        return int(line.split(",", 1)[0])
+    except ValueError:
         return math.inf
 
 
@@ -254,8 +278,22 @@ class CsvWriter(_FileWriter):
         csv.DictWriter(self._open(), fieldnames=self.columns).writerow(row)
 
     def rewind(self, step: int) -> None:
+        """Drops the rows after ``step``, and a row cut short (a full disk, a crash: no line end, or
+        fewer cells than the header), which the next row would otherwise be glued onto."""
         self.close()
-        _rewrite(self.path, lambda i, line: i == 0 or int(line.split(",", 1)[0]) <= step)
+
+        def keep(lines: list[str]) -> list[bool]:
+            cells = lines[0].count(",") if lines else 0
+            flags = [True] + [_row_step(line) <= step for line in lines[1:]]
+            for i, line in enumerate(lines[1:], 1):
+                if not line.endswith("\n") or line.count(",") != cells:
+                    if line.strip():
+                        warnings.warn(f"{self.path}: row {i + 1} is cut short ({line.strip()[:40]!r}); dropped by "
+                                      "the rewind.", RuntimeWarning, stacklevel=4)
+                    flags[i] = False
+            return flags
+
+        _rewrite(self.path, keep)
 
     def read_scalars(self) -> list[tuple[int, dict[str, float]]]:
         """Every row as ``(step, {metric: value})``, empty cells left out."""
@@ -264,13 +302,18 @@ class CsvWriter(_FileWriter):
             return []
         rows = []
         with open(self.path, newline="") as f:
-            for row in csv.DictReader(f, restkey=None):
-                row.pop(None, None)  # cells beyond the header (a line glued onto one cut short)
-                try:
-                    rows.append((int(row.pop("step")), {k: float(v) for k, v in row.items() if v not in ("", None)}))
-                except (TypeError, ValueError):
-                    warnings.warn(f"{self.path}: a row that is not numbers ({row}) is left out of the history read "
-                                  "back.", RuntimeWarning, stacklevel=2)
+            lines = f.readlines()
+        if lines and not lines[-1].endswith("\n"):  # a last row cut short (a crash): its cells may be cut too
+            warnings.warn(f"{self.path}: the last row is cut short ({lines[-1].strip()[:40]!r}); left out of the "
+                          "history read back.", RuntimeWarning, stacklevel=2)
+            lines = lines[:-1]
+        for row in csv.DictReader(lines, restkey=None):
+            row.pop(None, None)  # cells beyond the header (a line glued onto one cut short)
+            try:
+                rows.append((int(row.pop("step")), {k: float(v) for k, v in row.items() if v not in ("", None)}))
+            except (TypeError, ValueError):
+                warnings.warn(f"{self.path}: a row that is not numbers ({row}) is left out of the history read "
+                              "back.", RuntimeWarning, stacklevel=2)
         return rows
 
     def _grow(self, new: list[str]) -> None:

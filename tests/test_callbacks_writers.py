@@ -197,6 +197,38 @@ def test_csv_reads_back_and_writes_its_header_again_into_a_file_removed_while_cl
         assert list(csv.reader(f)) == [["step", "loss"], ["30", "0.125"]]
 
 
+def test_a_csv_row_cut_short_is_dropped_by_a_rewind_and_left_out_on_reading(tmp_path):
+    """A crash cut the last row to ``30,0.5`` (its accuracy and line end lost): a read leaves it out, a
+    rewind drops it, so the next row is not glued onto it (step 40 read as 3040 and so on)."""
+    path = tmp_path / "m.csv"
+    writer = CsvWriter(path)
+    for step, scalars in SCALARS:
+        writer.write_scalars(step, scalars)
+    writer.close()
+    with open(path, "a", newline="") as f:
+        f.write("30,0.5")
+    with pytest.warns(RuntimeWarning, match=r"m.csv: the last row is cut short \('30,0.5'\)"):
+        assert writer.read_scalars() == SCALARS
+    with pytest.warns(RuntimeWarning, match=r"m.csv: row 4 is cut short \('30,0.5'\); dropped by the rewind"):
+        writer.rewind(100)
+    writer.write_scalars(40, SCALARS[0][1])
+    assert writer.read_scalars() == [*SCALARS, (40, SCALARS[0][1])]
+
+
+def test_a_jsonl_rewind_drops_a_config_written_for_the_records_it_drops(tmp_path):
+    """The config is written just before a fit's first record: rewound to a step before that record
+    (a checkpoint older than it), the config goes too (the resumed logger writes it again, once)."""
+    path = tmp_path / "m.jsonl"
+    writer = JsonlWriter(path)
+    writer.write_hparams({"lr": 0.1})
+    for step, scalars in SCALARS:
+        writer.write_scalars(step, scalars)
+    writer.rewind(10)
+    assert [sorted(r) for r in read_jsonl(path)] == [["hparams"], ["scalars", "step"]]
+    writer.rewind(5)
+    assert read_jsonl(path) == []
+
+
 def test_console_lines_go_above_a_progress_bar_not_onto_it():
     from tqdm import tqdm
 

@@ -661,6 +661,29 @@ def test_a_callback_state_json_cannot_keep_is_refused_by_name(tmp_path, data):
     assert trainer.step == 0  # refused when fit started, not at the first save after training
 
 
+def test_a_resume_that_finds_no_checkpoint_rewinds_the_logs_of_the_run_that_left_none(tmp_path, data):
+    """A run killed before its first checkpoint, resumed: it starts fresh, and its logs start again
+    rather than holding steps 2, 4 twice (and the config twice)."""
+    class Killed(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 5:
+                raise RuntimeError("killed")
+
+    def run(*extra, resume=False):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=8, workdir=tmp_path,
+                callbacks=[MetricsLogger([JsonlWriter(tmp_path / "log.jsonl")], log_every=2),
+                           Checkpoint(every_n_steps=100, every_n_epochs=None), *extra]
+                ).fit(ArrayLoader(data, 16), resume=resume)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run(Killed())
+    assert [r.get("step") for r in read_jsonl(tmp_path / "log.jsonl")][:2] == [None, 2]  # the config, then step 2
+    run(resume=True)
+    records = read_jsonl(tmp_path / "log.jsonl")
+    assert [r["step"] for r in records if "scalars" in r] == [2, 4, 6, 8]
+    assert sum("hparams" in r for r in records) == 1
+
+
 def test_two_evaluators_keep_their_own_state_when_the_first_is_left_out_on_resume(tmp_path, data):
     """States are keyed by ``state_key`` (an Evaluator's prefix): the test evaluator's state reaches the
     test evaluator even when the validation one before it is gone (by class alone it took the other's)."""

@@ -361,16 +361,23 @@ def warn_of_replacing_newer(trainer: "Trainer", store: CheckpointStore, step: in
                       "step).", RuntimeWarning, stacklevel=4)
 
 
-def _starting_fresh(folder: Path | None) -> None:
+FRESH_START = {"step": 0, "fresh_start": True}  # what ``on_checkpoint_restore`` gets when a resume found nothing
+
+
+def _starting_fresh(trainer: "Trainer", folder: Path | None) -> None:
+    """A resume that found no checkpoint. An untrained trainer then "restores" step 0: callbacks forget
+    what a run that left no checkpoint wrote (a logger's files rewind to step 0, not appended to)."""
     where = f" in {folder}" if folder is not None else ""
     print(f"resume=True: no checkpoints{where}; starting fresh", file=sys.stderr, flush=True)
+    if trainer.step == 0:
+        trainer.callbacks.dispatch("on_checkpoint_restore", trainer, dict(FRESH_START))
 
 
 def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     """Restores the newest good checkpoint into ``trainer``; returns its step (None: fresh start)."""
     store, step = find_store(trainer, resume)
     if store is None:
-        _starting_fresh(Path(trainer.workdir) / "checkpoints" if trainer.workdir is not None else None)
+        _starting_fresh(trainer, Path(trainer.workdir) / "checkpoints" if trainer.workdir is not None else None)
         return None
     current = trainer.state
 
@@ -393,7 +400,7 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
         if store.steps():
             raise CheckpointError(f"no usable checkpoint remains in {store.directory}: every step folder is "
                                   "damaged or foreign. Move it away to start fresh.")
-        _starting_fresh(store.directory)
+        _starting_fresh(trainer, store.directory)
         return None
     found_step, meta, arrays = found
     state = place_like(template(meta), unflatten(template(meta), arrays, meta["leaves"]))

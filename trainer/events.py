@@ -71,7 +71,8 @@ class Callback:
     - ``on_epoch_end(epoch, logs)``: ``logs`` holds the epoch's mean train metrics and, when an
       evaluation ran, its metrics.
     - ``on_checkpoint_save(checkpoint)`` / ``on_checkpoint_restore(checkpoint)``: the dict written
-      or read. A save is written afterwards, in the background with ``Checkpoint(async_save=True)``:
+      or read; a resume that found no checkpoint restores step 0, ``{"step": 0, "fresh_start": True}``
+      (forget what a run that left no checkpoint wrote). A save is written afterwards, in the background with ``Checkpoint(async_save=True)``:
       in the dict ``on_checkpoint_save`` gets, the arrays' ``crc32`` are ``None`` (the write computes
       them on its own copy) and the files may not be committed yet.
     - ``on_exception(exception)``: an error escaped ``fit``; it is re-raised after every callback.

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from trainer.checkpoint import read_saved_state
 from trainer.events import Callback
 from trainer.metric_names import resolve_mode
 
@@ -83,12 +84,28 @@ class EarlyStopping(Callback):
         self.wait += 1
         if self.wait >= self.patience:
             self.stopped_epoch = trainer.epoch
-            if self.restore_best and self._best_state is not None:  # a copy again: the next step donates it
-                params, model_state = jax.tree.map(jnp.copy, self._best_state)
-                trainer.state = trainer.state.replace(params=params, model_state=model_state)
-            trainer.request_stop(
-                f"EarlyStopping: {self.monitor} did not improve for {self.patience} checks; best "
-                f"{self.best:.6g} at step {self.best_step}" + (" (restored)" if self.restore_best else ""))
+            restored = self._restore_best(trainer) if self.restore_best else ""
+            best = (f"best {self.best:.6g} at step {self.best_step}{restored}" if self.best is not None else
+                    "no check gave a number (every one was NaN)")
+            trainer.request_stop(f"EarlyStopping: {self.monitor} did not improve for {self.patience} checks; {best}")
+
+    def _restore_best(self, trainer: Any) -> str:
+        """Puts the best parameters back (kept in memory, or after a resume read from the checkpoint of
+        the best step); says which, or why not."""
+        if self._best_state is not None:  # a copy again: the next step donates it
+            params, model_state = jax.tree.map(jnp.copy, self._best_state)
+            trainer.state = trainer.state.replace(params=params, model_state=model_state)
+            return " (restored)"
+        if self.best_step is None:
+            return ""
+        saved = read_saved_state(trainer, self.best_step)
+        if saved is None:
+            warnings.warn(f"EarlyStopping: the best parameters (step {self.best_step}) are not kept across a resume "
+                          "and no checkpoint of that step remains; the run ends with its last parameters. Keep it with "
+                          f"Checkpoint(monitor={self.monitor!r}).", RuntimeWarning, stacklevel=3)
+            return " (not restored: no checkpoint of that step remains)"
+        trainer.state = trainer.state.replace(params=saved.params, model_state=saved.model_state)
+        return f" (restored from checkpoint step {self.best_step})"
 
     def on_fit_start(self, trainer: Any) -> None:
         self._missing, self._reported = None, False

@@ -191,6 +191,46 @@ def test_early_stopping_stops_at_expected_epoch_and_restores_best(model, data):
     assert stopper.state_dict()["wait"] == 2
 
 
+def test_early_stopping_after_a_resume_restores_the_best_from_its_checkpoint_or_says_it_cannot(data, tmp_path):
+    """The best parameters are held in memory, not in the checkpoint's JSON: after a resume past the
+    best epoch they come from that epoch's checkpoint ("restored from checkpoint step 6"), as in the
+    unbroken run; with that checkpoint pruned the stop says it kept the last parameters."""
+    scores = [0.5, 0.6, 0.55, 0.58, 0.9, 0.9]
+
+    def run(workdir, *extra, resume=False, keep=5):
+        snaps, stopper = EpochParams(), EarlyStopping(monitor="score", mode="max", patience=2)
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=10, workdir=workdir,
+                          callbacks=[snaps, Scripted(scores), stopper, Checkpoint(max_to_keep=keep), *extra])
+        trainer.fit(ArrayLoader(data, 32), resume=resume)
+        return trainer, snaps
+
+    class StopAfter(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 2:
+                trainer.request_stop("preempted")
+
+    unbroken, snaps = run(tmp_path / "a")
+    run(tmp_path / "b", StopAfter())
+    resumed, _ = run(tmp_path / "b", resume=True)
+    assert resumed.stop_reason.endswith("best 0.6 at step 6 (restored from checkpoint step 6)")
+    assert all(np.array_equal(a, b) for a, b in zip(params_of(resumed), params_of(unbroken)))
+    assert all(np.array_equal(a, b) for a, b in zip(params_of(resumed), snaps.at[1]))
+    run(tmp_path / "c", StopAfter(), keep=1)
+    with pytest.warns(RuntimeWarning, match=r"best parameters \(step 6\) are not kept across a resume"):
+        pruned, snaps = run(tmp_path / "c", resume=True, keep=1)
+    assert pruned.stop_reason.endswith("(not restored: no checkpoint of that step remains)")
+    assert all(np.array_equal(a, b) for a, b in zip(params_of(pruned), snaps.at[3]))
+
+
+def test_early_stopping_when_every_check_was_nan_stops_and_says_so(data):
+    stopper = EarlyStopping(monitor="score", mode="min", patience=2)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=10,
+                      callbacks=[Scripted([float("nan")] * 10), stopper])
+    trainer.fit(ArrayLoader(data, 32))
+    assert trainer.epoch == 2 and stopper.best is None
+    assert trainer.stop_reason.endswith("no check gave a number (every one was NaN)")
+
+
 def test_early_stopping_on_eval_loss_with_min_delta(data):
     stopper = EarlyStopping(monitor="eval/loss", patience=1, min_delta=10.0, restore_best=False)
     trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=10, callbacks=[stopper])

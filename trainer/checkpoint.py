@@ -348,6 +348,36 @@ def find_store(trainer: "Trainer", resume: bool | str | os.PathLike) -> tuple[Ch
     return CheckpointStore(path), None
 
 
+def read_saved_state(trainer: "Trainer", step: int) -> Any:
+    """The train state this trainer's checkpoints hold for ``step`` (placed like the live one), or
+    ``None`` when none of its stores has that step (pruned, never saved) or it cannot be read."""
+    for checkpoint in trainer.checkpoints:
+        store = checkpoint.open(trainer)
+        if step not in store.steps():
+            continue
+        try:
+            _, meta, arrays = store.restore_newest(functools.partial(_check_saved, trainer.state), step)
+        except CheckpointError:  # damaged, or another model's
+            continue
+        template = _state_template(trainer.state, meta)
+        return place_like(template, unflatten(template, arrays, meta["leaves"]))
+    return None
+
+
+def _state_template(current: Any, meta: Mapping[str, Any]) -> Any:
+    """``current`` (the live state) shaped as a checkpoint with or without the non-finite guard holds it."""
+    from trainer.step import init_guard
+
+    if meta.get("has_guard") and current.guard is None:
+        return current.replace(guard=init_guard())
+    return current if meta.get("has_guard") else current.replace(guard=None)
+
+
+def _check_saved(current: Any, found_step: int, meta: Mapping[str, Any]) -> None:
+    check_structure(f"checkpoint step {found_step}", meta["leaves"], expected_leaves(_state_template(current, meta)),
+                    "model and optimizer")
+
+
 def warn_of_replacing_newer(trainer: "Trainer", store: CheckpointStore, step: int) -> None:
     """Resuming from an older step of the folder this trainer saves into rewinds the run: the newer steps
     are replaced as training passes them (and the logs after the step dropped). Allowed, said once."""
@@ -380,20 +410,9 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
         _starting_fresh(trainer, Path(trainer.workdir) / "checkpoints" if trainer.workdir is not None else None)
         return None
     current = trainer.state
-
-    def template(meta):
-        from trainer.step import init_guard
-
-        if meta.get("has_guard") and current.guard is None:
-            return current.replace(guard=init_guard())
-        return current if meta.get("has_guard") else current.replace(guard=None)
-
-    def check(found_step: int, meta: dict) -> None:
-        check_structure(f"checkpoint step {found_step}", meta["leaves"], expected_leaves(template(meta)), "model and optimizer")
-
     if step is not None:
         warn_of_replacing_newer(trainer, store, step)
-    found = store.restore_newest(check, step)
+    found = store.restore_newest(functools.partial(_check_saved, current), step)
     if found is None:
         if resume is not True:
             raise CheckpointError(f"no usable checkpoint in {store.directory}.")
@@ -403,7 +422,8 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
         _starting_fresh(trainer, store.directory)
         return None
     found_step, meta, arrays = found
-    state = place_like(template(meta), unflatten(template(meta), arrays, meta["leaves"]))
+    template = _state_template(current, meta)
+    state = place_like(template, unflatten(template, arrays, meta["leaves"]))
     if current.guard is not None and state.guard is None:
         state = state.replace(guard=current.guard)
     trainer.state = state

@@ -239,6 +239,23 @@ def test_max_to_keep_and_best_k_retention(tmp_path, data):
     assert kept == [6, 15, 18]  # the best (epoch 2, step 6) and the two newest
 
 
+@pytest.mark.parametrize("mode, scores, best", [("min", [0.5, float("nan"), 0.8, 0.9, 0.95], 3),
+                                                ("max", [0.5, float("nan"), 0.4, 0.3, 0.2], 3)])
+def test_a_nan_of_the_monitored_metric_ranks_last_and_the_best_is_kept(tmp_path, data, mode, scores, best):
+    """NaN compares unordered: orbax's ranking sorted it anywhere and pruned the best checkpoint."""
+    values = iter(scores)
+
+    class Score(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            logs["score"] = next(values)
+
+    cp = Checkpoint(every_n_epochs=1, max_to_keep=1, monitor="score", mode=mode, keep_best=1)
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=len(scores), workdir=tmp_path,
+            callbacks=[Score(), cp]).fit(ArrayLoader(data, 32))
+    kept = sorted(int(p[5:]) for p in os.listdir(tmp_path / "checkpoints") if p.startswith("step_"))
+    assert kept == [best, 3 * len(scores)]
+
+
 def test_step_saves_are_not_ranked_by_the_previous_epoch_metric(tmp_path, data):
     scores = iter([0.9, 0.5, 0.6, 0.7])  # epochs end at steps 3, 6, 9, 12; step saves every 2 steps
 

@@ -225,8 +225,11 @@ class CheckpointStore:
         keep: list = [policies.LatestN(n=max_to_keep)]
         best: dict = {}
         if monitor is not None and keep_best:
-            worst = float("inf") if mode == "min" else float("-inf")  # steps ranked by another monitor (a resume
-            score = lambda m: m.get(monitor, worst)  # noqa: E731  that changed it) rank last
+            worst = float("inf") if mode == "min" else float("-inf")
+
+            def score(metrics: Mapping[str, Any]) -> float:  # a NaN, or a step ranked by another monitor (a
+                value = metrics.get(monitor, worst)  # resume that changed it), ranks last: NaN would
+                return worst if value is None or math.isnan(value) else value  # compare unordered and sort anywhere
 
             keep.append(policies.BestN(get_metric_fn=score, reverse=(mode == "min"), n=keep_best,
                                       keep_checkpoints_without_metrics=False))

@@ -506,6 +506,41 @@ def test_a_stop_during_the_epoch_end_evaluation_keeps_the_epoch_train_metrics(tm
     assert [h["loss"] for h in resumed] == [h["loss"] for h in unbroken]
 
 
+def test_a_signal_after_the_last_step_still_saves_and_exits(tmp_path, data):
+    """SIGTERM during the last epoch's on_epoch_end: no step follows to notice it, but fit still ends
+    with the save and exit 143 (it returned normally, exit 0)."""
+    class TermAtTheEnd(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2, workdir=tmp_path,
+                      callbacks=[TermAtTheEnd(), Checkpoint(every_n_epochs=None, async_save=False)])
+    with pytest.raises(SystemExit) as stopped:
+        trainer.fit(ArrayLoader(data, 32))
+    assert stopped.value.code == 143 and (tmp_path / "checkpoints" / "step_6").is_dir()
+
+
+def test_a_second_signal_stops_at_once_without_saving(tmp_path, data, capfd):
+    """A run stuck outside a step (its data) gets SIGTERM twice: the first is acknowledged, the second
+    stops it there, with no save (the first would wait for a step that never comes)."""
+    def stuck_batches():
+        for i, batch in enumerate(ArrayLoader(data, 32, shuffle=False)):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=3, workdir=tmp_path,
+                      callbacks=[Checkpoint(every_n_steps=1, every_n_epochs=None, async_save=False)], prefetch=0)
+    with pytest.raises(SystemExit) as stopped:
+        trainer.fit(stuck_batches())
+    err = capfd.readouterr().err
+    assert stopped.value.code == 143 and "received SIGTERM: saving a checkpoint at the next step boundary" in err
+    assert "received SIGTERM again: stopping now, without saving" in err
+    assert trainer.step == 2 and sorted(os.listdir(tmp_path / "checkpoints")) == ["step_1", "step_2"]
+
+
 def test_nan_rollback_gives_up_after_max_rollbacks(tmp_path, data):
     x = data["x"].copy()
     x[32:] = np.nan  # every batch from the third on is bad

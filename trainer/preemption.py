@@ -1,13 +1,16 @@
 """Preemption: SIGTERM / SIGINT only set a flag; the trainer saves at the next step boundary.
 
 A handler that does real work inside a signal is fragile (it can interrupt a save); this one
-records the first signal and ignores repeats, so a second signal during the final save cannot
-leave a half-written newest checkpoint. The trainer checks ``signal`` after every step and
-inside evaluation, saves synchronously, and exits with 128 + the signal number (143, 130).
+records the first signal and says so on stderr. The trainer checks ``signal`` after every step,
+inside evaluation and when the loop ends, saves synchronously, and exits with 128 + the signal
+number (143, 130). A second signal stops at once, without the save, as a second Ctrl-C does in
+Lightning (a run stuck in its data or a long compile would otherwise ignore every signal): saves
+commit atomically, so one cut short leaves the newest committed checkpoint as it was.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Any
@@ -27,8 +30,17 @@ class PreemptionHandler:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
         if self.signal is None:
             self.signal = signum
+            _say(f"received {name}: saving a checkpoint at the next step boundary, then exiting (send it again to "
+                 "stop at once, without saving)")
+            return
+        _say(f"received {name} again: stopping now, without saving (the newest committed checkpoint stands)")
+        self.uninstall()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
 
     def install(self) -> None:
         self.signal = None
@@ -45,3 +57,11 @@ class PreemptionHandler:
     @property
     def name(self) -> str:
         return signal.Signals(self.signal).name if self.signal else ""
+
+
+def _say(text: str) -> None:
+    """One line on stderr from a signal handler: ``os.write``, as ``print`` may be inside a write already."""
+    try:
+        os.write(2, (text + "\n").encode())
+    except OSError:
+        pass

@@ -392,6 +392,8 @@ class Trainer:
             if self.position and not (self.step == resumed_at and has_partial_row(self)):
                 finish_partial_epoch(self, evaluate=not self.should_stop)  # its numbers so far; a finished
                 # run resumed keeps the row (and evaluation) it ended with
+            if self._preemption.signal:  # arrived after the last step (an epoch's end): saved and exited too
+                raise Preempted()
         except Preempted:
             checkpointing.save_and_exit(self, self._preemption)
         except BaseException as exc:

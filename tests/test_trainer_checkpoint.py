@@ -736,6 +736,28 @@ def test_a_resume_that_finds_no_checkpoint_rewinds_the_logs_of_the_run_that_left
     assert sum("hparams" in r for r in records) == 1
 
 
+@pytest.mark.parametrize("ragged", ["pad", "drop"])
+def test_a_resume_that_starts_at_an_epochs_smaller_last_batch_trains_as_the_unbroken_run(tmp_path, ragged):
+    """Stopped right before the epoch's last batch (4 of 100 rows at batch 16): the resumed process's
+    first batch is the small one. The step is compiled for the run's batch size (in the checkpoint), not
+    for that batch (which failed the next epoch: 16 rows, 'more than the first batch (4)')."""
+    data = ArrayLoader(make_data(n=100), 16, seed=0, drop_remainder=False)
+
+    def make(workdir, *extra):
+        return Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=3, workdir=workdir,
+                       ragged_batches=ragged, callbacks=[Checkpoint(every_n_epochs=1), *extra])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # drop: the dropped batch is warned about
+        unbroken = make(tmp_path / "a")
+        unbroken.fit(data)
+        make(tmp_path / "b", StopAt(6)).fit(data)
+        resumed = make(tmp_path / "b")
+        resumed.fit(data, resume=True)
+    assert resumed.step == unbroken.step == (21 if ragged == "pad" else 18)
+    assert bitwise_equal(leaves_of(resumed), leaves_of(unbroken))
+
+
 def test_two_evaluators_keep_their_own_state_when_the_first_is_left_out_on_resume(tmp_path, data):
     """States are keyed by ``state_key`` (an Evaluator's prefix): the test evaluator's state reaches the
     test evaluator even when the validation one before it is gone (by class alone it took the other's)."""

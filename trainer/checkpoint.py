@@ -272,6 +272,7 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
         "format": FORMAT, "step": trainer.step, "epoch": trainer.epoch, "position": trainer.position,
         "data_state": copy.deepcopy(data_state), "history": copy.deepcopy(trainer.history), "config": _jsonable(trainer.config),
         "epoch_sums": trainer.epoch_sums_snapshot(), "skip_batches": sorted(trainer.skip_batches),
+        "compiled_batch_size": trainer.compiled_batch_size,
         "environment": environment(), "has_guard": trainer.state.guard is not None, "leaves": leaves,
         "callbacks": _callback_states(trainer),
     }
@@ -433,6 +434,8 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     trainer.restored_epoch_sums = meta.get("epoch_sums")
     trainer._reset_sums()  # a built trainer (a rollback, a second fit) restarts its sums at the checkpoint's
     trainer.skip_batches |= {tuple(b) for b in meta.get("skip_batches", [])}
+    if trainer.compiled_batch_size is None:  # the batch size of the run: a resume may start at a smaller last batch
+        trainer.compiled_batch_size = meta.get("compiled_batch_size")
     _load_callback_states(trainer, meta["callbacks"])
     for what, saved, now in (("environment", meta["environment"], environment()),
                              ("config", meta["config"], _jsonable(trainer.config))):

@@ -51,6 +51,7 @@ class FeedPlan:
     skip: frozenset = frozenset()  # (epoch, position) never to train on
     ragged: str = "drop"
     full_size: int | None = None  # the batch size every execution is compiled for
+    full_size_is_hint: bool = False  # nothing compiled yet: full_size is a checkpoint's, a larger first batch wins
     check: Callable[[Any, str], None] | None = None  # host check of a batch (labels), may raise
     shapes: "CompiledShapes" = dataclasses.field(default_factory=lambda: CompiledShapes())  # kept across epochs
 
@@ -125,8 +126,9 @@ def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
         if (plan.epoch, pos) in plan.skip:
             continue  # a batch that produced non-finite values: consumed, never trained on
         size = batch_size_of(batch)
-        if plan.full_size is None:
-            plan.full_size = size  # the size the step is compiled for
+        if plan.full_size is None or (plan.full_size_is_hint and size > plan.full_size):
+            plan.full_size = size  # the size the step is compiled for (a resume restores it: its first
+        plan.full_size_is_hint = False  # batch may be the epoch's smaller last one)
         full = plan.full_size
         if size > full:
             raise ValueError(f"batch {pos} of epoch {plan.epoch} has {size} examples, more than the first "

@@ -57,7 +57,7 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
     trainer.callbacks.dispatch("on_epoch_start", trainer, epoch)
     plan = FeedPlan(epoch, trainer.position, trainer.step, trainer.steps_per_execution, trainer.max_steps,
                     frozenset(trainer.skip_batches), trainer.ragged_batches, trainer.compiled_batch_size,
-                    trainer.check_batch, trainer._compiled_shapes)
+                    trainer._train_steps is None, trainer.check_batch, trainer._compiled_shapes)
     depth = trainer.prefetch if trainer.prefetch_in_use is None else trainer.prefetch_in_use
     custom_placement = type(trainer).place_batch is not _trainer_class().place_batch  # e.g. sharding
     feed = Feed(executions(trainer.data_iterator, plan), depth, lambda e: _placed(trainer, e),

@@ -541,6 +541,32 @@ def test_a_second_signal_stops_at_once_without_saving(tmp_path, data, capfd):
     assert trainer.step == 2 and sorted(os.listdir(tmp_path / "checkpoints")) == ["step_1", "step_2"]
 
 
+def test_a_step_evaluation_cut_short_by_a_preemption_runs_when_the_run_resumes(tmp_path, data):
+    """SIGTERM during step 6's evaluation: the checkpoint of step 6 holds no result for it, so the
+    resumed run evaluates step 6 before its first step; the logs hold every evaluation once."""
+    class TermInEvaluation(Callback):
+        def on_eval_start(self, trainer):
+            if trainer.step == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def run(workdir, *extra, resume=False):
+        evaluator = Evaluator(ArrayLoader(data, 32, shuffle=False), every_n_steps=3, every_n_epochs=None)
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=12, workdir=workdir,
+                          callbacks=[evaluator, *extra, MetricsLogger([JsonlWriter(workdir / "log.jsonl")], log_every=3),
+                                     Checkpoint(every_n_steps=12, every_n_epochs=None, async_save=False)])
+        trainer.fit(ArrayLoader(data, 32), resume=resume)
+        return evaluator
+
+    with pytest.raises(SystemExit):
+        run(tmp_path / "run", TermInEvaluation())
+    resumed = run(tmp_path / "run", resume=True)
+    unbroken = run(tmp_path / "ref")
+    assert [s for s, _ in resumed.history] == [6, 9, 12]
+    assert resumed.history == unbroken.history[1:]
+    evaluations = [r["step"] for r in read_jsonl(tmp_path / "run" / "log.jsonl") if "eval/loss" in r.get("scalars", {})]
+    assert evaluations == [3, 6, 9, 12]
+
+
 def test_nan_rollback_gives_up_after_max_rollbacks(tmp_path, data):
     x = data["x"].copy()
     x[32:] = np.nan  # every batch from the third on is bad

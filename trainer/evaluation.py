@@ -65,6 +65,7 @@ class Evaluator(Callback):
         self.last_metrics: dict[str, float] = {}
         self.last_step: int | None = None
         self.history: list[tuple[int, dict[str, float]]] = []
+        self._redo = False  # the evaluation due at a restored step had not finished (a preemption inside it)
 
     def run(self, trainer: "Trainer") -> dict[str, float]:
         """Evaluates now and records the result."""
@@ -78,6 +79,15 @@ class Evaluator(Callback):
 
     def on_step_end(self, trainer: "Trainer", step: int, metrics: Mapping[str, Any]) -> None:
         if self.every_n_steps is not None and step % self.every_n_steps == 0:
+            self.run(trainer)
+
+    def on_checkpoint_restore(self, trainer: "Trainer", checkpoint: dict) -> None:
+        step = trainer.step  # a checkpoint taken while the step's evaluation ran (a preemption) holds no result
+        self._redo = bool(self.every_n_steps) and step > 0 and step % self.every_n_steps == 0 and self.last_step != step
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+        if self._redo:  # before the resumed run's first step, as the run never stopped would have
+            self._redo = False
             self.run(trainer)
 
     def state_dict(self) -> dict[str, Any]:

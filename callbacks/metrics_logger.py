@@ -22,6 +22,7 @@ import numpy as np
 
 from callbacks.lagged import LaggedFetch
 from callbacks.writers import MetricWriter, plain
+from trainer.checkpoint import callback_keys
 from trainer.events import Callback, DefaultInterval
 from trainer.sums import compute_sums
 
@@ -58,7 +59,7 @@ class MetricsLogger(Callback):
         self.log_every = log_every
         self.history: list[tuple[int, dict[str, float]]] = []
         self.last_logged_step = 0
-        self._key = f"metrics_logger_{id(self)}"
+        self._key = f"metrics_logger_{id(self)}"  # its window's sums; named by its state key at fit start
         self._fetch = LaggedFetch()
         self._hparams_written: str | None = None  # the config this logger (or the run it resumed) wrote, as JSON
         self._hparams_due: Any = None  # the config to write before the next record, if it is new
@@ -69,6 +70,9 @@ class MetricsLogger(Callback):
         return self._fetch.fetches
 
     def on_fit_start(self, trainer: Any) -> None:
+        callbacks = trainer.callbacks.callbacks  # a name a resumed run's logger shares: checkpoints keep the window
+        if any(cb is self for cb in callbacks):
+            self._key = "window:" + callback_keys(callbacks)[next(i for i, cb in enumerate(callbacks) if cb is self)]
         trainer.add_metric_sums(self._key)
         self._hparams_due = trainer.config  # written before the first record: after a resume's restore
 
@@ -89,6 +93,12 @@ class MetricsLogger(Callback):
         self._write_pending(trainer, block=False)
         if step % self.log_every == 0:
             self._fetch.push(step, trainer.take_metric_sums(self._key, packed=True))
+        if self._fetch.pending and any(cp.due_after_step(step) for cp in trainer.checkpoints):
+            self._write_pending(trainer)  # before the checkpoint: a kill after it would lose these windows
+
+    def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
+        if self._fetch.pending and any(cp.due_after_epoch(epoch) for cp in trainer.checkpoints):
+            self._write_pending(trainer)  # the loop has just waited for the epoch's metrics: no wait here
 
     def on_eval_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
         if not trainer.fitting and not trainer.eval_prefix:  # ``trainer.evaluate(data)`` after a run: its

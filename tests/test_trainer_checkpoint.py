@@ -523,16 +523,24 @@ def test_a_signal_after_the_last_step_still_saves_and_exits(tmp_path, data):
 
 def test_a_second_signal_stops_at_once_without_saving(tmp_path, data, capfd):
     """A run stuck outside a step (its data) gets SIGTERM twice: the first is acknowledged, the second
-    stops it there, with no save (the first would wait for a step that never comes)."""
+    (two seconds later on the handler's clock) stops it there, with no save (the first would wait for a
+    step that never comes); one repeated at once is the same signal delivered twice, and ignored."""
+    from trainer.preemption import REPEAT_SECONDS
+
+    now = [100.0]
+
     def stuck_batches():
         for i, batch in enumerate(ArrayLoader(data, 32, shuffle=False)):
             if i == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)  # at the same time: ignored
+                now[0] += 2 * REPEAT_SECONDS
                 os.kill(os.getpid(), signal.SIGTERM)
             yield batch
 
     trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=3, workdir=tmp_path,
                       callbacks=[Checkpoint(every_n_steps=1, every_n_epochs=None, async_save=False)], prefetch=0)
+    trainer._preemption.clock = lambda: now[0]
     with pytest.raises(SystemExit) as stopped:
         trainer.fit(stuck_batches())
     err = capfd.readouterr().err
@@ -782,6 +790,30 @@ def test_a_resume_that_starts_at_an_epochs_smaller_last_batch_trains_as_the_unbr
         resumed.fit(data, resume=True)
     assert resumed.step == unbroken.step == (21 if ragged == "pad" else 18)
     assert bitwise_equal(leaves_of(resumed), leaves_of(unbroken))
+
+
+@pytest.mark.parametrize("killed_at", [9, 12])
+def test_logs_of_a_run_killed_right_after_a_checkpoint_match_the_unbroken_runs(tmp_path, killed_at):
+    """Killed right after the checkpoint of step 9 (inside the window 8-12) or 12 (a window's end): the
+    window the logger had not written yet is written before the checkpoint, and the one it was adding
+    up resumes with its steps before the checkpoint (in the checkpoint): the same records, bitwise."""
+    class KilledAfterSave(Callback):
+        def on_checkpoint_save(self, trainer, checkpoint):
+            if trainer.step == killed_at:
+                raise KeyboardInterrupt  # stands for SIGKILL: nothing after the commit runs
+
+    def run(workdir, *extra, resume=False):
+        Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=20, workdir=workdir,
+                callbacks=[MetricsLogger([JsonlWriter(workdir / "log.jsonl")], log_every=4), *extra,
+                           Checkpoint(every_n_steps=3, every_n_epochs=None, async_save=False)]
+                ).fit(ArrayLoader(make_data(), 16, seed=1), resume=resume)
+        return [(r["step"], r["scalars"]) for r in read_jsonl(workdir / "log.jsonl") if "scalars" in r]
+
+    unbroken = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", KilledAfterSave())
+    assert [s for s, _ in unbroken] == [4, 8, 12, 16, 20]
+    assert run(tmp_path / "b", resume=True) == unbroken
 
 
 def test_two_evaluators_keep_their_own_state_when_the_first_is_left_out_on_resume(tmp_path, data):

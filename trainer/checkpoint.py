@@ -31,6 +31,7 @@ import numpy as np
 from trainer.checkpoint_store import (FORMAT, CheckpointError, CheckpointStore, check_structure, expected_leaves,
                                       flatten, place_like, unflatten)
 from trainer.events import Callback
+from trainer.sums import EPOCH_SUMS
 from trainer.metric_names import check_mode, resolve_mode
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -268,10 +269,11 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
     data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
     if data_state is not None:  # a prefetch thread runs the iterator ahead: record what was trained on
         data_state = {**data_state, "epoch": trainer.epoch, "position": trainer.position}
+    sums = trainer.sums_snapshots()
     return {
         "format": FORMAT, "step": trainer.step, "epoch": trainer.epoch, "position": trainer.position,
         "data_state": copy.deepcopy(data_state), "history": copy.deepcopy(trainer.history), "config": _jsonable(trainer.config),
-        "epoch_sums": trainer.epoch_sums_snapshot(), "skip_batches": sorted(trainer.skip_batches),
+        "epoch_sums": sums.pop(EPOCH_SUMS, None), "window_sums": sums, "skip_batches": sorted(trainer.skip_batches),
         "compiled_batch_size": trainer.compiled_batch_size,
         "environment": environment(), "has_guard": trainer.state.guard is not None, "leaves": leaves,
         "callbacks": _callback_states(trainer),
@@ -432,6 +434,7 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     trainer.history = [dict(h) for h in meta["history"]]
     trainer.restored_data_state = meta["data_state"]
     trainer.restored_epoch_sums = meta.get("epoch_sums")
+    trainer.restored_window_sums = meta.get("window_sums")  # a logger's window: its steps before the checkpoint
     trainer._reset_sums()  # a built trainer (a rollback, a second fit) restarts its sums at the checkpoint's
     trainer.skip_batches |= {tuple(b) for b in meta.get("skip_batches", [])}
     if trainer.compiled_batch_size is None:  # the batch size of the run: a resume may start at a smaller last batch

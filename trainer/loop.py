@@ -25,7 +25,7 @@ from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
 from trainer.prefetch import Feed
 from trainer.preemption import Preempted
-from trainer.sums import compute_sums
+from trainer.sums import EPOCH_SUMS, compute_sums
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -42,7 +42,6 @@ def _trainer_class():
 
     return Trainer
 
-EPOCH_SUMS = "epoch"
 PARTIAL_EPOCH = "partial_epoch"  # the history row of an epoch that fit left unfinished
 _stack_one = jax.jit(lambda metrics: jax.tree.map(lambda v: v[None], metrics))
 

@@ -5,7 +5,9 @@ records the first signal and says so on stderr. The trainer checks ``signal`` af
 inside evaluation and when the loop ends, saves synchronously, and exits with 128 + the signal
 number (143, 130). A second signal stops at once, without the save, as a second Ctrl-C does in
 Lightning (a run stuck in its data or a long compile would otherwise ignore every signal): saves
-commit atomically, so one cut short leaves the newest committed checkpoint as it was.
+commit atomically, so one cut short leaves the newest committed checkpoint as it was. A repeat
+within ``REPEAT_SECONDS`` of the first is taken for the same signal delivered twice (a launcher that
+forwards it to a process that also got it as one of its group), so it cannot cut the save short.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Any
+import time
+from typing import Any, Callable
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_SECONDS = 1.0  # a repeat sooner than this after the first signal is the same one delivered twice
 
 
 class Preempted(Exception):
@@ -25,17 +29,21 @@ class Preempted(Exception):
 class PreemptionHandler:
     """Installs flag-only handlers for SIGTERM and SIGINT while active (main thread only)."""
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.signal: int | None = None
+        self.clock = clock
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.signal is None:
-            self.signal = signum
+            self.signal, self._first_at = signum, self.clock()
             _say(f"received {name}: saving a checkpoint at the next step boundary, then exiting (send it again to "
                  "stop at once, without saving)")
             return
+        if self.clock() - self._first_at < REPEAT_SECONDS:
+            return  # the same signal delivered twice, not a second request
         _say(f"received {name} again: stopping now, without saving (the newest committed checkpoint stands)")
         self.uninstall()
         if signum == signal.SIGINT:

@@ -21,6 +21,7 @@ Sums = dict[str, clu_metrics.Metric]
 
 
 CONTROL_KEYS = ("_valid", "_weight")  # how a step's metrics count, never metrics themselves
+EPOCH_SUMS = "epoch"  # the reader of the epoch's means (``Trainer.add_metric_sums``); loggers' windows are others
 
 
 def to_sums(metrics: Metrics, reductions: Mapping[str, str]) -> Sums:

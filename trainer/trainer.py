@@ -172,6 +172,7 @@ class Trainer:
         self.position = 0  # batches consumed in the current epoch
         self.restored_data_state: dict | None = None
         self.restored_epoch_sums: dict | None = None
+        self.restored_window_sums: dict | None = None  # other readers' sums a checkpoint held (loggers' windows)
         self.skip_batches: set[tuple[int, int]] = set()  # (epoch, position) never to train on
         self._rollback_request: int | None = None
         self.step_positions: dict[int, tuple[int, int]] = {}  # recent step -> (epoch, position)
@@ -334,6 +335,10 @@ class Trainer:
         """The current epoch's running sums as ``{metric: [total, count]}`` (for checkpoints)."""
         return sums_snapshot(self._carry.peek_sums().get(EPOCH_SUMS))
 
+    def sums_snapshots(self) -> dict[str, dict[str, list[float]]]:
+        """Every reader's running sums (``add_metric_sums``) as ``{name: {metric: [total, count]}}``."""
+        return {name: sums_snapshot(sums) for name, sums in self._carry.peek_sums().items() if sums is not None}
+
     def record(self, name: str, value: float) -> None:
         """Hands a host value (throughput, a timing) to the loggers' window that ends at this step (or the next)."""
         self.pending_logs[name] = (self.step, recorded_number(name, value))
@@ -447,9 +452,9 @@ class Trainer:
         return tuple(self.probes), self._halt_after, tuple(sorted(self.metric_reductions.items()))
 
     def _reset_sums(self) -> None:
-        """Every registered accumulator back to zero, then the epoch's from ``restored_epoch_sums`` where a
+        """Every registered accumulator back to zero, then the epoch's and the loggers' windows' from where a
         checkpoint left them (used up). Before the step is built (no metric shapes yet) the build does it."""
         if self._metric_shapes is not None:
             self._sums = restarted_sums(self._sums, self._metric_shapes, self.metric_reductions,
-                                        {EPOCH_SUMS: self.restored_epoch_sums or {}})
-            self.restored_epoch_sums = None
+                                        {**(self.restored_window_sums or {}), EPOCH_SUMS: self.restored_epoch_sums or {}})
+            self.restored_epoch_sums = self.restored_window_sums = None

@@ -28,9 +28,14 @@ class EpochSummary(Callback):
         self.stream = stream
         self._started = 0.0
         self._open_epoch: int | None = None  # an epoch this fit started and has not ended
+        self._old_row: Any = None
 
     def on_fit_start(self, trainer: Any) -> None:
         self._open_epoch = None
+        self._old_row = trainer.history[-1] if trainer.history else None  # a row this fit did not write
+
+    def on_checkpoint_restore(self, trainer: Any, checkpoint: dict) -> None:
+        self._old_row = trainer.history[-1] if trainer.history else None
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         self._started, self._open_epoch = time.perf_counter(), epoch
@@ -42,7 +47,8 @@ class EpochSummary(Callback):
     def on_fit_end(self, trainer: Any) -> None:
         """The epoch the fit ended inside: its row so far (``Trainer.history``'s ``partial_epoch`` row)."""
         row = trainer.history[-1] if trainer.history else {}
-        if self._open_epoch is not None and row.get("partial_epoch") and row.get("epoch") == self._open_epoch:
+        written = row is not self._old_row  # not a row an earlier fit left (a preemption writes none)
+        if written and self._open_epoch is not None and row.get("partial_epoch") and row.get("epoch") == self._open_epoch:
             logs = {k: v for k, v in row.items() if k not in ("epoch", "partial_epoch")}
             self._print(trainer, self._open_epoch, logs, f" (partial, to step {trainer.step})")
         self._open_epoch = None

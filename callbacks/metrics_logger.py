@@ -109,9 +109,11 @@ class MetricsLogger(Callback):
     def on_fit_end(self, trainer: Any) -> None:
         self._write_hparams_if_new()
         self._write_pending(trainer)
-        if trainer.step > self.last_logged_step:  # the last, partial window
-            self._fetch.push(trainer.step, trainer.take_metric_sums(self._key, packed=True))
-            self._write_pending(trainer)
+        if trainer.step > self.last_logged_step:  # the last, partial window, read without restarting it: a
+            # checkpoint keeps its sums whichever callback saves first, and the window's own record (a
+            # later fit, a resume) still counts all its steps, as the unbroken run's does
+            partial = trainer.sums_snapshots().get(self._key) or {}
+            self._write_window(trainer, trainer.step, None, {k: t / c for k, (t, c) in partial.items() if c > 0})
         self.flush()
 
     def on_exception(self, trainer: Any, exception: BaseException) -> None:
@@ -133,8 +135,8 @@ class MetricsLogger(Callback):
         while (popped := self._fetch.pop(block)) is not None:
             self._write_window(trainer, *popped)
 
-    def _write_window(self, trainer: Any, step: int, sums: Any) -> None:
-        scalars = compute_sums(sums) if sums is not None else {}
+    def _write_window(self, trainer: Any, step: int, sums: Any, scalars: dict[str, float] | None = None) -> None:
+        scalars = compute_sums(sums) if sums is not None else dict(scalars or {})
         recorded = {k: v for k, (at, v) in trainer.pending_logs.items() if at <= step}  # this window's
         scalars.update(recorded)
         for name in recorded:

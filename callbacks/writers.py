@@ -228,6 +228,11 @@ def _record_step(path: Path, index: int, line: str) -> float | None:
         return math.inf
 
 
+def _cells(line: str) -> int:
+    """The number of cells of one CSV line (a quoted name may hold a comma)."""
+    return len(next(csv.reader([line]), []))
+
+
 def _row_step(line: str) -> float:
     """A CSV row's step for a rewind; a row whose step is not a number counts as after every step."""
     try:
@@ -283,10 +288,10 @@ class CsvWriter(_FileWriter):
         self.close()
 
         def keep(lines: list[str]) -> list[bool]:
-            cells = lines[0].count(",") if lines else 0
+            cells = _cells(lines[0]) if lines else 0
             flags = [True] + [_row_step(line) <= step for line in lines[1:]]
             for i, line in enumerate(lines[1:], 1):
-                if not line.endswith("\n") or line.count(",") != cells:
+                if not line.endswith("\n") or _cells(line) != cells:
                     if line.strip():
                         warnings.warn(f"{self.path}: row {i + 1} is cut short ({line.strip()[:40]!r}); dropped by "
                                       "the rewind.", RuntimeWarning, stacklevel=4)

@@ -313,6 +313,28 @@ def test_epoch_summary_prints_the_epoch_a_fit_ended_inside_once_marked_partial(t
     assert again.getvalue() == ""
 
 
+def test_epoch_summary_prints_no_stale_partial_row_after_a_preemption(tmp_path):
+    """A first fit ends at step 3 inside epoch 1 (its partial row printed); the second is preempted at
+    step 5, which writes no new row: nothing is printed for it (the old row, labelled step 5, was)."""
+    import os
+    import signal
+
+    class TermAt(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    stream = io.StringIO()
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=3, workdir=tmp_path,
+                      callbacks=[EpochSummary(stream=stream), TermAt(), Checkpoint(every_n_epochs=None)])
+    trainer.fit(ArrayLoader(make_data(), 16, seed=0))
+    trainer.max_steps = 9
+    with pytest.raises(SystemExit):
+        trainer.fit(ArrayLoader(make_data(), 16, seed=0))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and "(partial, to step 3)" in lines[0]
+
+
 def test_a_resumed_logger_reads_the_runs_history_back_and_plots_draw_only_what_is_new(tmp_path, data):
     """Resumed from step 4 of a run logged every 2 steps: the new logger's history holds steps 2 and 4
     from the file and 6, 8 of its own (Plots draws them all); resuming the finished run again draws

@@ -215,6 +215,16 @@ def test_a_csv_row_cut_short_is_dropped_by_a_rewind_and_left_out_on_reading(tmp_
     assert writer.read_scalars() == [*SCALARS, (40, SCALARS[0][1])]
 
 
+def test_a_csv_rewind_counts_cells_not_commas(tmp_path):
+    """A metric name holding a comma is quoted in the header: every row still has the header's cells."""
+    path = tmp_path / "m.csv"
+    writer = CsvWriter(path)
+    for step in (1, 2, 3):
+        writer.write_scalars(step, {"loss": 1.0 / step, "f1[a,b]": 0.5})
+    writer.rewind(2)
+    assert [s for s, _ in writer.read_scalars()] == [1, 2]
+
+
 def test_a_jsonl_rewind_drops_a_config_written_for_the_records_it_drops(tmp_path):
     """The config is written just before a fit's first record: rewound to a step before that record
     (a checkpoint older than it), the config goes too (the resumed logger writes it again, once)."""

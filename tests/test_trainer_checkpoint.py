@@ -410,14 +410,22 @@ def test_nan_rollback_in_the_last_steps_before_max_steps_still_trains_to_the_end
 def test_a_rollback_asked_for_at_the_fits_end_is_done_before_fit_returns(tmp_path):
     """A stop at the bad step (a callback after the detector): the loop has ended when the detector
     reads the bad step in ``on_fit_end``; ``fit`` restores the newest good checkpoint and says so."""
+    class StopWithReason(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 9:
+                trainer.request_stop("mine")
+
     _, _, bad = _late_bad_batch()
-    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=12, workdir=tmp_path,
-                      callbacks=[NaNDetector(policy="rollback"), StopAt(9),
+    model = TinyMLP(rngs=nnx.Rngs(0))
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=12, workdir=tmp_path,
+                      callbacks=[NaNDetector(policy="rollback"), StopWithReason(),
                                  Checkpoint(every_n_steps=4, every_n_epochs=None)])
     with pytest.warns(RuntimeWarning, match=r"fit ended with a rollback pending: restored .* step 8"):
         trainer.fit(bad)
     assert trainer.step == 8 and trainer._rollback_request is None and trainer.skip_batches == {(0, 8)}
-    assert not bool(jax.device_get(trainer.state.guard["halted"]))
+    assert not bool(jax.device_get(trainer.state.guard["halted"])) and trainer.stop_reason == "mine"
+    held = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]  # the caller's module
+    assert bitwise_equal(held, [np.asarray(x) for x in jax.tree.leaves(trainer.state.params)])
 
 
 def test_a_rollback_cuts_the_loggers_history_without_reading_its_file_back(tmp_path):
@@ -519,6 +527,46 @@ def test_a_signal_after_the_last_step_still_saves_and_exits(tmp_path, data):
     with pytest.raises(SystemExit) as stopped:
         trainer.fit(ArrayLoader(data, 32))
     assert stopped.value.code == 143 and (tmp_path / "checkpoints" / "step_6").is_dir()
+
+
+def test_a_second_signal_does_not_wait_for_a_prefetch_thread_stuck_in_the_data(tmp_path, data):
+    """The data source blocks for good after the signals: stopping at once leaves its (daemon) thread
+    behind rather than waiting the close timeout for it and warning."""
+    from trainer.preemption import REPEAT_SECONDS
+
+    import threading
+
+    now, release, handled = [100.0], threading.Event(), threading.Event()
+
+    def stuck_batches():  # in the prefetch thread; the loop waits for its first batch, where the signals reach it
+        os.kill(os.getpid(), signal.SIGTERM)
+        handled.wait()  # (two signals sent at once would reach the handler as one)
+        now[0] += 2 * REPEAT_SECONDS
+        os.kill(os.getpid(), signal.SIGTERM)
+        release.wait()  # stuck, as a source whose producer died
+        yield from ArrayLoader(data, 32, shuffle=False)
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=6, workdir=tmp_path,
+                      callbacks=[Checkpoint(every_n_steps=1, every_n_epochs=None, async_save=False)], prefetch=2)
+    trainer._preemption.clock = lambda: now[0]
+    handle = trainer._preemption._handle
+
+    def handle_and_tell(signum, frame):
+        handled.set()
+        handle(signum, frame)
+
+    trainer._preemption._handle = handle_and_tell
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # "the prefetch thread is still inside ..."
+            with pytest.raises(SystemExit) as stopped:
+                trainer.fit(stuck_batches())
+    finally:
+        release.set()  # the thread left behind ends (later tests count prefetch threads)
+        for thread in threading.enumerate():
+            if thread.name == "nnx-trainer-prefetch":
+                thread.join(10)
+    assert stopped.value.code == 143
 
 
 def test_a_second_signal_stops_at_once_without_saving(tmp_path, data, capfd):
@@ -814,6 +862,101 @@ def test_logs_of_a_run_killed_right_after_a_checkpoint_match_the_unbroken_runs(t
         run(tmp_path / "b", KilledAfterSave())
     assert [s for s, _ in unbroken] == [4, 8, 12, 16, 20]
     assert run(tmp_path / "b", resume=True) == unbroken
+
+
+def test_a_resume_with_smaller_batches_compiles_for_them(tmp_path):
+    """The checkpoint's batch size stands in only for an epoch's smaller last batch: a resume whose
+    batches are all smaller (a plain iterable of batches of 16 after 32) trains on them, not dropping each."""
+    data = make_data(n=96)
+    batches = lambda size: [{k: v[i:i + size] for k, v in data.items()} for i in range(0, 96, size)]  # noqa: E731
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=1, workdir=tmp_path,
+            callbacks=[Checkpoint()]).fit(batches(32))
+    resumed = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=3, workdir=tmp_path,
+                      callbacks=[Checkpoint()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no batch dropped
+        resumed.fit(batches(16), resume=True)
+    assert resumed.step == 3 + 2 * 6 and resumed.compiled_batch_size == 16
+
+
+def test_a_preemption_before_the_resumed_runs_first_step_keeps_its_checkpoint_whole(tmp_path, data):
+    """SIGTERM in step 4's evaluation, twice: the second comes in the resumed run's redo of it, before its
+    step is built. The preemption save does not write step 4 again without its running sums: resumed
+    once more, the epoch's mean is the unbroken run's."""
+    class TermInEvaluation(Callback):
+        def on_eval_start(self, trainer):
+            if trainer.step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def run(workdir, *extra, resume=False):
+        evaluator = Evaluator(ArrayLoader(data, 32, shuffle=False), every_n_steps=4, every_n_epochs=None)
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=6, workdir=workdir,
+                          callbacks=[evaluator, *extra, Checkpoint(every_n_steps=6, every_n_epochs=None)])
+        return trainer.fit(ArrayLoader(data, 16, seed=0), resume=resume)
+
+    unbroken = run(tmp_path / "a")
+    for _ in range(2):
+        with pytest.raises(SystemExit):
+            run(tmp_path / "b", TermInEvaluation(), resume=True)
+    resumed = run(tmp_path / "b", resume=True)
+    assert resumed[-1]["loss"] == unbroken[-1]["loss"]
+
+
+def test_a_stop_asked_for_in_on_epoch_start_trains_no_step(data):
+    class StopAtStart(Callback):
+        def on_epoch_start(self, trainer, epoch):
+            trainer.request_stop("not today")
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2, callbacks=[StopAtStart()])
+    trainer.fit(ArrayLoader(data, 16))
+    assert trainer.step == 0 and trainer.stop_reason == "not today"
+
+
+@pytest.mark.parametrize("logger_first", [True, False])
+def test_a_window_a_fit_ends_inside_is_an_interim_record_and_its_own_record_counts_all_its_steps(tmp_path, data,
+                                                                                                 logger_first):
+    """Finished at step 10 (log every 4) and resumed to 16: the record at 10 is interim (steps 9-10), the
+    one at 12 the unbroken run's (steps 9-12), whichever of logger and checkpoint ends first."""
+    def run(workdir, max_steps, resume=False):
+        logger = MetricsLogger([JsonlWriter(workdir / "log.jsonl")], log_every=4)
+        checkpoint = Checkpoint(every_n_steps=None, every_n_epochs=None)
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=max_steps, workdir=workdir,
+                callbacks=[logger, checkpoint] if logger_first else [checkpoint, logger]
+                ).fit(ArrayLoader(data, 16, seed=0), resume=resume)
+        return {r["step"]: r["scalars"] for r in read_jsonl(workdir / "log.jsonl") if "scalars" in r}
+
+    unbroken = run(tmp_path / "a", 16)
+    run(tmp_path / "b", 10)
+    resumed = run(tmp_path / "b", 16, resume=True)
+    assert sorted(resumed) == [4, 8, 10, 12, 16]
+    assert {s: resumed[s] for s in unbroken} == unbroken
+
+
+def test_the_evaluation_redone_after_a_resume_is_not_redone_by_a_rollback_to_the_same_checkpoint(tmp_path):
+    """Step 8's evaluation, cut short by a preemption, is redone by the resumed run; a NaN rollback to step
+    8 later does not evaluate (and log) step 8 a third time."""
+    data = make_data()
+    data["x"][9 * 8] = np.nan  # step 10 goes bad
+
+    class TermInEvaluation(Callback):
+        def on_eval_start(self, trainer):
+            if trainer.step == 8:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def run(*extra, resume=False):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=12, workdir=tmp_path,
+                callbacks=[NaNDetector(policy="rollback", check_every=1),
+                           Evaluator(ArrayLoader(make_data(), 48), every_n_steps=4, every_n_epochs=None),
+                           MetricsLogger([JsonlWriter(tmp_path / "log.jsonl")], log_every=4), *extra,
+                           Checkpoint(every_n_steps=4, every_n_epochs=None)]).fit(
+            ArrayLoader(data, 8, shuffle=False), resume=resume)
+
+    with pytest.raises(SystemExit):
+        run(TermInEvaluation())
+    with pytest.warns(RuntimeWarning, match="rolling back"):
+        run(resume=True)
+    evaluated = [r["step"] for r in read_jsonl(tmp_path / "log.jsonl") if "eval/loss" in r.get("scalars", {})]
+    assert evaluated == [4, 8, 12]
 
 
 def test_two_evaluators_keep_their_own_state_when_the_first_is_left_out_on_resume(tmp_path, data):

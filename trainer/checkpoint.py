@@ -269,7 +269,8 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
     data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
     if data_state is not None:  # a prefetch thread runs the iterator ahead: record what was trained on
         data_state = {**data_state, "epoch": trainer.epoch, "position": trainer.position}
-    sums = trainer.sums_snapshots()
+    sums = {**(trainer.restored_window_sums or {}), EPOCH_SUMS: trainer.restored_epoch_sums,
+            **trainer.sums_snapshots()}  # the restored ones while the step is not built yet (a save before it)
     return {
         "format": FORMAT, "step": trainer.step, "epoch": trainer.epoch, "position": trainer.position,
         "data_state": copy.deepcopy(data_state), "history": copy.deepcopy(trainer.history), "config": _jsonable(trainer.config),
@@ -435,6 +436,9 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     trainer.restored_data_state = meta["data_state"]
     trainer.restored_epoch_sums = meta.get("epoch_sums")
     trainer.restored_window_sums = meta.get("window_sums")  # a logger's window: its steps before the checkpoint
+    for checkpoint in trainer.checkpoints:  # that step is saved: a save before the next step (a preemption) skips it
+        if checkpoint.store is not None and Path(checkpoint.store.directory).resolve() == Path(store.directory).resolve():
+            checkpoint.last_saved_step = found_step
     trainer._reset_sums()  # a built trainer (a rollback, a second fit) restarts its sums at the checkpoint's
     trainer.skip_batches |= {tuple(b) for b in meta.get("skip_batches", [])}
     if trainer.compiled_batch_size is None:  # the batch size of the run: a resume may start at a smaller last batch

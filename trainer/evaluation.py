@@ -83,7 +83,8 @@ class Evaluator(Callback):
 
     def on_checkpoint_restore(self, trainer: "Trainer", checkpoint: dict) -> None:
         step = trainer.step  # a checkpoint taken while the step's evaluation ran (a preemption) holds no result
-        self._redo = bool(self.every_n_steps) and step > 0 and step % self.every_n_steps == 0 and self.last_step != step
+        self._redo = (bool(self.every_n_steps) and step > 0 and step % self.every_n_steps == 0
+                      and self.last_step != step and all(at != step for at, _ in self.history))  # (redone already)
 
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
         if self._redo:  # before the resumed run's first step, as the run never stopped would have

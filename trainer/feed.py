@@ -14,6 +14,7 @@ pads a ragged batch, and stacks chunks.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -106,6 +107,15 @@ class CompiledShapes:
         return shapes, (f"{where} has shapes {described}, unlike the first batch's {self.first_described}")
 
 
+def _peek_last(batches: Iterator[Any]) -> tuple[Iterator[Any], bool]:
+    """``batches`` unchanged, and whether it is exhausted (the batch just taken was the last)."""
+    try:
+        following = next(batches)
+    except StopIteration:
+        return batches, True
+    return itertools.chain([following], batches), False
+
+
 def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
     """Cuts ``batches`` (the epoch from ``plan.position``) into executions, see the module docstring."""
     k, step, position = plan.steps_per_execution, plan.step, plan.position
@@ -126,9 +136,13 @@ def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
         if (plan.epoch, pos) in plan.skip:
             continue  # a batch that produced non-finite values: consumed, never trained on
         size = batch_size_of(batch)
+        if plan.full_size_is_hint and plan.full_size is not None and size < plan.full_size:
+            batches, last = _peek_last(batches)  # a resume's first batch: the epoch's smaller last one, or
+            if not last:  # batches smaller than the checkpointed run's: they set the size now
+                plan.full_size = None
         if plan.full_size is None or (plan.full_size_is_hint and size > plan.full_size):
-            plan.full_size = size  # the size the step is compiled for (a resume restores it: its first
-        plan.full_size_is_hint = False  # batch may be the epoch's smaller last one)
+            plan.full_size = size  # the size the step is compiled for (a resume restores the run's)
+        plan.full_size_is_hint = False
         full = plan.full_size
         if size > full:
             raise ValueError(f"batch {pos} of epoch {plan.epoch} has {size} examples, more than the first "

@@ -54,6 +54,10 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
     trainer.restored_data_state = None
     trainer.epoch_length = len(train_data) if hasattr(train_data, "__len__") else None
     trainer.callbacks.dispatch("on_epoch_start", trainer, epoch)
+    if trainer._preemption.signal:  # arrived in on_epoch_start (an evaluation's redo): no step follows it
+        raise Preempted()
+    if trainer.should_stop:  # decided there: not one more step
+        return
     plan = FeedPlan(epoch, trainer.position, trainer.step, trainer.steps_per_execution, trainer.max_steps,
                     frozenset(trainer.skip_batches), trainer.ragged_batches, trainer.compiled_batch_size,
                     trainer._train_steps is None, trainer.check_batch, trainer._compiled_shapes)
@@ -62,7 +66,7 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
     feed = Feed(executions(trainer.data_iterator, plan), depth, lambda e: _placed(trainer, e),
                 place_inline=custom_placement)
     ran_out, trained = True, False
-    with contextlib.closing(feed):
+    with _closing(feed):
         for execution in _timed(trainer, feed):
             trainer.prefetch_in_use = feed.depth_in_use
             if execution.steps == 0:
@@ -81,6 +85,8 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
             if trainer.should_stop or trainer._limit_reached():
                 ran_out = False
                 break
+    if trainer._preemption.signal:  # an epoch that reached no step boundary (every batch dropped or skipped)
+        raise Preempted()
     if ran_out and trainer.position == 0 and not trained:
         raise ValueError(
             f"train_data yielded no batches in epoch {epoch}. A generator or iterator can be "
@@ -89,6 +95,20 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
         )
     if ran_out or (trainer.epoch_length is not None and trainer.position >= trainer.epoch_length):
         end_epoch(trainer, epoch)
+
+
+@contextlib.contextmanager
+def _closing(feed: Feed) -> Iterator[Feed]:
+    """Closes ``feed`` after the epoch; on an interrupt (a second signal, Ctrl-C) without waiting for a
+    prefetch thread stuck in the data (it would hold the stop for ``CLOSE_TIMEOUT_SECONDS``)."""
+    interrupted = False
+    try:
+        yield feed
+    except (KeyboardInterrupt, SystemExit):
+        interrupted = True
+        raise
+    finally:
+        feed.close(wait=not interrupted)
 
 
 def _placed(trainer: "Trainer", execution: Execution) -> Execution:

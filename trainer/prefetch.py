@@ -26,6 +26,7 @@ import jax
 
 _END = object()
 CLOSE_TIMEOUT_SECONDS = 10.0  # how long close() waits for a source stuck in next()
+SIGNAL_CHECK_SECONDS = 0.1  # how often the loop, waiting for a batch, lets Python run signal handlers
 
 
 class _Failure:
@@ -39,7 +40,8 @@ class Prefetcher:
     ``wait_seconds`` adds up the time the consumer spent blocked waiting for the next item.
     """
 
-    def __init__(self, source: Iterator[Any], depth: int = 2, place: Callable[[Any], Any] = jax.device_put):
+    def __init__(self, source: Iterator[Any], depth: int = 2, place: Callable[[Any], Any] = jax.device_put,
+                 start: bool = True):
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"prefetch depth={depth!r} must be a positive integer (0 turns prefetch off in Trainer).")
         self._source, self._place = source, place
@@ -47,6 +49,12 @@ class Prefetcher:
         self._stop = threading.Event()
         self.wait_seconds = 0.0
         self._thread = threading.Thread(target=self._produce, name="nnx-trainer-prefetch", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Starts the thread (``start=False``: the owner keeps the object first, so that an interrupt
+        arriving as the thread starts still finds it to close)."""
         self._thread.start()
 
     def _produce(self) -> None:
@@ -73,7 +81,12 @@ class Prefetcher:
 
     def __next__(self) -> Any:
         started = time.perf_counter()
-        item = self._queue.get()
+        while True:
+            try:  # a timed wait: a signal another thread received (SIGTERM, a second Ctrl-C) is handled
+                item = self._queue.get(timeout=SIGNAL_CHECK_SECONDS)  # within this, an untimed one not at all
+                break
+            except queue.Empty:
+                continue
         self.wait_seconds += time.perf_counter() - started
         if item is _END:
             self._queue.put(_END)  # later calls keep saying "exhausted"
@@ -83,12 +96,13 @@ class Prefetcher:
             raise item.error
         return item
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         """Stops the thread (it may be blocked on a full queue or inside the source) and joins it.
 
         A source that does not return within ``CLOSE_TIMEOUT_SECONDS`` (a queue whose producer died)
         is warned about and its thread left behind (a daemon, it ends once the source returns), so a
-        stop or an error never hangs on it.
+        stop or an error never hangs on it. ``wait=False`` (stopping at once: a second signal, Ctrl-C)
+        leaves it behind without waiting.
         """
         self._stop.set()
         while True:
@@ -96,6 +110,8 @@ class Prefetcher:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
+        if not wait:
+            return
         self._thread.join(CLOSE_TIMEOUT_SECONDS)
         if self._thread.is_alive():
             warnings.warn(f"the prefetch thread is still inside the data source's next() after "
@@ -145,7 +161,7 @@ class Feed:
     """The loop's source of executions: in its own thread, in a ``Prefetcher``, or ``"auto"``.
 
     ``depth=0`` pulls in the loop's thread (asynchronous dispatch already overlaps that with the
-    device's work, and no thread competes for the GIL); ``depth=N`` starts a ``Prefetcher`` at once;
+    device's work, and no thread competes for the GIL); ``depth=N`` starts a ``Prefetcher`` at the first ``next``;
     ``"auto"`` pulls in the loop's thread for ``probe`` executions and ``probe_seconds`` after the
     first (which compiles; the time matters: asynchronous dispatch lets the host race through the
     first executions in a few milliseconds, where one scheduler hiccup looks like a slow disk) and
@@ -163,7 +179,8 @@ class Feed:
                  probe_seconds: float = 0.25,
                  place_inline: bool = False, cpu_clock: Callable[[], float] | None = None):
         self._source, self._place = source, place
-        self._thread = Prefetcher(source, depth, place) if isinstance(depth, int) and depth > 0 else None
+        self._thread: Prefetcher | None = None  # started by the first ``next``: inside the loop's ``with``
+        self._depth = depth if isinstance(depth, int) and depth > 0 else 0
         self.depth_in_use: int | None = None if depth == "auto" else depth
         self._probe, self._threshold, self._probe_seconds = probe, threshold, probe_seconds
         self._pulled, self._waited, self._since = 0, 0.0, 0.0
@@ -175,6 +192,8 @@ class Feed:
         return self
 
     def __next__(self) -> Any:
+        if self._thread is None and self._depth:
+            self._start_thread(self._depth)
         if self._thread is not None:
             return next(self._thread)
         if self.depth_in_use is not None:  # decided (or not "auto"): nothing to measure
@@ -191,11 +210,16 @@ class Feed:
             share = self.measured_share = self._waited / max(elapsed, 1e-9)
             self.depth_in_use = 2 if share > self._threshold else 0
             if self.depth_in_use:
-                self._thread = Prefetcher(self._source, self.depth_in_use, self._place)
+                self._start_thread(self.depth_in_use)
         return self._place(item) if self._place_inline else item
 
-    def close(self) -> None:
+    def _start_thread(self, depth: int) -> None:
+        self._thread = Prefetcher(self._source, depth, self._place, start=False)
+        self._thread.start()
+
+    def close(self, wait: bool = True) -> None:
+        """Stops the prefetch thread, if any (``Prefetcher.close``)."""
         if self._thread is not None:
-            self._thread.close()
+            self._thread.close(wait)
         if isinstance(self._cpu_clock, BusyClock):
             self._cpu_clock.close()

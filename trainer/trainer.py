@@ -412,7 +412,9 @@ class Trainer:
             self._fit_evaluators = []
             _ = self.model  # the caller's module holds the trained state, even after an error
         errors = self.callbacks.dispatch_all("on_fit_end", self)  # every callback's end runs (final saves)
+        stop_reason = self.stop_reason
         if roll_back_if_requested(self):  # asked for once the loop had ended (a stop): restored, not trained on
+            self.stop_reason, _ = stop_reason, self.model  # the caller's module holds the restored state
             warnings.warn(f"fit ended with a rollback pending: restored the newest good checkpoint, step {self.step}; "
                           "fit again to train on from there.", RuntimeWarning, stacklevel=2)
         if errors:

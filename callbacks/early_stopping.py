@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from trainer.checkpoint import read_saved_state
+from trainer.resume import read_saved_state
 from trainer.events import Callback
 from trainer.metric_names import resolve_mode
 

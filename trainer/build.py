@@ -20,6 +20,7 @@ from trainer.dense_grads import eligible_denses, is_layer_product
 from trainer.events import DefaultInterval
 from trainer.jaxprs import any_equation, equations, scan_unroll, use_chunk_guard
 from trainer.step import make_train_step
+from trainer.sums import restart_trainer_sums
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -83,7 +84,7 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     check_reductions(trainer.metric_reductions, metric_shapes)
     trainer._metric_shapes = metric_shapes
     trainer._train_steps = make_train_step(*args, **by_real_rows, **tuned_settings(trainer, jaxpr))
-    trainer._reset_sums()  # the epoch's sums resumed where a checkpoint left them
+    restart_trainer_sums(trainer)  # the epoch's sums resumed where a checkpoint left them
 
 
 def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:

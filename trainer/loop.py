@@ -14,12 +14,13 @@ import functools
 import inspect
 import numbers
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import jax
 import numpy as np
 
-from trainer import checkpoint as checkpointing
+from trainer import resume as resuming
 from trainer.data import add_note, describe_shapes, epoch_iterator
 from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
@@ -234,8 +235,18 @@ def roll_back_if_requested(trainer: "Trainer") -> bool:
     if trainer._rollback_request is None:
         return False
     bad_step, trainer._rollback_request = trainer._rollback_request, None
-    checkpointing.roll_back(trainer, bad_step)
+    resuming.roll_back(trainer, bad_step)
     return True
+
+
+def roll_back_after_fit(trainer: "Trainer") -> None:
+    """A rollback asked for once the loop had ended (in ``on_fit_end``, after a stop): restored, not
+    trained on, with a warning; the stop's reason stays, and the caller's module holds the restored state."""
+    stop_reason = trainer.stop_reason
+    if roll_back_if_requested(trainer):
+        trainer.stop_reason, _ = stop_reason, trainer.model
+        warnings.warn(f"fit ended with a rollback pending: restored the newest good checkpoint, step {trainer.step}; "
+                      "fit again to train on from there.", RuntimeWarning, stacklevel=3)
 
 
 def finished_metrics(trainer: "Trainer", metrics: dict[str, float]) -> dict[str, float]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 from flax import nnx
 
-from trainer import checkpoint as checkpointing
+from trainer import resume as resuming
 from trainer.build import check_intervals
 from trainer.data import check_batch_source
 from trainer.feed import RAGGED
@@ -70,7 +70,7 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
     check_batch_source(train_data, "train_data"), check_batch_source(eval_data, "eval_data")
     if isinstance(train_data, (list, tuple)) and not train_data:
         raise ValueError("train_data is an empty list: give it at least one batch.")
-    checkpointing.check_resume_source(trainer, resume)
+    resuming.check_resume_source(trainer, resume)
     epochs_left = (trainer.max_epochs or 0) - trainer.epoch
     if trainer.max_steps is None and epochs_left > 1 and isinstance(train_data, collections.abc.Iterator):
         raise TypeError(f"train_data is a one-pass {type(train_data).__name__}, but max_epochs={trainer.max_epochs} "

@@ -114,3 +114,13 @@ def sums_snapshot(sums: Sums | None) -> dict[str, list[float]] | None:
     if sums is None:
         return None
     return {k: [float(m.total), int(m.count)] for k, m in jax.device_get(sums).items()}
+
+
+def restart_trainer_sums(trainer: Any) -> None:
+    """Every accumulator ``trainer`` registered back to zero, then the epoch's and the loggers' windows'
+    from where a checkpoint left them (used up). Before the step is built (no metric shapes yet) the
+    build does it."""
+    if trainer._metric_shapes is not None:
+        saved = {**(trainer.restored_window_sums or {}), EPOCH_SUMS: trainer.restored_epoch_sums or {}}
+        trainer._sums = restarted_sums(trainer._sums, trainer._metric_shapes, trainer.metric_reductions, saved)
+        trainer.restored_epoch_sums = trainer.restored_window_sums = None

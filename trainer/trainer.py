@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from trainer import losses
-from trainer import checkpoint as checkpointing
+from trainer import checkpoint as checkpointing, resume as resuming
 from trainer import export
 from trainer.build import check_intervals, check_labels
 from trainer.carry import Carry
@@ -28,14 +28,14 @@ from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
-from trainer.loop import EPOCH_SUMS, finish_partial_epoch, has_partial_row, roll_back_if_requested, run_epoch
+from trainer.loop import EPOCH_SUMS, finish_partial_epoch, has_partial_row, roll_back_after_fit, run_epoch
 from trainer.options import check_fit_inputs, check_options, recorded_number
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
 from trainer.preemption import PreemptionHandler, Preempted
 from trainer.state import TrainState, reseed_streams, zeros_like_tree
 from trainer.step import Probe, init_guard, per_example_metrics
-from trainer.sums import Sums, empty_sums, restarted_sums, sums_snapshot
+from trainer.sums import Sums, empty_sums, sums_snapshot
 
 
 class Trainer:
@@ -380,7 +380,7 @@ class Trainer:
         self.should_stop, self.stop_reason = False, None
         self.add_metric_sums(EPOCH_SUMS)
         if resume is False and self.step == 0:
-            checkpointing.refuse_used_stores(self)
+            resuming.refuse_used_stores(self)
         self._fit_evaluators = [Evaluator(eval_data)] if eval_data is not None else []
         check_eval_data_fits(self)
         if self.checkpoints:
@@ -389,7 +389,7 @@ class Trainer:
         try:
             self.callbacks.dispatch("on_fit_start", self)
             if resume is not False:
-                checkpointing.restore(self, resume)
+                resuming.restore(self, resume)
             resumed_at = self.step
             checkpointing.check_callback_states(self)
             while not self._limit_reached() and not self.should_stop:
@@ -400,7 +400,7 @@ class Trainer:
             if self._preemption.signal:  # arrived after the last step (an epoch's end): saved and exited too
                 raise Preempted()
         except Preempted:
-            checkpointing.save_and_exit(self, self._preemption)
+            resuming.save_and_exit(self, self._preemption)
         except BaseException as exc:
             for error in self.callbacks.dispatch_all("on_exception", self, exc):
                 warnings.warn(f"a callback's on_exception raised {error!r} while handling {exc!r}", RuntimeWarning,
@@ -412,11 +412,7 @@ class Trainer:
             self._fit_evaluators = []
             _ = self.model  # the caller's module holds the trained state, even after an error
         errors = self.callbacks.dispatch_all("on_fit_end", self)  # every callback's end runs (final saves)
-        stop_reason = self.stop_reason
-        if roll_back_if_requested(self):  # asked for once the loop had ended (a stop): restored, not trained on
-            self.stop_reason, _ = stop_reason, self.model  # the caller's module holds the restored state
-            warnings.warn(f"fit ended with a rollback pending: restored the newest good checkpoint, step {self.step}; "
-                          "fit again to train on from there.", RuntimeWarning, stacklevel=2)
+        roll_back_after_fit(self)
         if errors:
             for error in errors[1:]:
                 warnings.warn(f"another callback's on_fit_end raised too: {error!r}", RuntimeWarning, stacklevel=2)
@@ -452,11 +448,3 @@ class Trainer:
 
     def _step_signature(self) -> tuple:
         return tuple(self.probes), self._halt_after, tuple(sorted(self.metric_reductions.items()))
-
-    def _reset_sums(self) -> None:
-        """Every registered accumulator back to zero, then the epoch's and the loggers' windows' from where a
-        checkpoint left them (used up). Before the step is built (no metric shapes yet) the build does it."""
-        if self._metric_shapes is not None:
-            self._sums = restarted_sums(self._sums, self._metric_shapes, self.metric_reductions,
-                                        {**(self.restored_window_sums or {}), EPOCH_SUMS: self.restored_epoch_sums or {}})
-            self.restored_epoch_sums = self.restored_window_sums = None

@@ -43,6 +43,17 @@ class StopAt(Callback):
             trainer.should_stop = True
 
 
+class TermInEvaluation(Callback):
+    """SIGTERM while the evaluation of ``step`` runs (a preemption inside it)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_eval_start(self, trainer):
+        if trainer.step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def make(workdir, max_steps, *extra, every=4):
     return Trainer(TinyMLP(dropout=0.3, rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=max_steps, workdir=workdir,
                    callbacks=[NaNDetector(), Checkpoint(every_n_steps=every, every_n_epochs=None), *extra])
@@ -600,11 +611,6 @@ def test_a_second_signal_stops_at_once_without_saving(tmp_path, data, capfd):
 def test_a_step_evaluation_cut_short_by_a_preemption_runs_when_the_run_resumes(tmp_path, data):
     """SIGTERM during step 6's evaluation: the checkpoint of step 6 holds no result for it, so the
     resumed run evaluates step 6 before its first step; the logs hold every evaluation once."""
-    class TermInEvaluation(Callback):
-        def on_eval_start(self, trainer):
-            if trainer.step == 6:
-                os.kill(os.getpid(), signal.SIGTERM)
-
     def run(workdir, *extra, resume=False):
         evaluator = Evaluator(ArrayLoader(data, 32, shuffle=False), every_n_steps=3, every_n_epochs=None)
         trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=12, workdir=workdir,
@@ -614,7 +620,7 @@ def test_a_step_evaluation_cut_short_by_a_preemption_runs_when_the_run_resumes(t
         return evaluator
 
     with pytest.raises(SystemExit):
-        run(tmp_path / "run", TermInEvaluation())
+        run(tmp_path / "run", TermInEvaluation(6))
     resumed = run(tmp_path / "run", resume=True)
     unbroken = run(tmp_path / "ref")
     assert [s for s, _ in resumed.history] == [6, 9, 12]
@@ -883,11 +889,6 @@ def test_a_preemption_before_the_resumed_runs_first_step_keeps_its_checkpoint_wh
     """SIGTERM in step 4's evaluation, twice: the second comes in the resumed run's redo of it, before its
     step is built. The preemption save does not write step 4 again without its running sums: resumed
     once more, the epoch's mean is the unbroken run's."""
-    class TermInEvaluation(Callback):
-        def on_eval_start(self, trainer):
-            if trainer.step == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-
     def run(workdir, *extra, resume=False):
         evaluator = Evaluator(ArrayLoader(data, 32, shuffle=False), every_n_steps=4, every_n_epochs=None)
         trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=6, workdir=workdir,
@@ -897,7 +898,7 @@ def test_a_preemption_before_the_resumed_runs_first_step_keeps_its_checkpoint_wh
     unbroken = run(tmp_path / "a")
     for _ in range(2):
         with pytest.raises(SystemExit):
-            run(tmp_path / "b", TermInEvaluation(), resume=True)
+            run(tmp_path / "b", TermInEvaluation(4), resume=True)
     resumed = run(tmp_path / "b", resume=True)
     assert resumed[-1]["loss"] == unbroken[-1]["loss"]
 
@@ -938,11 +939,6 @@ def test_the_evaluation_redone_after_a_resume_is_not_redone_by_a_rollback_to_the
     data = make_data()
     data["x"][9 * 8] = np.nan  # step 10 goes bad
 
-    class TermInEvaluation(Callback):
-        def on_eval_start(self, trainer):
-            if trainer.step == 8:
-                os.kill(os.getpid(), signal.SIGTERM)
-
     def run(*extra, resume=False):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=12, workdir=tmp_path,
                 callbacks=[NaNDetector(policy="rollback", check_every=1),
@@ -952,7 +948,7 @@ def test_the_evaluation_redone_after_a_resume_is_not_redone_by_a_rollback_to_the
             ArrayLoader(data, 8, shuffle=False), resume=resume)
 
     with pytest.raises(SystemExit):
-        run(TermInEvaluation())
+        run(TermInEvaluation(8))
     with pytest.warns(RuntimeWarning, match="rolling back"):
         run(resume=True)
     evaluated = [r["step"] for r in read_jsonl(tmp_path / "log.jsonl") if "eval/loss" in r.get("scalars", {})]

@@ -24,7 +24,7 @@ from callbacks.lagged import LaggedFetch
 from callbacks.writers import MetricWriter, plain
 from trainer.checkpoint import callback_keys
 from trainer.events import Callback, DefaultInterval
-from trainer.sums import compute_sums
+from trainer.sums import compute_sums, snapshot_means
 
 
 class MetricsLogger(Callback):
@@ -113,7 +113,7 @@ class MetricsLogger(Callback):
             # checkpoint keeps its sums whichever callback saves first, and the window's own record (a
             # later fit, a resume) still counts all its steps, as the unbroken run's does
             partial = trainer.sums_snapshots().get(self._key) or {}
-            self._write_window(trainer, trainer.step, None, {k: t / c for k, (t, c) in partial.items() if c > 0})
+            self._write_window(trainer, trainer.step, None, snapshot_means(partial))
         self.flush()
 
     def on_exception(self, trainer: Any, exception: BaseException) -> None:

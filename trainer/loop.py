@@ -26,7 +26,7 @@ from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
 from trainer.prefetch import Feed
 from trainer.preemption import Preempted
-from trainer.sums import EPOCH_SUMS, compute_sums
+from trainer.sums import EPOCH_SUMS, compute_sums, snapshot_means
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -215,7 +215,7 @@ def end_epoch(trainer: "Trainer", epoch: int) -> None:
         logs = finished_metrics(trainer, compute_sums(jax.device_get(sums)))
     else:  # resumed exactly at the end of an epoch: no step ran since the restore
         saved = trainer.restored_epoch_sums or {}
-        logs = finished_metrics(trainer, {k: total / count for k, (total, count) in saved.items() if count > 0})
+        logs = finished_metrics(trainer, snapshot_means(saved))
         trainer.restored_epoch_sums = None
     logs.update(evaluated)
     _drop_partial_row(trainer, epoch)
@@ -282,7 +282,7 @@ def finish_partial_epoch(trainer: "Trainer", evaluate: bool) -> None:
         if evaluator.last_step == trainer.step:
             evaluated.update(evaluator.last_metrics)
     sums = trainer.epoch_sums_snapshot() or trainer.restored_epoch_sums or {}
-    logs = finished_metrics(trainer, {k: total / count for k, (total, count) in sums.items() if count > 0})
+    logs = finished_metrics(trainer, snapshot_means(sums))
     logs.update(evaluated)
     _drop_partial_row(trainer, trainer.epoch)
     trainer.history.append(dict(logs, epoch=trainer.epoch, **{PARTIAL_EPOCH: True}))

@@ -98,6 +98,11 @@ def compute_sums(sums: Sums) -> dict[str, float]:
     return {k: float(m.total / m.count) for k, m in sums.items() if int(m.count) > 0}
 
 
+def snapshot_means(snapshot: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """The means of a ``sums_snapshot`` (``{metric: [total, count]}``); metrics with no valid step left out."""
+    return {k: total / count for k, (total, count) in snapshot.items() if count > 0}
+
+
 def restarted_sums(sums: Mapping[str, Any], metric_shapes: Mapping[str, Any], reductions: Mapping[str, str],
                    saved: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, Sums]:
     """Every reader's accumulators back to zero, those of ``saved`` readers holding their saved

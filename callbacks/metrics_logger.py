@@ -117,7 +117,9 @@ class MetricsLogger(Callback):
         self.flush()
 
     def on_exception(self, trainer: Any, exception: BaseException) -> None:
+        """The windows the crashed run finished are written (their steps ran; the device has their values)."""
         self._write_hparams_if_new()
+        self._write_pending(trainer)  # an error of the device's own re-raises here: dispatch_all warns, goes on
         self.flush()
 
     def flush(self) -> None:

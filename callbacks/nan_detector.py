@@ -5,7 +5,8 @@ nothing on the device and is counted (``nonfinite_total``, a cumulative metric, 
 misses nothing). ``policy="raise"`` halts at the first bad step and raises; ``"skip"`` skips bad
 steps and raises after ``max_consecutive_skips`` of them in a row; ``"rollback"`` restores the newest
 good checkpoint (a ``Checkpoint`` callback is required), never trains on the batch that went bad,
-and continues, giving up after ``max_rollbacks``. No policy ever writes a non-finite checkpoint.
+and continues, giving up after ``max_rollbacks``; the count so far is logged as ``nan_rollbacks`` (each
+rollback's window, and every epoch's row of ``history``). No policy ever writes a non-finite checkpoint.
 
 Example::
 
@@ -23,9 +24,11 @@ import numpy as np
 
 from callbacks.lagged import LaggedFetch
 from trainer.events import Callback, DefaultInterval, last_value
+from trainer.loop import has_partial_row
 from trainer.step import BAD_GRADS, BAD_LOSS
 
 POLICIES = ("raise", "skip", "rollback")
+ROLLBACKS = "nan_rollbacks"  # the logged count of rollbacks so far
 
 
 class NonFiniteError(FloatingPointError):
@@ -64,6 +67,7 @@ class NaNDetector(Callback):
         self.rollbacks: list[int] = []  # the bad steps rolled back from
         self._fetch = LaggedFetch()
         self._newest: Any = None  # the last step's ``nonfinite_total`` (a device array, unread)
+        self._rolling_back = False  # a rollback this detector asked for, until its restore
 
     def on_fit_start(self, trainer: Any) -> None:
         self._newest = None
@@ -85,11 +89,20 @@ class NaNDetector(Callback):
         elif step % self.check_every == 0:
             self._fetch.push(step, self._newest)
 
-    def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
+    def on_epoch_end(self, trainer: Any, epoch: int, logs: dict[str, float]) -> None:
         self._check(trainer, now=True)
+        if self.policy == "rollback":
+            logs[ROLLBACKS] = float(len(self.rollbacks))  # in ``history``: a restored guard counts 0 bad steps
 
     def on_fit_end(self, trainer: Any) -> None:
         self._check(trainer, now=True)
+        if self.policy == "rollback" and has_partial_row(trainer):
+            trainer.history[-1][ROLLBACKS] = float(len(self.rollbacks))
+
+    def on_checkpoint_restore(self, trainer: Any, checkpoint: dict) -> None:
+        if self._rolling_back:  # the loggers' next window says how many so far
+            self._rolling_back = False
+            trainer.record(ROLLBACKS, len(self.rollbacks))
 
     def _check(self, trainer: Any, now: bool = False) -> bool:
         """Reads the device's counter (the newest that arrived, or ``now`` the last step's); acts on new
@@ -119,6 +132,7 @@ class NaNDetector(Callback):
                               f"checkpoint and skipping that batch (rollback {len(self.rollbacks)} of "
                               f"{self.max_rollbacks}).", RuntimeWarning, stacklevel=2)
                 trainer.request_rollback(bad_step)
+                self._rolling_back = True
                 # the counter restarts with the restored state: counters read from the discarded one
                 # (still in flight) would otherwise pass for skips and hide the next bad step
                 self.skipped, self._newest = 0, None

@@ -504,6 +504,25 @@ def test_nan_rollback_catches_every_later_bad_step_too(tmp_path, check_every):
     assert steps[-1] == 21
 
 
+def test_nan_rollbacks_are_counted_in_the_history_and_the_logs(tmp_path):
+    """The restored guard counts no bad step, so the rollbacks are logged by name: each epoch's row of
+    ``history`` holds the count so far, and the loggers' window after each rollback."""
+    data = make_data(n=64)
+    x = data["x"].copy()
+    x[3 * 8] = np.nan  # position 3 of every epoch goes bad
+    loader = ArrayLoader({"x": x, "label": data["label"]}, 8, shuffle=False)
+    logger = MetricsLogger([JsonlWriter(tmp_path / "log.jsonl")], log_every=2)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2, workdir=tmp_path,
+                      callbacks=[NaNDetector(policy="rollback", check_every=1), logger,
+                                 Checkpoint(every_n_epochs=1, async_save=False)])
+    with pytest.warns(RuntimeWarning, match="rolling back"):
+        history = trainer.fit(loader)
+    assert [h["nan_rollbacks"] for h in history] == [1.0, 2.0]
+    logged = [(r["step"], r["scalars"]["nan_rollbacks"]) for r in read_jsonl(tmp_path / "log.jsonl")
+              if "nan_rollbacks" in r.get("scalars", {})]
+    assert logged == [(2, 1.0), (8, 2.0)]  # the first window after each restore (to steps 0 and 7)
+
+
 def test_a_stop_during_the_epoch_end_evaluation_keeps_the_epoch_train_metrics(tmp_path, data):
     class InterruptEvaluation(Callback):  # Ctrl-C while epoch 1's evaluation runs
         def on_eval_start(self, trainer):
@@ -817,7 +836,7 @@ def test_a_resume_that_finds_no_checkpoint_rewinds_the_logs_of_the_run_that_left
 
     with pytest.raises(RuntimeError, match="killed"):
         run(Killed())
-    assert [r.get("step") for r in read_jsonl(tmp_path / "log.jsonl")][:2] == [None, 2]  # the config, then step 2
+    assert [r.get("step") for r in read_jsonl(tmp_path / "log.jsonl")] == [None, 2, 4]  # the config; the windows done
     run(resume=True)
     records = read_jsonl(tmp_path / "log.jsonl")
     assert [r["step"] for r in records if "scalars" in r] == [2, 4, 6, 8]

@@ -65,6 +65,11 @@ class MetricsLogger(Callback):
         self._hparams_due: Any = None  # the config to write before the next record, if it is new
 
     @property
+    def state_key(self) -> str:
+        """Named by its window: two loggers that trade places on a resume keep their own windows' sums."""
+        return f"{type(self).__name__}[log_every={self.log_every}]"
+
+    @property
     def fetches(self) -> int:
         """Device-to-host reads this logger made (one per written window)."""
         return self._fetch.fetches

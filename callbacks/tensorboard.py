@@ -28,6 +28,7 @@ import numpy as np
 from callbacks.writers import MetricWriter, plain, to_uint8
 
 _FILE_NUMBERS = itertools.count()
+_NO_STEP = 2**63 - 1  # past every step: a session start there purges nothing
 
 
 class TensorBoardWriter(MetricWriter):
@@ -53,11 +54,14 @@ class TensorBoardWriter(MetricWriter):
             # the counter zero-padded, so that a rewind's file sorts after the file it purges
             self._writer = tbx.event_file_writer.EventsWriter(
                 os.path.join(self.logdir, "events"), filename_suffix=f".{os.getpid()}.{next(_FILE_NUMBERS):06d}")
-            if self._purge_step is not None:  # what tensorboardX's SummaryWriter(purge_step=...) writes
+            if self._purge_step is not None:  # what tensorboardX's SummaryWriter(purge_step=...) writes, but
+                # the TensorBoard server takes a run's first START as its start, purging nothing: a START past
+                # any step (purging nothing) comes first, so that the purge step's own START purges
                 event_pb2 = tbx.proto.event_pb2
                 self._writer.write_event(event_pb2.Event(step=self._purge_step, file_version="brain.Event:2"))
-                self._writer.write_event(event_pb2.Event(
-                    step=self._purge_step, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+                for step in (_NO_STEP, self._purge_step):
+                    self._writer.write_event(event_pb2.Event(
+                        step=step, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
             self._purge_step = None
         return self._writer
 
@@ -66,9 +70,10 @@ class TensorBoardWriter(MetricWriter):
         writer.write_event(_tensorboardx().proto.event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def rewind(self, step: int) -> None:
-        """TensorBoard drops the events after ``step`` when the next file starts with a purge step."""
+        """TensorBoard drops the events after ``step`` when the next file starts with a purge step; a rewind
+        to 0 (a fresh start) drops the config written at step 0 too (the logger writes it again)."""
         self.close()
-        self._purge_step = step + 1
+        self._purge_step = step + 1 if step > 0 else 0
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """One event holding every scalar of the window, as TensorFlow's writers do."""

@@ -13,6 +13,20 @@ from callbacks import ConsoleWriter, CsvWriter, JsonlWriter, TensorBoardWriter, 
 SCALARS = [(10, {"loss": 0.5, "accuracy": 0.25}), (20, {"loss": 0.25, "accuracy": 0.5, "eval/loss": 0.3})]
 
 
+def tensorboard_scalars(logdir, tag):
+    """``(step, value)`` of ``tag`` as TensorBoard shows it, read by both of its readers: the classic
+    ``EventAccumulator`` and the server's (``plugin_event_accumulator``, whose purge logic differs)."""
+    from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
+
+    classic = event_accumulator.EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    classic.Reload()
+    served = plugin_event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    served.Reload()
+    shown = [(e.step, e.value) for e in classic.Scalars(tag)]
+    assert [(e.step, float(e.tensor_proto.float_val[0])) for e in served.Tensors(tag)] == shown
+    return shown
+
+
 def test_jsonl_round_trip(tmp_path):
     writer = JsonlWriter(tmp_path / "run" / "metrics.jsonl")
     writer.write_hparams({"lr": 1e-3, "nested": {"depth": 2}, "path": tmp_path})
@@ -102,8 +116,6 @@ def test_tensorboard_rewind_hides_the_steps_after_it_and_keeps_the_first_file(tm
     """A resumed run rewinds the writer to its checkpoint's step: TensorBoard then shows each step
     once. Both files open within the same second: the second must not overwrite the first."""
     pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     writer = TensorBoardWriter(tmp_path / "tb")
     for step in (10, 20, 30):
         writer.write_scalars(step, {"loss": float(step)})
@@ -112,9 +124,7 @@ def test_tensorboard_rewind_hides_the_steps_after_it_and_keeps_the_first_file(tm
         writer.write_scalars(step, {"loss": step + 0.5})
     writer.close()
     assert len(list((tmp_path / "tb").glob("*tfevents*"))) == 2
-    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(10, 10.0), (20, 20.0), (30, 30.5), (40, 40.5)]
+    assert tensorboard_scalars(tmp_path / "tb", "loss") == [(10, 10.0), (20, 20.0), (30, 30.5), (40, 40.5)]
 
 
 def test_console_writer_prints_steps_and_values():
@@ -141,13 +151,30 @@ def test_tensorboard_flush_hands_events_to_the_os_between_fsyncs(tmp_path):
     writer.close()
 
 
+def test_a_tensorboard_rewind_to_0_drops_the_config_written_before(tmp_path):
+    """A resume that found no checkpoint starts again from 0: the killed run's config text goes too, so
+    the Text tab shows the new run's one config, not both (as the TensorBoard server reads the files)."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+
+    writer = TensorBoardWriter(tmp_path / "tb")
+    writer.write_hparams({"lr": 0.1})
+    writer.write_scalars(2, {"loss": 1.0})
+    writer.rewind(0)
+    writer.write_hparams({"lr": 0.2})
+    writer.write_scalars(2, {"loss": 2.0})
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    configs = [e.tensor_proto.string_val[0] for e in acc.Tensors("config/text_summary")]
+    assert len(configs) == 1 and b"0.2" in configs[0]
+    assert [(e.step, float(e.tensor_proto.float_val[0])) for e in acc.Tensors("loss")] == [(2, 2.0)]
+
+
 def test_tensorboard_rewinds_sort_after_the_files_they_purge_past_nine_files(tmp_path, monkeypatch):
     """Event files of one process and second are told apart by a counter, zero-padded: file 10 sorts
     after file 9, so its purge hides what file 9 wrote after the rewind's step."""
     pytest.importorskip("tensorboard")
     import itertools
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from callbacks import tensorboard
 
@@ -159,9 +186,7 @@ def test_tensorboard_rewinds_sort_after_the_files_they_purge_past_nine_files(tmp
     for step in (6, 7, 8):
         writer.write_scalars(step, {"loss": float(step)})
     writer.close()
-    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(6, 6.0), (7, 7.0), (8, 8.0)]
+    assert tensorboard_scalars(tmp_path / "tb", "loss") == [(6, 6.0), (7, 7.0), (8, 8.0)]
 
 
 def test_a_jsonl_line_cut_short_is_left_out_on_reading_and_dropped_by_a_rewind(tmp_path):

@@ -84,3 +84,24 @@ def test_predict_refuses_a_loader_that_shuffles_or_drops_and_evaluation_warns_wh
     assert partial["loss"] != whole["loss"]  # the warning is about a real difference
     with pytest.warns(UserWarning, match=r"Evaluator's data is an ArrayLoader that leaves out its last 4"):
         Evaluator(ArrayLoader(data, 32))
+
+
+def test_a_metric_a_callback_derives_in_on_eval_end_is_kept_and_can_be_monitored(model, data):
+    """As an epoch's logs: what ``on_eval_end`` adds reaches later callbacks, the epoch's row of
+    ``history``, ``evaluate``'s result and ``trainer.eval_metrics``."""
+    import math
+
+    from callbacks import Callback, EarlyStopping
+
+    class Perplexity(Callback):
+        def on_eval_end(self, trainer, metrics):
+            metrics[trainer.eval_prefix + "perplexity"] = math.exp(metrics[trainer.eval_prefix + "loss"])
+
+    stopper = EarlyStopping(monitor="eval/perplexity", patience=5)
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=2, callbacks=[Perplexity(), stopper])
+    history = trainer.fit(ArrayLoader(data, 32), eval_data=ArrayLoader(data, 64, shuffle=False))
+    assert [h["eval/perplexity"] for h in history] == [pytest.approx(math.exp(h["eval/loss"])) for h in history]
+    assert stopper.best == pytest.approx(min(h["eval/perplexity"] for h in history))
+    result = trainer.evaluate(ArrayLoader(data, 64, shuffle=False), prefix="test/")
+    assert result["test/perplexity"] == pytest.approx(math.exp(result["test/loss"]))
+    assert trainer.eval_metrics == result

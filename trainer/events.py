@@ -69,7 +69,8 @@ class Callback:
       evaluation was asked (``eval/loss`` inside ``fit``). An epoch's evaluation comes before its
       ``on_epoch_end``.
     - ``on_epoch_end(epoch, logs)``: ``logs`` holds the epoch's mean train metrics and, when an
-      evaluation ran, its metrics.
+      evaluation ran, its metrics. What a callback adds to ``metrics`` / ``logs`` (a derived metric)
+      later callbacks see, and the evaluation's result and ``history`` keep.
     - ``on_checkpoint_save(checkpoint)`` / ``on_checkpoint_restore(checkpoint)``: the dict written
       or read; a resume that found no checkpoint restores step 0, ``{"step": 0, "fresh_start": True}``
       (forget what a run that left no checkpoint wrote). A save is written afterwards, in the background with ``Checkpoint(async_save=True)``:

@@ -66,9 +66,11 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
     if sums is None:
         raise ValueError("the evaluation data yielded no batches; pass a non-empty dataset.")
     metrics = finished_metrics(trainer, compute_sums(jax.device_get(sums)))
-    trainer.eval_metrics = {prefix + k: v for k, v in metrics.items()}
-    trainer.callbacks.dispatch("on_eval_end", trainer, dict(trainer.eval_metrics))
-    return dict(trainer.eval_metrics)
+    reported = {prefix + k: v for k, v in metrics.items()}
+    trainer.eval_metrics = dict(reported)
+    trainer.callbacks.dispatch("on_eval_end", trainer, reported)
+    trainer.eval_metrics = reported  # what callbacks added (a derived metric) is kept, as in an epoch's logs
+    return dict(reported)
 
 
 def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:

@@ -112,6 +112,12 @@ class MetricsLogger(Callback):
         self.write_scalars(trainer.step, metrics)
 
     def on_fit_end(self, trainer: Any) -> None:
+        self.write_to_end(trainer)
+        self.flush()
+
+    def write_to_end(self, trainer: Any) -> None:
+        """At a fit's end, writes every window up to its last step (the last one partial): ``on_fit_end``
+        does it, and so does a callback listed before this logger that reads ``history`` there (``Plots``)."""
         self._write_hparams_if_new()
         self._write_pending(trainer)
         if trainer.step > self.last_logged_step:  # the last, partial window, read without restarting it: a
@@ -119,7 +125,6 @@ class MetricsLogger(Callback):
             # later fit, a resume) still counts all its steps, as the unbroken run's does
             partial = trainer.sums_snapshots().get(self._key) or {}
             self._write_window(trainer, trainer.step, None, snapshot_means(partial))
-        self.flush()
 
     def on_exception(self, trainer: Any, exception: BaseException) -> None:
         """The windows the crashed run finished are written (their steps ran; the device has their values)."""

@@ -50,6 +50,8 @@ def collect_series(trainer: Any) -> tuple[dict[str, list[tuple[float, float]]], 
     """``{metric: [(x, value), ...]}`` and the x axis' name (``step`` or ``epoch``)."""
     series: dict[str, list[tuple[float, float]]] = {}
     logger = find_logger(trainer)
+    if logger is not None:
+        logger.write_to_end(trainer)  # listed after this callback, it has not written its last windows yet
     if logger is not None and logger.history:
         for step, scalars in logger.history:
             for name, value in scalars.items():

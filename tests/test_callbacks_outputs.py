@@ -61,6 +61,24 @@ def test_plots_and_prediction_grid_are_real_pngs(tmp_path):
                                                        "plots/predictions"}
 
 
+
+def test_plots_listed_before_the_logger_draw_its_last_windows(tmp_path, data):
+    """``Plots`` reads the logger's windows at the fit's end; listed before the logger, whose own
+    ``on_fit_end`` writes the last of them, it still draws every one (the last partial), each logged once."""
+    from callbacks.plots import collect_series
+
+    class SeenPlots(Plots):
+        def on_fit_end(self, trainer):
+            self.seen = [step for step, _ in collect_series(trainer)[0]["loss"]]
+            super().on_fit_end(trainer)
+
+    plots = SeenPlots()
+    logger = MetricsLogger([JsonlWriter(tmp_path / "metrics.jsonl")], log_every=4)
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=14, workdir=tmp_path,
+            callbacks=[plots, logger]).fit(ArrayLoader(data, 16))
+    assert plots.seen == [4, 8, 12, 14]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "scalars" in r] == [4, 8, 12, 14]
+
 def test_prediction_grid_refuses_what_it_cannot_draw_at_once_and_reads_one_hot_labels():
     images = np.zeros((4, 8, 8), np.float32)
     with pytest.raises(ValueError, match=r"must be \[N, H, W\] or \[N, H, W, C\].*got shape \(4, 64\)"):

@@ -63,6 +63,8 @@ class MetricsLogger(Callback):
         self._fetch = LaggedFetch()
         self._hparams_written: str | None = None  # the config this logger (or the run it resumed) wrote, as JSON
         self._hparams_due: Any = None  # the config to write before the next record, if it is new
+        self._fresh_run = False  # a fit from step 0 without resume: its first write starts the files again
+        self._trained = False  # this fit trained a step
 
     @property
     def state_key(self) -> str:
@@ -80,11 +82,30 @@ class MetricsLogger(Callback):
             self._key = "window:" + callback_keys(callbacks)[next(i for i, cb in enumerate(callbacks) if cb is self)]
         trainer.add_metric_sums(self._key)
         self._hparams_due = trainer.config  # written before the first record: after a resume's restore
+        self._fresh_run = trainer.step == 0 and not trainer.resuming
+        self._trained = False
+        if self._fresh_run:
+            self.history, self.last_logged_step, self._hparams_written = [], 0, None  # a logger used before
+
+    def _start_files_again(self) -> None:
+        """A fresh run (step 0, no resume) starts its files again at its first write, as Keras's
+        ``CSVLogger`` does, rather than appending to an earlier run's records (steps logged twice, two
+        configs); a run that fails before writing anything leaves them as they were."""
+        self._fresh_run = False
+        earlier = [(writer, where) for writer in self.writers if (where := writer.earlier_output())]
+        for writer, _ in earlier:
+            writer.rewind(0)
+        if earlier:
+            warnings.warn(f"{', '.join(where for _, where in earlier)} held an earlier run's log; this fresh run "
+                          "(step 0, no resume) starts it again. To keep it, log this run elsewhere; to continue "
+                          "that run, fit(..., resume=True) from its checkpoints.", UserWarning, stacklevel=2)
 
     def _write_hparams_if_new(self) -> None:
-        """The config when it is due (before a fit's first record; at its end or failure if none came),
+        """The config when it is due (before a fit's first record; at its end if none came),
         unless this logger, or the run it resumed, already wrote the same (compared as written, so
         arrays in it compare too): a second ``fit`` or a resume writes no second record."""
+        if self._fresh_run:
+            self._start_files_again()
         if self._hparams_due is None:
             return
         config, self._hparams_due = self._hparams_due, None
@@ -95,6 +116,7 @@ class MetricsLogger(Callback):
             self._hparams_written = written
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
+        self._trained = True
         self._write_pending(trainer, block=False)
         if step % self.log_every == 0:
             self._fetch.push(step, trainer.take_metric_sums(self._key, packed=True))
@@ -127,8 +149,10 @@ class MetricsLogger(Callback):
             self._write_window(trainer, trainer.step, None, snapshot_means(partial))
 
     def on_exception(self, trainer: Any, exception: BaseException) -> None:
-        """The windows the crashed run finished are written (their steps ran; the device has their values)."""
-        self._write_hparams_if_new()
+        """A run that crashed while training gets its config and the windows it finished (their steps ran);
+        one that failed before its first step (a refused resume, data the model cannot take) writes nothing."""
+        if self._trained:
+            self._write_hparams_if_new()
         self._write_pending(trainer)  # an error of the device's own re-raises here: dispatch_all warns, goes on
         self.flush()
 

@@ -69,6 +69,11 @@ class TensorBoardWriter(MetricWriter):
         writer = self._open()
         writer.write_event(_tensorboardx().proto.event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
+    def earlier_output(self) -> str | None:
+        found = self._writer is None and os.path.isdir(self.logdir) and any(
+            "tfevents" in name for name in os.listdir(self.logdir))
+        return self.logdir if found else None
+
     def rewind(self, step: int) -> None:
         """TensorBoard drops the events after ``step`` when the next file starts with a purge step; a rewind
         to 0 (a fresh start) drops the config written at step 0 too (the logger writes it again)."""

@@ -53,6 +53,10 @@ class MetricWriter:
         """What the writer holds, ``[(step, scalars), ...]``, where it can read it back; ``None``: it cannot."""
         return None
 
+    def earlier_output(self) -> str | None:
+        """Where this writer already holds output (its file or folder), before it wrote any: ``None`` if nowhere."""
+        return None
+
 
 def check_stream(stream: Any) -> None:
     """Refuses a ``stream=`` that cannot be written to (a file name, say), when the writer is built."""
@@ -131,6 +135,9 @@ class _FileWriter(MetricWriter):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", newline="")
         return self._file
+
+    def earlier_output(self) -> str | None:
+        return str(self.path) if self._file is None and self.path.is_file() and self.path.stat().st_size else None
 
     def flush(self) -> None:
         """Flushes the open file (no ``fsync``)."""

@@ -67,6 +67,29 @@ def test_a_second_fit_writes_the_config_again_only_when_it_changed(model, data, 
     assert [r["step"] for r in read_jsonl(path) if "scalars" in r] == [4, 8, 12]
 
 
+
+def test_a_fresh_run_starts_the_files_of_an_earlier_run_again_and_says_so(data, tmp_path):
+    """Run twice (the README's example, say): each file holds one run, as Keras's CSVLogger's does, not
+    the first run's records and config followed by the second's; the warning names the files."""
+    from callbacks import CsvWriter, JsonlWriter, TensorBoardWriter, read_jsonl
+    from test_callbacks_writers import tensorboard_scalars
+
+    def run(seed):
+        logger = MetricsLogger([JsonlWriter(tmp_path / "m.jsonl"), CsvWriter(tmp_path / "m.csv"),
+                                TensorBoardWriter(tmp_path / "tb")], log_every=4)
+        Trainer(TinyMLP(rngs=nnx.Rngs(seed)), optax.adam(1e-2), max_steps=8, callbacks=[logger],
+                config={"seed": seed}).fit(ArrayLoader(data, 16))
+        return logger.history
+
+    run(0)
+    with pytest.warns(UserWarning, match=r"m\.jsonl, .*m\.csv, .*tb held an earlier run's log; this fresh run"):
+        second = run(1)
+    records = read_jsonl(tmp_path / "m.jsonl")
+    assert [r.get("step") for r in records] == [None, 4, 8] and records[0]["hparams"] == {"seed": 1}
+    with open(tmp_path / "m.csv") as f:
+        assert [row.split(",")[0] for row in f.read().splitlines()] == ["step", "4", "8"]
+    assert tensorboard_scalars(tmp_path / "tb", "loss") == [(s, pytest.approx(v["loss"])) for s, v in second]
+
 def test_eval_metrics_are_written_at_their_step(model, data):
     memory = Memory()
     trainer = Trainer(model, optax.adam(1e-2), max_epochs=2, callbacks=[MetricsLogger([memory], log_every=100)])
@@ -371,3 +394,24 @@ def test_a_run_that_fails_before_its_first_record_still_records_its_config(tmp_p
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(ArrayLoader(data, 16))
     assert read_jsonl(tmp_path / "m.jsonl") == [{"hparams": {"lr": 0.1}}]
+
+
+def test_a_run_refused_before_its_first_step_leaves_the_logs_as_they_were(tmp_path, data):
+    """A resume refused (another model's checkpoint) writes no config of its own into the run's log,
+    and a fresh run that fails before its first step does not start an earlier run's log again."""
+    from callbacks import CheckpointError, JsonlWriter
+
+    def make(width, max_steps=4):
+        return Trainer(TinyMLP(hidden=width, rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=max_steps,
+                       workdir=tmp_path, config={"width": width},
+                       callbacks=[MetricsLogger(JsonlWriter(tmp_path / "m.jsonl"), log_every=2), Checkpoint()])
+
+    make(8).fit(ArrayLoader(data, 16))
+    written = (tmp_path / "m.jsonl").read_bytes()
+    with pytest.raises(CheckpointError):
+        make(16, max_steps=8).fit(ArrayLoader(data, 16), resume=True)
+    assert (tmp_path / "m.jsonl").read_bytes() == written
+    (tmp_path / "checkpoints").rename(tmp_path / "kept")
+    with pytest.raises(ValueError, match="labels"):  # a fresh run whose data the model cannot take
+        make(8).fit(ArrayLoader({"x": data["x"], "label": data["label"] + 100}, 16))
+    assert (tmp_path / "m.jsonl").read_bytes() == written

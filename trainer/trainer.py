@@ -159,6 +159,7 @@ class Trainer:
         self.eval_metrics: dict[str, float] = {}
         self.eval_prefix = ""  # the prefix of the evaluation under way (or last run)
         self.fitting = False  # True while fit trains: from before on_fit_start; False again by on_fit_end
+        self.resuming = False  # this fit was asked to resume (fit(resume=...)): set before on_fit_start
         self.probes: list[Probe] = []
         self.metric_reductions: dict[str, str] = {}
         self.pending_logs: dict[str, tuple[int, float]] = {}  # name -> (step recorded at, value)
@@ -385,7 +386,7 @@ class Trainer:
         check_eval_data_fits(self)
         if self.checkpoints:
             self._preemption.install()
-        self.fitting = True
+        self.fitting, self.resuming = True, resume is not False
         try:
             self.callbacks.dispatch("on_fit_start", self)
             if resume is not False:

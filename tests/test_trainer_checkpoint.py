@@ -155,10 +155,11 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, data):
             restored.append(checkpoint["step"])
 
     trainer = make(tmp_path, 8, Seen())
-    with pytest.warns(RuntimeWarning, match="step 8 cannot be restored") as caught:
+    with pytest.warns(RuntimeWarning, match="step 8 in .* is damaged .*: moved to damaged_step_8") as caught:
         trainer.fit(ArrayLoader(data, 16), resume=True)
     assert restored == [4]
-    assert len([w for w in caught if "cannot be restored" in str(w.message)]) == 1
+    assert len([w for w in caught if "is damaged" in str(w.message)]) == 1
+    assert (tmp_path / "checkpoints" / "damaged_step_8" / "state").is_dir()  # kept for inspection
     assert not (tmp_path / "checkpoints" / "step_12.orbax-checkpoint-tmp-123").exists()
     assert trainer.step == 8  # and step 8 was saved again, replacing the damaged one
     again = make(tmp_path / "unused", 8)
@@ -169,8 +170,29 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, data):
 def test_nothing_valid_left_is_a_clear_error(tmp_path, data):
     make(tmp_path, 4, every=4).fit(ArrayLoader(data, 16))
     flip_a_byte(tmp_path / "checkpoints" / "step_4")
-    with pytest.warns(RuntimeWarning), pytest.raises(CheckpointError, match="no usable checkpoint remains"):
+    with pytest.warns(RuntimeWarning), pytest.raises(CheckpointError, match="no usable checkpoint remains.*"
+                                                                         "moved to damaged_step_4"):
         make(tmp_path, 8).fit(ArrayLoader(data, 16), resume=True)
+    with pytest.raises(CheckpointError, match="no usable checkpoint remains"):  # not a fresh start either
+        make(tmp_path, 8).fit(ArrayLoader(data, 16), resume=True)
+
+
+def test_a_damaged_checkpoint_set_aside_is_not_kept_in_place_of_good_ones(tmp_path, data):
+    """Resumed past a damaged newest step, retention counts only good checkpoints: the damaged step 8
+    no longer holds one of the two places while the good step 4 is pruned."""
+    def run(max_steps, every):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=max_steps, workdir=tmp_path,
+                callbacks=[Checkpoint(every_n_steps=every, every_n_epochs=None, max_to_keep=2)]
+                ).fit(ArrayLoader(data, 16), resume=True)
+
+    run(8, 4)  # saves 4 and 8
+    flip_a_byte(tmp_path / "checkpoints" / "step_8")
+    with pytest.warns(RuntimeWarning, match="step 8 .* is damaged"):
+        run(9, 9)  # from 4: saves 9
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["damaged_step_8", "step_4", "step_9"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the damaged step is tried no more
+        run(10, 10)
 
 
 def test_restoring_into_a_different_model_names_step_path_and_shapes(tmp_path, data):

@@ -202,6 +202,16 @@ class _MissingMetricsFilter:
         return "did not provide metrics" not in record.getMessage()
 
 
+class _Damaged(Exception):
+    """A step folder of ours whose files cannot be read."""
+
+
+def _short(err: BaseException) -> str:
+    """An orbax / tensorstore error without the storage spec it appends (hundreds of characters)."""
+    text = str(err).split(" [tensorstore_spec=")[0]
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
 class CheckpointStore:
     """An orbax ``CheckpointManager`` in ``directory`` with retention, checksums and fallback.
 
@@ -305,8 +315,19 @@ class CheckpointStore:
         found = [p.name[len(prefix):] for p in self.directory.iterdir() if p.is_dir() and p.name.startswith(prefix)]
         return sorted((int(n) for n in found if n.isdigit()), reverse=True)
 
+    def damaged(self) -> list[Path]:
+        """The damaged step folders a resume set aside here (``damaged_step_<N>``)."""
+        return sorted(p for p in self.directory.iterdir() if p.is_dir() and p.name.startswith("damaged_"))
+
     def read_meta(self, step: int) -> dict | None:
         """The meta document of ``step``; ``None`` for a folder that holds no checkpoint of ours."""
+        try:
+            return self._read_meta(step)
+        except _Damaged:
+            return None
+
+    def _read_meta(self, step: int) -> dict | None:
+        """``read_meta``, raising ``_Damaged`` for a meta file that cannot be read."""
         self._drain_writer()
         folder = self.folder(step)
         if not (folder / "meta").is_dir() or not (folder / "state").is_dir():
@@ -314,8 +335,8 @@ class CheckpointStore:
         try:
             ocp = orbax_checkpoint()
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception:  # a damaged meta file: treated as no checkpoint by the caller's fallback
-            return None
+        except Exception as err:
+            raise _Damaged(err) from err
         return meta if isinstance(meta, dict) and meta.get("format") in READABLE_FORMATS else None
 
     def read_arrays(self, step: int, described: list[dict]) -> dict[str, np.ndarray]:
@@ -335,13 +356,19 @@ class CheckpointStore:
         """
         candidates = [step] if step is not None else self.steps()
         for candidate in candidates:
-            meta = self.read_meta(candidate)
+            try:
+                meta = self._read_meta(candidate)
+                damage = None
+            except _Damaged as err:
+                meta, damage = None, err.__cause__
             if meta is None:
                 if step is not None:
                     raise CheckpointError(f"{self.folder(step)} holds no readable checkpoint.")
-                if any(self.folder(candidate).iterdir()):
-                    warnings.warn(f"checkpoint step {candidate} in {self.directory} cannot be read "
-                                  "(damaged or foreign); trying an older one.", RuntimeWarning, stacklevel=3)
+                if damage is not None:
+                    self._set_aside(candidate, damage)
+                elif any(self.folder(candidate).iterdir()):
+                    warnings.warn(f"checkpoint step {candidate} in {self.directory} is not one this version "
+                                  "can read; trying an older one.", RuntimeWarning, stacklevel=3)
                 continue
             if check is not None:
                 check(candidate, meta)
@@ -349,12 +376,23 @@ class CheckpointStore:
                 arrays = self.read_arrays(candidate, meta["leaves"])
             except Exception as err:  # orbax's errors for damaged files rarely say so
                 if step is not None:
-                    raise CheckpointError(f"checkpoint step {step} cannot be restored: {err}") from err
-                warnings.warn(f"checkpoint step {candidate} cannot be restored ({err}); falling back to an "
-                              "older one.", RuntimeWarning, stacklevel=3)
+                    raise CheckpointError(f"checkpoint step {step} cannot be restored: {_short(err)}") from err
+                self._set_aside(candidate, err)
                 continue
             return candidate, meta, arrays
         return None
+
+    def _set_aside(self, step: int, err: BaseException) -> None:
+        """A damaged step folder is renamed ``damaged_step_<N>``: kept for inspection, but no longer a
+        checkpoint, so retention does not keep it in place of good ones and no later resume tries it."""
+        aside = self.directory / f"damaged_{self.folder(step).name}"
+        n = 2
+        while aside.exists():
+            aside, n = self.directory / f"damaged_{self.folder(step).name}-{n}", n + 1
+        self.folder(step).rename(aside)
+        self.manager.reload()
+        warnings.warn(f"checkpoint step {step} in {self.directory} is damaged ({_short(err)}): moved to "
+                      f"{aside.name}, and falling back to an older one.", RuntimeWarning, stacklevel=4)
 
     def close(self) -> None:
         self._drain_writer()

@@ -138,9 +138,10 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     if found is None:
         if resume is not True:
             raise CheckpointError(f"no usable checkpoint in {store.directory}.")
-        if store.steps():
+        if store.steps() or store.damaged():
+            aside = f" (the damaged ones moved to {', '.join(p.name for p in store.damaged())})" if store.damaged() else ""
             raise CheckpointError(f"no usable checkpoint remains in {store.directory}: every step folder is "
-                                  "damaged or foreign. Move it away to start fresh.")
+                                  f"damaged or foreign{aside}. Move the folder away to start fresh.")
         _starting_fresh(trainer, store.directory)
         return None
     found_step, meta, arrays = found

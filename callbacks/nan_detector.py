@@ -128,7 +128,7 @@ class NaNDetector(Callback):
             if self.policy == "rollback" and len(self.rollbacks) < self.max_rollbacks:
                 bad_step = int(guard["halt_step"])
                 self.rollbacks.append(bad_step)
-                warnings.warn(f"{self._head(guard, rolling_back=True)}: rolling back to the newest good "
+                warnings.warn(f"{self._head(trainer, guard, rolling_back=True)}: rolling back to the newest good "
                               f"checkpoint and skipping that batch (rollback {len(self.rollbacks)} of "
                               f"{self.max_rollbacks}).", RuntimeWarning, stacklevel=2)
                 trainer.request_rollback(bad_step)
@@ -138,23 +138,32 @@ class NaNDetector(Callback):
                 self.skipped, self._newest = 0, None
                 self._fetch.clear()
                 return True
-            raise NonFiniteError(self._message(guard))
+            raise NonFiniteError(self._message(trainer, guard))
         warnings.warn(f"skipped {total - self.skipped} step(s) with a non-finite loss or gradients "
                       f"(total {total}) up to step {trainer.step}.", RuntimeWarning, stacklevel=2)
         self.skipped = total
         return False
 
-    def _message(self, guard: Mapping[str, Any]) -> str:
-        return (f"{self._head(guard)}. The parameters and optimizer state are those from before that step; nothing "
+    def _message(self, trainer: Any, guard: Mapping[str, Any]) -> str:
+        if _schedule_not_finite(trainer, guard):  # the guard checks loss and gradients, not the updates
+            return (f"{self._head(trainer, guard)}. A learning rate that is not finite already made the update of "
+                    "the step before it non-finite (the guard checks the loss and gradients, not the updates): "
+                    "the parameters are not usable. Fix the learning-rate schedule.")
+        return (f"{self._head(trainer, guard)}. The parameters and optimizer state are those from before that step; nothing "
                 "non-finite was written. Lower the learning rate, clip gradients (clip_norm), or check "
                 "that batch's data.")
 
-    def _head(self, guard: Mapping[str, Any], rolling_back: bool = False) -> str:
+    def _head(self, trainer: Any, guard: Mapping[str, Any], rolling_back: bool = False) -> str:
         """What went wrong where: ``non-finite loss at step 8 (learning rate 0.01)``."""
         kind = int(guard["halt_kind"])
         what = " and ".join(name for bit, name in ((BAD_LOSS, "loss"), (BAD_GRADS, "gradients")) if kind & bit)
         lr = float(guard["halt_lr"])
-        lr_text = f"learning rate {lr:.4g}" if not math.isnan(lr) else "learning rate unknown (not injected)"
+        if _schedule_not_finite(trainer, guard):  # an infinite peak times a warmup fraction, say
+            lr_text = "learning rate nan: the schedule itself is not finite"
+        elif math.isnan(lr):
+            lr_text = "learning rate unknown (not injected)"
+        else:
+            lr_text = f"learning rate {lr:.4g}"
         step = int(guard["halt_step"])
         if rolling_back or self.policy == "raise":
             return f"non-finite {what} at step {step} ({lr_text})"
@@ -172,3 +181,9 @@ class NaNDetector(Callback):
         saved = list(state.get("rollbacks", []))
         if len(saved) > len(self.rollbacks):  # a rollback restores older state: never forget one
             self.rollbacks = saved
+
+
+def _schedule_not_finite(trainer: Any, guard: Mapping[str, Any]) -> bool:
+    """Whether the halted step's learning rate was injected and NaN (the guard's NaN otherwise means
+    "not injected")."""
+    return math.isnan(float(guard["halt_lr"])) and trainer.learning_rate is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -86,6 +87,13 @@ def test_nan_raise_reports_the_learning_rate_when_injected(model, data):
     tx = make_optimizer("adam", learning_rate=0.0125)
     with pytest.raises(NonFiniteError, match=r"at step 2 \(learning rate 0.0125\)"):
         Trainer(model, tx, max_steps=6, callbacks=[NaNDetector()]).fit(nan_at(2, data))
+
+    schedule = lambda count: jnp.where(count < 1, 0.1, jnp.inf) * 0.0  # noqa: E731  (NaN from step 2, whose
+    # finite gradients are applied: step 3's loss is the first non-finite)
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=schedule)
+    with pytest.raises(NonFiniteError, match=r"at step 3 \(learning rate nan: the schedule itself is not finite\)\. "
+                                              r"A learning rate that is not finite already made the update of the step before"):
+        Trainer(model, tx, max_steps=6, callbacks=[NaNDetector()]).fit(ArrayLoader(data, 16))
 
 
 def test_nan_skip_leaves_state_bitwise_unchanged_and_training_continues(model, data):

@@ -128,6 +128,22 @@ def test_trainer_model_is_the_callers_module_updated_in_place(model, data):
     assert out.shape == (4, 3)
 
 
+
+def test_reading_trainer_model_again_keeps_what_calling_it_changed_until_the_state_changes(data):
+    """Monte-Carlo dropout through ``trainer.model``: its RNG counters advance with each call and a second
+    read does not reset them (it reset them, so every call drew the same mask); more training is seen."""
+    trainer = Trainer(TinyMLP(dropout=0.5, rngs=nnx.Rngs(0)), optax.sgd(0.5), max_steps=2)
+    trainer.fit(ArrayLoader(data, 32))
+    x = data["x"][:4]
+    trainer.model.train()
+    first = np.asarray(trainer.model(x))
+    second = np.asarray(trainer.model(x))
+    assert not np.array_equal(first, second)
+    kernel = np.array(trainer.model.l1.kernel[...])
+    trainer.max_steps = 3
+    trainer.fit(ArrayLoader(data, 32))
+    assert not np.array_equal(kernel, np.array(trainer.model.l1.kernel[...]))
+
 def test_loss_fn_returning_a_dict_with_loss_trains_as_the_tuple_form(data):
     """Lightning's habit, {"loss": ..., **metrics}: the same steps and metrics as (loss, metrics)."""
     def as_tuple(model, batch):

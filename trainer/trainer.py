@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -147,6 +148,7 @@ class Trainer:
         self.config = dict(config or {})
         reseed_streams(model, self.seed)
         self._model = model
+        self._model_holds: weakref.ref | None = None  # the state the module was last updated from
         self._carry = Carry()  # state and running sums, flat between steps (see trainer.carry)
         self.step = 0
         self._step_handed_out: tuple = (None, None)  # the step array last read with trainer.state, at what step
@@ -270,9 +272,14 @@ class Trainer:
     def model(self) -> nnx.Module:
         """The model with the current trained state (the object passed in, updated in place).
 
-        Read it again after more training: the next step reuses (donates) the arrays it holds.
+        Read it again after more training: the next step reuses (donates) the arrays it holds. It is
+        updated only when the state changed since the last read, so what calling it changes (dropout's
+        RNG counters: Monte-Carlo dropout) is not reset by reading it again.
         """
-        nnx.update(self._model, self.state.params, self.state.model_state)
+        state = self.state
+        if self._model_holds is None or self._model_holds() is not state:
+            nnx.update(self._model, state.params, state.model_state)
+            self._model_holds = weakref.ref(state)
         return self._model
 
     @property

@@ -138,7 +138,7 @@ def test_should_stop_ends_fit_after_that_step_and_fires_fit_end(model, data):
     assert ("on_step_start", 5) not in rec.calls
 
 
-def test_request_stop_records_reason(model, data):
+def test_request_stop_records_reason_and_says_it_once(model, data, capsys):
     class Stop(Callback):
         def on_epoch_end(self, trainer, epoch, logs):
             trainer.request_stop("enough")
@@ -146,6 +146,9 @@ def test_request_stop_records_reason(model, data):
     trainer = Trainer(model, optax.sgd(0.1), max_epochs=5, callbacks=[Stop()])
     trainer.fit(loaders(data)[0])
     assert (trainer.epoch, trainer.stop_reason) == (1, "enough")
+    assert capsys.readouterr().err.splitlines() == [f"fit stopped at step {trainer.step}: enough"]
+    Trainer(model, optax.sgd(0.1), max_epochs=1).fit(loaders(data)[0])  # a fit that reaches its limits: silent
+    assert capsys.readouterr().err == ""
 
 
 class Boom(RuntimeError):

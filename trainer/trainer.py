@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import collections.abc
+import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -421,6 +422,9 @@ class Trainer:
             _ = self.model  # the caller's module holds the trained state, even after an error
         errors = self.callbacks.dispatch_all("on_fit_end", self)  # every callback's end runs (final saves)
         roll_back_after_fit(self)
+        if self.should_stop:  # said once, as Lightning does: a stop nobody sees looks like a short run
+            print(f"fit stopped at step {self.step}: {self.stop_reason or 'trainer.should_stop was set'}",
+                  file=sys.stderr, flush=True)
         if errors:
             for error in errors[1:]:
                 warnings.warn(f"another callback's on_fit_end raised too: {error!r}", RuntimeWarning, stacklevel=2)

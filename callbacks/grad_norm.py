@@ -31,7 +31,11 @@ class GradNormMonitor(Callback):
     Args:
       every: read the norm on the host every N steps to check the range (no per-step sync).
       warn_below / warn_above: the healthy range; a warning names the step and the norm outside it.
-      per_layer: also ``grad_norm/<name>`` for every top-level submodule of the model.
+      per_layer: also ``grad_norm/<name>`` for every top-level submodule of the model (of a list of
+        layers, ``nnx.Sequential``'s included, each layer: ``grad_norm/layers/0``).
+
+    A warning is given when the norm leaves the range, not again at each check while it stays out on
+    that side (a converged model's small gradients would warn at every check); ``warnings`` lists every one.
     """
 
     step_interval_attributes = ("every",)
@@ -45,7 +49,8 @@ class GradNormMonitor(Callback):
         self.every = every
         self.warn_below, self.warn_above = warn_below, warn_above
         self.per_layer = per_layer
-        self.warnings: list[tuple[int, float]] = []
+        self.warnings: list[tuple[int, float]] = []  # every check outside the range: (step, norm)
+        self._outside: str | None = None  # the side the last check was outside of, warned about once
         self._fetch = LaggedFetch()
 
     def probe(self, info: StepInfo) -> dict[str, jax.Array]:
@@ -53,7 +58,7 @@ class GradNormMonitor(Callback):
         # float32 sums, the same expression as the trainer's non-finite guard (XLA computes it once)
         out = {"grad_norm": global_norm(info.grads)}
         if self.per_layer and hasattr(info.grads, "items"):
-            for name, sub in info.grads.items():
+            for name, sub in _parts(info.grads):
                 out[f"grad_norm/{name}"] = global_norm(sub)
         return out
 
@@ -81,7 +86,24 @@ class GradNormMonitor(Callback):
         elif self.warn_above is not None and norm > self.warn_above:
             hint = "exploding gradients: clip them (clip_norm) or lower the learning rate"
         else:
+            self._outside = None
             return
         self.warnings.append((step, norm))
+        if hint == self._outside:  # still outside on the same side: warned when it left the range
+            return
+        self._outside = hint
         warnings.warn(f"gradient norm {norm:.4g} at step {step} is outside [{self.warn_below}, "
-                      f"{self.warn_above}]: {hint}.", GradNormWarning, stacklevel=2)
+                      f"{self.warn_above}]: {hint}. Later checks on this side are not warned about until it "
+                      "comes back inside (GradNormMonitor.warnings lists every one).", GradNormWarning, stacklevel=2)
+
+
+def _parts(grads: Any) -> list[tuple[str, Any]]:
+    """The top-level parts of the gradients by name; a list of layers (integer keys) by layer."""
+    parts = []
+    for name, sub in grads.items():
+        keys = list(sub.keys()) if hasattr(sub, "keys") else []
+        if keys and all(isinstance(k, int) for k in keys):
+            parts.extend((f"{name}/{k}", sub[k]) for k in keys)
+        else:
+            parts.append((str(name), sub))
+    return parts

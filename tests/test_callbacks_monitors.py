@@ -56,11 +56,24 @@ def test_grad_norm_probe_equals_optax_global_norm_of_hand_gradients(data):
     assert set(spy.metrics) >= {"grad_norm/l1", "grad_norm/l2"}
 
 
-def test_grad_norm_out_of_range_warns_with_step_and_norm(model, data):
+def test_grad_norm_out_of_range_warns_with_step_and_norm_once_per_excursion(model, data):
+    """Warned when the norm leaves the range, not at every later check outside it (a converged model's
+    small norm warned at every check); every check outside is kept in ``warnings``."""
     monitor = GradNormMonitor(every=2, warn_below=None, warn_above=1e-6)
-    with pytest.warns(GradNormWarning, match=r"gradient norm [\d.e+-]+ at step 2 .*exploding"):
-        Trainer(model, optax.sgd(0.1), max_steps=3, callbacks=[monitor]).fit(ArrayLoader(data, 32))
-    assert [s for s, _ in monitor.warnings] == [2]
+    with pytest.warns(GradNormWarning, match=r"gradient norm [\d.e+-]+ at step 2 .*exploding") as caught:
+        Trainer(model, optax.sgd(0.1), max_steps=7, callbacks=[monitor]).fit(ArrayLoader(data, 32))
+    assert [s for s, _ in monitor.warnings] == [2, 4, 6]
+    assert len([w for w in caught if issubclass(w.category, GradNormWarning)]) == 1
+
+
+def test_grad_norm_per_layer_names_each_layer_of_a_sequential(data):
+    model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 3, rngs=nnx.Rngs(1)))
+    spy = FirstMetrics()
+    Trainer(model, optax.sgd(0.1), max_steps=1, callbacks=[GradNormMonitor(per_layer=True), spy]).fit(
+        ArrayLoader(data, 32, shuffle=False))
+    assert {k for k in spy.metrics if k.startswith("grad_norm/")} == {"grad_norm/layers/0", "grad_norm/layers/2"}
+    parts = np.hypot(spy.metrics["grad_norm/layers/0"], spy.metrics["grad_norm/layers/2"])
+    assert parts == pytest.approx(float(spy.metrics["grad_norm"]), rel=1e-5)
 
 
 def nan_at(step, data, batch=16):

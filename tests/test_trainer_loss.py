@@ -162,3 +162,24 @@ def test_loss_fn_returning_a_dict_with_loss_trains_as_the_tuple_form(data):
                          (lambda m, b: (as_tuple(m, b)[0], {"x": None}), r"returned metric 'x' = None")):
         with pytest.raises(TypeError, match=message):
             Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn=bad, max_steps=1).fit(ArrayLoader(data, 32))
+
+
+def test_a_compute_loss_override_that_ignores_loss_fn_is_warned_about_when_built(model):
+    """Given both, the override wins; one that neither calls super() nor reads self.loss_fn drops the
+    loss_fn silently, so building it says so (an override building on either is not warned about)."""
+    import warnings
+
+    class TenTimes(Trainer):
+        def compute_loss(self, model, batch):
+            return 10 * losses.cross_entropy(model(batch["x"]), batch["label"]).mean()
+
+    class PlusL2(Trainer):
+        def compute_loss(self, model, batch):
+            return super().compute_loss(model, batch) + 0.0
+
+    with pytest.warns(UserWarning, match=r"TenTimes overrides compute_loss, which does not use loss_fn="):
+        TenTimes(model, optax.sgd(0.1), max_steps=1, loss_fn=losses.supervised(losses.cross_entropy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PlusL2(model, optax.sgd(0.1), max_steps=1, loss_fn=losses.supervised(losses.cross_entropy))
+        TenTimes(model, optax.sgd(0.1), max_steps=1)

@@ -81,3 +81,18 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
         warnings.warn(f"steps_per_execution={k} is more than the {batches} batches of an epoch: no chunk of {k} "
                       f"fits in one, so every step runs alone. Use steps_per_execution={batches} or less (one "
                       "that divides the epoch's length fuses all of it).", stacklevel=3)
+
+
+def warn_if_loss_fn_unused(trainer: "Trainer") -> None:
+    """A subclass whose ``compute_loss`` neither calls ``super()`` nor reads ``self.loss_fn`` never uses
+    the ``loss_fn`` it was given: said when it is built, not found out from the numbers."""
+    from trainer.trainer import Trainer
+
+    override = type(trainer).compute_loss
+    if trainer.loss_fn is None or override is Trainer.compute_loss:
+        return
+    names = getattr(getattr(override, "__code__", None), "co_names", ("loss_fn",))
+    if "loss_fn" not in names and "super" not in names:
+        warnings.warn(f"{type(trainer).__name__} overrides compute_loss, which does not use loss_fn="
+                      f"{getattr(trainer.loss_fn, '__name__', trainer.loss_fn)!r}: that loss is ignored. Drop "
+                      "loss_fn, or call it from compute_loss (self.loss_fn(model, batch)).", UserWarning, stacklevel=3)

@@ -31,7 +31,7 @@ from trainer.events import Callback, CallbackList
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, finish_partial_epoch, has_partial_row, roll_back_after_fit, run_epoch
-from trainer.options import check_fit_inputs, check_options, recorded_number
+from trainer.options import check_fit_inputs, check_options, recorded_number, warn_if_loss_fn_unused
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
 from trainer.preemption import PreemptionHandler, Preempted
@@ -141,6 +141,7 @@ class Trainer:
         self.cpu_settings: list[str] = []  # what cpu_tuning applied to the current train step
         self._announced: set[str] = set()
         self.loss_fn = loss_fn
+        warn_if_loss_fn_unused(self)
         self.tx = optimizer
         self.callbacks = CallbackList(callbacks)
         check_intervals(self)

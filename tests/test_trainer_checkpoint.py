@@ -243,6 +243,21 @@ def test_config_difference_warns_naming_it(tmp_path, data):
         trainer.fit(ArrayLoader(data, 16), resume=True)
 
 
+
+def test_resuming_under_another_optimizer_with_the_same_arrays_warns(tmp_path, data):
+    """Adam's state has AdamW's arrays (the weight decay keeps none): restored silently before."""
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=4, workdir=tmp_path,
+            callbacks=[Checkpoint(every_n_steps=4)]).fit(ArrayLoader(data, 16))
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=6, workdir=tmp_path,
+                      callbacks=[Checkpoint(every_n_steps=4)])
+    with pytest.warns(RuntimeWarning, match=r"different optimizer: state: saved '\(ScaleByAdamState, EmptyState\)', "
+                                            r"now '\(ScaleByAdamState, EmptyState, EmptyState\)'"):
+        trainer.fit(ArrayLoader(data, 16), resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same optimizer: nothing to say
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adamw(1e-2), max_steps=8, workdir=tmp_path,
+                callbacks=[Checkpoint(every_n_steps=4)]).fit(ArrayLoader(data, 16), resume=True)
+
 def test_callback_states_and_logs_continue_without_duplicates(tmp_path, data):
     def build(max_steps, *extra):
         logger = MetricsLogger([JsonlWriter(tmp_path / "metrics.jsonl")], log_every=2)

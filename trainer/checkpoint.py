@@ -30,6 +30,7 @@ import numpy as np
 from trainer.checkpoint_store import FORMAT, CheckpointStore, flatten
 from trainer.events import Callback
 from trainer.sums import EPOCH_SUMS
+from trainer.optim import optimizer_signature
 from trainer.metric_names import check_mode, resolve_mode
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -274,7 +275,8 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
         "data_state": copy.deepcopy(data_state), "history": copy.deepcopy(trainer.history), "config": _jsonable(trainer.config),
         "epoch_sums": sums.pop(EPOCH_SUMS, None), "window_sums": sums, "skip_batches": sorted(trainer.skip_batches),
         "compiled_batch_size": trainer.compiled_batch_size,
-        "environment": environment(), "has_guard": trainer.state.guard is not None, "leaves": leaves,
+        "environment": environment(), "optimizer": optimizer_signature(trainer.state.opt_state),
+        "has_guard": trainer.state.guard is not None, "leaves": leaves,
         "callbacks": _callback_states(trainer),
     }
 

@@ -199,3 +199,17 @@ def current_learning_rate(opt_state: Any) -> jax.Array | None:
         )
     except KeyError:
         return None
+
+
+def optimizer_signature(opt_state: Any) -> str:
+    """The optimizer's state as the kinds of its transforms, ``(ScaleByAdamState, EmptyState, EmptyState)``
+    for AdamW: a checkpoint records it, and a resume under another optimizer whose state has the same
+    arrays (Adam's, into AdamW) is warned about rather than passed in silence."""
+    def walk(node: Any) -> str:
+        if not isinstance(node, tuple):
+            return ""
+        inner = ", ".join(part for part in (walk(x) for x in node) if part)
+        name = type(node).__name__ if hasattr(node, "_fields") else ""
+        return f"{name}({inner})" if inner or not name else name
+
+    return walk(opt_state)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from trainer.checkpoint import _differences, _jsonable, _load_callback_states, environment
 from trainer.checkpoint_store import CheckpointError, CheckpointStore, check_structure, expected_leaves
 from trainer.checkpoint_store import place_like, unflatten
+from trainer.optim import optimizer_signature
 from trainer.sums import restart_trainer_sums
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -163,8 +164,11 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     if trainer.compiled_batch_size is None:  # the batch size of the run: a resume may start at a smaller last batch
         trainer.compiled_batch_size = meta.get("compiled_batch_size")
     _load_callback_states(trainer, meta["callbacks"])
+    saved_optimizer = {"state": meta["optimizer"]} if "optimizer" in meta else {}  # older checkpoints: none
+    optimizer = {"state": optimizer_signature(current.opt_state)} if saved_optimizer else {}
     for what, saved, now in (("environment", meta["environment"], environment()),
-                             ("config", meta["config"], _jsonable(trainer.config))):
+                             ("config", meta["config"], _jsonable(trainer.config)),
+                             ("optimizer", saved_optimizer, optimizer)):
         diffs = _differences(saved, now)
         if diffs:
             warnings.warn(f"resuming checkpoint step {found_step} under a different {what}: " + "; ".join(diffs),

@@ -1,9 +1,8 @@
-"""What every recipe shares: the standard logging and monitoring callbacks and the run config."""
+"""What every recipe shares: the standard logging and monitoring callbacks, the run config, its workdir."""
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +13,19 @@ RUN_CONTROL = ("resume", "export", "progress", "steps_per_execution")
 """Flags that steer one invocation, not the run: left out of the config a resumed run compares."""
 
 
+class DefaultWorkdir(str):
+    """A recipe's default ``--workdir`` (``runs/mnist``), a ``str`` everywhere else: left at it, a second run
+    moves to a fresh sibling; the same folder given explicitly (``--workdir runs/mnist``) is refused when
+    it holds a run. The flag's presence decides, not the string (``recipes.runs.prepare_workdir``)."""
+
+
 def run_config(config: Any) -> dict:
     """The recipe config as plain values, without the run-control flags."""
     values = dataclasses.asdict(config)
     for key in RUN_CONTROL:
         values.pop(key, None)
+    if isinstance(values.get("workdir"), str):
+        values["workdir"] = str(values["workdir"])  # a plain string, default or not
     return values
 
 
@@ -42,33 +49,6 @@ def standard_callbacks(workdir: str | None, *, log_every: int, progress: bool, t
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", "plots")
 """What a recipe's run leaves in its workdir: a folder holding any of them holds a run."""
-
-
-def fresh_workdir(config: Any) -> Any:
-    """``config`` with its workdir moved to a fresh sibling (``runs/mnist-2``, ...) when it is the
-    recipe's default, already holds an earlier run, and ``resume`` is off: running a recipe twice
-    starts a second run instead of overwriting the first. A workdir given explicitly that holds a
-    run is a ``UsageError`` without ``--resume``: a fresh run would mix its logs and checkpoints
-    into the earlier run's (with or without ``--checkpoint``)."""
-    from recipes.config_cli import UsageError
-
-    workdir = config.workdir
-    default = type(config).__dataclass_fields__["workdir"].default
-    if not workdir or config.resume or not holds_a_run(Path(workdir)):
-        return config
-    if workdir != default:
-        found = [name for name in RUN_OUTPUTS if _holds(Path(workdir) / name)]
-        advice = ("Continue it with --resume, or choose another --workdir." if "checkpoints" in found else
-                  "It has no checkpoints to continue from: choose another --workdir, or move the old one away.")
-        raise UsageError(f"--workdir {workdir} holds an earlier run ({', '.join(found)}): a fresh run would mix "
-                         f"its logs and checkpoints into it. {advice}")
-    n = 2
-    while holds_a_run(Path(f"{workdir}-{n}")):
-        n += 1
-    fresh = f"{workdir}-{n}"
-    print(f"{workdir} holds an earlier run: this one writes to {fresh} (--resume continues {workdir}; "
-          "--workdir chooses the folder)", file=sys.stderr, flush=True)
-    return dataclasses.replace(config, workdir=fresh)
 
 
 def holds_a_run(path: Path) -> bool:

@@ -73,6 +73,15 @@ def _parse_optional(kind: type):
     return parse
 
 
+def _as_given(text: str) -> str:
+    """A ``str`` option as given: argparse converts a default too, and ``str()`` would strip a default
+    that marks itself as one (``recipes.common.DefaultWorkdir``)."""
+    return text
+
+
+_as_given.__name__ = "str"
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, help_texts: dict[str, str] | None = None) -> None:
     """Adds a ``--field-name`` option for every (nested) field of the dataclass ``cls``."""
     help_texts = help_texts or {}
@@ -87,7 +96,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, help_texts:
             parser.add_argument(flag, dest=field.name, default=default, help=text,
                                 action=argparse.BooleanOptionalAction)
             continue
-        convert = _parse_optional(base) if optional else base
+        convert = _parse_optional(base) if optional else _as_given if base is str else base
         bounds = bounds_of(owner, field.name)
         if bounds is not None and bounds.choices is not None:  # argparse names the choices itself
             parser.add_argument(flag, dest=field.name, default=default, type=convert, help=text,
@@ -113,13 +122,15 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, descriptio
     """Parses ``argv`` into a ``cls`` config; ``--help`` lists every option with its default.
 
     Values outside a field's declared bounds (``trainer.settings``), step intervals that do not fit
-    ``--steps-per-execution``, an unwritable ``--export`` and whatever ``checks`` (a config -> problem
+    ``--steps-per-execution``, an unwritable ``--export`` or ``--workdir``, ``--nan-policy rollback``
+    without checkpoints and whatever ``checks`` (a config -> problem
     or None) find are usage errors: the problem on stderr, exit status 2, before anything is built.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_arguments(parser, cls, help_texts)
     config = config_from_args(cls, parser.parse_args(argv))
-    problem = (bounds_problem(config) or interval_problem(config) or export_problem(config) or resume_problem(config)
+    problem = (bounds_problem(config) or interval_problem(config) or export_problem(config) or workdir_problem(config)
+               or resume_problem(config) or rollback_problem(config)
                or next((p for p in (check(config) for check in checks) if p), None))
     if problem:
         parser.error(problem)  # a usage line and the problem on stderr, exit status 2
@@ -130,7 +141,7 @@ def bounds_problem(config: Any) -> str | None:
     """The first option whose value its field's declared bounds refuse, as the command line spells it."""
     for name, value, bounds in setting_problems(config):
         why = f": {bounds.why}" if bounds.why else ""
-        return f"{flag_of(name)} {value} {bounds.requirement()}{why}."
+        return f"{flag_of(name)} {value} {bounds.refusal(value)}{why}."
     return None
 
 
@@ -142,17 +153,41 @@ def resume_problem(config: Any) -> str | None:
 
 
 def export_problem(config: Any) -> str | None:
-    """What is wrong with ``--export`` if anything, found before training rather than after it: the
-    folder, or its nearest existing parent, must be a writable folder."""
+    """What is wrong with ``--export`` if anything, found before training rather than after it."""
     export = getattr(config, "export", None)
-    if not export:
-        return None
-    path = Path(export).absolute()
+    return folder_problem("--export", export, "the trained model") if export else None
+
+
+def workdir_problem(config: Any) -> str | None:
+    """What is wrong with ``--workdir`` if anything, found before anything is built (with
+    ``--no-checkpoint`` a whole epoch would otherwise train before its logs fail to be written)."""
+    workdir = getattr(config, "workdir", None)
+    return folder_problem("--workdir", workdir, "the run's logs and checkpoints") if workdir else None
+
+
+def folder_problem(flag: str, value: str, what: str) -> str | None:
+    """A folder option's problem, if any: the folder, or its nearest existing parent, must be a writable folder."""
+    path = Path(value).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK) or not _can_make_folder_in(existing):
-        return (f"--export {export}: {existing} is not a writable folder, so the trained model could not be "
+        kind = "" if existing.is_dir() else " (it is a file)"
+        return (f"{flag} {value}: {existing} is not a writable folder{kind}, so {what} could not be "
                 "written there; choose another folder.")
     return None
+
+
+def rollback_problem(config: Any) -> str | None:
+    """``--nan-policy rollback`` restores the last checkpoint: a run that saves none could never roll back."""
+    if getattr(config, "nan_policy", None) != "rollback":
+        return None
+    if not getattr(config, "checkpoint", True):
+        saves_none = "--no-checkpoint"
+    elif not getattr(config, "workdir", "x"):
+        saves_none = "--workdir '' (nothing written)"
+    else:
+        return None
+    return (f"--nan-policy rollback restores the last checkpoint after a non-finite step, but {saves_none} "
+            "saves none; keep checkpoints (--checkpoint and a --workdir), or choose --nan-policy skip or raise.")
 
 
 def _can_make_folder_in(folder: Path) -> bool:
@@ -187,12 +222,20 @@ class UsageError(ValueError):
 
 @contextlib.contextmanager
 def reading_options() -> Iterator[None]:
-    """Reading the files an option names (``--text``, ``--data-dir``): a missing, empty or unreadable one
-    is a usage error (the loaders' messages name the flag), not a traceback."""
+    """Reading the files an option names (``--text``, ``--data-dir``): a missing, empty, unreadable or
+    damaged one is a usage error (the loaders' messages name the flag or the file), not a traceback."""
     try:
         yield
-    except (FileNotFoundError, ValueError) as err:
-        raise UsageError(str(err)) from err
+    except (OSError, ValueError, EOFError) as err:  # OSError: a permission, a folder for a file, bad gzip data
+        raise UsageError(_reading_problem(err)) from err
+
+
+def _reading_problem(err: BaseException) -> str:
+    """A reading error's message; an ``OSError`` (a permission) as the file it names and what went wrong."""
+    if isinstance(err, OSError) and err.filename:
+        why = (err.strerror or str(err)).lower()
+        return f"{err.filename}: cannot be read ({why}); check the path and its permissions."
+    return str(err)
 
 
 @contextlib.contextmanager

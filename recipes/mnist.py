@@ -23,10 +23,12 @@ from flax import nnx
 
 from callbacks import Checkpoint, EpochSummary, Plots, PredictionGrid
 from callbacks.nan_detector import POLICIES
-from recipes.common import fresh_workdir, run_config, standard_callbacks
+from recipes.common import DefaultWorkdir, run_config, standard_callbacks
 from recipes.config_cli import UsageError, parse_config, reading_options, usage_errors
 from recipes.datasets import load_mnist_bundled, load_mnist_idx
+from recipes.runs import fitting, prepare_workdir
 from trainer import ArrayLoader, DefaultInterval, Trainer
+from trainer.data import SEED_LIMIT
 from trainer.export import load_model, read_model_info
 from trainer.optim import OptimConfig
 from trainer.settings import setting
@@ -52,9 +54,9 @@ class MnistConfig:
     max_steps: int | None = setting(None, at_least=1)
     dropout: float = setting(0.25, at_least=0, below=1, why="the share of activations zeroed while training")
     max_shift: int = setting(2, at_least=0, why="pixels of random translation; 0 disables it")
-    seed: int = 0
+    seed: int = setting(0, at_least=0, below=SEED_LIMIT)
     data_dir: str | None = None
-    workdir: str = "runs/mnist"
+    workdir: str = DefaultWorkdir("runs/mnist")
     log_every: int = setting(DefaultInterval(50), at_least=1)
     steps_per_execution: int = setting(1, at_least=1)
     progress: bool = True
@@ -68,6 +70,11 @@ class MnistConfig:
     export: str | None = None
     optim: MnistOptim = dataclasses.field(default_factory=MnistOptim)
 
+
+CONFIG = MnistConfig  # the recipe's config class: recipes.runs.recipe_of names the recipe of a saved config by it
+RESUME_KEEPS = ("batch_size", "seed")
+"""Options a resume must keep as saved: the data position counts batches of that size, the seed fixes the
+split of the bundled digits and the order of every epoch."""
 
 HELP = {
     "epochs": "passes over the training digits",
@@ -176,7 +183,7 @@ def build(config: MnistConfig, train: dict, test: dict, callbacks: Sequence | No
 def run(config: MnistConfig) -> float:
     """Trains, evaluates on the test split and returns the test accuracy."""
     started = time.perf_counter()
-    config = fresh_workdir(config)
+    config = prepare_workdir(config, "mnist", fixed=RESUME_KEEPS)
     with reading_options():
         train, test = load_data(config)
     examples = len(train["label"])
@@ -184,7 +191,8 @@ def run(config: MnistConfig) -> float:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {examples} training examples; "
                          f"use --batch-size {min(128, examples)} or less.")
     trainer, train_loader, test_loader = build(config, train, test)
-    trainer.fit(train_loader, eval_data=test_loader, resume=config.resume)  # ends with a test evaluation
+    with fitting(config, "mnist"):
+        trainer.fit(train_loader, eval_data=test_loader, resume=config.resume)  # ends with a test evaluation
     if "eval/accuracy" in trainer.eval_metrics:
         accuracy = trainer.eval_metrics["eval/accuracy"]
     else:  # resumed a run that had already finished: evaluated again, unprefixed so that no log repeats a step

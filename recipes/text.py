@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data import ArrayLoader, ArrayLoaderIterator
+from trainer.data import ArrayLoader, ArrayLoaderIterator, checked_seed
 
 
 def default_corpus() -> str:
@@ -35,15 +35,19 @@ def load_text(path: str | os.PathLike, min_chars: int = 1) -> str:
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: the file is empty, shorter than ``min_chars`` characters, or not valid UTF-8
-        (the message gives the byte offset).
+      ValueError: the file cannot be read (a permission), is empty, shorter than ``min_chars``
+        characters, or not valid UTF-8 (the message gives the byte offset).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--text {path}: no such file.")
     if not path.is_file():
         raise ValueError(f"--text {path} is not a regular file (a folder or a device); give a UTF-8 text file.")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # a permission, a folder's entry that went away
+        raise ValueError(f"--text {path} cannot be read: {(err.strerror or str(err)).lower()}. Make it readable "
+                         "(chmod a+r) or pass another file.") from None
     if not data:
         raise ValueError(f"--text {path} is empty; give a UTF-8 text file with some content.")
     try:
@@ -99,7 +103,7 @@ class TextWindows(ArrayLoader):
         self.tokens, self.context = tokens, context
         self.num_starts = len(tokens) - context
         self.batches_per_epoch = batches_per_epoch or max(1, len(tokens) // (context * batch_size))
-        self.batch_size, self.seed, self.shuffle, self.drop_remainder = batch_size, int(seed), True, True
+        self.batch_size, self.seed, self.shuffle, self.drop_remainder = batch_size, checked_seed(seed), True, True
         self.num_examples = self.batches_per_epoch * batch_size
 
     def __len__(self) -> int:

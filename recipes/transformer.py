@@ -18,6 +18,7 @@ import dataclasses
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax
@@ -25,10 +26,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from callbacks import Checkpoint, Evaluator, TextSamples
-from recipes.common import fresh_workdir, run_config, standard_callbacks
+from recipes.common import DefaultWorkdir, run_config, standard_callbacks
 from recipes.config_cli import UsageError, parse_config, reading_options, usage_errors
+from recipes.runs import fitting, prepare_workdir, saved_config
 from recipes.text import CharVocab, TextWindows, default_corpus, eval_windows, load_text
 from trainer import DefaultInterval, Trainer
+from trainer.data import SEED_LIMIT
 from trainer.optim import OptimConfig
 from trainer.settings import setting
 
@@ -60,8 +63,8 @@ class TransformerConfig:
     steps: int = setting(1200, at_least=1)
     eval_every: int = setting(DefaultInterval(300), at_least=1)
     eval_batches: int | None = setting(50, at_least=1)
-    seed: int = 0
-    workdir: str = "runs/transformer"
+    seed: int = setting(0, at_least=0, below=SEED_LIMIT)
+    workdir: str = DefaultWorkdir("runs/transformer")
     prompt: str = "The "
     sample_every: int = setting(DefaultInterval(600), at_least=1)
     sample_length: int = setting(200, at_least=1)
@@ -76,6 +79,10 @@ class TransformerConfig:
     export: str | None = None
     optim: TransformerOptim = dataclasses.field(default_factory=TransformerOptim)
 
+
+CONFIG = TransformerConfig  # the recipe's config class: recipes.runs.recipe_of names the recipe of a saved config by it
+RESUME_KEEPS = ("context", "layers", "width", "heads", "batch_size", "seed")
+"""Options a resume must keep as saved: they fix the model's shapes, and the windows each step draws."""
 
 HELP = {
     "text": "train on this UTF-8 file (None: the standard library's pydoc topics, ~465 kB of English)",
@@ -148,8 +155,28 @@ class LanguageModelTrainer(Trainer):
 
 
 def load_corpus(config: TransformerConfig) -> str:
+    """The text to train on (``--text`` or the default corpus), long enough for a window of ``--context``
+    in each split; a ``ValueError`` naming the flags otherwise."""
     min_chars = 10 * (config.context + 1)  # each split needs at least one window plus its target
-    return load_text(config.text, min_chars=min_chars) if config.text else default_corpus()
+    if config.text:
+        return load_text(config.text, min_chars=min_chars)
+    text = default_corpus()
+    if len(text) < min_chars:
+        raise ValueError(f"--context {config.context} needs at least {min_chars} characters of text (a window "
+                         f"plus one in the held-out 10%), but the default text has {len(text)}; use a smaller "
+                         "--context or a longer --text.")
+    return text
+
+
+def vocab_problem(config: TransformerConfig, text: str) -> str | None:
+    """A resume must see the characters its checkpoint was trained on: the model has a token for each."""
+    saved = saved_config(Path(config.workdir), logged=False) if config.resume and config.workdir else None
+    chars = CharVocab.from_text(text[:int(0.9 * len(text))]).chars
+    if saved is None or "vocab" not in saved or saved["vocab"] == chars:
+        return None
+    return (f"the checkpoint in --workdir {config.workdir} was trained on a text of other characters "
+            f"({len(saved['vocab'])} distinct; this one, --text {config.text or 'None'}, has {len(chars)}): its tokens would mean other "
+            f"characters. Resume with the text it was saved with (--text {saved.get('text') or 'None'}).")
 
 
 def build(config: TransformerConfig, text: str, callbacks: Sequence | None = None):
@@ -210,11 +237,15 @@ def default_callbacks(config: TransformerConfig, vocab: CharVocab, valid) -> lis
 def run(config: TransformerConfig) -> float:
     """Trains; prints and returns the validation bits per character."""
     started = time.perf_counter()
-    config = fresh_workdir(config)
+    config = prepare_workdir(config, "transformer", fixed=RESUME_KEEPS)
     with reading_options():
         text = load_corpus(config)
+    problem = vocab_problem(config, text)
+    if problem:
+        raise UsageError(problem)
     trainer, train, valid, _ = build(config, text)
-    trainer.fit(train, resume=config.resume)
+    with fitting(config, "transformer"):
+        trainer.fit(train, resume=config.resume)
     evaluated_now = any(ev.last_step == trainer.step for ev in trainer.evaluators) and "eval/bpc" in trainer.eval_metrics
     metrics = trainer.eval_metrics if evaluated_now else {  # a finished run resumed: evaluated again, unprefixed,
         f"eval/{name}": value for name, value in trainer.evaluate(valid).items()}  # so no log repeats a step

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from trainer import ArrayLoader, Trainer
 
 
 def write_idx(path, array, gz=False):
-    codes = {np.uint8: 0x08, np.int32: 0x0C}
+    codes = {np.uint8: 0x08, np.int32: 0x0C, np.float32: 0x0D}
     header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     body = array.astype(array.dtype.newbyteorder(">")).tobytes()
     (gzip.open if gz else open)(path, "wb").write(header + body)
@@ -224,6 +226,14 @@ def test_cli_refuses_values_outside_their_range_naming_the_flag(capsys):
                ("--clip-norm", "-1"): "--clip-norm -1.0 must be > 0",
                ("--checkpoint-min-seconds", "-5"): "--checkpoint-min-seconds -5.0 must be >= 0",
                ("--nan-policy", "foo"): "argument --nan-policy: invalid choice: 'foo'",
+               ("--learning-rate", "inf"): "--learning-rate inf is not finite; it must be > 0",
+               ("--weight-decay", "inf"): "--weight-decay inf is not finite; it must be >= 0",
+               ("--end-learning-rate", "nan"): "--end-learning-rate nan is not finite; it must be >= 0",
+               ("--seed", "-1"): "--seed -1 must be in [0, 9223372036854775808)",
+               ("--seed", "99999999999999999999"): "--seed 99999999999999999999 must be in [0, ",
+               ("--nan-policy", "rollback", "--no-checkpoint"): "--nan-policy rollback restores the last checkpoint "
+                                                               "after a non-finite step, but --no-checkpoint saves none",
+               ("--nan-policy", "rollback", "--workdir", ""): "but --workdir '' (nothing written) saves none",
                ("--optimizer", "lion"): "argument --optimizer: invalid choice: 'lion'"}
     for argv, message in refused.items():
         with pytest.raises(SystemExit) as exit_:
@@ -272,3 +282,127 @@ def test_recipe_resume_and_export_through_the_command_line(idx_dir, tmp_path):
     assert read_jsonl(run / "metrics.jsonl") == before
     configs = [r["hparams"] for r in before if "hparams" in r]  # the resume with --epochs 2 wrote its own
     assert len(configs) == 2 and (configs[0]["epochs"], configs[1]["epochs"]) == (1, 2)
+
+
+def fake_run(folder):
+    """What an earlier run leaves, as far as the workdir checks look: a logged config."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text(json.dumps({"hparams": {"epochs": 1}}) + "\n")
+
+
+def test_a_second_default_run_says_how_to_continue_it_and_resume_must_then_name_its_workdir(
+        tmp_path, monkeypatch, capsys, idx_dir):
+    from recipes.mnist import MnistConfig, main
+    from recipes.runs import fitting, prepare_workdir
+
+    monkeypatch.chdir(tmp_path)
+    fake_run(tmp_path / "runs" / "mnist")
+    moved = prepare_workdir(MnistConfig(epochs=2), "mnist")
+    assert moved.workdir == "runs/mnist-2"
+    assert "Continue this run after an interruption with: nnx-train mnist --epochs 2 --resume --workdir runs/mnist-2" \
+        in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="130"), fitting(moved, "mnist"):  # the preemption's save and exit
+        raise SystemExit(130)
+    hint = capsys.readouterr().err
+    assert "continue this run with: nnx-train mnist --epochs 2 --resume --workdir runs/mnist-2" in hint
+    fake_run(tmp_path / "runs" / "mnist-2")
+    small = ["--data-dir", str(idx_dir), "--batch-size", "8", "--max-steps", "1", "--no-progress", "--no-plots"]
+    for argv, message in {("--resume",): "--resume without --workdir continues runs/mnist, but other runs are beside "
+                                         "it (runs/mnist-2): pass --workdir",
+                          ("--workdir", "runs/mnist"): "--workdir runs/mnist holds an earlier run (metrics.jsonl)"
+                          }.items():
+        with pytest.raises(SystemExit) as exit_:
+            main([*small, *argv])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mnist", "mnist-2"]  # nothing trained
+
+
+def test_unreadable_or_damaged_idx_files_are_usage_errors_naming_the_file(idx_dir, tmp_path, capsys, monkeypatch):
+    from recipes.mnist import main
+
+    labels = idx_dir / "train-labels-idx1-ubyte.gz"
+    good = labels.read_bytes()
+    damages = {lambda: labels.write_bytes(b"not gzip"): "is not valid gzip data",
+               lambda: labels.write_bytes(good[:len(good) // 2]): "is a truncated .gz file",
+               lambda: labels.write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00")): "its header is cut short",
+               lambda: labels.unlink() or labels.mkdir(): "is a folder, not an IDX file"}
+    for damage, message in damages.items():
+        damage()
+        with pytest.raises(SystemExit) as exit_:
+            main(["--data-dir", str(idx_dir), "--workdir", "", "--no-progress"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"nnx-train mnist: error: {labels}" in err and message in err, err
+        assert "Traceback" not in err
+        labels.rmdir() if labels.is_dir() else None
+    write_idx(labels, np.zeros(20, np.uint8), gz=True)
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(gzip, "open", denied)  # root reads a chmod 000 file: the error as another user gets it
+    with pytest.raises(SystemExit):
+        main(["--data-dir", str(idx_dir), "--workdir", "", "--no-progress"])
+    assert f"{idx_dir / 'train-images-idx3-ubyte.gz'} cannot be read: permission denied" in capsys.readouterr().err
+
+
+def test_idx_splits_labels_and_pixels_are_checked_when_read(idx_dir):
+    test_images, test_labels = idx_dir / "t10k-images-idx3-ubyte", idx_dir / "t10k-labels-idx1-ubyte"
+    cases = [(test_images, np.zeros((0, 28, 28), np.uint8), "t10k-images-idx3-ubyte holds no images: the test split "
+                                                           "is empty"),
+             (test_labels, np.zeros(7, np.uint8), "the test split does not pair up: t10k-images-idx3-ubyte holds 8 "
+                                                  "images but t10k-labels-idx1-ubyte 7 labels"),
+             (test_labels, np.full(8, 10, np.uint8), "label 10 at index 0 (8 such) is not a digit 0..9"),
+             (test_labels, np.full(8, 3.7, np.float32), "label 3.7 at index 0 (8 such) is not a digit 0..9"),
+             (test_labels, np.zeros((8, 1), np.uint8), "labels of shape (8, 1); an MNIST labels file holds one digit "
+                                                       "per image"),
+             (test_images, np.full((8, 28, 28), 300, np.int32), "pixel values span [300.0, 300.0]")]
+    for path, array, message in cases:
+        kept = path.read_bytes()
+        write_idx(path, array)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_mnist_idx(idx_dir)
+        path.write_bytes(kept)
+    scaled = np.random.default_rng(0).random((8, 28, 28)).astype(np.float32)  # floats already in [0, 1]: kept
+    write_idx(test_images, scaled)
+    write_idx(test_labels, np.arange(8).astype(np.float32))  # whole-number float labels are digits
+    _, test = load_mnist_idx(idx_dir)
+    np.testing.assert_array_equal(test["image"][..., 0], scaled)
+    assert test["label"].tolist() == list(range(8)) and test["label"].dtype == np.int32
+    write_idx(test_images, scaled * 255)  # floats in [0, 255] are scaled
+    np.testing.assert_allclose(load_mnist_idx(idx_dir)[1]["image"][..., 0], scaled, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_resume_keeps_the_saved_batch_size_seed_optimizer_and_recipe_and_the_checkpoint_stays_good(
+        idx_dir, tmp_path, capsys):
+    from recipes import mnist, transformer
+
+    run = tmp_path / "run"
+    common = ["--data-dir", str(idx_dir), "--batch-size", "8", "--workdir", str(run), "--no-progress", "--no-plots",
+              "--no-tensorboard"]
+    mnist.main([*common, "--max-steps", "2"])
+    capsys.readouterr()
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    refusals = {
+        (mnist, "--batch-size", "4"): f"the checkpoint in --workdir {run} was saved with --batch-size 8 (this run: "
+                                      "--batch-size 4)",
+        (mnist, "--seed", "1"): "was saved with --seed 0 (this run: --seed 1)",
+        (mnist, "--optimizer", "sgd"): "was saved with --optimizer adamw (this run: --optimizer sgd): its optimizer "
+                                       "state does not fit",
+        (mnist, "--workdir", str(run / "checkpoints")): f"is a checkpoints folder (it holds step_2), not a run's "
+                                                        f"workdir; pass the run's folder, its parent: --workdir {run}",
+        (transformer, "--workdir", str(run)): f"--workdir {run} holds an mnist run, not a transformer one",
+    }
+    for (recipe, *argv), message in refusals.items():
+        with pytest.raises(SystemExit) as exit_:
+            recipe.main([*(["--workdir", str(run)] if recipe is transformer else common), "--resume", *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
+    with pytest.raises(SystemExit):  # a fresh transformer run there: no advice to --resume across recipes
+        transformer.main(["--workdir", str(run), "--no-progress"])
+    err = capsys.readouterr().err
+    assert f"--workdir {run} holds an earlier mnist run" in err and "--resume" not in err, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == saved
+    mnist.main([*common, "--max-steps", "4", "--resume"])  # the checkpoint still resumes
+    out = capsys.readouterr()
+    assert "resumed from checkpoint step 2" in out.err and "trained 4 steps" in out.out

@@ -180,7 +180,9 @@ def test_cli_refuses_a_bad_model_shape_prompt_or_text_naming_the_flag(tmp_path, 
 
     for argv, message in {("--width", "-4"): "--width -4 must be >= 1", ("--heads", "0"): "--heads 0 must be >= 1",
                           ("--heads", "3"): "--heads 3 must divide --width 128",
-                          ("--temperature", "0"): "--temperature 0.0 must be > 0"}.items():
+                          ("--temperature", "0"): "--temperature 0.0 must be > 0",
+                          ("--temperature", "inf"): "--temperature inf is not finite; it must be > 0",
+                          ("--seed", "-1"): "--seed -1 must be in [0, 9223372036854775808)"}.items():
         with pytest.raises(SystemExit) as exit_:
             parse_config(TransformerConfig, list(argv), prog="nnx-train transformer", description="",
                          checks=[heads_problem])
@@ -194,11 +196,71 @@ def test_cli_refuses_a_bad_model_shape_prompt_or_text_naming_the_flag(tmp_path, 
                           ("--text", str(tmp_path / "corpus.txt"), "--prompt", ""): "--prompt '' is empty",
                           ("--text", str(tmp_path / "latin1.txt")): "is not UTF-8 text",
                           ("--text", str(tmp_path / "missing.txt")): "missing.txt: no such file",
-                          ("--text", str(tmp_path)): "is not a regular file (a folder or a device)"}.items():
+                          ("--text", str(tmp_path)): "is not a regular file (a folder or a device)",
+                          ("--context", "60000"): "--context 60000 needs at least 600010 characters of text (a window "
+                                                  "plus one in the held-out 10%), but the default text has"}.items():
         with pytest.raises(SystemExit) as exit_:
             main([*small, *argv])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and "nnx-train transformer: error: " in err and message in err, (argv, err)
+
+
+def test_a_workdir_that_is_a_file_or_cannot_be_made_is_a_usage_error_before_anything_is_built(tmp_path, capsys):
+    from recipes.config_cli import parse_config
+    from recipes.transformer import TransformerConfig
+
+    (tmp_path / "afile").write_text("x")
+    for workdir, message in {str(tmp_path / "afile"): "afile is not a writable folder (it is a file)",
+                             str(tmp_path / "afile" / "run"): "afile is not a writable folder (it is a file)",
+                             "/proc/nnx-run": "/proc is not a writable folder"}.items():
+        if workdir.startswith("/proc") and not os.path.isdir("/proc/self"):
+            continue
+        with pytest.raises(SystemExit) as exit_:
+            parse_config(TransformerConfig, ["--workdir", workdir, "--no-checkpoint"], prog="nnx-train transformer",
+                         description="")
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"--workdir {workdir}: " in err and message in err, err
+
+
+def test_an_unreadable_text_is_a_usage_error_naming_it(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from recipes.transformer import main
+
+    (tmp_path / "corpus.txt").write_text("abc abc " * 400)
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # root reads a chmod 000 file: the error as another user gets it
+    with pytest.raises(SystemExit) as exit_:
+        main(["--text", str(tmp_path / "corpus.txt"), "--workdir", "", "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--text {tmp_path / 'corpus.txt'} cannot be read: permission denied" in err
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_model_shape_or_text_names_what_the_checkpoint_was_saved_with(tmp_path, capsys):
+    from recipes.transformer import main
+
+    (tmp_path / "corpus.txt").write_text("abc abd " * 400)
+    (tmp_path / "other.txt").write_text("xyz xyw " * 400)
+    run = tmp_path / "run"
+    argv = ["--text", str(tmp_path / "corpus.txt"), "--context", "8", "--layers", "1", "--width", "16", "--heads", "2",
+            "--batch-size", "4", "--eval-every", "2", "--sample-every", "2", "--sample-length", "2", "--no-progress",
+            "--workdir", str(run)]
+    main([*argv, "--steps", "2"])
+    capsys.readouterr()
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    for changed, message in {("--width", "8"): f"the checkpoint in --workdir {run} was saved with --width 16 (this "
+                                               "run: --width 8)",
+                             ("--text", str(tmp_path / "other.txt")): "was trained on a text of other characters"
+                             }.items():
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--steps", "4", "--resume", *changed])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == saved
 
 
 @pytest.mark.slow

@@ -47,3 +47,13 @@ def test_a_subclass_that_changes_a_default_keeps_the_base_bounds():
     assert bounds_of(Tuned, "learning_rate") == bounds_of(OptimConfig, "learning_rate")
     assert [name for name, _, _ in setting_problems(Tuned(learning_rate=-1.0, momentum=1.0))] == [
         "learning_rate", "momentum"]
+
+
+def test_a_range_refuses_non_finite_values_saying_they_are_not_finite():
+    bounds = Bounds(at_least=0)
+    assert bounds.accepts(1e308) and bounds.accepts(10 ** 400)  # large, but finite
+    for value in (float("inf"), float("-inf"), float("nan")):
+        assert not bounds.accepts(value)
+        assert bounds.refusal(value) == "is not finite; it must be >= 0"
+    assert Bounds(above=0).refusal(-1.0) == "must be > 0"
+    assert [name for name, _, _ in setting_problems(OptimConfig(weight_decay=float("inf")))] == ["weight_decay"]

@@ -89,3 +89,15 @@ def test_lists_are_arrays_and_bad_columns_are_named():
             ArrayLoader({"x": x, "label": column}, 4)
     with pytest.raises(ValueError, match="batch_size=True must be a positive integer"):
         ArrayLoader({"x": x}, True)
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 63, None, 1.7, True, "3"])
+def test_a_seed_that_is_no_integer_in_0_to_2_pow_63_is_refused_when_built(arrays, seed):
+    with pytest.raises(ValueError, match=re.escape(f"seed={seed!r} must be an integer in [0, 2**63)")):
+        ArrayLoader(arrays, 10, seed=seed)
+
+
+def test_the_largest_seed_and_numpy_integers_are_accepted(arrays):
+    assert ArrayLoader(arrays, 10, seed=2 ** 63 - 1).seed == 2 ** 63 - 1
+    assert len(ids_of(ArrayLoader(arrays, 10, seed=2 ** 63 - 1))) == 100
+    assert type(ArrayLoader(arrays, 10, seed=np.int64(3)).seed) is int

@@ -82,6 +82,18 @@ def _numbers(x: Any) -> bool:
     return all(isinstance(item, list) for item in x) and _numbers(x[0])
 
 
+SEED_LIMIT = 2 ** 63
+"""Seeds are integers in ``[0, SEED_LIMIT)``: numpy's generators refuse negative ones, ``nnx.Rngs`` larger ones."""
+
+
+def checked_seed(seed: Any) -> int:
+    """``seed`` as an ``int``, refused when built (not at the first batch) unless an integer in [0, 2**63)."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**63) (numpy's generators refuse negative "
+                         "seeds, and a float would be cut to an integer); pass e.g. seed=0.")
+    return int(seed)
+
+
 class ArrayLoader:
     """Batches over in-memory arrays (any pytree of arrays sharing the first axis).
 
@@ -93,8 +105,8 @@ class ArrayLoader:
       drop_remainder: drop the last, smaller batch (training); ``False`` keeps it (evaluation).
 
     Raises:
-      ValueError: empty arrays, first axes that differ, a non-positive batch size, or a batch size
-        larger than the dataset with ``drop_remainder=True``.
+      ValueError: empty arrays, first axes that differ, a non-positive batch size, a batch size
+        larger than the dataset with ``drop_remainder=True``, or a seed that is no integer in [0, 2**63).
     """
 
     def __init__(self, arrays: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,
@@ -124,7 +136,7 @@ class ArrayLoader:
             )
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
-        self.seed = int(seed)
+        self.seed = checked_seed(seed)
         self.drop_remainder = drop_remainder
 
     def __len__(self) -> int:

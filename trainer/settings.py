@@ -18,6 +18,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Sequence
 
 METADATA_KEY = "setting"
@@ -36,14 +38,21 @@ class Bounds:
     why: str | None = None
 
     def accepts(self, value: Any) -> bool:
+        """Whether ``value`` is within the bounds; a range refuses non-finite numbers (``inf``, ``nan``)."""
         if value is None:
             return True
         if self.choices is not None:
             return value in self.choices
+        if not _finite(value):
+            return False
         return not ((self.at_least is not None and not value >= self.at_least)
                     or (self.above is not None and not value > self.above)
                     or (self.at_most is not None and not value <= self.at_most)
                     or (self.below is not None and not value < self.below))
+
+    def refusal(self, value: Any) -> str:
+        """Why ``value`` is refused: ``must be >= 1``, or ``is not finite; it must be > 0`` for inf / nan."""
+        return f"is not finite; it {self.requirement()}" if not _finite(value) else self.requirement()
 
     def requirement(self) -> str:
         """``must be >= 1``, ``must be in [0, 1)``, ``must be one of ['a', 'b']``."""
@@ -58,6 +67,11 @@ class Bounds:
         if high:
             return f"must be {'<=' if high[1] == ']' else '<'} {_number(high[0])}"
         return "is accepted"
+
+
+def _finite(value: Any) -> bool:
+    """Whether a number is finite; anything that is no real number counts as finite (its bounds decide)."""
+    return not isinstance(value, numbers.Real) or isinstance(value, numbers.Integral) or math.isfinite(value)
 
 
 def _number(value: float) -> str:

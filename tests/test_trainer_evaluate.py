@@ -39,15 +39,26 @@ def test_predict_returns_every_row_in_order(model, data):
     np.testing.assert_allclose(out, np.asarray(trainer.model(data["x"])), rtol=1e-5, atol=1e-6)
 
 
-def test_raw_arrays_are_refused_by_predict_evaluate_and_evaluator(model, data):
+def test_predict_and_evaluate_take_raw_arrays_as_rows_in_batches(model, data):
+    """As Keras's ``predict(x)``: every row in order, ``batch_size`` at a time (not iterated row by row)."""
     import jax.numpy as jnp
 
     trainer = Trainer(model, optax.adam(1e-2), max_steps=1)
-    for raw in (data["x"], jnp.asarray(data["x"])):  # iterating one would give its rows as batches
-        with pytest.raises(TypeError, match="predict's data must be an iterable of batches"):
-            trainer.predict(raw)
-    with pytest.raises(TypeError, match="evaluate's data must be an iterable of batches"):
-        trainer.evaluate(data)
+    expected = np.asarray(model(data["x"]))
+    for raw in (data["x"], jnp.asarray(data["x"])):
+        np.testing.assert_allclose(trainer.predict(raw, batch_size=48), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(trainer.predict(data["x"]), expected, rtol=1e-5, atol=1e-6)  # 32 at a time
+    loss, accuracy = _reference(trainer, data)
+    assert trainer.evaluate(data)["loss"] == pytest.approx(loss, rel=1e-5)
+    assert trainer.evaluate(data, batch_size=7)["accuracy"] == pytest.approx(accuracy)
+    with pytest.raises(ValueError, match="batch_size=16 applies to raw arrays; this data .* yields its own batches"):
+        trainer.predict(ArrayLoader(data, 32, shuffle=False, drop_remainder=False), batch_size=16)
+
+
+def test_raw_arrays_are_refused_by_fit_and_evaluator(model, data):
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=1)
+    with pytest.raises(TypeError, match="train_data must be an iterable of batches, not raw arrays"):
+        trainer.fit(data)
     with pytest.raises(TypeError, match="Evaluator's data must be an iterable of batches"):
         Evaluator(data)
     with pytest.raises(TypeError, match="Evaluator needs data"):

@@ -163,16 +163,31 @@ class ArrayLoader:
         return self.iterator(0)
 
 
-def check_batch_source(data: Any, name: str) -> None:
-    """Refuses raw arrays where an iterable of batches is expected, saying how to wrap them."""
+def raw_arrays(data: Any) -> bool:
+    """Whether ``data`` is arrays (one, a dict or a tuple of them: rows), not an iterable of batches."""
     def array(a: Any) -> bool:  # numpy or JAX
         return isinstance(a, np.ndarray) or (hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "ndim"))
 
-    raw = isinstance(data, Mapping) or array(data) or (
+    return isinstance(data, Mapping) or array(data) or bool(
         isinstance(data, tuple) and data and all(array(a) for a in data))
-    if raw:
+
+
+def check_batch_source(data: Any, name: str) -> None:
+    """Refuses raw arrays where an iterable of batches is expected, saying how to wrap them."""
+    if raw_arrays(data):
         raise TypeError(f"{name} must be an iterable of batches, not raw arrays ({type(data).__name__}); wrap "
                         f"them: ArrayLoader({{'image': x, 'label': y}}, batch_size=128).")
+
+
+def batches_of(data: Any, batch_size: int | None, name: str) -> Any:
+    """``data`` as batches for ``evaluate`` / ``predict``: raw arrays (``x``, ``{'image': x, 'label': y}``)
+    in order, every row, ``batch_size`` (default 32, Keras's) at a time; batches as they are."""
+    if raw_arrays(data):
+        return ArrayLoader(data, 32 if batch_size is None else batch_size, shuffle=False, drop_remainder=False)
+    if batch_size is not None:
+        raise ValueError(f"{name}: batch_size={batch_size!r} applies to raw arrays; this data ({type(data).__name__}) "
+                         "yields its own batches. Drop batch_size, or pass the arrays themselves.")
+    return data
 
 
 def rows_left_out(data: Any) -> int:

@@ -28,6 +28,7 @@ from trainer.carry import Carry
 from trainer.checkpoint import Checkpoint
 from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
+from trainer.data import batches_of
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, finish_partial_epoch, has_partial_row, roll_back_after_fit, run_epoch
@@ -432,21 +433,22 @@ class Trainer:
             raise errors[0]
         return self.history
 
-    def evaluate(self, data: Iterable[Any], *, prefix: str = "") -> dict[str, float]:
+    def evaluate(self, data: Any, *, prefix: str = "", batch_size: int | None = None) -> dict[str, float]:
         """Mean of ``compute_metrics`` over every example of ``data``, keys prefixed by ``prefix``.
 
-        The last, smaller batch is padded to the first batch's size and masked, so every example
-        counts once and one compiled function serves all batches.
+        ``data``: an iterable of batches, or arrays (``{'image': x, 'label': y}``) taken ``batch_size``
+        rows at a time (default 32). The last, smaller batch is padded to the first batch's size and
+        masked, so every example counts once and one compiled function serves all batches.
         """
-        return run_evaluation(self, data, prefix)
+        return run_evaluation(self, batches_of(data, batch_size, "evaluate"), prefix)
 
-    def predict(self, data: Iterable[Any]) -> Any:
+    def predict(self, data: Any, *, batch_size: int | None = None) -> Any:
         """``predict_step`` over every batch, concatenated on the host (numpy array or pytree).
 
-        ``data`` is an iterable of batches (a list of input arrays works): one array alone is refused,
-        since iterating it would give its rows.
+        ``data``: an iterable of batches (a list of input arrays works), or arrays (``x``, as Keras's
+        ``predict(x)``) taken ``batch_size`` rows at a time (default 32), in order.
         """
-        return run_prediction(self, data)
+        return run_prediction(self, batches_of(data, batch_size, "predict"))
 
     # ----- the loop ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import numbers
+import sys
 import time
 import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -239,6 +240,21 @@ def roll_back_if_requested(trainer: "Trainer") -> bool:
     return True
 
 
+def end_fit(trainer: "Trainer") -> None:
+    """``on_fit_end`` on every callback (final saves) even when one raises, a rollback asked for there, the
+    reason of a requested stop said once (as Lightning does: a stop nobody sees looks like a short run),
+    then the first error a callback raised."""
+    errors = trainer.callbacks.dispatch_all("on_fit_end", trainer)
+    roll_back_after_fit(trainer)
+    if trainer.should_stop:
+        print(f"fit stopped at step {trainer.step}: {trainer.stop_reason or 'trainer.should_stop was set'}",
+              file=sys.stderr, flush=True)
+    if errors:
+        for error in errors[1:]:
+            warnings.warn(f"another callback's on_fit_end raised too: {error!r}", RuntimeWarning, stacklevel=3)
+        raise errors[0]
+
+
 def roll_back_after_fit(trainer: "Trainer") -> None:
     """A rollback asked for once the loop had ended (in ``on_fit_end``, after a stop): restored, not
     trained on, with a warning; the stop's reason stays, and the caller's module holds the restored state."""
@@ -246,7 +262,7 @@ def roll_back_after_fit(trainer: "Trainer") -> None:
     if roll_back_if_requested(trainer):
         trainer.stop_reason, _ = stop_reason, trainer.model
         warnings.warn(f"fit ended with a rollback pending: restored the newest good checkpoint, step {trainer.step}; "
-                      "fit again to train on from there.", RuntimeWarning, stacklevel=3)
+                      "fit again to train on from there.", RuntimeWarning, stacklevel=4)
 
 
 def finished_metrics(trainer: "Trainer", metrics: dict[str, float]) -> dict[str, float]:

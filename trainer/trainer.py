@@ -10,7 +10,6 @@ Example::
 from __future__ import annotations
 
 import collections.abc
-import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -31,7 +30,7 @@ from trainer.events import Callback, CallbackList
 from trainer.data import batches_of
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
-from trainer.loop import EPOCH_SUMS, finish_partial_epoch, has_partial_row, roll_back_after_fit, run_epoch
+from trainer.loop import EPOCH_SUMS, end_fit, finish_partial_epoch, has_partial_row, run_epoch
 from trainer.options import check_fit_inputs, check_options, recorded_number, warn_if_loss_fn_unused
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
@@ -422,15 +421,7 @@ class Trainer:
             self._preemption.uninstall()
             self._fit_evaluators = []
             _ = self.model  # the caller's module holds the trained state, even after an error
-        errors = self.callbacks.dispatch_all("on_fit_end", self)  # every callback's end runs (final saves)
-        roll_back_after_fit(self)
-        if self.should_stop:  # said once, as Lightning does: a stop nobody sees looks like a short run
-            print(f"fit stopped at step {self.step}: {self.stop_reason or 'trainer.should_stop was set'}",
-                  file=sys.stderr, flush=True)
-        if errors:
-            for error in errors[1:]:
-                warnings.warn(f"another callback's on_fit_end raised too: {error!r}", RuntimeWarning, stacklevel=2)
-            raise errors[0]
+        end_fit(self)
         return self.history
 
     def evaluate(self, data: Any, *, prefix: str = "", batch_size: int | None = None) -> dict[str, float]:

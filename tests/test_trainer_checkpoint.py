@@ -167,6 +167,23 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, data):
     assert again.step == 8
 
 
+
+def test_the_closed_event_loop_noise_after_a_damaged_read_is_dropped_and_nothing_else(monkeypatch):
+    """tensorstore answers the reads of a failed restore through orbax's closed event loop: each answer
+    printed an unraisable traceback ('Event loop is closed', four for the CNN); only those are dropped."""
+    import types
+
+    from trainer.checkpoint_store import _quiet_closed_loop_noise
+
+    passed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda args: passed.append(args.exc_value))
+    _quiet_closed_loop_noise()
+    _quiet_closed_loop_noise()  # once: not a chain of filters
+    noise, other = RuntimeError("Event loop is closed"), RuntimeError("something else")
+    for error in (noise, other, ValueError("Event loop is closed")):
+        sys.unraisablehook(types.SimpleNamespace(exc_value=error, exc_type=type(error), object=None))
+    assert [str(e) for e in passed] == ["something else", "Event loop is closed"] and passed[0] is other
+
 def test_nothing_valid_left_is_a_clear_error(tmp_path, data):
     make(tmp_path, 4, every=4).fit(ArrayLoader(data, 16))
     flip_a_byte(tmp_path / "checkpoints" / "step_4")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -202,6 +203,22 @@ class _MissingMetricsFilter:
         return "did not provide metrics" not in record.getMessage()
 
 
+def _quiet_closed_loop_noise() -> None:
+    """After a read of damaged files fails, tensorstore still answers the reads orbax had started, through
+    an event loop orbax has closed: each prints an unraisable ``RuntimeError('Event loop is closed')``
+    traceback (four for the CNN) that looks like a crash. Those alone are dropped; others pass on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_noise", False):
+        return
+
+    def hook(args: Any) -> None:
+        if not (isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed"):
+            previous(args)
+
+    hook.drops_closed_loop_noise = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 class _Damaged(Exception):
     """A step folder of ours whose files cannot be read."""
 
@@ -375,6 +392,7 @@ class CheckpointStore:
             try:
                 arrays = self.read_arrays(candidate, meta["leaves"])
             except Exception as err:  # orbax's errors for damaged files rarely say so
+                _quiet_closed_loop_noise()
                 if step is not None:
                     raise CheckpointError(f"checkpoint step {step} cannot be restored: {_short(err)}") from err
                 self._set_aside(candidate, err)

@@ -169,10 +169,20 @@ def supervised(
 
 
 def _masked_mean(mask: jax.Array | None) -> Callable[[jax.Array], jax.Array]:
+    """The mean over the real rows of per-example values ``[batch, ...]`` (per position too: a sequence
+    model's ``[batch, time]`` losses), as ``jnp.mean`` over an unpadded batch."""
     if mask is None:
         return jnp.mean
     weights = mask.astype(jnp.float32)
-    return lambda values: jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    def mean(values: jax.Array) -> jax.Array:
+        if values.ndim == 0:  # a criterion that averaged already
+            return values
+        per_row = values.size // values.shape[0]  # the positions of one example
+        row_weights = weights.reshape(weights.shape + (1,) * (values.ndim - 1))
+        return jnp.sum(values * row_weights) / jnp.maximum(jnp.sum(weights) * per_row, 1.0)
+
+    return mean
 
 
 default_loss = supervised(cross_entropy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import warnings
@@ -220,6 +221,37 @@ def test_restoring_into_a_different_model_names_step_path_and_shapes(tmp_path, d
                                               r"stored float32\[16\], expected float32\[32\]"):
         other.fit(ArrayLoader(data, 16), resume=True)
 
+
+
+def test_an_iterator_whose_state_is_not_arrayloaders_is_checkpointed_without_it(tmp_path, data):
+    """grain's iterators answer get_state() with bytes: a save crashed on them ('bytes' object is not a
+    mapping). Only ArrayLoader's state is kept (and restored); a resume of other data starts a fresh pass."""
+    class GrainLike:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            outer = self
+
+            class Iterator:
+                position = 0
+
+                def __next__(self):
+                    if self.position == len(outer.batches):
+                        raise StopIteration
+                    self.position += 1
+                    return outer.batches[self.position - 1]
+
+                def get_state(self):
+                    return json.dumps({"position": self.position}).encode()
+
+            return Iterator()
+
+    batches = list(ArrayLoader(data, 16, shuffle=False))
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=3, workdir=tmp_path,
+                      callbacks=[Checkpoint(every_n_steps=2, every_n_epochs=None)])
+    trainer.fit(GrainLike(batches))
+    assert trainer.checkpoints[0].open(trainer).read_meta(2)["data_state"] is None
 
 def test_a_callback_state_with_arrays_comes_back_as_lists(tmp_path, data):
     import jax.numpy as jnp

@@ -266,6 +266,8 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
     """The JSON half of a checkpoint: new containers throughout, as it is written in the background."""
     iterator = trainer.data_iterator
     data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
+    if not isinstance(data_state, Mapping):  # only ArrayLoader's protocol is restored; grain's (bytes) is not
+        data_state = None
     if data_state is not None:  # a prefetch thread runs the iterator ahead: record what was trained on
         data_state = {**data_state, "epoch": trainer.epoch, "position": trainer.position}
     sums = {**(trainer.restored_window_sums or {}), EPOCH_SUMS: trainer.restored_epoch_sums,

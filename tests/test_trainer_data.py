@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
-from trainer import ArrayLoader
+from conftest import TinyMLP
+from trainer import ArrayLoader, Trainer
 
 
 def ids_of(iterator):
@@ -101,3 +104,20 @@ def test_the_largest_seed_and_numpy_integers_are_accepted(arrays):
     assert ArrayLoader(arrays, 10, seed=2 ** 63 - 1).seed == 2 ** 63 - 1
     assert len(ids_of(ArrayLoader(arrays, 10, seed=2 ** 63 - 1))) == 100
     assert type(ArrayLoader(arrays, 10, seed=np.int64(3)).seed) is int
+
+
+def test_data_whose_len_refuses_trains_with_its_length_unknown(data):
+    """A torch DataLoader over an IterableDataset has __len__ but raises TypeError from it: fit died
+    before training with torch's traceback; the length is now taken as unknown."""
+    batches = list(ArrayLoader(data, 16, shuffle=False))
+
+    class NoLength:
+        def __iter__(self):
+            return iter(batches)
+
+        def __len__(self):
+            raise TypeError("object of type 'DS' has no len()")
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=2, steps_per_execution=2)
+    trainer.fit(NoLength())
+    assert trainer.step == 2 * len(batches) and trainer.epoch_length is None

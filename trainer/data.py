@@ -163,6 +163,17 @@ class ArrayLoader:
         return self.iterator(0)
 
 
+def known_length(data: Any) -> int | None:
+    """``len(data)`` where it has one; ``None`` where it has none or its ``len()`` refuses (a torch
+    ``DataLoader`` over an ``IterableDataset`` raises ``TypeError``: the length is not known)."""
+    if not hasattr(data, "__len__"):
+        return None
+    try:
+        return len(data)
+    except (TypeError, NotImplementedError):
+        return None
+
+
 def raw_arrays(data: Any) -> bool:
     """Whether ``data`` is arrays (one, a dict or a tuple of them: rows), not an iterable of batches."""
     def array(a: Any) -> bool:  # numpy or JAX

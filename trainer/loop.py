@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from trainer import resume as resuming
-from trainer.data import add_note, describe_shapes, epoch_iterator
+from trainer.data import add_note, describe_shapes, epoch_iterator, known_length
 from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
 from trainer.prefetch import Feed
@@ -54,7 +54,7 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
     trainer.data_iterator, trainer.position = epoch_iterator(
         train_data, epoch, trainer.position, trainer.restored_data_state)
     trainer.restored_data_state = None
-    trainer.epoch_length = len(train_data) if hasattr(train_data, "__len__") else None
+    trainer.epoch_length = known_length(train_data)
     trainer.callbacks.dispatch("on_epoch_start", trainer, epoch)
     if trainer._preemption.signal:  # arrived in on_epoch_start (an evaluation's redo): no step follows it
         raise Preempted()

@@ -14,7 +14,7 @@ from flax import nnx
 
 from trainer import resume as resuming
 from trainer.build import check_intervals
-from trainer.data import check_batch_source
+from trainer.data import check_batch_source, known_length
 from trainer.feed import RAGGED
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,7 +76,7 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
         raise TypeError(f"train_data is a one-pass {type(train_data).__name__}, but max_epochs={trainer.max_epochs} "
                         "iterates it once an epoch; pass a list or an ArrayLoader, or set max_steps.")
     check_intervals(trainer)  # again: callbacks appended since, or shared with a trainer of another K
-    k, batches = trainer.steps_per_execution, len(train_data) if hasattr(train_data, "__len__") else None
+    k, batches = trainer.steps_per_execution, known_length(train_data)
     if k > 1 and batches is not None and batches < k:
         warnings.warn(f"steps_per_execution={k} is more than the {batches} batches of an epoch: no chunk of {k} "
                       f"fits in one, so every step runs alone. Use steps_per_execution={batches} or less (one "

@@ -209,3 +209,33 @@ def test_a_padded_batch_of_sequences_averages_over_real_rows_and_positions(posit
     history = Trainer(model, optax.sgd(0.0), max_epochs=1, ragged_batches="pad").fit(batches)
     assert history[0]["loss"] == pytest.approx(loss, rel=1e-5)
     assert history[0]["accuracy"] == pytest.approx(accuracy, rel=1e-6)
+
+
+def test_buckets_of_other_sequence_lengths_are_checked_against_their_own_outputs():
+    """The label check took the model's output shape from the first batch only: a second bucket of
+    sequence length (T=10 after T=6) was refused as mismatched labels. Each shape is asked once; the
+    labels' shape and dtype are checked for JAX arrays too (one-hot ones got a raw JAX error)."""
+    import jax.numpy as jnp
+
+    class Tagger(nnx.Module):
+        def __init__(self):
+            self.embed = nnx.Embed(5, 8, rngs=nnx.Rngs(0))
+            self.out = nnx.Linear(8, 5, rngs=nnx.Rngs(1))
+
+        def __call__(self, tokens):
+            return self.out(self.embed(tokens))
+
+    rng = np.random.default_rng(0)
+    batches = [{"tokens": t, "label": (t + 1) % 5} for t in
+               (rng.integers(0, 5, size=(8, n)).astype(np.int32) for n in (6, 10, 6))]
+    trainer = Trainer(Tagger(), optax.adam(1e-2), max_epochs=2)
+    with pytest.warns(UserWarning, match="compil"):  # the second shape compiles again, said once
+        trainer.fit(batches)
+    assert trainer.step == 6 and set(trainer._output_shapes.values()) == {(8, 6, 5), (8, 10, 5)}
+    assert trainer.evaluate(batches)["accuracy"] > 0.5
+    bad = [{"tokens": batches[1]["tokens"], "label": batches[1]["label"][:, :6]}]
+    with pytest.raises(ValueError, match=r"labels at .* have shape \(8, 6\), but the model's outputs \(8, 10, 5\)"):
+        trainer.evaluate(bad)
+    one_hot = [{"tokens": jnp.asarray(batches[0]["tokens"]), "label": jax.nn.one_hot(batches[0]["label"], 5)}]
+    with pytest.raises(ValueError, match=r"are float32 \(8, 6, 5\), but this loss .* takes integer labels"):
+        Trainer(Tagger(), optax.adam(1e-2), max_steps=1).fit(one_hot)

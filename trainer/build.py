@@ -149,28 +149,31 @@ def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
         return
     try:
         labels = losses.batch_labels(batch)
-        if isinstance(labels, np.ndarray) and labels.dtype.kind not in "iu":
+        typed = isinstance(labels, (np.ndarray, jax.Array))  # dtype and shape: metadata, no device read
+        if typed and np.dtype(labels.dtype).kind not in "iu":
             raise ValueError(
                 f"labels at {where} are {labels.dtype} {labels.shape}, but this loss (softmax cross-entropy on "
                 "class ids) takes integer labels. One-hot labels: loss_fn=losses.supervised("
                 "losses.cross_entropy_onehot); regression targets: losses.supervised(losses.mse).")
-        if trainer._num_classes is None:  # the model's output size, from shapes only
-            try:
-                # what the default loss sees: the model on the inputs (Trainer's own predict_step, not an
-                # override that serves predict(): one returning class ids, say)
+        inputs = tuple((np.shape(x), np.result_type(x)) for x in jax.tree.leaves(losses.batch_inputs(batch)))
+        if inputs not in trainer._output_shapes:  # the model's output shape for inputs of these shapes (a
+            try:  # bucket of other sequence lengths is asked again), from shapes only: what the default
+                # loss sees, the model on the inputs (Trainer's own predict_step, not an override that
+                # serves predict(): one returning class ids, say)
                 out = jax.eval_shape(lambda s, b: Trainer.predict_step(trainer, s.merge(trainer.graphdef), b),
                                      trainer._state_shapes, batch)
             except Exception as err:  # the model's own error (a shape it cannot take), with what it was given
                 add_note(err, f"(the model on the batch of {where}, of shapes {describe_shapes(batch)})")
                 raise
-            trainer._num_classes = out.shape[-1] if hasattr(out, "shape") and out.shape else 0
-            trainer._label_shape = tuple(out.shape[:-1]) if trainer._num_classes else None
-        if isinstance(labels, np.ndarray) and trainer._label_shape and labels.shape[1:] != trainer._label_shape[1:]:
+            trainer._output_shapes[inputs] = tuple(out.shape) if hasattr(out, "shape") else ()
+        output = trainer._output_shapes[inputs]
+        classes, label_shape = (output[-1], output[:-1]) if output else (0, None)
+        if typed and label_shape and labels.shape[1:] != label_shape[1:]:
             raise ValueError(
-                f"labels at {where} have shape {labels.shape}, but the model's outputs {trainer._label_shape + (trainer._num_classes,)} "
-                f"need one class id per output row, shape {(labels.shape[0],) + trainer._label_shape[1:]} "
-                "(drop a trailing axis of 1: labels.reshape(-1)).")
-        if trainer._num_classes:
-            losses.check_label_range(labels, trainer._num_classes, where)
+                f"labels at {where} have shape {labels.shape}, but the model's outputs {output} need one class "
+                f"id per output row, shape {(labels.shape[0],) + label_shape[1:]} (drop a trailing axis of 1: "
+                "labels.reshape(-1)).")
+        if classes:  # host labels only: reading device ones would wait on the device every batch
+            losses.check_label_range(labels, classes, where)
     except losses.BatchKeyError as err:  # the default loss's message names the batch keys
         raise ValueError(err.args[0]) from err

@@ -63,13 +63,15 @@ class MetricsLogger(Callback):
         self._fetch = LaggedFetch()
         self._hparams_written: str | None = None  # the config this logger (or the run it resumed) wrote, as JSON
         self._hparams_due: Any = None  # the config to write before the next record, if it is new
-        self._fresh_run = False  # a fit from step 0 without resume: its first write starts the files again
+        self._earlier: list = []  # (writer, where) holding an earlier run's log: started again at the first write
         self._trained = False  # this fit trained a step
 
     @property
     def state_key(self) -> str:
-        """Named by its window: two loggers that trade places on a resume keep their own windows' sums."""
-        return f"{type(self).__name__}[log_every={self.log_every}]"
+        """Named by what it writes to (``MetricsLogger[JsonlWriter:metrics.jsonl,...]``): two loggers that
+        trade places on a resume keep their own state and window sums, and a resume with another
+        ``log_every`` or ``steps_per_execution`` keeps them too."""
+        return f"{type(self).__name__}[{','.join(writer.describe() for writer in self.writers)}]"
 
     @property
     def fetches(self) -> int:
@@ -82,17 +84,22 @@ class MetricsLogger(Callback):
             self._key = "window:" + callback_keys(callbacks)[next(i for i, cb in enumerate(callbacks) if cb is self)]
         trainer.add_metric_sums(self._key)
         self._hparams_due = trainer.config  # written before the first record: after a resume's restore
-        self._fresh_run = trainer.step == 0 and not trainer.resuming
         self._trained = False
-        if self._fresh_run:
+        self._earlier = []
+        if trainer.step == 0 and not trainer.resuming:  # a fresh run: what the files hold now is an earlier run's
             self.history, self.last_logged_step, self._hparams_written = [], 0, None  # a logger used before
+            before = callbacks[:next((i for i, cb in enumerate(callbacks) if cb is self), len(callbacks))]
+            shared = {w.earlier_output() for cb in before if isinstance(cb, MetricsLogger) for w in cb.writers}
+            self._earlier = [(writer, where) for writer in self.writers
+                             if (where := writer.earlier_output()) and where not in shared]  # the first logger's
 
     def _start_files_again(self) -> None:
-        """A fresh run (step 0, no resume) starts its files again at its first write, as Keras's
-        ``CSVLogger`` does, rather than appending to an earlier run's records (steps logged twice, two
-        configs); a run that fails before writing anything leaves them as they were."""
-        self._fresh_run = False
-        earlier = [(writer, where) for writer in self.writers if (where := writer.earlier_output())]
+        """A fresh run (step 0, no resume) starts the files that held an earlier run's log when it began
+        again at its first write, as Keras's ``CSVLogger`` does, rather than appending to them (steps
+        logged twice, two configs); a run that fails before writing anything leaves them as they were.
+        A file two loggers share is started again by the first of them only (a second TensorBoard purge
+        would hide the first's records)."""
+        earlier, self._earlier = self._earlier, []
         for writer, _ in earlier:
             writer.rewind(0)
         if earlier:
@@ -104,7 +111,7 @@ class MetricsLogger(Callback):
         """The config when it is due (before a fit's first record; at its end if none came),
         unless this logger, or the run it resumed, already wrote the same (compared as written, so
         arrays in it compare too): a second ``fit`` or a resume writes no second record."""
-        if self._fresh_run:
+        if self._earlier:
             self._start_files_again()
         if self._hparams_due is None:
             return
@@ -214,6 +221,8 @@ class MetricsLogger(Callback):
         self.history = [(s, v) for s, v in self.history if s <= trainer.step]
         for writer in self.writers:
             writer.rewind(trainer.step)
+        if trainer.step == 0:  # a rewind to 0 (a fresh start, a rollback to step 0) drops the config written there
+            self._hparams_due, self._hparams_written = trainer.config, None
         for writer in self.writers if not held else ():
             try:
                 written = writer.read_scalars()

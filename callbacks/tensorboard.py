@@ -70,9 +70,11 @@ class TensorBoardWriter(MetricWriter):
         writer.write_event(_tensorboardx().proto.event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def earlier_output(self) -> str | None:
-        found = self._writer is None and os.path.isdir(self.logdir) and any(
-            "tfevents" in name for name in os.listdir(self.logdir))
+        found = os.path.isdir(self.logdir) and any("tfevents" in name for name in os.listdir(self.logdir))
         return self.logdir if found else None
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}:{os.path.basename(os.path.normpath(self.logdir))}"
 
     def rewind(self, step: int) -> None:
         """TensorBoard drops the events after ``step`` when the next file starts with a purge step; a rewind

@@ -54,8 +54,12 @@ class MetricWriter:
         return None
 
     def earlier_output(self) -> str | None:
-        """Where this writer already holds output (its file or folder), before it wrote any: ``None`` if nowhere."""
+        """Where this writer already holds output (its file or folder): ``None`` if nowhere."""
         return None
+
+    def describe(self) -> str:
+        """The writer in a word (its class, and its file's name): what names its logger's checkpointed state."""
+        return type(self).__name__
 
 
 def check_stream(stream: Any) -> None:
@@ -137,7 +141,10 @@ class _FileWriter(MetricWriter):
         return self._file
 
     def earlier_output(self) -> str | None:
-        return str(self.path) if self._file is None and self.path.is_file() and self.path.stat().st_size else None
+        return str(self.path) if self.path.is_file() and self.path.stat().st_size else None
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}:{self.path.name}"
 
     def flush(self) -> None:
         """Flushes the open file (no ``fsync``)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 
 import jax
 import numpy as np
@@ -89,6 +90,61 @@ def test_a_fresh_run_starts_the_files_of_an_earlier_run_again_and_says_so(data, 
     with open(tmp_path / "m.csv") as f:
         assert [row.split(",")[0] for row in f.read().splitlines()] == ["step", "4", "8"]
     assert tensorboard_scalars(tmp_path / "tb", "loss") == [(s, pytest.approx(v["loss"])) for s, v in second]
+
+
+def test_a_logger_reused_by_a_new_trainer_and_two_sharing_a_folder_start_it_again_once(data, tmp_path):
+    """A logger whose file is still open from the last run starts it again for a new trainer's fresh run
+    (it appended: steps 4, 8 twice); two loggers sharing a TensorBoard folder in a new run warn nothing
+    and purge nothing of each other's (the second's purge hid the first's curves)."""
+    from callbacks import JsonlWriter, TensorBoardWriter, read_jsonl
+    from test_callbacks_writers import tensorboard_scalars
+
+    logger = MetricsLogger(JsonlWriter(tmp_path / "m.jsonl"), log_every=4)
+    for seed in (0, 1):
+        Trainer(TinyMLP(rngs=nnx.Rngs(seed)), optax.adam(1e-2), max_steps=8, callbacks=[logger],
+                config={"seed": seed}).fit(ArrayLoader(data, 16))
+    assert [r.get("step", r.get("hparams")) for r in read_jsonl(tmp_path / "m.jsonl")] == [{"seed": 1}, 4, 8]
+    assert [s for s, _ in logger.history] == [4, 8]
+    every_2, every_4 = (MetricsLogger(TensorBoardWriter(tmp_path / "tb"), log_every=n) for n in (2, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=8, callbacks=[every_2, every_4]).fit(
+            ArrayLoader(data, 16))
+    every_2.close(), every_4.close()
+    assert sorted(s for s, _ in tensorboard_scalars(tmp_path / "tb", "loss")) == [2, 4, 4, 6, 8, 8]
+
+
+def test_a_resume_with_another_log_every_keeps_the_loggers_state_and_a_rollback_to_0_its_config(data, tmp_path):
+    """The logger's checkpointed state is named by its writers, not its interval: a resume that changes
+    log_every (or steps_per_execution, which rounds it) keeps it (it warned of state no callback takes
+    and logged the config twice). A rollback to step 0 writes the config again (the rewind dropped it)."""
+    from callbacks import JsonlWriter, TensorBoardWriter, read_jsonl
+
+    def run(log_every, max_steps):
+        logger = MetricsLogger(JsonlWriter(tmp_path / "a" / "m.jsonl"), log_every=log_every)
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=max_steps, workdir=tmp_path / "a",
+                config={"a": 1}, callbacks=[logger, Checkpoint(every_n_steps=3, every_n_epochs=None)]
+                ).fit(ArrayLoader(data, 16), resume=True)
+
+    run(2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run(3, 6)
+    assert sum("hparams" in r for r in read_jsonl(tmp_path / "a" / "m.jsonl")) == 1
+    x = data["x"].copy()
+    x[4 * 16] = np.nan  # step 5 goes bad, before the first checkpoint (10): back to the one at step 0
+    logger = MetricsLogger([JsonlWriter(tmp_path / "b" / "m.jsonl"), TensorBoardWriter(tmp_path / "b" / "tb")],
+                           log_every=2)
+    with pytest.warns(RuntimeWarning, match="rolling back"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=8, workdir=tmp_path / "b", config={"lr": 1},
+                callbacks=[logger, NaNDetector(policy="rollback", check_every=1), Checkpoint(every_n_steps=10)]
+                ).fit(ArrayLoader({"x": x, "label": data["label"]}, 16, shuffle=False))
+    logger.close()
+    assert [r["hparams"] for r in read_jsonl(tmp_path / "b" / "m.jsonl") if "hparams" in r] == [{"lr": 1}]
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    served = EventAccumulator(str(tmp_path / "b" / "tb"), size_guidance={"tensors": 0})
+    served.Reload()
+    assert len(served.Tensors("config/text_summary")) == 1
 
 def test_eval_metrics_are_written_at_their_step(model, data):
     memory = Memory()

@@ -169,6 +169,22 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, data):
 
 
 
+
+def test_a_damaged_checkpoint_in_a_folder_that_cannot_be_renamed_is_skipped_in_place(tmp_path, data, monkeypatch):
+    """A read-only checkpoints folder (one to fine-tune from): setting the damaged step aside failed and
+    took the resume down with it; it is skipped where it is, and the older step restored."""
+    make(tmp_path, 8).fit(ArrayLoader(data, 16))  # saves 4 and 8
+    flip_a_byte(tmp_path / "checkpoints" / "step_8")
+
+    def read_only(self, target):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "rename", read_only)
+    trainer = make(tmp_path / "fine_tune", 6)
+    with pytest.warns(RuntimeWarning, match=r"step 8 .* is damaged .* could not be moved aside \(Read-only file system\)"):
+        trainer.fit(ArrayLoader(data, 16), resume=tmp_path / "checkpoints")
+    assert trainer.step == 6 and (tmp_path / "checkpoints" / "step_8").is_dir()
+
 def test_the_closed_event_loop_noise_after_a_damaged_read_is_dropped_and_nothing_else(monkeypatch):
     """tensorstore answers the reads of a failed restore through orbax's closed event loop: each answer
     printed an unraisable traceback ('Event loop is closed', four for the CNN); only those are dropped."""

@@ -391,6 +391,8 @@ class CheckpointStore:
                 check(candidate, meta)
             try:
                 arrays = self.read_arrays(candidate, meta["leaves"])
+            except MemoryError:  # not the checkpoint's fault: it stays where it is
+                raise
             except Exception as err:  # orbax's errors for damaged files rarely say so
                 _quiet_closed_loop_noise()
                 if step is not None:
@@ -407,7 +409,12 @@ class CheckpointStore:
         n = 2
         while aside.exists():
             aside, n = self.directory / f"damaged_{self.folder(step).name}-{n}", n + 1
-        self.folder(step).rename(aside)
+        try:
+            self.folder(step).rename(aside)
+        except OSError as failed:  # a read-only folder (a checkpoint to fine-tune from): skipped, left in place
+            warnings.warn(f"checkpoint step {step} in {self.directory} is damaged ({_short(err)}) and could not be "
+                          f"moved aside ({failed.strerror}); falling back to an older one.", RuntimeWarning, stacklevel=4)
+            return
         self.manager.reload()
         warnings.warn(f"checkpoint step {step} in {self.directory} is damaged ({_short(err)}): moved to "
                       f"{aside.name}, and falling back to an older one.", RuntimeWarning, stacklevel=4)

@@ -145,10 +145,11 @@ class NaNDetector(Callback):
         return False
 
     def _message(self, trainer: Any, guard: Mapping[str, Any]) -> str:
-        if _schedule_not_finite(trainer, guard):  # the guard checks loss and gradients, not the updates
-            return (f"{self._head(trainer, guard)}. A learning rate that is not finite already made the update of "
-                    "the step before it non-finite (the guard checks the loss and gradients, not the updates): "
-                    "the parameters are not usable. Fix the learning-rate schedule.")
+        if not _params_finite(trainer):  # the guard checks loss and gradients, not the updates
+            return (f"{self._head(trainer, guard)}. The parameters are not finite already: an update before this "
+                    "step wrote them (the guard checks the loss and gradients, not the updates: a learning rate "
+                    "that is not finite, an infinite schedule value say, or an optimizer dividing by zero). Fix the "
+                    "learning-rate schedule or the optimizer.")
         return (f"{self._head(trainer, guard)}. The parameters and optimizer state are those from before that step; nothing "
                 "non-finite was written. Lower the learning rate, clip gradients (clip_norm), or check "
                 "that batch's data.")
@@ -187,3 +188,8 @@ def _schedule_not_finite(trainer: Any, guard: Mapping[str, Any]) -> bool:
     """Whether the halted step's learning rate was injected and NaN (the guard's NaN otherwise means
     "not injected")."""
     return math.isnan(float(guard["halt_lr"])) and trainer.learning_rate is not None
+
+
+def _params_finite(trainer: Any) -> bool:
+    """Whether every parameter is finite (read on the host: only when raising)."""
+    return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in jax.tree.leaves(trainer.state.params))

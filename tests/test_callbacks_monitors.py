@@ -105,8 +105,12 @@ def test_nan_raise_reports_the_learning_rate_when_injected(model, data):
     # finite gradients are applied: step 3's loss is the first non-finite)
     tx = optax.inject_hyperparams(optax.sgd)(learning_rate=schedule)
     with pytest.raises(NonFiniteError, match=r"at step 3 \(learning rate nan: the schedule itself is not finite\)\. "
-                                              r"A learning rate that is not finite already made the update of the step before"):
+                                              r"The parameters are not finite already: an update before this step"):
         Trainer(model, tx, max_steps=6, callbacks=[NaNDetector()]).fit(ArrayLoader(data, 16))
+    rsqrt = optax.inject_hyperparams(optax.sgd)(learning_rate=lambda count: 0.1 / jnp.sqrt(count.astype(jnp.float32)))
+    with pytest.raises(NonFiniteError, match=r"at step 2 \(learning rate 0.1\)\. The parameters are not finite "
+                                              r"already"):  # infinite at step 1 only: it said nothing was written
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), rsqrt, max_steps=6, callbacks=[NaNDetector()]).fit(ArrayLoader(data, 16))
 
 
 def test_nan_skip_leaves_state_bitwise_unchanged_and_training_continues(model, data):

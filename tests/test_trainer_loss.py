@@ -177,11 +177,21 @@ def test_a_compute_loss_override_that_ignores_loss_fn_is_warned_about_when_built
         def compute_loss(self, model, batch):
             return super().compute_loss(model, batch) + 0.0
 
+    class Named(Trainer):
+        def compute_loss(self, model, batch):
+            return Trainer.compute_loss(self, model, batch)
+
+    class Nested(Trainer):
+        def compute_loss(self, model, batch):
+            loss = lambda m: self.loss_fn(m, batch)  # noqa: E731
+            return loss(model)
+
     with pytest.warns(UserWarning, match=r"TenTimes overrides compute_loss, which does not use loss_fn="):
         TenTimes(model, optax.sgd(0.1), max_steps=1, loss_fn=losses.supervised(losses.cross_entropy))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        PlusL2(model, optax.sgd(0.1), max_steps=1, loss_fn=losses.supervised(losses.cross_entropy))
+        for uses_it in (PlusL2, Named, Nested):
+            uses_it(model, optax.sgd(0.1), max_steps=1, loss_fn=losses.supervised(losses.cross_entropy))
         TenTimes(model, optax.sgd(0.1), max_steps=1)
 
 

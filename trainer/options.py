@@ -84,15 +84,26 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
 
 
 def warn_if_loss_fn_unused(trainer: "Trainer") -> None:
-    """A subclass whose ``compute_loss`` neither calls ``super()`` nor reads ``self.loss_fn`` never uses
-    the ``loss_fn`` it was given: said when it is built, not found out from the numbers."""
+    """A subclass whose ``compute_loss`` neither calls ``super()`` (or another ``compute_loss``) nor reads
+    ``self.loss_fn`` (in nested functions too) never uses the ``loss_fn`` it was given: said when it is
+    built, not found out from the numbers."""
     from trainer.trainer import Trainer
 
     override = type(trainer).compute_loss
     if trainer.loss_fn is None or override is Trainer.compute_loss:
         return
-    names = getattr(getattr(override, "__code__", None), "co_names", ("loss_fn",))
-    if "loss_fn" not in names and "super" not in names:
+    if not {"loss_fn", "super", "compute_loss"} & _names_used(getattr(override, "__code__", None)):
         warnings.warn(f"{type(trainer).__name__} overrides compute_loss, which does not use loss_fn="
                       f"{getattr(trainer.loss_fn, '__name__', trainer.loss_fn)!r}: that loss is ignored. Drop "
                       "loss_fn, or call it from compute_loss (self.loss_fn(model, batch)).", UserWarning, stacklevel=3)
+
+
+def _names_used(code: Any) -> set[str]:
+    """The global and attribute names a code object and the functions nested in it use (all, if unknown)."""
+    if code is None:
+        return {"loss_fn"}
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _names_used(const)
+    return names

@@ -10,6 +10,7 @@ import pytest
 
 from flax import nnx
 
+from callbacks import Checkpoint
 from conftest import TinyMLP
 from trainer import ArrayLoader, Trainer
 
@@ -83,7 +84,10 @@ def test_a_one_pass_iterator_for_several_epochs_is_refused_before_training(model
     assert trainer.step == 0
 
 
-def test_a_data_source_that_runs_dry_after_one_epoch_says_so(model, data):
+def test_a_data_source_that_runs_dry_after_one_epoch_ends_fit_saying_so(model, data, tmp_path):
+    """As Keras's "input ran out of data": a warning, and fit ends as after a stop, on_fit_end (the final
+    checkpoint) included; it raised, so the last steps were never saved. A generator shorter than
+    max_steps ends the same way."""
     class Once:  # re-iterable in form, empty after its first pass
         def __init__(self):
             self.batches = list(ArrayLoader(data, 32))
@@ -92,10 +96,16 @@ def test_a_data_source_that_runs_dry_after_one_epoch_says_so(model, data):
             batches, self.batches = self.batches, []
             return iter(batches)
 
-    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2)
-    with pytest.raises(ValueError, match="yielded no batches in epoch 1.*iterated only once"):
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=2, workdir=tmp_path, callbacks=[Checkpoint()])
+    with pytest.warns(RuntimeWarning, match="train_data yielded no batches in epoch 1: a generator or iterator"):
         trainer.fit(Once())
-    assert trainer.epoch == 1
+    assert trainer.epoch == 1 and trainer.stop_reason.startswith("train_data ran out of batches in epoch 1")
+    assert trainer.checkpoints[0].last_saved_step == trainer.step == 3
+    generator = (batch for batch in list(ArrayLoader(data, 32)))
+    short = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=12)
+    with pytest.warns(RuntimeWarning, match="yielded no batches in epoch 1"):
+        short.fit(generator)
+    assert short.step == 3
 
 
 def test_loss_outputs_and_eval_data_of_the_wrong_form_are_refused_before_training(model, data):

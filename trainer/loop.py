@@ -89,6 +89,12 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
                 break
     if trainer._preemption.signal:  # an epoch that reached no step boundary (every batch dropped or skipped)
         raise Preempted()
+    if ran_out and trainer.position == 0 and not trained and epoch > 0 and trainer.step > 0:
+        warnings.warn(f"train_data yielded no batches in epoch {epoch}: a generator or iterator gives one pass. "
+                      "fit ends here, after the steps it gave; pass a re-iterable (a list, an ArrayLoader) to train "
+                      "longer.", RuntimeWarning, stacklevel=4)  # as Keras's "input ran out of data"
+        trainer.request_stop(f"train_data ran out of batches in epoch {epoch} (a one-pass iterator)")
+        return
     if ran_out and trainer.position == 0 and not trained:
         raise ValueError(
             f"train_data yielded no batches in epoch {epoch}. A generator or iterator can be "

@@ -121,3 +121,20 @@ def test_data_whose_len_refuses_trains_with_its_length_unknown(data):
     trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=2, steps_per_execution=2)
     trainer.fit(NoLength())
     assert trainer.step == 2 * len(batches) and trainer.epoch_length is None
+
+
+def test_a_second_fit_on_a_stopped_generator_says_it_goes_on_rather_than_starting_again(data):
+    """A generator cannot start a fresh pass: the warning said it did; it goes on with what is left."""
+    from callbacks import Callback
+
+    class StopAt3(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 3:
+                trainer.request_stop("enough")
+
+    generator = (batch for batch in list(ArrayLoader(data, 16, shuffle=False)))
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=6, prefetch=0, callbacks=[StopAt3()])
+    trainer.fit(generator)
+    with pytest.warns(UserWarning, match="is a one-pass iterator, so it goes on with the batches it has not given"):
+        trainer.fit(generator)
+    assert trainer.step == 6

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import collections.abc
 import numbers
 import warnings
 from typing import Any, Iterator, Mapping
@@ -240,7 +241,12 @@ def epoch_iterator(data: Any, epoch: int, position: int, saved_state: Mapping[st
         if saved_state is not None:  # checked against the data before the position is taken
             iterator.set_state({**saved_state, "epoch": epoch, "position": position})
         return iterator, position
-    if position:
+    if position and isinstance(data, collections.abc.Iterator):  # one pass: it goes on, not from the start
+        warnings.warn(f"continuing epoch {epoch} after batch {position}: {type(data).__name__} is a one-pass "
+                      "iterator, so it goes on with the batches it has not given yet, less those a prefetch "
+                      "thread had read ahead (dropped when the last fit stopped). Use ArrayLoader for exact "
+                      "continuation.", stacklevel=4)
+    elif position:
         warnings.warn(f"continuing epoch {epoch} after batch {position}, but {type(data).__name__} cannot "
                       "seek: it starts a fresh pass. Use ArrayLoader for exact continuation.", stacklevel=4)
     return iter(data), 0

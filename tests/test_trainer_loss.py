@@ -238,10 +238,18 @@ def test_buckets_of_other_sequence_lengths_are_checked_against_their_own_outputs
     rng = np.random.default_rng(0)
     batches = [{"tokens": t, "label": (t + 1) % 5} for t in
                (rng.integers(0, 5, size=(8, n)).astype(np.int32) for n in (6, 10, 6))]
-    trainer = Trainer(Tagger(), optax.adam(1e-2), max_epochs=2)
+    class CompileTime(Callback):
+        seen = []
+
+        def on_step_end(self, trainer, step, metrics):
+            self.seen.append(trainer.compile_seconds)
+
+    trainer = Trainer(Tagger(), optax.adam(1e-2), max_epochs=2, callbacks=[CompileTime()])
     with pytest.warns(UserWarning, match="compil"):  # the second shape compiles again, said once
         trainer.fit(batches)
     assert trainer.step == 6 and set(trainer._output_shapes.values()) == {(8, 6, 5), (8, 10, 5)}
+    seen = CompileTime.seen  # compile time counted at the first step of each shape only (it was the first's)
+    assert 0 < seen[0] < seen[1] and seen[1:] == [seen[1]] * 5
     assert trainer.evaluate(batches)["accuracy"] > 0.5
     bad = [{"tokens": batches[1]["tokens"], "label": batches[1]["label"][:, :6]}]
     with pytest.raises(ValueError, match=r"labels at .* have shape \(8, 6\), but the model's outputs \(8, 10, 5\)"):

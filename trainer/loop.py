@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from trainer import resume as resuming
-from trainer.data import add_note, describe_shapes, epoch_iterator, known_length
+from trainer.data import add_note, batch_shapes, describe_shapes, epoch_iterator, known_length
 from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
 from trainer.prefetch import Feed
@@ -163,8 +163,11 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
                           "Trainer.place_batch puts batches where the model's parameters are, or place the model's "
                           "arrays where the batches go before building the Trainer)")
         raise
-    if run not in trainer._compiled:  # the first call traces and compiles before it dispatches
-        trainer._compiled.add(run)
+    # the first call of each shape traces and compiles before it dispatches (the first shapes: ``run``
+    # alone, read for free; others, a bucket of sequence lengths, by their shapes)
+    compiled = run if execution.shape_change is None else (run, batch_shapes(execution.batch))
+    if compiled not in trainer._compiled:
+        trainer._compiled.update((compiled, (run, batch_shapes(execution.batch))))
         trainer.compile_seconds += time.perf_counter() - started
         release_freed_memory()  # the compiler's freed memory, so later allocations do not stack on it
     _bound_run_ahead(trainer, metrics)

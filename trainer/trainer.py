@@ -99,7 +99,7 @@ class Trainer:
       ``eval_metrics``: the last evaluation's metrics. ``execution_steps``: steps the last dispatch
       ran (1, or ``steps_per_execution`` for a chunk). ``last_batch_size`` / ``last_examples``: real
       examples in the last batch / the last execution. ``data_wait_seconds``: time the loop waited
-      for data. ``compile_seconds``: time spent tracing and compiling the train step. ``cpu_settings``:
+      for data. ``compile_seconds``: time spent tracing and compiling the train step (each shape met). ``cpu_settings``:
       what ``cpu_tuning`` changed in the train step, one sentence each (empty when nothing).
 
     A second ``fit`` on the same trainer continues the run: up to the same ``max_epochs`` /

@@ -345,3 +345,11 @@ def test_record_takes_one_number_and_says_so(model):
     for bad in ("fast", "1.5", None, np.ones(3)):
         with pytest.raises(TypeError, match=r"record\('speed', .*\): record takes one number"):
             trainer.record("speed", bad)
+
+
+def test_a_batch_array_of_strings_is_named_in_the_error(model, data):
+    """A file-name column in the batches: JAX's error says only that an argument is not an array."""
+    batches = [{**b, "path": np.array([f"img{i}.png" for i in range(len(b["x"]))])} for b in ArrayLoader(data, 32)]
+    with pytest.raises(TypeError) as caught:
+        Trainer(model, optax.sgd(0.1), max_epochs=1).fit(batches)
+    assert "the batch's ['path'] holds no numbers" in "".join(getattr(caught.value, "__notes__", []))

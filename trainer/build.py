@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from trainer import losses, threefry
-from trainer.data import add_note, describe_shapes
+from trainer.data import add_note, describe_shapes, non_numeric_note
 from trainer.conv_grads import eligible_convs
 from trainer.dense_grads import eligible_denses, is_layer_product
 from trainer.events import DefaultInterval
@@ -163,7 +163,8 @@ def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
                 out = jax.eval_shape(lambda s, b: Trainer.predict_step(trainer, s.merge(trainer.graphdef), b),
                                      trainer._state_shapes, batch)
             except Exception as err:  # the model's own error (a shape it cannot take), with what it was given
-                add_note(err, f"(the model on the batch of {where}, of shapes {describe_shapes(batch)})")
+                add_note(err, non_numeric_note(batch) or f"(the model on the batch of {where}, of shapes "
+                                                          f"{describe_shapes(batch)})")
                 raise
             trainer._output_shapes[inputs] = tuple(out.shape) if hasattr(out, "shape") else ()
         output = trainer._output_shapes[inputs]

@@ -323,3 +323,14 @@ def pad_batch(batch: Any, size: int) -> tuple[Any, np.ndarray]:
         return np.concatenate([a, np.repeat(a[:1], size - n, axis=0)], axis=0)
 
     return jax.tree.map(pad, batch), mask
+
+
+def non_numeric_note(batch: Any) -> str | None:
+    """For an error tracing a batch: the arrays in it that hold no numbers (file names, say), which JAX
+    cannot take, named by their path in the batch; ``None`` when there are none."""
+    paths = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]
+             if np.asarray(leaf).dtype.kind in "USOVM"] if batch is not None else []
+    if not paths:
+        return None
+    return (f"(the batch's {', '.join(paths)} {'holds' if len(paths) == 1 else 'hold'} no numbers, which JAX cannot "
+            "take: every array of a batch goes to the device, so drop it from the batches or encode it as numbers)")

@@ -64,7 +64,8 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
             sums = zeros_like_tree(jax.eval_shape(trainer._eval_sums, trainer.state, padded, mask))
         sums = trainer._eval_step(trainer.state, sums, padded, mask)
     if sums is None:
-        raise ValueError("the evaluation data yielded no batches; pass a non-empty dataset.")
+        raise ValueError("the evaluation data yielded no batches: it is empty, or a one-pass iterator (a generator) "
+                         "used up by an earlier evaluation; pass a non-empty list or ArrayLoader.")
     metrics = finished_metrics(trainer, compute_sums(jax.device_get(sums)))
     reported = {prefix + k: v for k, v in metrics.items()}
     trainer.eval_metrics = dict(reported)

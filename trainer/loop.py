@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from trainer import resume as resuming
-from trainer.data import add_note, batch_shapes, describe_shapes, epoch_iterator, known_length
+from trainer.data import add_note, batch_shapes, describe_shapes, epoch_iterator, known_length, non_numeric_note
 from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
 from trainer.prefetch import Feed
@@ -143,7 +143,8 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
         try:
             _build_train_steps(trainer, batch)
         except Exception as err:  # the model's own error (a shape it cannot take), with what it was given
-            add_note(err, f"(tracing the train step on a batch of shapes {describe_shapes(batch)})")
+            add_note(err, non_numeric_note(execution.batch) or
+                     f"(tracing the train step on a batch of shapes {describe_shapes(batch)})")
             raise
     first = trainer.step + 1
     for i, position in enumerate(execution.positions):

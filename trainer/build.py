@@ -155,7 +155,8 @@ def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
                 f"labels at {where} are {labels.dtype} {labels.shape}, but this loss (softmax cross-entropy on "
                 "class ids) takes integer labels. One-hot labels: loss_fn=losses.supervised("
                 "losses.cross_entropy_onehot); regression targets: losses.supervised(losses.mse).")
-        inputs = tuple((np.shape(x), np.result_type(x)) for x in jax.tree.leaves(losses.batch_inputs(batch)))
+        inputs = tuple((np.shape(x), np.dtype(x.dtype) if hasattr(x, "dtype") else type(x))
+                       for x in jax.tree.leaves(losses.batch_inputs(batch)))
         if inputs not in trainer._output_shapes:  # the model's output shape for inputs of these shapes (a
             try:  # bucket of other sequence lengths is asked again), from shapes only: what the default
                 # loss sees, the model on the inputs (Trainer's own predict_step, not an override that
@@ -163,6 +164,8 @@ def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
                 out = jax.eval_shape(lambda s, b: Trainer.predict_step(trainer, s.merge(trainer.graphdef), b),
                                      trainer._state_shapes, batch)
             except Exception as err:  # the model's own error (a shape it cannot take), with what it was given
+                if trainer._output_shapes:  # shapes other than the first batch's: the step's own trace (or
+                    return  # a fused chunk's refusal to stack them) reports it, naming both shapes
                 add_note(err, non_numeric_note(batch) or f"(the model on the batch of {where}, of shapes "
                                                           f"{describe_shapes(batch)})")
                 raise

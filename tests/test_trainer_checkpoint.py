@@ -134,6 +134,13 @@ def test_resume_from_an_explicit_step_folder(tmp_path, data):
     assert trainer.step == 10  # started from step 4
 
 
+
+def bad_at(position: int, data: dict) -> ArrayLoader:
+    """Batches of 8 in order, the one at ``position`` of every epoch with a NaN input."""
+    x = data["x"].copy()
+    x[position * 8] = np.nan
+    return ArrayLoader({"x": x, "label": data["label"]}, 8, shuffle=False)
+
 def flip_a_byte(step_dir: Path) -> None:
     """Damages the largest array file of a checkpoint step in place."""
     files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
@@ -551,10 +558,7 @@ def test_a_rollback_cuts_the_loggers_history_without_reading_its_file_back(tmp_p
             CountingJsonl.reads += 1
             return super().read_scalars()
 
-    data = make_data()
-    x = data["x"].copy()
-    x[7 * 8] = np.nan  # step 8 goes bad
-    bad = ArrayLoader({"x": x, "label": data["label"]}, 8, shuffle=False)
+    bad = bad_at(7, make_data())  # step 8 goes bad
     logger = MetricsLogger([CountingJsonl(tmp_path / "log.jsonl")], log_every=2)
     trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=11, workdir=tmp_path,
                       callbacks=[NaNDetector(policy="rollback", check_every=1), logger,
@@ -589,10 +593,7 @@ def test_a_second_fit_resuming_an_earlier_step_restarts_the_epochs_sums_there(tm
 
 @pytest.mark.parametrize("check_every", [1, 2])
 def test_nan_rollback_catches_every_later_bad_step_too(tmp_path, check_every):
-    data = make_data(n=64)
-    x = data["x"].copy()
-    x[3 * 8] = np.nan  # the batch at position 3 of every epoch goes bad (no shuffling)
-    loader = ArrayLoader({"x": x, "label": data["label"]}, 8, shuffle=False)
+    loader = bad_at(3, make_data(n=64))  # the batch at position 3 of every epoch goes bad (no shuffling)
     detector = NaNDetector(policy="rollback", check_every=check_every)
     trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=3, workdir=tmp_path,
                       callbacks=[detector, Checkpoint(every_n_epochs=1, async_save=False)])
@@ -609,10 +610,7 @@ def test_nan_rollback_catches_every_later_bad_step_too(tmp_path, check_every):
 def test_nan_rollbacks_are_counted_in_the_history_and_the_logs(tmp_path):
     """The restored guard counts no bad step, so the rollbacks are logged by name: each epoch's row of
     ``history`` holds the count so far, and the loggers' window after each rollback."""
-    data = make_data(n=64)
-    x = data["x"].copy()
-    x[3 * 8] = np.nan  # position 3 of every epoch goes bad
-    loader = ArrayLoader({"x": x, "label": data["label"]}, 8, shuffle=False)
+    loader = bad_at(3, make_data(n=64))  # position 3 of every epoch goes bad
     logger = MetricsLogger([JsonlWriter(tmp_path / "log.jsonl")], log_every=2)
     trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2, workdir=tmp_path,
                       callbacks=[NaNDetector(policy="rollback", check_every=1), logger,

@@ -195,19 +195,22 @@ def test_a_compute_loss_override_that_ignores_loss_fn_is_warned_about_when_built
         TenTimes(model, optax.sgd(0.1), max_steps=1)
 
 
+class Tagger(nnx.Module):
+    """Per-position class scores ``[batch, time, 5]`` of 5 token ids: a sequence labeller."""
+
+    def __init__(self):
+        self.embed = nnx.Embed(5, 8, rngs=nnx.Rngs(0))
+        self.out = nnx.Linear(8, 5, rngs=nnx.Rngs(1))
+
+    def __call__(self, tokens):
+        return self.out(self.embed(tokens))
+
+
 @pytest.mark.parametrize("positions", [3, 8])
 def test_a_padded_batch_of_sequences_averages_over_real_rows_and_positions(positions):
     """Per-position outputs ``[batch, time, classes]``: the pad mask weighs rows, not the time axis (a
     [batch] mask broadcast against [batch, time] losses raised for 3 positions, and for 8 (= the batch)
     gave an accuracy of 1.15 and ~8x the loss)."""
-    class Tagger(nnx.Module):
-        def __init__(self):
-            self.embed = nnx.Embed(5, 8, rngs=nnx.Rngs(0))
-            self.out = nnx.Linear(8, 5, rngs=nnx.Rngs(1))
-
-        def __call__(self, tokens):
-            return self.out(self.embed(tokens))
-
     tokens = np.random.default_rng(0).integers(0, 5, size=(20, positions)).astype(np.int32)
     labels = (tokens + 1) % 5
     batches = [{"tokens": tokens[i:i + 8], "label": labels[i:i + 8]} for i in range(0, 20, 8)]  # 8, 8, 4
@@ -226,14 +229,6 @@ def test_buckets_of_other_sequence_lengths_are_checked_against_their_own_outputs
     sequence length (T=10 after T=6) was refused as mismatched labels. Each shape is asked once; the
     labels' shape and dtype are checked for JAX arrays too (one-hot ones got a raw JAX error)."""
     import jax.numpy as jnp
-
-    class Tagger(nnx.Module):
-        def __init__(self):
-            self.embed = nnx.Embed(5, 8, rngs=nnx.Rngs(0))
-            self.out = nnx.Linear(8, 5, rngs=nnx.Rngs(1))
-
-        def __call__(self, tokens):
-            return self.out(self.embed(tokens))
 
     rng = np.random.default_rng(0)
     batches = [{"tokens": t, "label": (t + 1) % 5} for t in

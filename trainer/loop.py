@@ -307,7 +307,7 @@ def finish_partial_epoch(trainer: "Trainer", evaluate: bool) -> None:
             evaluator.run(trainer)
         if evaluator.last_step == trainer.step:
             evaluated.update(evaluator.last_metrics)
-    sums = trainer.epoch_sums_snapshot() or trainer.restored_epoch_sums or {}
+    sums = trainer.sums_snapshots().get(EPOCH_SUMS) or trainer.restored_epoch_sums or {}
     logs = finished_metrics(trainer, snapshot_means(sums))
     logs.update(evaluated)
     _drop_partial_row(trainer, trainer.epoch)

@@ -340,10 +340,6 @@ class Trainer:
         if self.state.guard is None:
             self.state = self.state.replace(guard=init_guard())
 
-    def epoch_sums_snapshot(self) -> dict[str, list[float]] | None:
-        """The current epoch's running sums as ``{metric: [total, count]}`` (for checkpoints)."""
-        return sums_snapshot(self._carry.peek_sums().get(EPOCH_SUMS))
-
     def sums_snapshots(self) -> dict[str, dict[str, list[float]]]:
         """Every reader's running sums (``add_metric_sums``) as ``{name: {metric: [total, count]}}``."""
         return {name: sums_snapshot(sums) for name, sums in self._carry.peek_sums().items() if sums is not None}
@@ -402,7 +398,7 @@ class Trainer:
             resumed_at = self.step
             checkpointing.check_callback_states(self)
             while not self._limit_reached() and not self.should_stop:
-                self._run_epoch(train_data)
+                run_epoch(self, train_data)
             if self.position and not (self.step == resumed_at and has_partial_row(self)):
                 finish_partial_epoch(self, evaluate=not self.should_stop)  # its numbers so far; a finished
                 # run resumed keeps the row (and evaluation) it ended with
@@ -445,9 +441,6 @@ class Trainer:
     def _limit_reached(self) -> bool:
         return (self.max_steps is not None and self.step >= self.max_steps) or (
             self.max_epochs is not None and self.epoch >= self.max_epochs)
-
-    def _run_epoch(self, train_data: Iterable[Any]) -> None:
-        run_epoch(self, train_data)
 
     # ----- building and checking -----------------------------------------------------------
 

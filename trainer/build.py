@@ -135,6 +135,13 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
             "unrolled_threefry": unrolled_threefry}
 
 
+def _input_shapes(inputs: Any) -> tuple:
+    """The model inputs' shapes and dtypes, a key (per batch: one array, the usual case, read directly)."""
+    if type(inputs) is np.ndarray:
+        return ((inputs.shape, inputs.dtype),)
+    return tuple((np.shape(x), np.dtype(x.dtype) if hasattr(x, "dtype") else type(x)) for x in jax.tree.leaves(inputs))
+
+
 def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
     """With the default loss (or any ``losses.supervised(losses.cross_entropy, ...)``), integer labels
     must lie in ``[0, num_classes)`` (a host check).
@@ -155,8 +162,7 @@ def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
                 f"labels at {where} are {labels.dtype} {labels.shape}, but this loss (softmax cross-entropy on "
                 "class ids) takes integer labels. One-hot labels: loss_fn=losses.supervised("
                 "losses.cross_entropy_onehot); regression targets: losses.supervised(losses.mse).")
-        inputs = tuple((np.shape(x), np.dtype(x.dtype) if hasattr(x, "dtype") else type(x))
-                       for x in jax.tree.leaves(losses.batch_inputs(batch)))
+        inputs = _input_shapes(losses.batch_inputs(batch))
         if inputs not in trainer._output_shapes:  # the model's output shape for inputs of these shapes (a
             try:  # bucket of other sequence lengths is asked again), from shapes only: what the default
                 # loss sees, the model on the inputs (Trainer's own predict_step, not an override that

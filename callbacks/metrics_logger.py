@@ -15,7 +15,9 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import warnings
+import weakref
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -64,14 +66,8 @@ class MetricsLogger(Callback):
         self._hparams_written: str | None = None  # the config this logger (or the run it resumed) wrote, as JSON
         self._hparams_due: Any = None  # the config to write before the next record, if it is new
         self._earlier: list = []  # (writer, where) holding an earlier run's log: started again at the first write
+        self._before: tuple | None = None  # (trainer ref, writers holding output) before its evaluations ahead of fit
         self._trained = False  # this fit trained a step
-
-    @property
-    def state_key(self) -> str:
-        """Named by what it writes to (``MetricsLogger[JsonlWriter:metrics.jsonl,...]``): two loggers that
-        trade places on a resume keep their own state and window sums, and a resume with another
-        ``log_every`` or ``steps_per_execution`` keeps them too."""
-        return f"{type(self).__name__}[{','.join(writer.describe() for writer in self.writers)}]"
 
     @property
     def fetches(self) -> int:
@@ -86,19 +82,18 @@ class MetricsLogger(Callback):
         self._hparams_due = trainer.config  # written before the first record: after a resume's restore
         self._trained = False
         self._earlier = []
-        if trainer.step == 0 and not trainer.resuming:  # a fresh run: what the files hold now is an earlier run's
-            self.history, self.last_logged_step, self._hparams_written = [], 0, None  # a logger used before
-            before = callbacks[:next((i for i, cb in enumerate(callbacks) if cb is self), len(callbacks))]
-            shared = {w.earlier_output() for cb in before if isinstance(cb, MetricsLogger) for w in cb.writers}
-            self._earlier = [(writer, where) for writer in self.writers
-                             if (where := writer.earlier_output()) and where not in shared]  # the first logger's
+        _refuse_shared_targets([cb for cb in callbacks if isinstance(cb, MetricsLogger)])
+        if trainer.step == 0 and not trainer.resuming:  # a fresh run: what the files held is an earlier run's,
+            baseline = self._held_before(trainer)  # less this trainer's evaluations before the fit (step 0)
+            self._earlier = self._before[1] if baseline else self._outputs()
+            self.history = [(s, v) for s, v in self.history if s == 0] if baseline else []  # a logger used before
+            self.last_logged_step, self._hparams_written = 0, None
+        self._before = None
 
     def _start_files_again(self) -> None:
         """A fresh run (step 0, no resume) starts the files that held an earlier run's log when it began
         again at its first write, as Keras's ``CSVLogger`` does, rather than appending to them (steps
-        logged twice, two configs); a run that fails before writing anything leaves them as they were.
-        A file two loggers share is started again by the first of them only (a second TensorBoard purge
-        would hide the first's records)."""
+        logged twice, two configs); a run that fails before writing anything leaves them as they were."""
         earlier, self._earlier = self._earlier, []
         for writer, _ in earlier:
             writer.rewind(0)
@@ -137,8 +132,18 @@ class MetricsLogger(Callback):
     def on_eval_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
         if not trainer.fitting and not trainer.eval_prefix:  # ``trainer.evaluate(data)`` after a run: its
             return  # names are the train metrics' own
+        if not trainer.fitting and trainer.step == 0 and not self._held_before(trainer):  # a baseline before a fit:
+            self._before = (weakref.ref(trainer), self._outputs())  # a fresh fit starts again only what came before
         self._write_pending(trainer)
         self.write_scalars(trainer.step, metrics)
+
+    def _held_before(self, trainer: Any) -> bool:
+        """Whether the files' content before ``trainer``'s first write is known (``_before``)."""
+        return self._before is not None and self._before[0]() is trainer
+
+    def _outputs(self) -> list[tuple[MetricWriter, str]]:
+        """The writers holding output now, with where."""
+        return [(writer, where) for writer in self.writers if (where := writer.earlier_output())]
 
     def on_fit_end(self, trainer: Any) -> None:
         self.write_to_end(trainer)
@@ -240,3 +245,21 @@ class MetricsLogger(Callback):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.last_logged_step = int(state.get("last_logged_step", 0))
         self._hparams_written = state.get("hparams", self._hparams_written)
+
+
+def _refuse_shared_targets(loggers: list[MetricsLogger]) -> None:
+    """Two writers of one file or TensorBoard folder undo each other: a rewind by one replaces the file the
+    other still writes to, and TensorBoard's purge by one hides the other's curves (it takes a folder as
+    one run). Refused when ``fit`` starts, naming the target."""
+    seen: dict[str, str] = {}
+    for logger in loggers:
+        for writer in logger.writers:
+            target = getattr(writer, "path", None) or getattr(writer, "logdir", None)
+            if target is None:
+                continue
+            where = os.path.realpath(target)
+            if where in seen:
+                raise ValueError(f"{type(writer).__name__} and {seen[where]} both write to {target}: each rewind or "
+                                 "TensorBoard purge by one would drop the other's records. Give each writer its own "
+                                 "file or folder (tb/every_2, tb/every_4), or use one MetricsLogger.")
+            seen[where] = type(writer).__name__

@@ -73,9 +73,6 @@ class TensorBoardWriter(MetricWriter):
         found = os.path.isdir(self.logdir) and any("tfevents" in name for name in os.listdir(self.logdir))
         return self.logdir if found else None
 
-    def describe(self) -> str:
-        return f"{type(self).__name__}:{os.path.basename(os.path.normpath(self.logdir))}"
-
     def rewind(self, step: int) -> None:
         """TensorBoard drops the events after ``step`` when the next file starts with a purge step; a rewind
         to 0 (a fresh start) drops the config written at step 0 too (the logger writes it again)."""

@@ -57,10 +57,6 @@ class MetricWriter:
         """Where this writer already holds output (its file or folder): ``None`` if nowhere."""
         return None
 
-    def describe(self) -> str:
-        """The writer in a word (its class, and its file's name): what names its logger's checkpointed state."""
-        return type(self).__name__
-
 
 def check_stream(stream: Any) -> None:
     """Refuses a ``stream=`` that cannot be written to (a file name, say), when the writer is built."""
@@ -142,9 +138,6 @@ class _FileWriter(MetricWriter):
 
     def earlier_output(self) -> str | None:
         return str(self.path) if self.path.is_file() and self.path.stat().st_size else None
-
-    def describe(self) -> str:
-        return f"{type(self).__name__}:{self.path.name}"
 
     def flush(self) -> None:
         """Flushes the open file (no ``fsync``)."""

@@ -92,32 +92,49 @@ def test_a_fresh_run_starts_the_files_of_an_earlier_run_again_and_says_so(data, 
     assert tensorboard_scalars(tmp_path / "tb", "loss") == [(s, pytest.approx(v["loss"])) for s, v in second]
 
 
-def test_a_logger_reused_by_a_new_trainer_and_two_sharing_a_folder_start_it_again_once(data, tmp_path):
+def test_a_logger_reused_by_a_new_trainer_starts_its_files_again_and_keeps_a_baseline_evaluation(data, tmp_path):
     """A logger whose file is still open from the last run starts it again for a new trainer's fresh run
-    (it appended: steps 4, 8 twice); two loggers sharing a TensorBoard folder in a new run warn nothing
-    and purge nothing of each other's (the second's purge hid the first's curves)."""
-    from callbacks import JsonlWriter, TensorBoardWriter, read_jsonl
-    from test_callbacks_writers import tensorboard_scalars
+    (it appended: steps 4, 8 twice). An evaluation the new trainer logged before its fit (a baseline at
+    step 0) is this run's: kept, and not taken for an earlier run's log (no warning) when it was all."""
+    from callbacks import JsonlWriter, read_jsonl
+
+    def fresh(seed, logger, baseline=False):
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(seed)), optax.adam(1e-2), max_steps=8, callbacks=[logger],
+                          config={"seed": seed})
+        if baseline:
+            trainer.evaluate(ArrayLoader(data, 32, shuffle=False), prefix="baseline/")
+        trainer.fit(ArrayLoader(data, 16))
 
     logger = MetricsLogger(JsonlWriter(tmp_path / "m.jsonl"), log_every=4)
-    for seed in (0, 1):
-        Trainer(TinyMLP(rngs=nnx.Rngs(seed)), optax.adam(1e-2), max_steps=8, callbacks=[logger],
-                config={"seed": seed}).fit(ArrayLoader(data, 16))
+    fresh(0, logger)
+    with pytest.warns(UserWarning, match="held an earlier run's log"):
+        fresh(1, logger)
     assert [r.get("step", r.get("hparams")) for r in read_jsonl(tmp_path / "m.jsonl")] == [{"seed": 1}, 4, 8]
     assert [s for s, _ in logger.history] == [4, 8]
-    every_2, every_4 = (MetricsLogger(TensorBoardWriter(tmp_path / "tb"), log_every=n) for n in (2, 4))
+    first = MetricsLogger(JsonlWriter(tmp_path / "b.jsonl"), log_every=4)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=8, callbacks=[every_2, every_4]).fit(
-            ArrayLoader(data, 16))
-    every_2.close(), every_4.close()
-    assert sorted(s for s, _ in tensorboard_scalars(tmp_path / "tb", "loss")) == [2, 4, 4, 6, 8, 8]
+        warnings.simplefilter("error", UserWarning)  # the baseline is no earlier run's log
+        fresh(0, first, baseline=True)
+    records = read_jsonl(tmp_path / "b.jsonl")
+    assert [r["step"] for r in records if "scalars" in r] == [0, 4, 8] and "baseline/loss" in records[0]["scalars"]
+    assert [s for s, _ in first.history] == [0, 4, 8]
+
+
+def test_two_writers_of_one_file_or_folder_are_refused_when_fit_starts(data, tmp_path):
+    """One's rewind replaced the file the other wrote into, and TensorBoard's purge by one hid the other's
+    curves: refused, naming the target, before anything is written."""
+    from callbacks import TensorBoardWriter
+
+    loggers = [MetricsLogger(TensorBoardWriter(tmp_path / "tb"), log_every=n) for n in (2, 4)]
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=4, callbacks=loggers)
+    with pytest.raises(ValueError, match=r"TensorBoardWriter and TensorBoardWriter both write to .*tb: each rewind"):
+        trainer.fit(ArrayLoader(data, 16))
+    assert trainer.step == 0 and not (tmp_path / "tb").exists()
 
 
 def test_a_resume_with_another_log_every_keeps_the_loggers_state_and_a_rollback_to_0_its_config(data, tmp_path):
-    """The logger's checkpointed state is named by its writers, not its interval: a resume that changes
-    log_every (or steps_per_execution, which rounds it) keeps it (it warned of state no callback takes
-    and logged the config twice). A rollback to step 0 writes the config again (the rewind dropped it)."""
+    """A resume that changes log_every (or steps_per_execution, which rounds it) keeps the logger's state
+    (one config record). A rollback to step 0 writes the config again (the rewind dropped it)."""
     from callbacks import JsonlWriter, TensorBoardWriter, read_jsonl
 
     def run(log_every, max_steps):

@@ -989,30 +989,6 @@ def test_logs_of_a_run_killed_right_after_a_checkpoint_match_the_unbroken_runs(t
     assert run(tmp_path / "b", resume=True) == unbroken
 
 
-def test_two_loggers_that_trade_places_on_a_resume_keep_their_own_windows(tmp_path):
-    """Each logger's window sums are checkpointed under its own name (its ``log_every``), not its place
-    in the list: resumed with the two swapped, each file is the unbroken run's, bitwise."""
-    class KilledAfterSave(Callback):
-        def on_checkpoint_save(self, trainer, checkpoint):
-            if trainer.step == 9:
-                raise KeyboardInterrupt
-
-    def run(workdir, *extra, swapped=False, resume=False):
-        loggers = [MetricsLogger([JsonlWriter(workdir / f"every_{n}.jsonl")], log_every=n) for n in (4, 6)]
-        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=12, workdir=workdir,
-                callbacks=[*(loggers[::-1] if swapped else loggers), *extra,
-                           Checkpoint(every_n_steps=3, every_n_epochs=None, async_save=False)]
-                ).fit(ArrayLoader(make_data(), 16, seed=1), resume=resume)
-        return [[(r["step"], r["scalars"]) for r in read_jsonl(workdir / f"every_{n}.jsonl") if "scalars" in r]
-                for n in (4, 6)]
-
-    unbroken = run(tmp_path / "a")
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", KilledAfterSave())
-    assert [[s for s, _ in log] for log in unbroken] == [[4, 8, 12], [6, 12]]
-    assert run(tmp_path / "b", swapped=True, resume=True) == unbroken
-
-
 def test_a_resume_with_smaller_batches_compiles_for_them(tmp_path):
     """The checkpoint's batch size stands in only for an epoch's smaller last batch: a resume whose
     batches are all smaller (a plain iterable of batches of 16 after 32) trains on them, not dropping each."""

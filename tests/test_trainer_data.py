@@ -138,3 +138,15 @@ def test_a_second_fit_on_a_stopped_generator_says_it_goes_on_rather_than_startin
     with pytest.warns(UserWarning, match="is a one-pass iterator, so it goes on with the batches it has not given"):
         trainer.fit(generator)
     assert trainer.step == 6
+
+
+def test_a_second_fit_on_a_used_up_generator_ends_with_a_warning(data):
+    """It gave its batches to the first fit: the second finds none, in epoch 0 too, and ends as data
+    that ran dry does (it raised 'yielded no batches in epoch 0')."""
+    generator = (batch for batch in list(ArrayLoader(data, 16, shuffle=False)))
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=6, prefetch=0)
+    trainer.fit(generator)
+    trainer.max_steps = 12
+    with pytest.warns(RuntimeWarning, match="yielded no batches in epoch 0"):
+        trainer.fit(generator)
+    assert trainer.step == 6 and trainer.stop_reason.startswith("train_data ran out")

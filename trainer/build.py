@@ -172,8 +172,8 @@ def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
             except Exception as err:  # the model's own error (a shape it cannot take), with what it was given
                 if trainer._output_shapes:  # shapes other than the first batch's: the step's own trace (or
                     return  # a fused chunk's refusal to stack them) reports it, naming both shapes
-                add_note(err, non_numeric_note(batch) or f"(the model on the batch of {where}, of shapes "
-                                                          f"{describe_shapes(batch)})")
+                add_note(err, f"(the model on the batch of {where}, of shapes {describe_shapes(batch)})")
+                add_note(err, non_numeric_note(batch) or "")
                 raise
             trainer._output_shapes[inputs] = tuple(out.shape) if hasattr(out, "shape") else ()
         output = trainer._output_shapes[inputs]

@@ -293,8 +293,9 @@ class _Verbatim(str):
 
 
 def add_note(error: BaseException, text: str) -> None:
-    """``error.add_note(text)`` where Python has it (3.11+): context shown under the error's message."""
-    if hasattr(error, "add_note"):
+    """``error.add_note(text)`` where Python has it (3.11+): context shown under the error's message (none
+    for an empty text)."""
+    if text and hasattr(error, "add_note"):
         error.add_note(text)
 
 

@@ -89,7 +89,7 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
                 break
     if trainer._preemption.signal:  # an epoch that reached no step boundary (every batch dropped or skipped)
         raise Preempted()
-    if ran_out and trainer.position == 0 and not trained and epoch > 0 and trainer.step > 0:
+    if ran_out and trainer.position == 0 and not trained and trainer.step > 0:  # it gave batches before
         warnings.warn(f"train_data yielded no batches in epoch {epoch}: a generator or iterator gives one pass. "
                       "fit ends here, after the steps it gave; pass a re-iterable (a list, an ArrayLoader) to train "
                       "longer.", RuntimeWarning, stacklevel=4)  # as Keras's "input ran out of data"
@@ -143,8 +143,8 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
         try:
             _build_train_steps(trainer, batch)
         except Exception as err:  # the model's own error (a shape it cannot take), with what it was given
-            add_note(err, non_numeric_note(execution.batch) or
-                     f"(tracing the train step on a batch of shapes {describe_shapes(batch)})")
+            add_note(err, f"(tracing the train step on a batch of shapes {describe_shapes(batch)})")
+            add_note(err, non_numeric_note(execution.batch) or "")
             raise
     first = trainer.step + 1
     for i, position in enumerate(execution.positions):

@@ -252,8 +252,8 @@ def _refuse_shared_targets(loggers: list[MetricsLogger]) -> None:
     other still writes to, and TensorBoard's purge by one hides the other's curves (it takes a folder as
     one run). Refused when ``fit`` starts, naming the target."""
     seen: dict[str, str] = {}
-    for logger in loggers:
-        for writer in logger.writers:
+    for logger in {id(logger): logger for logger in loggers}.values():  # one listed twice shares with no other
+        for writer in {id(writer): writer for writer in logger.writers}.values():
             target = getattr(writer, "path", None) or getattr(writer, "logdir", None)
             if target is None:
                 continue

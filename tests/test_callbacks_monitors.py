@@ -384,3 +384,17 @@ def test_nan_epoch_end_check_reads_the_last_counter_without_rebuilding_the_state
     with pytest.raises(NonFiniteError, match=r"non-finite loss and gradients at step 3 "):
         Trainer(TinyMLP(rngs=nnx.Rngs(1)), optax.adam(1e-2), max_epochs=2,
                 callbacks=[NaNDetector(check_every=1000)]).fit(nan_at(3, data))
+
+
+def test_a_skipped_step_leaves_the_means_finite_with_padded_batches(data):
+    """With ragged_batches="pad" the steps are weighed by their real rows: a skipped step's NaN loss times
+    its zero weight was NaN, and made the epoch's loss, the logged window and EarlyStopping's checks NaN."""
+    x = data["x"].copy()
+    x[20] = np.inf  # one row of the second batch (no shuffling)
+    loader = ArrayLoader({"x": x, "label": data["label"]}, 16, shuffle=False, drop_remainder=False)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2, ragged_batches="pad",
+                      callbacks=[NaNDetector(policy="skip", check_every=1)])
+    with pytest.warns(RuntimeWarning, match="skipped 1 step"):
+        history = trainer.fit(loader)
+    assert [h["nonfinite_total"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["accuracy"]) for h in history)

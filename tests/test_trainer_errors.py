@@ -353,3 +353,15 @@ def test_a_batch_array_of_strings_is_named_in_the_error(model, data):
     with pytest.raises(TypeError) as caught:
         Trainer(model, optax.sgd(0.1), max_epochs=1).fit(batches)
     assert "the batch's ['path'] holds no numbers" in "".join(getattr(caught.value, "__notes__", []))
+
+
+def test_labels_of_the_wrong_shape_get_advice_that_fits_them(model, data):
+    """[N, 1] labels for [N, C] outputs: drop the axis with labels[..., 0] (reshape(-1), the old advice,
+    flattens per-position labels wrongly); a shape that is simply other gets no such advice."""
+    column = [{"x": data["x"][:16], "label": data["label"][:16, None]}]
+    with pytest.raises(ValueError, match=r"shape \(16, 1\), .* need one class id per output row, shape \(16,\) "
+                                         r"\(drop the trailing axis of 1: labels\[\.\.\., 0\]\)"):
+        Trainer(model, optax.sgd(0.1), max_steps=1).fit(column)
+    pairs = [{"x": data["x"][:16], "label": np.zeros((16, 2), np.int32)}]
+    with pytest.raises(ValueError, match=r"shape \(16, 2\), .* need one class id per output row, shape \(16,\)\.$"):
+        Trainer(model, optax.sgd(0.1), max_steps=1).fit(pairs)

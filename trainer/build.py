@@ -179,10 +179,12 @@ def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
         output = trainer._output_shapes[inputs]
         classes, label_shape = (output[-1], output[:-1]) if output else (0, None)
         if typed and label_shape and labels.shape[1:] != label_shape[1:]:
-            raise ValueError(
-                f"labels at {where} have shape {labels.shape}, but the model's outputs {output} need one class "
-                f"id per output row, shape {(labels.shape[0],) + label_shape[1:]} (drop a trailing axis of 1: "
-                "labels.reshape(-1)).")
+            wanted = (labels.shape[0],) + label_shape[1:]
+            fix = (" (drop the trailing axis of 1: labels[..., 0])" if labels.shape[1:] == label_shape[1:] + (1,)
+                   else "; one-hot labels: loss_fn=losses.supervised(losses.cross_entropy_onehot)"
+                   if labels.shape[1:] == label_shape[1:] + (classes,) else "")
+            raise ValueError(f"labels at {where} have shape {labels.shape}, but the model's outputs {output} need one "
+                             f"class id per output row, shape {wanted}{fix}.")
         if classes:  # host labels only: reading device ones would wait on the device every batch
             losses.check_label_range(labels, classes, where)
     except losses.BatchKeyError as err:  # the default loss's message names the batch keys

@@ -102,7 +102,21 @@ def devices_that_do_not_meet_are_named() -> str:
     return "no error"
 
 
+def indivisible_batches_are_named() -> dict:
+    """Batches of 12 rows over 8 devices: fit, and evaluate of arrays, say which batch size would do."""
+    notes = {}
+    for what, call in (("fit", lambda t: t.fit(ArrayLoader(make_data(n=48), 12))),
+                       ("evaluate", lambda t: t.evaluate(make_data(n=48), batch_size=12))):
+        try:
+            call(DataParallel(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, prefetch=0))
+            notes[what] = "no error"
+        except ValueError as err:
+            notes[what] = "\n".join(getattr(err, "__notes__", []))
+    return notes
+
+
 out = {"devices": jax.device_count(), "sharded": layouts_survive_a_resume_and_an_export(kernel_sharded_model),
+       "indivisible": indivisible_batches_are_named(),
        "replicated": layouts_survive_a_resume_and_an_export(lambda: TinyMLP(rngs=nnx.Rngs(0))),
        "mismatch_note": devices_that_do_not_meet_are_named()}
 for k in (1, 4):

@@ -335,3 +335,17 @@ def non_numeric_note(batch: Any) -> str | None:
         return None
     return (f"(the batch's {', '.join(paths)} {'holds' if len(paths) == 1 else 'hold'} no numbers, which JAX cannot "
             "take: every array of a batch goes to the device, so drop it from the batches or encode it as numbers)")
+
+
+def placing(batch: Any, place: Any, stacked: bool = False) -> Any:
+    """``place(batch)`` (a ``place_batch``); a batch its sharding cannot split evenly over the devices gets a
+    note saying which batch size would do (JAX names only the array's dimension)."""
+    try:
+        return place(batch)
+    except ValueError as err:
+        if type(err).__name__ == "IndivisibleError" or "divisible" in str(err):
+            rows = batch_size_of(jax.tree.map(lambda a: a[0], batch) if stacked else batch)
+            add_note(err, f"(a batch of {rows} rows cannot be split evenly over the devices its sharding spreads "
+                          f"it across ({jax.device_count()} here): use a batch size that is a multiple of that "
+                          "count, for fit, eval_data and evaluate / predict of arrays alike (batch_size=...))")
+        raise

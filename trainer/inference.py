@@ -14,7 +14,7 @@ import numpy as np
 
 from trainer.build import check_labels
 from trainer.data import (ArrayLoader, batch_size_of, check_batch_source, check_every_row_in_order, describe_shapes,
-                          first_line, pad_batch, warn_if_rows_left_out)
+                          first_line, pad_batch, placing, warn_if_rows_left_out)
 from trainer.loop import finished_metrics
 from trainer.preemption import Preempted
 from trainer.state import zeros_like_tree
@@ -59,7 +59,7 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
         size = size or batch_size_of(batch)
         padded, mask = pad_batch(batch, size)
         check_labels(trainer, batch, "eval")
-        padded = place(padded)
+        padded = placing(padded, place)
         if sums is None:
             sums = zeros_like_tree(jax.eval_shape(trainer._eval_sums, trainer.state, padded, mask))
         sums = trainer._eval_step(trainer.state, sums, padded, mask)
@@ -84,7 +84,7 @@ def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:
         size = size or batch_size_of(batch)
         n = batch_size_of(batch)
         padded, _ = pad_batch(batch, size)
-        outputs.append((trainer._predict_step(trainer.state, place(padded)), n))
+        outputs.append((trainer._predict_step(trainer.state, placing(padded, place)), n))
     if not outputs:
         raise ValueError("predict got no batches; pass a non-empty dataset.")
     host = jax.device_get([out for out, _ in outputs])

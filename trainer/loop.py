@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 from trainer import resume as resuming
-from trainer.data import add_note, batch_shapes, describe_shapes, epoch_iterator, known_length, non_numeric_note
+from trainer.data import (add_note, batch_shapes, describe_shapes, epoch_iterator, known_length, non_numeric_note,
+                          placing)
 from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
 from trainer.prefetch import Feed
@@ -123,8 +124,9 @@ def _placed(trainer: "Trainer", execution: Execution) -> Execution:
     if execution.batch is None:
         return execution
     if execution.stacked and _takes_stacked(type(trainer)):
-        return dataclasses.replace(execution, batch=trainer.place_batch(execution.batch, stacked=True))
-    return dataclasses.replace(execution, batch=trainer.place_batch(execution.batch))
+        placed = placing(execution.batch, functools.partial(trainer.place_batch, stacked=True), stacked=True)
+        return dataclasses.replace(execution, batch=placed)
+    return dataclasses.replace(execution, batch=placing(execution.batch, trainer.place_batch, execution.stacked))
 
 
 @functools.lru_cache(maxsize=None)

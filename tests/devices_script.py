@@ -103,15 +103,19 @@ def devices_that_do_not_meet_are_named() -> str:
 
 
 def indivisible_batches_are_named() -> dict:
-    """Batches of 12 rows over 8 devices: fit, and evaluate of arrays, say which batch size would do."""
+    """Batches of 12 rows over 8 devices: fit, eval_data (at the start of fit, before any step) and
+    evaluate of arrays say which batch size would do."""
     notes = {}
+    eval_data = ArrayLoader(make_data(n=48), 12, shuffle=False, drop_remainder=False)
     for what, call in (("fit", lambda t: t.fit(ArrayLoader(make_data(n=48), 12))),
-                       ("evaluate", lambda t: t.evaluate(make_data(n=48), batch_size=12))):
+                       ("evaluate", lambda t: t.evaluate(make_data(n=48), batch_size=12)),
+                       ("eval_data", lambda t: t.fit(ArrayLoader(make_data(n=48), 16), eval_data=eval_data))):
+        trainer = DataParallel(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=3, prefetch=0)
         try:
-            call(DataParallel(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, prefetch=0))
+            call(trainer)
             notes[what] = "no error"
         except ValueError as err:
-            notes[what] = "\n".join(getattr(err, "__notes__", []))
+            notes[what] = "\n".join(getattr(err, "__notes__", [])) + f" (at step {trainer.step})"
     return notes
 
 

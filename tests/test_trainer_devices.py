@@ -18,8 +18,9 @@ def test_data_parallel_over_8_devices_matches_one_device_and_shards_evaluation_a
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["devices"] == 8
     assert "the step's arrays, the train state's and the batch's, are not all on the same devices" in out["mismatch_note"]
-    for what in ("fit", "evaluate"):  # JAX's own error names an array dimension only
+    for what in ("fit", "evaluate", "eval_data"):  # JAX's own error names an array dimension only
         assert "a batch of 12 rows cannot be split evenly over the devices" in out["indivisible"][what], what
+    assert out["indivisible"]["eval_data"].endswith("(at step 0)")  # found when fit starts, not after an epoch
     # a kernel split over the devices keeps its layout through a checkpoint's restore and an export's load
     # and a resumed run trains on as the unbroken one, split or left to jit (the README's data parallel)
     for layout, spec in (("sharded", "P(None, 'data')"), ("replicated", "P()")):

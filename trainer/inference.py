@@ -105,8 +105,8 @@ def prediction_shape(trainer: "Trainer", batch: Any) -> Any:
 
 def check_eval_data_fits(trainer: "Trainer") -> None:
     """Traces (shapes only) the evaluation's sums on the first batch of each evaluator's data that can be
-    read without side effects (a list, an ``ArrayLoader``), so data the model cannot take fails at the
-    start of ``fit`` with its shapes named, not after the first epoch of training."""
+    read without side effects (a list, an ``ArrayLoader``), and places it with a ``place_batch`` override,
+    so data the model or the sharding cannot take fails at the start of ``fit``, not after an epoch."""
     for evaluator in trainer.evaluators:
         data = evaluator.data
         if isinstance(data, (list, tuple)) and data:
@@ -118,8 +118,9 @@ def check_eval_data_fits(trainer: "Trainer") -> None:
         if batch is None:
             continue
         _build_eval_step(trainer)
+        padded, mask = pad_batch(batch, batch_size_of(batch))
+        placing(padded, _placer(trainer))  # a sharding override: a batch it cannot split fails now, not after an epoch
         try:  # what the evaluation's first call will trace, on shapes only
-            padded, mask = pad_batch(batch, batch_size_of(batch))
             jax.eval_shape(trainer._eval_sums, trainer._state_shapes, padded, mask)
         except Exception as err:  # noqa: BLE001 - whatever the model raised, named with the batch's shapes
             raise ValueError(f"evaluating the first batch of the evaluation data (shapes {describe_shapes(batch)}) "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 
 import jax
 import numpy as np
@@ -348,8 +349,13 @@ def test_place_batch_is_told_which_batches_are_stacked_chunks_when_it_asks(data)
     class Decorated(Legacy):
         place_batch = logged(Legacy.place_batch)
 
-    for cls in (Told, Legacy, Decorated):
-        cls(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=6, steps_per_execution=4).fit(ArrayLoader(data, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Told(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=6, steps_per_execution=4).fit(ArrayLoader(data, 16))
+    for cls in (Legacy, Decorated):  # told that chunks arrive: a sharding of their first axis would split the steps
+        with pytest.warns(UserWarning, match=f"{cls.__name__}.place_batch takes no stacked keyword, but "
+                                             r"steps_per_execution=4 hands it chunks of \[4, batch, ...\]"):
+            cls(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=6, steps_per_execution=4).fit(ArrayLoader(data, 16))
     assert told == [((4, 16, 8), True), ((16, 8), False), ((16, 8), False)]
     assert legacy == [(4, 16, 8), (16, 8), (16, 8)] * 2
 

@@ -81,6 +81,22 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
         warnings.warn(f"steps_per_execution={k} is more than the {batches} batches of an epoch: no chunk of {k} "
                       f"fits in one, so every step runs alone. Use steps_per_execution={batches} or less (one "
                       "that divides the epoch's length fuses all of it).", stacklevel=3)
+    _warn_if_placing_chunks_unaware(trainer)
+
+
+def _warn_if_placing_chunks_unaware(trainer: "Trainer") -> None:
+    """A ``place_batch`` override without the ``stacked`` keyword gets ``[K, batch, ...]`` chunks as if they
+    were batches when ``steps_per_execution`` > 1: a sharding of their first axis splits the steps over the
+    devices, not the rows (data parallel silently lost, or an error when K does not divide)."""
+    from trainer.loop import _takes_stacked
+    from trainer.trainer import Trainer
+
+    cls = type(trainer)
+    if trainer.steps_per_execution > 1 and cls.place_batch is not Trainer.place_batch and not _takes_stacked(cls):
+        warnings.warn(f"{cls.__name__}.place_batch takes no stacked keyword, but steps_per_execution="
+                      f"{trainer.steps_per_execution} hands it chunks of [{trainer.steps_per_execution}, batch, ...]: "
+                      "a sharding of their first axis would split the steps, not the rows. Define "
+                      "place_batch(self, batch, *, stacked=False) and shard axis 1 when stacked.", stacklevel=4)
 
 
 def warn_if_loss_fn_unused(trainer: "Trainer") -> None:

@@ -39,8 +39,9 @@ def to_sums(metrics: Metrics, reductions: Mapping[str, str]) -> Sums:
         elif weight is None:
             out[k] = clu_metrics.Average.from_model_output(v[None], mask=valid[None])
         else:
-            count = jnp.where(valid, weight, 0).astype(jnp.int32)  # a skipped step's NaN must not reach the
-            out[k] = clu_metrics.Average(total=jnp.where(valid, v * count.astype(jnp.float32), 0.0), count=count)  # total
+            count = jnp.where(valid, weight, 0).astype(jnp.int32)
+            total = jnp.where(valid, v * count.astype(jnp.float32), 0.0)  # a skipped step's NaN times 0 is NaN
+            out[k] = clu_metrics.Average(total=total, count=count)
     return out
 
 

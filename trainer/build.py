@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from trainer import losses, threefry
-from trainer.data import add_note, describe_shapes, non_numeric_note
+from trainer.data import add_note, batch_shapes, describe_shapes, non_numeric_note
 from trainer.conv_grads import eligible_convs
 from trainer.dense_grads import eligible_denses, is_layer_product
 from trainer.events import DefaultInterval
@@ -135,13 +135,6 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
             "unrolled_threefry": unrolled_threefry}
 
 
-def _input_shapes(inputs: Any) -> tuple:
-    """The model inputs' shapes and dtypes, a key (per batch: one array, the usual case, read directly)."""
-    if type(inputs) is np.ndarray:
-        return ((inputs.shape, inputs.dtype),)
-    return tuple((np.shape(x), np.dtype(x.dtype) if hasattr(x, "dtype") else type(x)) for x in jax.tree.leaves(inputs))
-
-
 def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
     """With the default loss (or any ``losses.supervised(losses.cross_entropy, ...)``), integer labels
     must lie in ``[0, num_classes)`` (a host check).
@@ -162,7 +155,7 @@ def check_labels(trainer: "Trainer", batch: Any, where: str) -> None:
                 f"labels at {where} are {labels.dtype} {labels.shape}, but this loss (softmax cross-entropy on "
                 "class ids) takes integer labels. One-hot labels: loss_fn=losses.supervised("
                 "losses.cross_entropy_onehot); regression targets: losses.supervised(losses.mse).")
-        inputs = _input_shapes(losses.batch_inputs(batch))
+        inputs = batch_shapes(batch)  # what a new compile depends on: one trace per bucket, none per batch size
         if inputs not in trainer._output_shapes:  # the model's output shape for inputs of these shapes (a
             try:  # bucket of other sequence lengths is asked again), from shapes only: what the default
                 # loss sees, the model on the inputs (Trainer's own predict_step, not an override that

@@ -189,7 +189,7 @@ class Trainer:
         self._built_signature: Any = None
         self._eval_step = self._eval_sums = None
         self._predict_step = None
-        self._output_shapes: dict[tuple, tuple] = {}  # the model's output shape by its inputs' shapes (label checks)
+        self._output_shapes: dict[tuple, tuple] = {}  # the model's output shape by the batch's shapes (label checks)
         self.data_iterator: Iterator[Any] | None = None
         self.epoch_length: int | None = None
 

@@ -217,15 +217,6 @@ def test_a_new_shape_the_model_takes_compiles_again_with_one_warning_per_shape(d
     assert trainer.step == 10  # every batch of both epochs trained; the second epoch warned no more
 
 
-def test_batches_of_different_shapes_in_one_fused_chunk_are_refused(model, data):
-    trainer = Trainer(model, optax.sgd(0.1), max_epochs=1, steps_per_execution=2)
-    with pytest.warns(UserWarning), pytest.raises(
-            ValueError, match=r"step 2 \(epoch 0, batch 1\) has shapes .*\(16, 5\).*steps_per_execution=2 stacks it "
-                              r"with a batch of shapes .*\(16, 8\)"):
-        trainer.fit(_batches(data, [8, 5]))
-    assert trainer.step == 0
-
-
 def test_a_second_trainer_of_the_same_module_leaves_the_first_and_earlier_snapshots_valid(data):
     from flax import nnx
 

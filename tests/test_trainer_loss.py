@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -222,6 +224,37 @@ def test_a_padded_batch_of_sequences_averages_over_real_rows_and_positions(posit
     history = Trainer(model, optax.sgd(0.0), max_epochs=1, ragged_batches="pad").fit(batches)
     assert history[0]["loss"] == pytest.approx(loss, rel=1e-5)
     assert history[0]["accuracy"] == pytest.approx(accuracy, rel=1e-6)
+
+
+def test_buckets_of_sequence_lengths_train_fused_where_a_chunk_holds_one_length():
+    """With steps_per_execution=K a chunk met a batch of another length (or, as an epoch's length is
+    not a multiple of K, the next epoch's chunks fell elsewhere) and the fit was refused after
+    training: such a chunk's batches now run as single steps, bitwise as K=1, warned about once."""
+    rng = np.random.default_rng(0)
+    batches = [{"tokens": t, "label": (t + 1) % 5} for t in
+               (rng.integers(0, 5, size=(8, n)).astype(np.int32) for n in (6, 6, 10, 6, 6))]
+
+    class Ends(Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_step_end(self, trainer, step, metrics):
+            self.steps.append(step)
+
+    single, fused = Ends(), Ends()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the second length compiles again
+        reference = Trainer(Tagger(), optax.adam(1e-2), max_epochs=2, callbacks=[single])
+        reference.fit(batches)
+    with pytest.warns(UserWarning) as seen:
+        trainer = Trainer(Tagger(), optax.adam(1e-2), max_epochs=2, steps_per_execution=2, callbacks=[fused])
+        trainer.fit(batches)
+    split = [str(w.message) for w in seen if "steps_per_execution=2" in str(w.message)]
+    assert len(split) == 1 and "step 4 (epoch 0, batch 3)" in split[0] and "unlike the 1 batch(es)" in split[0]
+    assert single.steps == list(range(1, 11))
+    assert fused.steps == [2, 3, 4, 5, 6, 7, 8, 10]  # chunks at steps 1-2 and 9-10, the rest single
+    for a, b in zip(jax.tree.leaves(trainer.state.params), jax.tree.leaves(reference.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_buckets_of_other_sequence_lengths_are_checked_against_their_own_outputs():

@@ -2,8 +2,8 @@
 
 With ``steps_per_execution=K`` the trainer runs ``K`` batches stacked on a new leading axis in one
 compiled ``lax.scan``. Chunks are aligned to the global step: a chunk starts only at a step that is
-a multiple of ``K`` and only when ``K`` batches remain (in the epoch and before ``max_steps``);
-other batches run as single steps. So every step that is a multiple of ``K`` ends an execution,
+a multiple of ``K`` and only when ``K`` batches of the same shapes follow (in the epoch and before
+``max_steps``); other batches run as single steps. So every step that is a multiple of ``K`` ends an execution,
 and any callback interval that is a multiple of ``K`` still lands exactly on a hook.
 
 This runs on the host, ahead of the device (in the prefetch thread when there is one): it skips
@@ -89,6 +89,7 @@ class CompiledShapes:
     first: tuple | None = None
     first_described: str | None = None
     others: dict = dataclasses.field(default_factory=dict)  # other shapes -> their description
+    split_chunk: bool = False  # a chunk was cut short by a batch of other shapes (said once)
 
     def change(self, batch: Any, where: str) -> tuple[tuple, str | None]:
         """``batch``'s shapes, and ``None`` when they are the first batch's, else what changed."""
@@ -161,6 +162,18 @@ def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
                               "trains on it padded and masked instead.", stacklevel=2)
                 warned = True
             continue
+        if pending and shapes != pending_shapes:  # a chunk cannot stack two shapes: what it holds runs
+            if not plan.shapes.split_chunk:  # as single steps, and chunks start again at the next multiple of K
+                plan.shapes.split_chunk = True
+                warnings.warn(f"{where} has shapes {describe_shapes(batch)}, unlike the {len(pending)} batch(es) "
+                              f"before it in a chunk of steps_per_execution={k}: those run as single steps, as "
+                              f"will the batches up to the next step that is a multiple of {k}. Give batches of "
+                              f"one shape in runs of {k} (bucketed lengths: whole chunks per bucket) to keep "
+                              "every step fused.", stacklevel=2)
+            for item in pending:
+                step += 1
+                yield single(item)
+            pending = []
         aligned = k > 1 and step % k == 0 and (plan.max_steps is None or step + k <= plan.max_steps)
         if not pending and not aligned:
             step += 1
@@ -168,10 +181,6 @@ def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
             continue
         if not pending:
             pending_shapes = shapes
-        elif shapes != pending_shapes:
-            raise ValueError(f"{where} has shapes {describe_shapes(batch)}, but steps_per_execution={k} stacks it "
-                             f"with a batch of shapes {describe_shapes(pending[0][1])} into one execution; give "
-                             "every batch the same shapes (pad variable-length inputs to one length).")
         pending.append((pos, batch, size, change))
         if len(pending) == k:
             step += k

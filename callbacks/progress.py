@@ -130,6 +130,9 @@ class ProgressBar(Callback):
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
         self._show_finished(block=True)  # the epoch's steps are done: its metrics were read
+        if self._bar is not None and self._bar.total is not None and self._bar.n < self._bar.total:
+            self._bar.total = self._bar.n  # fewer steps than batches (a ragged last batch dropped): a full bar
+            self._bar.refresh()
         self._close()
 
     def on_fit_end(self, trainer: Any) -> None:

@@ -299,6 +299,12 @@ def test_progress_bar_plain_lines_and_terminal_bar(model, data):
     Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1,
             callbacks=[ProgressBar(refresh_every=2, stream=tty, min_seconds=0)]).fit(ArrayLoader(data, 16))
     assert "epoch 1/1" in tty.getvalue() and "6/6" in tty.getvalue() and "loss=" in tty.getvalue()
+    tty = Tty()  # four batches, the last of 5 rows dropped: the epoch ends full at 3 steps, not at 3/4
+    ragged = [{k: v[i:i + 16] for k, v in data.items()} for i in (0, 16, 32, 91)]
+    with pytest.warns(UserWarning, match="dropped a batch of 5 rows"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1,
+                callbacks=[ProgressBar(stream=tty, min_seconds=0)]).fit(ragged)
+    assert "3/3" in tty.getvalue() and "3/4" not in tty.getvalue().split("\r")[-1]
 
 
 def test_writer_and_progress_bar_settings_that_cannot_work_are_refused_when_built():

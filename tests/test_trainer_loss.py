@@ -285,3 +285,44 @@ def test_buckets_of_other_sequence_lengths_are_checked_against_their_own_outputs
     one_hot = [{"tokens": jnp.asarray(batches[0]["tokens"]), "label": jax.nn.one_hot(batches[0]["label"], 5)}]
     with pytest.raises(ValueError, match=r"are float32 \(8, 6, 5\), but this loss .* takes integer labels"):
         Trainer(Tagger(), optax.adam(1e-2), max_steps=1).fit(one_hot)
+
+
+def test_a_per_position_mask_averages_training_and_evaluation_over_real_positions():
+    """A [batch, time] "mask" of padded sequences: training raised a broadcasting error and
+    evaluate silently returned the unmasked mean (the mask broadcast to [1, T, T] per example)."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 5, size=(8, 6)).astype(np.int32)
+    targets = rng.integers(0, 5, size=(8, 6)).astype(np.int32)
+    mask = np.arange(6)[None, :] < np.array([6, 4, 3, 1, 0, 2, 5, 6])[:, None]
+    batches = [{"tokens": tokens[i:i + 4], "label": targets[i:i + 4], "mask": mask[i:i + 4]} for i in (0, 4)]
+    model = Tagger()
+    logits = np.asarray(model(tokens), np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    hits = logits.argmax(-1) == targets
+    trainer = Trainer(model, optax.sgd(0.0), max_epochs=1)
+    history = trainer.fit(batches)
+    first, second = mask[:4], mask[4:]  # training: each batch's mean over its real positions
+    expected = (nll[:4][first].mean() + nll[4:][second].mean()) / 2
+    assert history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    result = trainer.evaluate(batches)  # evaluation: the mean over every real position
+    assert result["loss"] == pytest.approx(nll[mask].mean(), rel=1e-5)
+    assert result["accuracy"] == pytest.approx(hits[mask].mean(), rel=1e-6)
+    wrong = [{"tokens": tokens[:4], "label": targets[:4], "mask": mask[:4, :5]}]
+    with pytest.raises(ValueError, match=r"'mask' has shape \(4, 5\), but the loss gives values of shape \(4, 6\)"):
+        Trainer(Tagger(), optax.sgd(0.1), max_steps=1).fit(wrong)
+
+
+def test_accuracy_is_reported_for_a_class_axis_only_and_mse_refuses_targets_of_another_shape():
+    """One logit or a regression against integer targets logged an ``accuracy`` that was the share
+    of label 0 (argmax of one value is 0); mse reshaped transposed targets onto the predictions."""
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    one_output = nnx.Linear(8, 1, rngs=nnx.Rngs(0))
+    loss, metrics = losses.supervised(losses.mse)(one_output, {"x": x, "y": np.arange(16) % 3})
+    assert "accuracy" not in metrics and np.isfinite(float(loss))
+    _, metrics = losses.supervised(losses.cross_entropy)(TinyMLP(rngs=nnx.Rngs(0)), {"x": x, "y": np.arange(16) % 3})
+    assert "accuracy" in metrics  # three classes: reported
+    predictions = jnp.zeros((4, 6))
+    assert losses.mse(predictions, jnp.ones((4, 6, 1))).shape == (4,)  # a trailing axis of 1: fine
+    with pytest.raises(ValueError, match=r"mse got targets of shape \(6, 4\) for predictions of shape \(4, 6\)"):
+        losses.mse(predictions, jnp.ones((6, 4)))

@@ -105,10 +105,25 @@ def cross_entropy_onehot(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean squared error, averaged over all but the batch axis: one value per example."""
-    targets = jnp.reshape(targets, predictions.shape)
+    """Mean squared error, averaged over all but the batch axis: one value per example.
+
+    Targets of the predictions' shape, or of it without a trailing axis of 1 (``[batch]`` targets for
+    ``[batch, 1]`` predictions); other shapes are refused (reshaping them would pair the wrong values).
+    """
+    if jnp.shape(targets) != predictions.shape:
+        if _without_trailing_ones(jnp.shape(targets)) != _without_trailing_ones(predictions.shape):
+            raise ValueError(f"mse got targets of shape {jnp.shape(targets)} for predictions of shape "
+                             f"{predictions.shape}: they must match (a trailing axis of 1 aside). Reshape "
+                             "the targets, or the model's output.")
+        targets = jnp.reshape(targets, predictions.shape)
     err = jnp.square(predictions - targets)
     return err.reshape(err.shape[0], -1).mean(axis=1) if err.ndim > 1 else err
+
+
+def _without_trailing_ones(shape: tuple) -> tuple:
+    while shape and shape[-1] == 1:
+        shape = shape[:-1]
+    return tuple(shape)
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -136,12 +151,13 @@ def supervised(
       criterion: ``(predictions, labels) -> per-example loss``, e.g. ``cross_entropy``, ``mse``.
       l2: weight of ``l2_penalty`` added to the loss (0 adds nothing).
       with_accuracy: report ``accuracy``; ``None`` does so when labels are integers and the
-        predictions have one more (class) axis, or for ``cross_entropy_onehot``.
+        predictions have one more (class) axis of more than one class, or for ``cross_entropy_onehot``.
 
     Returns:
       A loss function; its metrics are ``accuracy`` (when reported) and ``l2`` (when ``l2 > 0``).
-      A dict batch with a boolean ``"mask"`` (``Trainer(ragged_batches="pad")``) averages over the
-      real rows only.
+      A dict batch with a boolean ``"mask"`` averages over what it marks real: rows (``[batch]``,
+      as ``Trainer(ragged_batches="pad")`` writes) or positions (``[batch, time]``, padded sequences;
+      evaluation then weighs each example by its real positions, so ``eval/loss`` is per position too).
     """
     if l2 < 0:
         raise ValueError(f"l2={l2} is negative; use 0 for no penalty or a small positive weight.")
@@ -154,7 +170,8 @@ def supervised(
         metrics = {}
         wants = with_accuracy
         if wants is None:
-            integer_labels = jnp.issubdtype(labels.dtype, jnp.integer) and predictions.ndim == labels.ndim + 1
+            integer_labels = (jnp.issubdtype(labels.dtype, jnp.integer) and predictions.ndim == labels.ndim + 1
+                              and predictions.shape[-1] > 1)  # a class axis (argmax of one value is always 0)
             wants = integer_labels or criterion is cross_entropy_onehot
         if wants:
             metrics["accuracy"] = mean(accuracy(predictions, labels))
@@ -169,18 +186,24 @@ def supervised(
 
 
 def _masked_mean(mask: jax.Array | None) -> Callable[[jax.Array], jax.Array]:
-    """The mean over the real rows of per-example values ``[batch, ...]`` (per position too: a sequence
-    model's ``[batch, time]`` losses), as ``jnp.mean`` over an unpadded batch."""
+    """The mean of per-example values ``[batch, ...]`` over what ``mask`` marks real: rows (a ``[batch]``
+    mask, ``Trainer(ragged_batches="pad")``'s) or positions (a ``[batch, time]`` mask of padded
+    sequences), as ``jnp.mean`` over the real values alone."""
     if mask is None:
         return jnp.mean
-    weights = mask.astype(jnp.float32)
+    mask = jnp.asarray(mask)
 
     def mean(values: jax.Array) -> jax.Array:
         if values.ndim == 0:  # a criterion that averaged already
             return values
-        per_row = values.size // values.shape[0]  # the positions of one example
-        row_weights = weights.reshape(weights.shape + (1,) * (values.ndim - 1))
-        return jnp.sum(values * row_weights) / jnp.maximum(jnp.sum(weights) * per_row, 1.0)
+        if mask.shape != values.shape[:mask.ndim]:
+            raise ValueError(
+                f"the batch's 'mask' has shape {mask.shape}, but the loss gives values of shape {values.shape}: "
+                "a mask marks the real examples ([batch]) or the real positions of each ([batch, time]), so "
+                "its shape must begin the loss's. Reshape the mask, or pass loss_fn=... that reads it.")
+        weights = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim)), values.shape)
+        weights = weights.astype(jnp.float32)
+        return jnp.sum(jnp.where(weights > 0, values, 0.0) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
     return mean
 

@@ -343,6 +343,17 @@ def per_example_metrics(loss_fn: Callable[[nnx.Module, Any], Any]) -> Callable[[
     return metrics_fn
 
 
+def example_weights(batch: Any, mask: jax.Array) -> jax.Array:
+    """How much each example of an evaluated batch counts (int32 ``[batch]``): 1 for a real row, 0 for
+    padding; a batch's own ``[batch, time]`` ``"mask"`` (padded sequences) makes it the example's real
+    positions, so that a per-position loss is averaged over positions, as in training."""
+    weights = mask.astype(jnp.int32)
+    own = batch.get(MASK_KEY) if isinstance(batch, Mapping) else None
+    if own is not None and jnp.ndim(own) >= 2 and jnp.shape(own)[0] == mask.shape[0]:
+        weights = weights * jnp.sum(jnp.asarray(own).reshape(mask.shape[0], -1).astype(jnp.int32), axis=1)
+    return weights
+
+
 def make_eval_step(graphdef: nnx.GraphDef, metrics_fn: Callable[[nnx.Module, Any], Metrics]) -> tuple[Callable, Callable]:
     """Returns ``(batch_sums, eval_step)``.
 
@@ -355,14 +366,16 @@ def make_eval_step(graphdef: nnx.GraphDef, metrics_fn: Callable[[nnx.Module, Any
     def batch_sums(state: TrainState, batch: Any, mask: jax.Array) -> Sums:
         model = state.merge(graphdef)
         model.eval()
+        weights = example_weights(batch, mask)
         out = {}
         for k, v in metrics_fn(model, batch).items():
             v = jnp.asarray(v, jnp.float32)
             if v.ndim == 0:
-                real = jnp.sum(mask.astype(jnp.int32))
+                real = jnp.sum(weights)
                 out[k] = clu_metrics.Average(total=v * real, count=real)
             elif v.shape == mask.shape:
-                out[k] = clu_metrics.Average.from_model_output(v, mask=mask)
+                total = jnp.sum(jnp.where(weights > 0, v * weights.astype(jnp.float32), 0.0))
+                out[k] = clu_metrics.Average(total=total, count=jnp.sum(weights))
             else:
                 raise ValueError(
                     f"metric {k!r} has shape {v.shape}; compute_metrics must return a scalar or one "

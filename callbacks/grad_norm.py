@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Mapping
 
@@ -81,7 +82,10 @@ class GradNormMonitor(Callback):
     def _warn_if_outside(self, step: int, value: Any) -> None:
         popped = (step, value)
         step, norm = popped[0], float(last_value(popped[1]))
-        if self.warn_below is not None and norm < self.warn_below:
+        if not math.isfinite(norm):  # NaN compares false both ways: it looked inside the range
+            hint = ("non-finite gradients (NaN or inf): a NaNDetector skips or rolls back such steps; lower "
+                    "the learning rate or look for a log of 0 or a division by 0")
+        elif self.warn_below is not None and norm < self.warn_below:
             hint = "vanishing gradients or a too-small learning rate"
         elif self.warn_above is not None and norm > self.warn_above:
             hint = "exploding gradients: clip them (clip_norm) or lower the learning rate"

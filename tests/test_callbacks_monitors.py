@@ -398,3 +398,13 @@ def test_a_skipped_step_leaves_the_means_finite_with_padded_batches(data):
         history = trainer.fit(loader)
     assert [h["nonfinite_total"] for h in history] == [1, 2]
     assert all(np.isfinite(h["loss"]) and np.isfinite(h["accuracy"]) for h in history)
+
+
+def test_grad_norm_warns_about_non_finite_gradients(model, data):
+    """A NaN norm compares false with both bounds: it passed as inside the range, unwarned."""
+    poisoned = {k: np.array(v) for k, v in data.items()}
+    poisoned["x"][40] = np.nan  # in the second batch of 32
+    monitor = GradNormMonitor(every=1)
+    with pytest.warns(GradNormWarning, match=r"gradient norm nan at step 2 .*non-finite gradients"):
+        Trainer(model, optax.sgd(0.1), max_steps=3, callbacks=[monitor]).fit(ArrayLoader(poisoned, 32, shuffle=False))
+    assert [s for s, n in monitor.warnings if np.isnan(n)] == [2, 3]  # the parameters are NaN after it

@@ -29,13 +29,16 @@ OPTIM_HELP = {
     "learning_rate": "peak learning rate (after warmup)",
     "schedule": f"learning-rate schedule, one of {', '.join(SCHEDULES)}",
     "warmup_steps": "steps of linear warmup from 0 before the schedule",
-    "end_learning_rate": "final learning rate of the cosine schedule",
+    "end_learning_rate": "final learning rate of the cosine schedule, floor of the exponential one",
     "decay_rate": "exponential schedule: factor applied every decay-steps",
     "decay_steps": "exponential schedule: steps per decay-rate factor (None: the whole run)",
     "weight_decay": "decoupled for adamw, added to the gradient for adam and sgd",
     "momentum": "sgd momentum (0 for plain sgd)",
     "nesterov": "sgd with Nesterov momentum",
     "clip_norm": "clip gradients to this global norm (None: no clipping)",
+    "b1": "adam / adamw: first-moment decay",
+    "b2": "adam / adamw: second-moment decay",
+    "weight_decay_mask": "which parameters weight decay reaches: all, or matrices (not biases or norm scales)",
 }
 
 

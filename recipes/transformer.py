@@ -38,7 +38,7 @@ from trainer.settings import setting
 
 @dataclasses.dataclass
 class TransformerOptim(OptimConfig):
-    """AdamW, linear warmup then cosine decay, global-norm clipping."""
+    """AdamW (decaying the weight matrices only), linear warmup then cosine decay, global-norm clipping."""
 
     optimizer: str = "adamw"
     learning_rate: float = 3e-3
@@ -46,6 +46,7 @@ class TransformerOptim(OptimConfig):
     warmup_steps: int = 100
     end_learning_rate: float = 1e-4
     weight_decay: float = 0.1
+    weight_decay_mask: str = "matrices"  # GPT-2's practice: no decay of biases and norm scales
     clip_norm: float | None = 1.0
 
 

@@ -21,6 +21,8 @@ STEPS = [0, 5, 10, 11, 50, 99, 100]
     ("exponential", {"decay_rate": 0.5, "decay_steps": 20}, optax.exponential_decay(0.1, 20, 0.5)),
     ("exponential", {"warmup_steps": 10, "decay_rate": 0.5, "decay_steps": 20},
      optax.join_schedules([optax.linear_schedule(0.0, 0.1, 10), optax.exponential_decay(0.1, 20, 0.5)], [10])),
+    ("exponential", {"decay_rate": 0.5, "decay_steps": 20, "end_learning_rate": 0.02},  # a floor (was ignored)
+     optax.exponential_decay(0.1, 20, 0.5, end_value=0.02)),
     ("constant", {"warmup_steps": 10},
      optax.join_schedules([optax.linear_schedule(0.0, 0.1, 10), optax.constant_schedule(0.1)], [10])),
 ])
@@ -99,6 +101,51 @@ def test_bad_schedule_values_are_refused():
         make_schedule("linear_decay", learning_rate=0.1)
     with pytest.raises(ValueError, match="choose one of"):
         make_optimizer("lamb", learning_rate=0.1)
+
+
+def test_an_end_learning_rate_above_the_peak_is_refused():
+    for name in ("warmup_cosine", "exponential"):
+        with pytest.raises(ValueError, match=r"end_learning_rate=0.5 is above learning_rate=0.003"):
+            make_schedule(name, learning_rate=3e-3, total_steps=100, end_learning_rate=0.5)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_weight_decay_reaches_the_matrices_only_when_asked(name):
+    """AdamW decayed LayerNorm scales, biases and embeddings with no way to say otherwise."""
+    import jax
+    import jax.numpy as jnp
+
+    params = {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2), "scale": jnp.ones(2)}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    for mask, decayed in (("all", {"kernel", "bias", "scale"}), ("matrices", {"kernel"}),
+                          ({"kernel": False, "bias": True, "scale": False}, {"bias"})):
+        tx = make_optimizer(name, learning_rate=0.1, weight_decay=0.5, weight_decay_mask=mask)
+        updates, _ = tx.update(zero, tx.init(params), params)  # zero gradients: only the decay moves them
+        assert {k for k, u in updates.items() if float(jnp.abs(u).max()) > 0} == decayed, (name, mask)
+    with pytest.raises(ValueError, match=r"weight_decay_mask='biases' is not known"):
+        make_optimizer(name, learning_rate=0.1, weight_decay=0.5, weight_decay_mask="biases")
+
+
+def test_optim_config_passes_adams_betas_and_warns_about_settings_its_choice_ignores():
+    """OptimConfig had no b1 / b2, and Nesterov momentum of an Adam or an exponential decay rate of a
+    cosine schedule were ignored without a word."""
+    import jax.numpy as jnp
+
+    params = {"w": jnp.ones(2)}
+    grads = {"w": jnp.array([1.0, -2.0])}
+    config = OptimConfig(optimizer="adam", schedule="constant", b1=0.5, b2=0.75, weight_decay=0.0, learning_rate=0.1)
+    tx = config.build()
+    updates, _ = tx.update(grads, tx.init(params), params)
+    ref = optax.adam(0.1, b1=0.5, b2=0.75)
+    expected, _ = ref.update(grads, ref.init(params), params)
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+    assert config.ignored_settings() == []
+    noisy = OptimConfig(optimizer="adam", momentum=0.3, nesterov=True, decay_rate=0.5, weight_decay=0.0,
+                        weight_decay_mask="matrices")
+    assert noisy.ignored_settings() == ["decay_rate", "momentum", "nesterov", "weight_decay_mask"]
+    with pytest.warns(UserWarning, match=r"optimizer='adam' with schedule='warmup_cosine' does not use "
+                                         r"decay_rate=0.5, momentum=0.3, nesterov=True, weight_decay_mask='matrices'"):
+        noisy.build(100)
 
 
 def test_plain_optax_optimizer_has_no_injected_learning_rate():

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
@@ -52,6 +53,8 @@ def make_schedule(
       learning_rate: the peak (post-warmup) value; must be positive.
       total_steps: the run's length in optimizer steps (needed by ``warmup_cosine``).
       warmup_steps: steps of linear warmup from 0 to ``learning_rate`` (0 for none).
+      end_learning_rate: where ``warmup_cosine`` ends, and the floor of a decaying ``exponential``
+        (0: none); at most ``learning_rate``.
 
     Raises:
       ValueError: a non-positive learning rate, an unknown name, or missing ``total_steps``.
@@ -71,6 +74,7 @@ def make_schedule(
                 f"schedule={name!r} needs total_steps larger than warmup_steps={warmup_steps}; "
                 f"got total_steps={total_steps}. Give max_steps or max_epochs with a sized dataset."
             )
+        _check_end(end_learning_rate, learning_rate, name)
         return optax.warmup_cosine_decay_schedule(
             0.0, learning_rate, warmup_steps, total_steps, end_value=end_learning_rate
         )
@@ -82,11 +86,33 @@ def make_schedule(
             raise ValueError("schedule='exponential' needs decay_steps (or total_steps) > 0.")
         if not 0 < decay_rate:
             raise ValueError(f"decay_rate={decay_rate} must be positive (0.1 decays tenfold).")
-        main = optax.exponential_decay(learning_rate, steps, decay_rate)
+        if decay_rate < 1:
+            _check_end(end_learning_rate, learning_rate, name)
+        main = optax.exponential_decay(learning_rate, steps, decay_rate, end_value=end_learning_rate or None)
     if warmup_steps == 0:
         return main
     warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
     return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def _check_end(end_learning_rate: float, learning_rate: float, schedule: str) -> None:
+    if end_learning_rate > learning_rate:
+        raise ValueError(f"end_learning_rate={end_learning_rate} is above learning_rate={learning_rate}, but "
+                         f"schedule={schedule!r} decays from learning_rate to it; give an end below the peak.")
+
+
+WEIGHT_DECAY_MASKS = ("all", "matrices")
+
+
+def decay_mask(weight_decay_mask: Any) -> Any:
+    """optax's ``mask`` for weight decay: ``None`` for ``"all"``; for ``"matrices"`` the parameters of 2 or
+    more axes (kernels, embeddings), not biases or norm scales (GPT-2's practice); else as given."""
+    if isinstance(weight_decay_mask, str):
+        _check_choice("weight_decay_mask", weight_decay_mask, WEIGHT_DECAY_MASKS)
+        if weight_decay_mask == "all":
+            return None
+        return lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    return weight_decay_mask
 
 
 def make_optimizer(
@@ -99,11 +125,15 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     clip_norm: float | None = None,
+    weight_decay_mask: Any = "all",
 ) -> optax.GradientTransformation:
     """``adam``, ``adamw`` or ``sgd`` (with momentum / Nesterov), with optional global-norm clipping.
 
     ``weight_decay`` is decoupled for ``adamw`` and added to the gradient (L2-style) for ``adam``
-    and ``sgd``. The learning rate is injected so ``current_learning_rate`` can read it.
+    and ``sgd``; ``weight_decay_mask`` says which parameters it reaches: ``"all"`` (as optax, Keras
+    and PyTorch do), ``"matrices"`` (2 or more axes: not biases or norm scales), or optax's own
+    ``mask`` (a pytree of booleans or a function of the parameters). The learning rate is injected
+    so ``current_learning_rate`` can read it.
     """
     _check_choice("optimizer", name, OPTIMIZERS)
     if not callable(learning_rate) and not learning_rate > 0:
@@ -117,9 +147,10 @@ def make_optimizer(
     for beta, value in (("b1", b1), ("b2", b2)):
         if not 0 <= value < 1:
             raise ValueError(f"{beta}={value} must be in [0, 1) (Adam's defaults: b1=0.9, b2=0.999).")
+    mask = decay_mask(weight_decay_mask)
     if name == "adamw":
-        base = optax.inject_hyperparams(optax.adamw)(learning_rate=learning_rate, b1=b1, b2=b2,
-                                                     weight_decay=weight_decay)
+        base = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+            learning_rate=learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask)
     elif name == "adam":
         base = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, b1=b1, b2=b2)
     else:
@@ -129,7 +160,7 @@ def make_optimizer(
     if clip_norm is not None:
         parts.append(optax.clip_by_global_norm(clip_norm))
     if weight_decay and name != "adamw":
-        parts.append(optax.add_decayed_weights(weight_decay))
+        parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
     parts.append(base)
     return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
@@ -152,7 +183,20 @@ class OptimConfig:
     weight_decay: float = setting(1e-4, at_least=0)
     momentum: float = setting(0.9, at_least=0, below=1, why="0.9 is usual; 0 for plain SGD")
     nesterov: bool = False
+    b1: float = setting(0.9, at_least=0, below=1, why="Adam's first-moment decay")
+    b2: float = setting(0.999, at_least=0, below=1, why="Adam's second-moment decay")
     clip_norm: float | None = setting(None, above=0, why="the global norm gradients are clipped to")
+    weight_decay_mask: str = setting("all", choices=WEIGHT_DECAY_MASKS)
+
+    def ignored_settings(self) -> list[str]:
+        """The settings changed from their defaults that this optimizer or schedule does not use
+        (``momentum`` of an Adam): ``build`` warns about them rather than ignoring them in silence."""
+        unused = {name for name, users in _USED_ONLY_BY.items()
+                  if self.optimizer not in users and self.schedule not in users}
+        if not self.weight_decay:
+            unused.add("weight_decay_mask")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [name for name in defaults if name in unused and getattr(self, name) != defaults[name]]
 
     def make_schedule(self, total_steps: int | None) -> optax.Schedule:
         """The learning-rate schedule of these settings over ``total_steps`` (``make_schedule``)."""
@@ -162,9 +206,21 @@ class OptimConfig:
 
     def build(self, total_steps: int | None = None) -> optax.GradientTransformation:
         """The optax transformation (``make_optimizer``) with this schedule over ``total_steps``."""
+        ignored = self.ignored_settings()
+        if ignored:
+            warnings.warn(f"optimizer={self.optimizer!r} with schedule={self.schedule!r} does not use "
+                          f"{', '.join(f'{n}={getattr(self, n)!r}' for n in ignored)}: ignored.", stacklevel=2)
         return make_optimizer(self.optimizer, learning_rate=self.make_schedule(total_steps),
-                              weight_decay=self.weight_decay, momentum=self.momentum,
-                              nesterov=self.nesterov, clip_norm=self.clip_norm)
+                              weight_decay=self.weight_decay, momentum=self.momentum, nesterov=self.nesterov,
+                              b1=self.b1, b2=self.b2, clip_norm=self.clip_norm,
+                              weight_decay_mask=self.weight_decay_mask)
+
+
+_USED_ONLY_BY = {  # settings that only some optimizers or schedules read
+    "momentum": ("sgd",), "nesterov": ("sgd",), "b1": ("adam", "adamw"), "b2": ("adam", "adamw"),
+    "end_learning_rate": ("warmup_cosine", "cosine", "exponential"),
+    "decay_rate": ("exponential",), "decay_steps": ("exponential",),
+}
 
 
 CONCAT_NORM_MAX_SIZE = 1 << 17

@@ -27,7 +27,8 @@ class EarlyStopping(Callback):
     model state of the best check are put back when it stops the run.
 
     A monitor nothing reports loses no training: one missing from an epoch's logs (with no
-    evaluator running every N steps, which may report it later) stops the run after that epoch's
+    evaluator running every N steps, nor one of its prefix every N epochs, which may report it
+    later) stops the run after that epoch's
     checkpoint, and ``fit`` then raises a ``KeyError`` listing the names there are; one that the
     step evaluations never report is warned about at the end of ``fit``; an ``eval/`` metric in a
     ``fit`` without an ``Evaluator`` or ``eval_data`` is warned about at its start.
@@ -118,13 +119,16 @@ class EarlyStopping(Callback):
     def on_eval_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
         if trainer.fitting and self.monitor in metrics:  # not an evaluate() called after the run
             self._reported = True
+            if self._checked_step == trainer.step:
+                return  # this step's state was checked already: a second look is no lack of improvement
             self._check(trainer, float(metrics[self.monitor]))
 
     def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
         if self._checked_step == trainer.step:
             return  # this epoch's evaluation already checked
-        if self.monitor not in logs and (self._reported or any(e.every_n_steps for e in trainer.evaluators)):
-            return  # checked at the evaluations every N steps (which may come later than an epoch's end)
+        if self.monitor not in logs and (self._reported or any(
+                e.every_n_steps or self.monitor.startswith(e.prefix) for e in trainer.evaluators)):
+            return  # checked at the evaluations (every N steps, or every N epochs: not due this one)
         if self.monitor not in logs:  # stop after this epoch's checkpoint; fit raises at its end
             skipped = logs.get("nonfinite_total", 0) > 0 and "loss" not in logs
             self._missing = KeyError(
@@ -148,6 +152,7 @@ class EarlyStopping(Callback):
 
     def on_checkpoint_restore(self, trainer: Any, checkpoint: dict) -> None:
         self._missing = None  # judged on steps the restore discarded
+        self._checked_step = None  # the steps after the restored one are trained (and checked) again
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "best_epoch": self.best_epoch,

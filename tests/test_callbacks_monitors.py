@@ -332,6 +332,34 @@ def test_early_stopping_waits_for_a_step_evaluator_longer_than_an_epoch_and_warn
                            misspelt]).fit(ArrayLoader(data, 32))
 
 
+def test_a_step_evaluation_at_an_epochs_end_runs_once_and_counts_once(model, data):
+    """Evaluator(every_n_steps=3) with its default every_n_epochs=1 on 3-step epochs evaluated twice
+    at each epoch's end; EarlyStopping took the copy for no improvement and stopped at patience 1."""
+    class Count(Callback):
+        steps = []
+
+        def on_eval_end(self, trainer, metrics):
+            self.steps.append(trainer.step)
+
+    evaluator = Evaluator(ArrayLoader(data, 32, shuffle=False), every_n_steps=3)
+    stopper = EarlyStopping("eval/loss", patience=1)
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=3, callbacks=[evaluator, Count(), stopper])
+    trainer.fit(ArrayLoader(data, 32))  # an easy problem: eval/loss falls at every check
+    assert Count.steps == [3, 6, 9] and trainer.step == 9 and stopper.wait == 0
+    assert [h["eval/loss"] for h in trainer.history] == [m["eval/loss"] for _, m in evaluator.history]
+
+
+def test_early_stopping_waits_for_an_evaluator_every_two_epochs(model, data):
+    """Evaluator(every_n_epochs=2): epoch 0 has no eval/loss, and EarlyStopping stopped the run with a
+    KeyError telling to add the evaluator it had."""
+    evaluator = Evaluator(ArrayLoader(data, 32, shuffle=False), every_n_epochs=2)
+    stopper = EarlyStopping("eval/loss", patience=2)
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=4, callbacks=[evaluator, stopper])
+    trainer.fit(ArrayLoader(data, 32))
+    assert trainer.epoch == 4 and ["eval/loss" in h for h in trainer.history] == [False, True, False, True]
+    assert stopper.best_step == 12
+
+
 def test_a_second_fit_after_an_early_stop_with_restore_best_trains_on(model, data):
     from callbacks import Callback
 

@@ -221,7 +221,9 @@ def end_epoch(trainer: "Trainer", epoch: int) -> None:
     """
     evaluated: dict[str, float] = {}
     for evaluator in trainer.evaluators:
-        if evaluator.due_at_epoch_end(epoch):
+        if evaluator.due_at_epoch_end(epoch) and evaluator.last_step == trainer.step:
+            evaluated.update(evaluator.last_metrics)  # its step cadence ran it at this very step: once is enough
+        elif evaluator.due_at_epoch_end(epoch):
             evaluated.update(evaluator.run(trainer))
     sums = trainer.take_metric_sums(EPOCH_SUMS)
     if sums is not None:

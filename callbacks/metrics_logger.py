@@ -68,6 +68,7 @@ class MetricsLogger(Callback):
         self._earlier: list = []  # (writer, where) holding an earlier run's log: started again at the first write
         self._before: tuple | None = None  # (trainer ref, writers holding output) before its evaluations ahead of fit
         self._trained = False  # this fit trained a step
+        self._taken: dict[str, tuple] = {}  # name -> the trainer.record entry this logger wrote last
 
     @property
     def fetches(self) -> int:
@@ -185,10 +186,14 @@ class MetricsLogger(Callback):
 
     def _write_window(self, trainer: Any, step: int, sums: Any, scalars: dict[str, float] | None = None) -> None:
         scalars = compute_sums(sums) if sums is not None else dict(scalars or {})
-        recorded = {k: v for k, (at, v) in trainer.pending_logs.items() if at <= step}  # this window's
-        scalars.update(recorded)
-        for name in recorded:
-            del trainer.pending_logs[name]
+        taken = {k: entry for k, entry in trainer.pending_logs.items()  # this window's, new to this logger
+                 if entry[0] <= step and self._taken.get(k) is not entry}
+        scalars.update({k: value for k, (_, value) in taken.items()})
+        self._taken.update(taken)
+        loggers = [cb for cb in trainer.callbacks.callbacks if isinstance(cb, MetricsLogger)]
+        for name, entry in taken.items():  # every logger has it: dropped (each logger writes each value once)
+            if all(logger._taken.get(name) is entry for logger in loggers):
+                del trainer.pending_logs[name]
         self.last_logged_step = step
         if scalars:
             self.write_scalars(step, scalars)

@@ -494,3 +494,22 @@ def test_a_run_refused_before_its_first_step_leaves_the_logs_as_they_were(tmp_pa
     with pytest.raises(ValueError, match="labels"):  # a fresh run whose data the model cannot take
         make(8).fit(ArrayLoader({"x": data["x"], "label": data["label"] + 100}, 16))
     assert (tmp_path / "m.jsonl").read_bytes() == written
+
+
+def test_every_logger_writes_the_values_callbacks_record(model, data):
+    """Two MetricsLoggers: the first to write a window took trainer.record's values (Throughput's,
+    NaNDetector's rollbacks) from the second, whose file then had none."""
+    from callbacks import ConsoleWriter
+
+    class Recorder(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step % 2 == 0:
+                trainer.record("probe", step)
+
+    often = MetricsLogger([ConsoleWriter(stream=io.StringIO())], log_every=2)
+    seldom = MetricsLogger([ConsoleWriter(stream=io.StringIO())], log_every=4)
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=12, callbacks=[Recorder(), often, seldom])
+    trainer.fit(ArrayLoader(data, 8))
+    assert [(step, s["probe"]) for step, s in often.history] == [(n, n) for n in range(2, 13, 2)]
+    assert [(step, s["probe"]) for step, s in seldom.history] == [(4, 4), (8, 8), (12, 12)]  # the newest each
+    assert trainer.pending_logs == {}  # dropped once every logger wrote it

@@ -436,3 +436,17 @@ def test_grad_norm_warns_about_non_finite_gradients(model, data):
     with pytest.warns(GradNormWarning, match=r"gradient norm nan at step 2 .*non-finite gradients"):
         Trainer(model, optax.sgd(0.1), max_steps=3, callbacks=[monitor]).fit(ArrayLoader(poisoned, 32, shuffle=False))
     assert [s for s, n in monitor.warnings if np.isnan(n)] == [2, 3]  # the parameters are NaN after it
+
+
+def test_two_evaluators_of_one_prefix_are_refused_when_fit_starts(model, data):
+    """fit(eval_data=...) and an Evaluator of its own, both "eval/": the epoch's row kept the second's
+    numbers under the first's names, and the logs had two eval/loss at one step."""
+    loader = ArrayLoader(data, 32, shuffle=False)
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=1, callbacks=[Evaluator(loader)])
+    with pytest.raises(ValueError, match=r"fit\(eval_data=...\) and Evaluator\(ArrayLoader\) both report under "
+                                         r"prefix 'eval/'.*prefix='test/'"):
+        trainer.fit(ArrayLoader(data, 32), eval_data=loader)
+    assert trainer.step == 0
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=1, callbacks=[Evaluator(loader, prefix="test/")])
+    trainer.fit(ArrayLoader(data, 32), eval_data=loader)
+    assert {"eval/loss", "test/loss"} <= set(trainer.history[-1])

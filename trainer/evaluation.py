@@ -97,3 +97,17 @@ class Evaluator(Callback):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.last_step = state.get("last_step")
         self.last_metrics = dict(state.get("last_metrics", {}))
+
+
+def refuse_shared_prefixes(evaluators: list[Evaluator], from_fit: Evaluator | None) -> None:
+    """Two evaluators of one ``prefix`` wrote the same metric names: the epoch's row kept one's numbers
+    and the logs had both at one step. Refused when ``fit`` starts, naming them."""
+    seen: dict[str, Evaluator] = {}
+    for evaluator in evaluators:
+        first = seen.setdefault(evaluator.prefix, evaluator)
+        if first is not evaluator:
+            def name(e: Evaluator) -> str:
+                return "fit(eval_data=...)" if e is from_fit else f"Evaluator({type(e.data).__name__})"
+            raise ValueError(f"{name(first)} and {name(evaluator)} both report under prefix {evaluator.prefix!r}: "
+                             "their metrics would overwrite each other in history and the logs. Give one another "
+                             "prefix, e.g. Evaluator(test_data, prefix='test/').")

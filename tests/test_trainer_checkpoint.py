@@ -390,6 +390,41 @@ def test_step_saves_are_not_ranked_by_the_previous_epoch_metric(tmp_path, data):
     assert kept == [3, 12]  # epoch 0's end (0.9) and the newest; step 6, saved at its epoch's end too, scored 0.5
 
 
+def test_step_saves_are_ranked_by_the_evaluation_at_their_step(tmp_path, data):
+    """Checkpoint(monitor=..., every_n_steps=N, every_n_epochs=None) never ranked a save and pruned the
+    best, silently: a save at an evaluation's step is ranked by it (Lightning's way), one at an epoch's
+    last step by the epoch's evaluation."""
+    import warnings
+
+    scores = iter([0.4, 0.9, 0.5, 0.6, 0.7, 0.8])
+
+    class Scored(Evaluator):  # an evaluation every 2 steps whose accuracy is scripted
+        def run(self, trainer):
+            self.last_metrics, self.last_step = {"eval/accuracy": next(scores)}, trainer.step
+            self.history.append((trainer.step, self.last_metrics))
+            return self.last_metrics
+
+    cp = Checkpoint(every_n_steps=2, every_n_epochs=None, max_to_keep=1, monitor="eval/accuracy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "not among the metrics"
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=12, workdir=tmp_path,
+                callbacks=[Scored(ArrayLoader(data, 32), every_n_steps=2, every_n_epochs=None), cp]).fit(
+            ArrayLoader(data, 16))
+    kept = sorted(int(p[5:]) for p in os.listdir(tmp_path / "checkpoints") if p.startswith("step_"))
+    assert kept == [4, 12]  # the best (0.9 at step 4) and the newest
+    epochs = Checkpoint(every_n_steps=6, every_n_epochs=None, max_to_keep=1, monitor="loss", mode="max")
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=3, workdir=tmp_path / "epochs",
+                      callbacks=[epochs])
+    trainer.fit(ArrayLoader(data, 16))  # 6 steps an epoch: each save at an epoch's end, ranked by its loss
+    kept = sorted(int(p[5:]) for p in os.listdir(tmp_path / "epochs" / "checkpoints") if p.startswith("step_"))
+    assert kept == [6, 18]  # the highest loss is the first epoch's
+    every_other = Checkpoint(max_to_keep=1, monitor="eval/loss")  # an evaluation every 2 epochs: no false alarm
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=4, workdir=tmp_path / "other",
+                callbacks=[Evaluator(ArrayLoader(data, 32), every_n_epochs=2), every_other]).fit(ArrayLoader(data, 32))
+
+
 def test_a_resume_with_another_monitor_ranks_the_old_steps_last(tmp_path, data):
     Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2, workdir=tmp_path,
             callbacks=[Checkpoint(monitor="loss")]).fit(ArrayLoader(data, 32))
@@ -429,7 +464,7 @@ def test_best_k_retention_by_an_accuracy_with_mode_auto(tmp_path, data):
 def test_a_monitor_that_is_never_logged_warns_once_naming_the_metrics(tmp_path, data):
     cp = Checkpoint(every_n_epochs=1, max_to_keep=1, monitor="eval/acc", keep_best=1)
     trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=3, workdir=tmp_path, callbacks=[cp])
-    with pytest.warns(RuntimeWarning, match=r"monitor='eval/acc'\) is not among the epoch's metrics \['accuracy'") as seen:
+    with pytest.warns(RuntimeWarning, match=r"monitor='eval/acc'\) is not among the metrics \['accuracy'") as seen:
         trainer.fit(ArrayLoader(data, 32))
     assert sum("monitor='eval/acc'" in str(w.message) for w in seen) == 1
 

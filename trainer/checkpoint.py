@@ -129,8 +129,10 @@ class Checkpoint(Callback):
       every_n_steps: save after every N-th step (``None``: not by steps).
       every_n_epochs: save after every N-th epoch (``None``: not by epochs).
       max_to_keep: newest checkpoints kept (``None``: every one).
-      monitor / mode / keep_best: also keep the ``keep_best`` (1 when a monitor is given) best checkpoints by the epoch metric
-        ``monitor`` (``min``, ``max``, or ``auto``: from its name, a loss lower, an accuracy higher).
+      monitor / mode / keep_best: also keep the ``keep_best`` (1 when a monitor is given) best checkpoints by
+        ``monitor`` (``min``, ``max``, or ``auto``: from its name, a loss lower, an accuracy higher), as the
+        epoch's logs or an evaluation at the saved step report it (a step save at an epoch's last step is
+        ranked at the epoch's end; one mid-epoch without an evaluation at its step is not ranked).
       async_save: write in the background: the loop only copies the state to the host (and checks
         it is finite); checksums and orbax's save run on a worker thread. The trainer waits for the
         commit before exiting, before reporting a preemption save, and at the end of ``fit``.
@@ -211,10 +213,9 @@ class Checkpoint(Callback):
         ``checkpoint.store.wait()`` or the end of ``fit`` waits for it and raises its failure.
         """
         store = self.open(trainer)
-        # the epoch's metric ranks a checkpoint only at the epoch's end (a step save mid-epoch would carry
-        # the previous epoch's); a step saved just before, unranked, is saved again with it
         at_epoch_end = trainer.position == 0 and bool(trainer.history) and trainer.history[-1].get("epoch") == trainer.epoch - 1
-        ranked = bool(self.monitor) and at_epoch_end and self.monitor in trainer.history[-1]
+        value = self._monitored_value(trainer, at_epoch_end)
+        ranked = value is not None
         if self.last_saved_step == trainer.step and not (ranked and not self._last_ranked):
             if wait:
                 store.wait()
@@ -232,12 +233,9 @@ class Checkpoint(Callback):
                           "good checkpoint stays the newest.", RuntimeWarning, stacklevel=2)
             return False
         meta = describe(trainer, leaves)
-        metrics = {self.monitor: trainer.history[-1][self.monitor]} if ranked else None
+        metrics = {self.monitor: value} if ranked else None
         if self.monitor and at_epoch_end and not ranked and not self._warned_monitor:
-            self._warned_monitor = True  # a misspelt name would otherwise keep only the newest, silently
-            warnings.warn(f"Checkpoint(monitor={self.monitor!r}) is not among the epoch's metrics "
-                          f"{sorted(trainer.history[-1])}: checkpoints are not ranked by it, so keep_best keeps "
-                          "nothing beyond the newest. Name one of those metrics.", RuntimeWarning, stacklevel=2)
+            self._warn_if_never_reported(trainer)
         store.save(trainer.step, arrays, meta, metrics)
         if wait or not self.async_save:
             store.wait()
@@ -246,6 +244,36 @@ class Checkpoint(Callback):
             self._last_saved_at = self.clock()
         trainer.callbacks.dispatch("on_checkpoint_save", trainer, meta)
         return True
+
+    def _warn_if_never_reported(self, trainer: "Trainer") -> None:
+        """A monitor no epoch or evaluation reports (a misspelt name) would keep only the newest, silently;
+        one an evaluator not run yet may report (every N epochs) is given until it has run."""
+        if any(self.monitor.startswith(e.prefix) and e.last_step is None for e in trainer.evaluators):
+            return
+        seen = set(trainer.history[-1]).union(*(e.last_metrics for e in trainer.evaluators))
+        if self.monitor in seen:
+            return
+        self._warned_monitor = True
+        warnings.warn(f"Checkpoint(monitor={self.monitor!r}) is not among the metrics {sorted(seen - {'epoch'})}: "
+                      "checkpoints are not ranked by it, so keep_best keeps nothing beyond the newest. Name one "
+                      "of those metrics.", RuntimeWarning, stacklevel=3)
+
+    def _monitored_value(self, trainer: "Trainer", at_epoch_end: bool) -> float | None:
+        """The ``monitor``'s value for this very step, which ranks its checkpoint: the epoch's at its end,
+        else an evaluation's at this step (Lightning's way); ``None`` when neither has it (a step save
+        mid-epoch would carry an older value)."""
+        if not self.monitor:
+            return None
+        if at_epoch_end and self.monitor in trainer.history[-1]:
+            return trainer.history[-1][self.monitor]
+        for evaluator in trainer.evaluators:
+            if evaluator.last_step == trainer.step and self.monitor in evaluator.last_metrics:
+                return evaluator.last_metrics[self.monitor]
+        return None
+
+    def saved_unranked(self, step: int) -> bool:
+        """Whether it saved ``step`` without its monitor's value: the epoch's end saves it again, ranked."""
+        return bool(self.monitor) and self.last_saved_step == step and not self._last_ranked
 
     def on_fit_end(self, trainer: "Trainer") -> None:
         """The final state is saved too (unless just saved), so a finished run can be continued."""

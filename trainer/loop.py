@@ -241,7 +241,7 @@ def end_epoch(trainer: "Trainer", epoch: int) -> None:
         return
     trainer.epoch, trainer.position = epoch + 1, 0
     for checkpoint in trainer.checkpoints:
-        if checkpoint.due_after_epoch(epoch):
+        if checkpoint.due_after_epoch(epoch) or checkpoint.saved_unranked(trainer.step):
             checkpoint.save(trainer)
 
 

@@ -21,20 +21,28 @@ from trainer.step import StepInfo
 
 
 class LearningRateMonitor(Callback):
-    """Adds ``learning_rate`` to the step metrics (logged as the window's last value)."""
+    """Adds the learning rate to the step metrics (logged as the window's last value).
 
-    def __init__(self, name: str = "learning_rate"):
+    Args:
+      name: the metric's name in the logs.
+      hyperparam: the injected hyperparameter read from the optimizer state (``optax.inject_hyperparams``);
+        ``learning_rate`` for optax's optimizers, another name for an optimizer of your own (``step_size``).
+    """
+
+    def __init__(self, name: str = "learning_rate", hyperparam: str = "learning_rate"):
         self.name = name
+        self.hyperparam = hyperparam
 
     def probe(self, info: StepInfo) -> dict[str, jax.Array]:
-        return {self.name: current_learning_rate(info.opt_state)}
+        return {self.name: current_learning_rate(info.opt_state, self.hyperparam)}
 
     def on_fit_start(self, trainer: Any) -> None:
-        if trainer.learning_rate is None:
+        if current_learning_rate(trainer.state.opt_state, self.hyperparam) is None:
             raise ValueError(
-                "LearningRateMonitor cannot find a learning rate in the optimizer state: build the "
+                f"LearningRateMonitor cannot find {self.hyperparam!r} in the optimizer state: build the "
                 "optimizer with trainer.optim.make_optimizer / OptimConfig, or wrap it with "
-                "optax.inject_hyperparams(optax.adamw)(learning_rate=...)."
+                "optax.inject_hyperparams(optax.adamw)(learning_rate=...); an optimizer whose rate has "
+                "another name: LearningRateMonitor(hyperparam='step_size')."
             )
         trainer.metric_reductions[self.name] = "last"
         if self.probe not in trainer.probes:

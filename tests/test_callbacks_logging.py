@@ -237,6 +237,24 @@ def test_learning_rate_monitor_needs_an_injected_learning_rate(model, data):
         trainer.fit(ArrayLoader(data, 32))
 
 
+def test_learning_rate_monitor_reads_a_rate_of_another_name(data):
+    """An optimizer of one's own whose rate is ``step_size``: ``name`` only renamed the logged key, and
+    the monitor refused the optimizer."""
+    def my_sgd(step_size):
+        return optax.sgd(step_size)
+
+    schedule = optax.linear_schedule(0.1, 0.0, 8)
+    memory = Memory()
+    tx = optax.inject_hyperparams(my_sgd)(step_size=schedule)
+    monitor = LearningRateMonitor(name="lr", hyperparam="step_size")
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), tx, max_steps=8,
+            callbacks=[monitor, MetricsLogger([memory], log_every=4)]).fit(ArrayLoader(data, 32))
+    assert [(s, round(v["lr"], 6)) for s, v in memory.scalars] == [(4, round(float(schedule(3)), 6)),
+                                                                   (8, round(float(schedule(7)), 6))]
+    with pytest.raises(ValueError, match=r"cannot find 'learning_rate'.*hyperparam='step_size'"):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), tx, max_steps=8, callbacks=[LearningRateMonitor()]).fit(ArrayLoader(data, 32))
+
+
 def test_throughput_arithmetic_with_an_injected_clock(model, data):
     ticks = iter(range(100))
     throughput = Throughput(every=5, min_seconds=0, clock=lambda: float(next(ticks)))

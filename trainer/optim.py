@@ -246,11 +246,12 @@ def global_norm(tree: Any, squared: bool = False) -> jax.Array:
     return total if squared else jnp.sqrt(total)
 
 
-def current_learning_rate(opt_state: Any) -> jax.Array | None:
-    """The learning rate of the last update, read from ``inject_hyperparams`` state (else None)."""
+def current_learning_rate(opt_state: Any, hyperparam: str = "learning_rate") -> jax.Array | None:
+    """The learning rate of the last update, read from ``inject_hyperparams`` state (else None);
+    ``hyperparam`` names it where the optimizer calls it otherwise (``step_size``)."""
     try:
         return optax.tree_utils.tree_get(
-            opt_state, "learning_rate",
+            opt_state, hyperparam,
             filtering=lambda _path, value: isinstance(value, (jax.Array, np.ndarray)),
         )
     except KeyError:

@@ -138,6 +138,8 @@ class NaNDetector(Callback):
                 self.skipped, self._newest = 0, None
                 self._fetch.clear()
                 return True
+            # the steps dispatched after the halt were no-ops: the count says the updates applied
+            trainer.step = int(guard["halt_step"]) - 1
             raise NonFiniteError(self._message(trainer, guard))
         warnings.warn(f"skipped {total - self.skipped} step(s) with a non-finite loss or gradients "
                       f"(total {total}) up to step {trainer.step}.", RuntimeWarning, stacklevel=2)

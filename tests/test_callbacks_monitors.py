@@ -95,6 +95,22 @@ def test_nan_raise_names_the_step_and_keeps_previous_parameters(model, data, che
     assert all(np.array_equal(a, b) for a, b in zip(model_params, snaps.after[2]))
 
 
+def test_after_a_nan_raise_the_step_counts_the_updates_and_a_refit_says_how_to_go_on(tmp_path, data):
+    """The no-op steps dispatched after the halt advanced trainer.step (5 for 2 updates), and a second
+    fit raised the old NonFiniteError straight away; fit(resume=True) from a checkpoint trains on."""
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2, workdir=tmp_path,
+                      callbacks=[NaNDetector(check_every=5), Checkpoint(every_n_steps=1, every_n_epochs=None)])
+    with pytest.raises(NonFiniteError, match="at step 3"):
+        trainer.fit(nan_at(3, data, batch=16))  # checked at step 5: steps 4 and 5 ran halted
+    counts = [int(x) for x in jax.tree.leaves(trainer.state.opt_state) if np.ndim(x) == 0]
+    assert trainer.step == int(trainer.state.step) == 2 and counts == [2]
+    with pytest.raises(RuntimeError, match=r"halted at step 3 .* those of step 2.*fit\(..., resume=True\)"):
+        trainer.fit(nan_at(3, data, batch=16))
+    clean = ArrayLoader(data, 16, shuffle=False)
+    trainer.fit(clean, resume=True)  # from checkpoint step 2, on the mended data
+    assert trainer.step == 12
+
+
 def test_nan_raise_reports_the_learning_rate_when_injected(model, data):
     from trainer import make_optimizer
     tx = make_optimizer("adam", learning_rate=0.0125)

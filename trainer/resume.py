@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+import jax
+
 from trainer.checkpoint import _differences, _jsonable, _load_callback_states, environment
 from trainer.checkpoint_store import CheckpointError, CheckpointStore, check_structure, expected_leaves
 from trainer.checkpoint_store import place_like, unflatten
@@ -176,6 +178,20 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     trainer.callbacks.dispatch("on_checkpoint_restore", trainer, meta)
     print(f"resumed from checkpoint step {found_step} in {store.directory}", file=sys.stderr, flush=True)
     return found_step
+
+
+def refuse_halted(trainer: "Trainer") -> None:
+    """A trainer whose non-finite guard halted (a ``NonFiniteError``) would train no more: every step a
+    no-op. Refused with the ways on, rather than the old error again or a silent run of no-ops."""
+    guard = trainer.state.guard
+    if guard is None or not bool(jax.device_get(guard["halted"])):
+        return
+    raise RuntimeError(
+        f"this trainer halted at step {int(jax.device_get(guard['halt_step']))} on a non-finite loss or gradients "
+        f"(its NonFiniteError): its parameters and optimizer state are those of step {trainer.step}, before it "
+        "(trainer.model holds them), and every further step would change nothing. Resume from the newest good "
+        "checkpoint (fit(..., resume=True)), or build a new Trainer from trainer.model; NaNDetector(policy='skip' "
+        "or 'rollback') trains past such steps.")
 
 
 def roll_back(trainer: "Trainer", bad_step: int) -> None:

@@ -247,7 +247,8 @@ def make_train_step(
                                    guard["halt_kind"]),
             "halt_lr": jnp.where(halt_now, lr, guard["halt_lr"]),
         }
-        state = new.replace(guard=guard)
+        # a halted guard's steps (the halting one too) change nothing: the step count stays the updates applied
+        state = new.replace(guard=guard, step=jnp.where(guard["halted"], new.step - 1, new.step))
         metrics = dict(metrics, nonfinite_total=guard["nonfinite_total"], _valid=ok)
         return state, metrics
 

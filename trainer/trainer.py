@@ -396,6 +396,7 @@ class Trainer:
             self.callbacks.dispatch("on_fit_start", self)
             if resume is not False:
                 resuming.restore(self, resume)
+            resuming.refuse_halted(self)
             resumed_at = self.step
             checkpointing.check_callback_states(self)
             while not self._limit_reached() and not self.should_stop:

@@ -15,6 +15,7 @@ import numpy as np
 from trainer.build import check_labels
 from trainer.data import (ArrayLoader, batch_size_of, check_batch_source, check_every_row_in_order, describe_shapes,
                           first_line, pad_batch, placing, warn_if_rows_left_out)
+from trainer.evaluation import refuse_shared_prefixes
 from trainer.loop import finished_metrics
 from trainer.preemption import Preempted
 from trainer.state import zeros_like_tree
@@ -106,7 +107,9 @@ def prediction_shape(trainer: "Trainer", batch: Any) -> Any:
 def check_eval_data_fits(trainer: "Trainer") -> None:
     """Traces (shapes only) the evaluation's sums on the first batch of each evaluator's data that can be
     read without side effects (a list, an ``ArrayLoader``), and places it with a ``place_batch`` override,
-    so data the model or the sharding cannot take fails at the start of ``fit``, not after an epoch."""
+    so data the model or the sharding cannot take fails at the start of ``fit``, not after an epoch; two
+    evaluators of one prefix are refused first."""
+    refuse_shared_prefixes(trainer.evaluators, next(iter(trainer._fit_evaluators), None))
     for evaluator in trainer.evaluators:
         data = evaluator.data
         if isinstance(data, (list, tuple)) and data:

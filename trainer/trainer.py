@@ -25,7 +25,7 @@ from trainer import export
 from trainer.build import check_intervals, check_labels
 from trainer.carry import Carry
 from trainer.checkpoint import Checkpoint
-from trainer.evaluation import Evaluator, refuse_shared_prefixes
+from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
 from trainer.data import batches_of
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
@@ -387,7 +387,6 @@ class Trainer:
         if resume is False and self.step == 0:
             resuming.refuse_used_stores(self)
         self._fit_evaluators = [Evaluator(eval_data)] if eval_data is not None else []
-        refuse_shared_prefixes(self.evaluators, next(iter(self._fit_evaluators), None))
         check_eval_data_fits(self)
         if self.checkpoints:
             self._preemption.install()

@@ -13,7 +13,7 @@ from trainer.events import Callback
 class EpochSummary(Callback):
     """Prints ``epoch 3/15  loss 0.1234  accuracy 0.9612  eval/loss ...  time 4.1s`` after each epoch.
 
-    Counts (metrics named ``*_total``, such as ``nonfinite_total``) print as integers.
+    Counts (metrics named ``*_total``, such as ``nonfinite_total``, and ``nan_rollbacks``) print as integers.
 
     It reads only the host values the trainer already gathered at the epoch's end, so it adds no
     device synchronisation.
@@ -60,7 +60,10 @@ class EpochSummary(Callback):
         print_line(f"epoch {epoch + 1}{total}{note}  {values}  time {seconds:.1f}s", self.stream)
 
 
+COUNTS = ("nan_rollbacks",)  # counts whose names do not end in _total
+
+
 def _format(name: str, value: float) -> str:
-    if name.endswith("_total") and float(value).is_integer():
+    if (name.endswith("_total") or name in COUNTS) and float(value).is_integer():
         return str(int(value))
     return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"  # a learning rate near its end

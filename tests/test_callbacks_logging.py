@@ -531,3 +531,10 @@ def test_every_logger_writes_the_values_callbacks_record(model, data):
     assert [(step, s["probe"]) for step, s in often.history] == [(n, n) for n in range(2, 13, 2)]
     assert [(step, s["probe"]) for step, s in seldom.history] == [(4, 4), (8, 8), (12, 12)]  # the newest each
     assert trainer.pending_logs == {}  # dropped once every logger wrote it
+
+
+def test_epoch_summary_prints_counts_as_integers():
+    from callbacks.epoch_summary import _format
+
+    assert [_format(n, v) for n, v in (("nonfinite_total", 2.0), ("nan_rollbacks", 1.0), ("loss", 1.0))] == [
+        "2", "1", "1.0000"]

@@ -184,3 +184,23 @@ def test_a_failure_nothing_waited_for_is_printed_not_lost(capsys):
     del worker
     gc.collect()
     assert "test-writer: a background job failed and nothing waited for it: ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_two_checkpoint_callbacks_save_side_by_side(tmp_path):
+    """Lightning's best + last: two stores' asynchronous orbax saves under way together failed
+    (FileExistsError / FileNotFoundError in orbax's temporary folders) or hung for 300 s."""
+    import os
+
+    data = make_data(n=256)
+    best = Checkpoint(tmp_path / "best", monitor="loss", max_to_keep=1)
+    last = Checkpoint(tmp_path / "last", max_to_keep=2)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=8, callbacks=[best, last])
+    history = trainer.fit(ArrayLoader(data, 32))  # 8 steps an epoch: a save of each at every epoch's end
+    assert sorted(os.listdir(tmp_path / "last")) == ["step_56", "step_64"]
+    lowest = min(history, key=lambda row: row["loss"])["epoch"]
+    assert sorted(os.listdir(tmp_path / "best")) == sorted({f"step_{8 * lowest + 8}", "step_64"})
+    for folder in ("best", "last"):
+        again = Trainer(TinyMLP(rngs=nnx.Rngs(1)), optax.adam(1e-2), max_epochs=8,
+                        callbacks=[Checkpoint(tmp_path / folder, max_to_keep=2)])
+        again.fit(ArrayLoader(data, 32), resume=True)
+        assert again.step == 64

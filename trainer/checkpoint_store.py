@@ -15,7 +15,9 @@ import math
 import os
 import shutil
 import sys
+import threading
 import warnings
+import weakref
 import zlib
 from pathlib import Path
 from typing import Any, Mapping
@@ -229,6 +231,10 @@ def _short(err: BaseException) -> str:
     return text if len(text) <= 400 else text[:400] + " ..."
 
 
+_STORES: "weakref.WeakSet[CheckpointStore]" = weakref.WeakSet()  # every open store of this process
+_ORBAX_SAVES = threading.Lock()  # one store starts an orbax save at a time, the others' finished first
+
+
 class CheckpointStore:
     """An orbax ``CheckpointManager`` in ``directory`` with retention, checksums and fallback.
 
@@ -269,6 +275,8 @@ class CheckpointStore:
             preservation_policy=policies.AnyPreservationPolicy(keep), **best)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._writer = SerialWorker("checkpoint-writer") if async_save else None
+        self._closed = False
+        _STORES.add(self)
 
     def clean_temporary(self) -> list[Path]:
         """Removes folders a killed save left behind (orbax's temporary names)."""
@@ -307,10 +315,14 @@ class CheckpointStore:
         stored = pack_small(arrays, meta["leaves"])
         ocp = orbax_checkpoint()
         args = ocp.args.Composite(state=ocp.args.StandardSave(stored), meta=ocp.args.JsonSave(dict(meta)))
-        if step in self.manager.all_steps():  # a run resumed from an older step passes this one again
-            self.manager.wait_until_finished()
-            self.manager.delete(step)
-        self.manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
+        with _ORBAX_SAVES:  # orbax's asynchronous saves share process-wide state (operation ids, signals): two
+            for other in list(_STORES):  # stores' saves under way together (best + last) failed or hung 300 s
+                if other is not self and not other._closed:
+                    other.manager.wait_until_finished()
+            if step in self.manager.all_steps():  # a run resumed from an older step passes this one again
+                self.manager.wait_until_finished()
+                self.manager.delete(step)
+            self.manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
 
     def wait(self) -> None:
         """Blocks until every started save is committed; raises a background write's failure."""
@@ -422,4 +434,5 @@ class CheckpointStore:
     def close(self) -> None:
         self._drain_writer()
         self.manager.wait_until_finished()
+        self._closed = True
         self.manager.close()

@@ -110,6 +110,9 @@ class EarlyStopping(Callback):
 
     def on_fit_start(self, trainer: Any) -> None:
         self._missing, self._reported = None, False
+        if trainer.step == 0 and not trainer.resuming:  # a fresh run (a sweep reusing it): nothing of the last
+            self.best = self.best_step = self.best_epoch = self.stopped_epoch = self._checked_step = None
+            self.wait, self._best_state = 0, None  # (its best parameters were put into the next model)
         if self.monitor.startswith("eval/") and not trainer.evaluators:
             warnings.warn(f"EarlyStopping monitors {self.monitor!r}, but this fit has no Evaluator or eval_data: "
                           "unless a callback of yours evaluates with prefix 'eval/', the first epoch's end stops "

@@ -466,3 +466,24 @@ def test_two_evaluators_of_one_prefix_are_refused_when_fit_starts(model, data):
     trainer = Trainer(model, optax.sgd(0.1), max_epochs=1, callbacks=[Evaluator(loader, prefix="test/")])
     trainer.fit(ArrayLoader(data, 32), eval_data=loader)
     assert {"eval/loss", "test/loss"} <= set(trainer.history[-1])
+
+
+def test_callbacks_reused_by_a_second_trainer_start_afresh(tmp_path, data):
+    """A sweep sharing one callbacks list: EarlyStopping put the first run's best parameters into the
+    second model, an Evaluator gave the first run's result as the second's (same last step), and
+    Checkpoint saved into the first run's workdir."""
+    loader = ArrayLoader(data, 32, shuffle=False)
+    stopper = EarlyStopping("eval/loss", patience=1)
+    evaluator = Evaluator(loader)  # every epoch, and where max_steps cuts one short
+    checkpoint = Checkpoint(every_n_epochs=None)
+    results = []
+    for run, lr in enumerate((3e-2, 0.0)):  # the second run's loss stays above the first's
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(lr), max_steps=4, workdir=tmp_path / f"run{run}",
+                          callbacks=[evaluator, stopper, checkpoint])
+        trainer.fit(ArrayLoader(data, 16))  # 4 steps of 6: an epoch cut short, evaluated at step 4
+        results.append((trainer.history[-1]["eval/loss"], trainer.evaluate(loader)["loss"]))
+        assert stopper.best_step == 4 and stopper.best == pytest.approx(results[-1][0], rel=1e-6)
+        assert (tmp_path / f"run{run}" / "checkpoints" / "step_4").is_dir()
+    for logged, now in results:
+        assert logged == pytest.approx(now, rel=1e-6)
+    assert results[0][0] != pytest.approx(results[1][0], rel=1e-3)

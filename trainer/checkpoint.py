@@ -166,6 +166,7 @@ class Checkpoint(Callback):
         if monitor is not None and keep_best is None:
             keep_best = 1  # a monitor ranks checkpoints to keep the best (Lightning's save_top_k=1)
         self.directory = Path(directory) if directory is not None else None
+        self._given_directory = self.directory  # None: the trainer's <workdir>/checkpoints, per trainer
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.max_to_keep, self.monitor, self.mode, self.keep_best = max_to_keep, monitor, mode, keep_best
         self.async_save = async_save
@@ -178,17 +179,21 @@ class Checkpoint(Callback):
 
     def folder(self, trainer: "Trainer") -> Path | None:
         """Where this callback saves: ``directory``, or ``<workdir>/checkpoints`` (None: neither is set)."""
-        if self.directory is not None:
-            return self.directory
+        if self._given_directory is not None:
+            return self._given_directory
         return Path(trainer.workdir) / "checkpoints" if trainer.workdir is not None else None
 
     def open(self, trainer: "Trainer") -> CheckpointStore:
-        """The store in ``directory`` (or ``<workdir>/checkpoints``), opened once."""
+        """The store in ``directory`` (or ``<workdir>/checkpoints``), opened once per folder: a callback
+        reused by a trainer of another workdir (a sweep's shared callbacks) opens that one's."""
+        folder = self.folder(trainer)
+        if folder is None:
+            raise ValueError("Checkpoint needs a folder: pass directory= or give the Trainer a workdir.")
+        if self.store is not None and self.store.directory != folder.absolute():
+            self.store.close()
+            self.store, self.last_saved_step, self._last_ranked, self._last_saved_at = None, None, False, None
         if self.store is None:
-            if self.directory is None:
-                if trainer.workdir is None:
-                    raise ValueError("Checkpoint needs a folder: pass directory= or give the Trainer a workdir.")
-                self.directory = self.folder(trainer)
+            self.directory = folder
             self.store = CheckpointStore(self.directory, max_to_keep=self.max_to_keep, monitor=self.monitor,
                                          mode=self.mode, keep_best=self.keep_best, async_save=self.async_save)
         return self.store

@@ -81,6 +81,10 @@ class Evaluator(Callback):
         if self.every_n_steps is not None and step % self.every_n_steps == 0:
             self.run(trainer)
 
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        if trainer.step == 0 and not trainer.resuming:  # a fresh run (a sweep reusing it): the last run's
+            self.last_metrics, self.last_step, self.history = {}, None, []  # step-4 result is not this one's
+
     def on_checkpoint_restore(self, trainer: "Trainer", checkpoint: dict) -> None:
         step = trainer.step  # a checkpoint taken while the step's evaluation ran (a preemption) holds no result
         self._redo = (bool(self.every_n_steps) and step > 0 and step % self.every_n_steps == 0

@@ -164,6 +164,12 @@ def test_loss_fn_returning_a_dict_with_loss_trains_as_the_tuple_form(data):
                          (lambda m, b: (as_tuple(m, b)[0], {"x": None}), r"returned metric 'x' = None")):
         with pytest.raises(TypeError, match=message):
             Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn=bad, max_steps=1).fit(ArrayLoader(data, 32))
+    per_class = lambda m, b: (as_tuple(m, b)[0], {"class_logit": m(b["x"]).mean(0)})  # noqa: E731  a [3] metric
+    for run in ("fit", "evaluate"):  # training averaged it into one number in silence
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), loss_fn=per_class, max_steps=1)
+        with pytest.raises(ValueError, match=r"metric 'class_logit' of shape \(3,\); each metric is a scalar .*"
+                                             r"class_logit/0"):
+            getattr(trainer, run)(ArrayLoader(data, 32))
 
 
 def test_a_compute_loss_override_that_ignores_loss_fn_is_warned_about_when_built(model):

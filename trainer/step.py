@@ -77,6 +77,10 @@ def split_loss_output(out: Any, where: str) -> tuple[jax.Array, Metrics]:
             raise TypeError(f"{where} returned a metric named {name!r}, a {type(name).__name__}; metric names are strings.")
         if value is None or isinstance(value, (Mapping, str)):
             raise TypeError(f"{where} returned metric {name!r} = {value!r:.60}; each metric is a number or an array.")
+        if jnp.ndim(value) != 0:  # training averaged it into one number in silence, evaluation refused it
+            raise ValueError(f"{where} returned metric {name!r} of shape {jnp.shape(value)}; each metric is a scalar "
+                             "(a batch mean). Return a vector's parts under names of their own "
+                             f"({name}/0, {name}/1, ...).")
     return loss, dict(metrics)
 
 

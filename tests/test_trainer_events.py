@@ -321,6 +321,10 @@ def test_a_hook_that_cannot_take_its_events_arguments_is_refused_when_the_traine
         def on_step_end(self, trainer, step, metrics, more):
             pass
 
+    class KerasStyle(Callback):  # Keras's signature: it bound, and epoch got the trainer, logs the epoch
+        def on_epoch_start(self, epoch, logs=None):
+            pass
+
     class Fine(Callback):
         def on_step_end(self, trainer, *args, **kwargs):
             pass
@@ -330,7 +334,44 @@ def test_a_hook_that_cannot_take_its_events_arguments_is_refused_when_the_traine
 
     for callback, message in ((Forgot(), r"Forgot.on_fit_end\(\) cannot be called as on_fit_end\(trainer\)"),
                               (Extra(), r"Extra.on_step_end\(trainer, step, metrics, more\) cannot be called as "
-                                        r"on_step_end\(trainer, step, metrics\)")):
+                                        r"on_step_end\(trainer, step, metrics\)"),
+                              (KerasStyle(), r"KerasStyle.on_epoch_start\(epoch, logs=None\) cannot be called as "
+                                             r"on_epoch_start\(trainer, epoch\): its first argument 'epoch' would get "
+                                             r"the trainer")):
         with pytest.raises(TypeError, match=message):
             Trainer(model, optax.sgd(0.1), max_steps=1, callbacks=[callback])
     Trainer(model, optax.sgd(0.1), max_steps=1, callbacks=[Fine(), Recorder()])
+
+
+def test_hooks_set_or_callbacks_appended_between_fits_are_called_and_checked(model, data):
+    """The list's listeners were worked out once: a hook set on an instance after the first fit was
+    never called, and an appended callback's wrong event method failed after an epoch of training."""
+    import warnings
+
+    class Plain(Callback):
+        pass
+
+    plain = Plain()
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=2, callbacks=[plain])
+    trainer.fit(ArrayLoader(data, 32))
+    calls = []
+    plain.on_step_end = lambda trainer, step, metrics: calls.append(step)
+    trainer.max_steps = 4
+    trainer.fit(ArrayLoader(data, 32))
+    assert calls == [3, 4]
+
+    class BadEpochEnd(Callback):
+        def on_epoch_end(self, trainer, logs):  # Keras's (epoch, logs) without the epoch
+            pass
+
+        def on_train_end(self, trainer):
+            pass
+
+    trainer.callbacks.callbacks.append(BadEpochEnd())
+    trainer.max_steps = 6
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(
+            TypeError, match=r"BadEpochEnd.on_epoch_end\(trainer, logs\) cannot be called as on_epoch_end\(trainer, epoch, logs\)"):
+        warnings.simplefilter("always")
+        trainer.fit(ArrayLoader(data, 32))
+    assert trainer.step == 4  # refused before training
+    assert any("on_train_end is not a trainer event" in str(w.message) for w in seen)

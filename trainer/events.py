@@ -167,12 +167,19 @@ def check_hook_signatures(callback: Callback) -> None:
         hook = getattr(callback, event)
         expected = list(inspect.signature(getattr(Callback, event)).parameters)[1:]  # trainer, then the event's
         try:
+            first = next(iter(inspect.signature(hook).parameters), None)
+            if first in _NOT_THE_TRAINER:  # Keras's on_epoch_begin(self, epoch, logs=None): it would get the
+                raise TypeError(f"its first argument {first!r} would get the trainer (hooks here take the "  # trainer
+                                "trainer first, then the event's arguments)")
             inspect.signature(hook).bind(*expected)
         except TypeError as err:
             raise TypeError(f"{type(callback).__name__}.{event}{inspect.signature(hook)} cannot be called as "
                             f"{event}({', '.join(expected)}): {err}.") from None
         except ValueError:  # a builtin or C function without a signature: called as it is
             continue
+
+
+_NOT_THE_TRAINER = {"epoch", "batch", "logs", "step", "metrics", "checkpoint", "exception"}  # other events' arguments
 
 
 class CallbackList:
@@ -189,6 +196,14 @@ class CallbackList:
         elif not isinstance(callbacks, collections.abc.Iterable):
             raise TypeError(f"callbacks must be a list of Callback instances; got {type(callbacks).__name__}.")
         self.callbacks = list(callbacks)
+        self._listeners: dict[str, list[Callback]] = {}
+        self._listeners_of: tuple[Callback, ...] = ()
+        self.check()
+
+    def check(self) -> None:
+        """Refuses what is no callback or has an event method that cannot take its event's arguments, warns
+        of methods that are no event, and forgets which callbacks define each event. Run when the list is
+        built and when ``fit`` starts: callbacks appended since, and hooks set on an instance since, count."""
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(
@@ -197,8 +212,7 @@ class CallbackList:
                 )
             warn_unknown_hooks(cb)
             check_hook_signatures(cb)
-        self._listeners: dict[str, list[Callback]] = {}
-        self._listeners_of: tuple[Callback, ...] = ()
+        self._listeners, self._listeners_of = {}, tuple(self.callbacks)
 
     def dispatch(self, event: str, trainer: "Trainer", *args: Any) -> None:
         """Calls ``event`` on every callback that defines it, in list order."""

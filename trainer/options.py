@@ -75,6 +75,7 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
     if trainer.max_steps is None and epochs_left > 1 and isinstance(train_data, collections.abc.Iterator):
         raise TypeError(f"train_data is a one-pass {type(train_data).__name__}, but max_epochs={trainer.max_epochs} "
                         "iterates it once an epoch; pass a list or an ArrayLoader, or set max_steps.")
+    trainer.callbacks.check()  # again: callbacks appended since, hooks set on an instance since
     check_intervals(trainer)  # again: callbacks appended since, or shared with a trainer of another K
     k, batches = trainer.steps_per_execution, known_length(train_data)
     if k > 1 and batches is not None and batches < k:

@@ -375,3 +375,13 @@ def test_hooks_set_or_callbacks_appended_between_fits_are_called_and_checked(mod
         trainer.fit(ArrayLoader(data, 32))
     assert trainer.step == 4  # refused before training
     assert any("on_train_end is not a trainer event" in str(w.message) for w in seen)
+
+
+def test_the_workdir_exists_when_callbacks_start(model, data, tmp_path):
+    class Notes(Callback):
+        def on_fit_start(self, trainer):
+            (trainer.workdir / "notes.txt").write_text("run notes")
+
+    Trainer(model, optax.sgd(0.1), max_steps=1, workdir=tmp_path / "new" / "run", callbacks=[Notes()]).fit(
+        ArrayLoader(data, 32))
+    assert (tmp_path / "new" / "run" / "notes.txt").read_text() == "run notes"

@@ -66,7 +66,8 @@ def recorded_number(name: str, value: Any) -> float:
 
 def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume: Any) -> None:
     """What ``fit`` refuses before it starts: raw arrays for data, ``resume=True`` with nowhere to look, a
-    one-pass iterator for several epochs, and step intervals that do not fit ``steps_per_execution``."""
+    one-pass iterator for several epochs, and step intervals that do not fit ``steps_per_execution``;
+    then makes the workdir."""
     check_batch_source(train_data, "train_data"), check_batch_source(eval_data, "eval_data")
     if isinstance(train_data, (list, tuple)) and not train_data:
         raise ValueError("train_data is an empty list: give it at least one batch.")
@@ -83,6 +84,8 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
                       f"fits in one, so every step runs alone. Use steps_per_execution={batches} or less (one "
                       "that divides the epoch's length fuses all of it).", stacklevel=3)
     _warn_if_placing_chunks_unaware(trainer)
+    if trainer.workdir is not None:  # there before on_fit_start: a callback of one's own writes into it
+        trainer.workdir.mkdir(parents=True, exist_ok=True)
 
 
 def _warn_if_placing_chunks_unaware(trainer: "Trainer") -> None:

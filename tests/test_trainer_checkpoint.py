@@ -1158,3 +1158,28 @@ def test_a_state_key_that_is_not_a_string_is_refused_by_name(tmp_path, data):
     with pytest.raises(TypeError, match=r"Keyed.state_key = 3 must be a non-empty string"):
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4,
                 callbacks=[Keyed(), Checkpoint(tmp_path, every_n_steps=4)]).fit(ArrayLoader(data, 16))
+
+
+def test_a_save_a_callback_makes_in_on_epoch_end_resumes_into_the_next_epoch(tmp_path, data):
+    """Saved inside the epoch's end (Lightning's trainer.save_checkpoint in a hook), the checkpoint said
+    "epoch 0, at its end": the resume ended epoch 0 again, a second row of NaN means in history."""
+    class SaveAtEpochEnd(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 0:
+                trainer.checkpoints[0].save(trainer, wait=True)
+
+    class CrashAt(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 4:
+                raise RuntimeError("crash")
+
+    def run(workdir, *extra, resume=False):
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=3, workdir=workdir,
+                          callbacks=[*extra, Checkpoint(every_n_epochs=None)])
+        return trainer.fit(ArrayLoader(data, 32, shuffle=False), resume=resume)
+
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "run", SaveAtEpochEnd(), CrashAt())
+    resumed = run(tmp_path / "run", resume=True)
+    unbroken = run(tmp_path / "ref")
+    assert [(h["epoch"], h["loss"]) for h in resumed] == [(h["epoch"], h["loss"]) for h in unbroken]

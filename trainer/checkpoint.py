@@ -29,7 +29,7 @@ import numpy as np
 
 from trainer.checkpoint_store import FORMAT, CheckpointStore, flatten
 from trainer.events import Callback
-from trainer.sums import EPOCH_SUMS
+from trainer.sums import EPOCH_SUMS, PARTIAL_EPOCH
 from trainer.optim import optimizer_signature
 from trainer.metric_names import check_mode, resolve_mode
 
@@ -301,12 +301,16 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
     data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
     if not isinstance(data_state, Mapping):  # only ArrayLoader's protocol is restored; grain's (bytes) is not
         data_state = None
+    epoch, position = trainer.epoch, trainer.position
+    last = trainer.history[-1] if trainer.history else {}
+    if last.get("epoch") == epoch and not last.get(PARTIAL_EPOCH):  # saved inside the epoch's end (a callback's
+        epoch, position = epoch + 1, 0  # on_epoch_end): that epoch is done, a resume must not end it again
     if data_state is not None:  # a prefetch thread runs the iterator ahead: record what was trained on
-        data_state = {**data_state, "epoch": trainer.epoch, "position": trainer.position}
+        data_state = {**data_state, "epoch": epoch, "position": position}
     sums = {**(trainer.restored_window_sums or {}), EPOCH_SUMS: trainer.restored_epoch_sums,
             **trainer.sums_snapshots()}  # the restored ones while the step is not built yet (a save before it)
     return {
-        "format": FORMAT, "step": trainer.step, "epoch": trainer.epoch, "position": trainer.position,
+        "format": FORMAT, "step": trainer.step, "epoch": epoch, "position": position,
         "data_state": copy.deepcopy(data_state), "history": copy.deepcopy(trainer.history), "config": _jsonable(trainer.config),
         "epoch_sums": sums.pop(EPOCH_SUMS, None), "window_sums": sums, "skip_batches": sorted(trainer.skip_batches),
         "compiled_batch_size": trainer.compiled_batch_size,

@@ -28,7 +28,7 @@ from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
 from trainer.prefetch import Feed
 from trainer.preemption import Preempted
-from trainer.sums import EPOCH_SUMS, compute_sums, snapshot_means
+from trainer.sums import EPOCH_SUMS, PARTIAL_EPOCH, compute_sums, snapshot_means
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -45,7 +45,6 @@ def _trainer_class():
 
     return Trainer
 
-PARTIAL_EPOCH = "partial_epoch"  # the history row of an epoch that fit left unfinished
 _stack_one = jax.jit(lambda metrics: jax.tree.map(lambda v: v[None], metrics))
 
 

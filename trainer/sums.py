@@ -21,6 +21,7 @@ Sums = dict[str, clu_metrics.Metric]
 
 
 CONTROL_KEYS = ("_valid", "_weight")  # how a step's metrics count, never metrics themselves
+PARTIAL_EPOCH = "partial_epoch"  # the history row of an epoch that fit left unfinished
 EPOCH_SUMS = "epoch"  # the reader of the epoch's means (``Trainer.add_metric_sums``); loggers' windows are others
 
 

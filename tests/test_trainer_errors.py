@@ -226,13 +226,14 @@ def test_a_second_trainer_of_the_same_module_leaves_the_first_and_earlier_snapsh
     before = jax.tree.leaves(nnx.state(model, nnx.Param))  # the module's own arrays, before any training
     first = Trainer(model, optax.adam(1e-2), max_epochs=1)
     first.fit(ArrayLoader(data, 32))
-    first_params = jax.tree.map(np.array, nnx.state(first.model, nnx.Param))  # copies, not views
+    trained_first = np.asarray(first.model.l1.kernel[...])
     second = Trainer(model, optax.adam(1e-3), max_epochs=2)  # fine-tuning the same module
     second.fit(ArrayLoader(data, 32))
     assert not any(a.is_deleted() for a in before)  # donated by neither trainer
-    assert first.evaluate(ArrayLoader(data, 32, shuffle=False))["loss"] > 0  # the first trainer still works
-    np.testing.assert_array_equal(jax.tree.leaves(first_params)[0],
-                                  np.asarray(jax.tree.leaves(first.state.params)[0]))
+    # the module is one: what the second trainer last wrote into it is what the first evaluates now
+    loader = ArrayLoader(data, 32, shuffle=False)
+    assert first.evaluate(loader)["loss"] == second.evaluate(loader)["loss"] > 0
+    assert not np.array_equal(trained_first, np.asarray(first.state.params["l1"]["kernel"][...]))
     assert model(data["x"][:2]).shape == (2, 3)
 
 
@@ -356,3 +357,37 @@ def test_labels_of_the_wrong_shape_get_advice_that_fits_them(model, data):
     pairs = [{"x": data["x"][:16], "label": np.zeros((16, 2), np.int32)}]
     with pytest.raises(ValueError, match=r"shape \(16, 2\), .* need one class id per output row, shape \(16,\)\.$"):
         Trainer(model, optax.sgd(0.1), max_steps=1).fit(pairs)
+
+
+def test_parameters_written_into_the_model_are_trained_and_evaluated(data):
+    """The trainer trained a copy: pretrained weights loaded into the module after the Trainer was
+    built, or a callback's edit of trainer.model (Keras's set_weights), were dropped in silence."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from callbacks import Callback
+    from conftest import TinyMLP
+
+    model = TinyMLP(rngs=nnx.Rngs(0))
+    trainer = Trainer(model, optax.sgd(0.0), max_steps=2)
+    pretrained = nnx.state(TinyMLP(rngs=nnx.Rngs(7)), nnx.Param)
+    nnx.update(model, pretrained)  # loaded after the Trainer was built
+    expected = trainer.evaluate(ArrayLoader(data, 32, shuffle=False))["loss"]
+    reference = Trainer(TinyMLP(rngs=nnx.Rngs(7)), optax.sgd(0.0), max_steps=2)
+    assert expected == reference.evaluate(ArrayLoader(data, 32, shuffle=False))["loss"]
+    trainer.fit(ArrayLoader(data, 32))
+    np.testing.assert_array_equal(np.asarray(trainer.state.params["l1"]["kernel"][...]),
+                                  np.asarray(pretrained["l1"]["kernel"][...]))
+
+    class ZeroAt(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 3:
+                trainer.model.l1.kernel[...] = jnp.zeros_like(trainer.model.l1.kernel[...])
+
+    trainer.callbacks.callbacks.append(ZeroAt())
+    trainer.max_steps = 5
+    trainer.fit(ArrayLoader(data, 32))
+    assert float(jnp.abs(trainer.state.params["l1"]["kernel"][...]).sum()) == 0.0  # trained on (lr 0) from zeros
+    trainer.model.l1.kernel.value = jnp.zeros((3, 3))
+    with pytest.raises(ValueError, match=r"parameter .*l1.*kernel.* was given shape \(3, 3\), but it has shape \(8, 16\)"):
+        trainer.evaluate(ArrayLoader(data, 32))

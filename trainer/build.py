@@ -104,8 +104,8 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
     num_params = sum(leaf.size for leaf in jax.tree.leaves(trainer.state.params))
     chunk_guard = use_chunk_guard(unroll, num_params)
     on_cpu = jax.default_backend() == "cpu"
-    convs = len(eligible_convs(trainer._model)) if on_cpu else 0
-    layers = eligible_denses(trainer._model) if on_cpu else []
+    convs = len(eligible_convs(trainer._link.model)) if on_cpu else 0
+    layers = eligible_denses(trainer._link.model) if on_cpu else []
     denses = bool(layers) and any_equation(jaxpr, is_layer_product(layers))
     words = threefry.random_words(equations(jaxpr)) if on_cpu and threefry.available() else 0
     unrolled_threefry = words >= threefry.UNROLL_MIN_WORDS

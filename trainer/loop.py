@@ -26,6 +26,7 @@ from trainer.data import (add_note, batch_shapes, describe_shapes, epoch_iterato
                           placing)
 from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
+from trainer.module_link import adopt_written_params
 from trainer.prefetch import Feed
 from trainer.preemption import Preempted
 from trainer.sums import EPOCH_SUMS, PARTIAL_EPOCH, compute_sums, snapshot_means
@@ -152,6 +153,8 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
         trainer.step_positions[first + i] = (epoch, position)
         trainer.step_positions.pop(first + i - 1000, None)
     trainer.callbacks.dispatch("on_step_start", trainer, first)
+    if trainer._link.lent:  # a callback read trainer.model: what it wrote into the parameters is trained
+        adopt_written_params(trainer)
     steps = trainer._train_steps
     run = steps.fused if execution.stacked else steps.single
     started = time.perf_counter()

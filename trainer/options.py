@@ -16,6 +16,7 @@ from trainer import resume as resuming
 from trainer.build import check_intervals
 from trainer.data import check_batch_source, known_length
 from trainer.feed import RAGGED
+from trainer.module_link import adopt_written_params
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -67,7 +68,7 @@ def recorded_number(name: str, value: Any) -> float:
 def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume: Any) -> None:
     """What ``fit`` refuses before it starts: raw arrays for data, ``resume=True`` with nowhere to look, a
     one-pass iterator for several epochs, and step intervals that do not fit ``steps_per_execution``;
-    then makes the workdir."""
+    then makes the workdir and takes parameters written into the model since the trainer last did."""
     check_batch_source(train_data, "train_data"), check_batch_source(eval_data, "eval_data")
     if isinstance(train_data, (list, tuple)) and not train_data:
         raise ValueError("train_data is an empty list: give it at least one batch.")
@@ -86,6 +87,7 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
     _warn_if_placing_chunks_unaware(trainer)
     if trainer.workdir is not None:  # there before on_fit_start: a callback of one's own writes into it
         trainer.workdir.mkdir(parents=True, exist_ok=True)
+    adopt_written_params(trainer)  # pretrained weights loaded into the module after the Trainer was built
 
 
 def _warn_if_placing_chunks_unaware(trainer: "Trainer") -> None:

@@ -31,6 +31,7 @@ from trainer.data import batches_of
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, end_fit, finish_partial_epoch, has_partial_row, run_epoch
+from trainer.module_link import ModuleLink
 from trainer.options import check_fit_inputs, check_options, recorded_number, warn_if_loss_fn_unused
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
@@ -149,12 +150,12 @@ class Trainer:
         self.workdir = Path(workdir) if workdir is not None else None
         self.config = dict(config or {})
         reseed_streams(model, self.seed)
-        self._model = model
         self._model_holds: weakref.ref | None = None  # the state the module was last updated from
         self._carry = Carry()  # state and running sums, flat between steps (see trainer.carry)
         self.step = 0
         self._step_handed_out: tuple = (None, None)  # the step array last read with trainer.state, at what step
         self.graphdef, self.state = TrainState.create(model, optimizer, own_arrays=True)
+        self._link = ModuleLink(model)  # the module, and the arrays put into it: parameters written there are trained
         self._state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
         self.epoch = 0
         self.should_stop = False
@@ -275,13 +276,16 @@ class Trainer:
 
         Read it again after more training: the next step reuses (donates) the arrays it holds. It is
         updated only when the state changed since the last read, so what calling it changes (dropout's
-        RNG counters: Monte-Carlo dropout) is not reset by reading it again.
+        RNG counters: Monte-Carlo dropout) is not reset by reading it again. Parameters written into it
+        (pretrained weights loaded, a callback's edit) are trained from ``fit``'s start or the next step.
         """
         state = self.state
         if self._model_holds is None or self._model_holds() is not state:
-            nnx.update(self._model, state.params, state.model_state)
+            nnx.update(self._link.model, state.params, state.model_state)
             self._model_holds = weakref.ref(state)
-        return self._model
+            self._link.hold()
+        self._link.lent = True  # what a callback writes into its parameters is trained from the next step
+        return self._link.model
 
     @property
     def learning_rate(self) -> jax.Array | None:

@@ -37,7 +37,18 @@ class ModuleLink:
         self.model = model
         self.lent = False  # trainer.model was handed out since the last check: a callback may have written to it
         self._held: list = []
+        self._holds: weakref.ref | None = None  # the state the module was last updated from
         self.hold()
+
+    def lend(self, state: Any) -> nnx.Module:
+        """The module holding ``state``: updated only when the state changed since the last lend, so what
+        calling it changes (dropout's RNG counters: Monte-Carlo dropout) is not reset by reading it again."""
+        if self._holds is None or self._holds() is not state:
+            nnx.update(self.model, state.params, state.model_state)
+            self._holds = weakref.ref(state)
+            self.hold()
+        self.lent = True  # what a callback writes into its parameters is trained from the next step
+        return self.model
 
     def hold(self) -> None:
         """Remembers the module's parameter arrays as the trainer's (after the trainer wrote them)."""

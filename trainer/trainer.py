@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections.abc
 import warnings
-import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -150,7 +149,6 @@ class Trainer:
         self.workdir = Path(workdir) if workdir is not None else None
         self.config = dict(config or {})
         reseed_streams(model, self.seed)
-        self._model_holds: weakref.ref | None = None  # the state the module was last updated from
         self._carry = Carry()  # state and running sums, flat between steps (see trainer.carry)
         self.step = 0
         self._step_handed_out: tuple = (None, None)  # the step array last read with trainer.state, at what step
@@ -279,13 +277,7 @@ class Trainer:
         RNG counters: Monte-Carlo dropout) is not reset by reading it again. Parameters written into it
         (pretrained weights loaded, a callback's edit) are trained from ``fit``'s start or the next step.
         """
-        state = self.state
-        if self._model_holds is None or self._model_holds() is not state:
-            nnx.update(self._link.model, state.params, state.model_state)
-            self._model_holds = weakref.ref(state)
-            self._link.hold()
-        self._link.lent = True  # what a callback writes into its parameters is trained from the next step
-        return self._link.model
+        return self._link.lend(self.state)
 
     @property
     def learning_rate(self) -> jax.Array | None:

@@ -12,7 +12,7 @@ from flax import nnx
 from conftest import TinyMLP
 from trainer import ArrayLoader, Trainer
 from trainer.checkpoint_store import CheckpointError
-from trainer.export import load_model, read_model_info
+from trainer import load_model, read_model_info  # the package exports both
 
 
 def trained(data, tmp_path):

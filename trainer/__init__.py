@@ -2,7 +2,7 @@
 
 Public names: ``Trainer``, ``Callback``, ``TrainState``, ``ArrayLoader``, ``ArrayLoaderIterator``,
 ``OptimConfig``, ``make_optimizer``, ``make_schedule``, ``Evaluator``, ``Checkpoint``,
-``CheckpointError``, ``load_model``, ``last_value``, and the modules ``losses``, ``optim``, ``export``.
+``CheckpointError``, ``load_model``, ``read_model_info``, ``last_value``, and the modules ``losses``, ``optim``, ``export``.
 """
 
 from trainer import export, losses, optim
@@ -11,7 +11,7 @@ from trainer.checkpoint_store import CheckpointError
 from trainer.data import ArrayLoader, ArrayLoaderIterator
 from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList, DefaultInterval, last_value
-from trainer.export import load_model
+from trainer.export import load_model, read_model_info
 from trainer.optim import OptimConfig, make_optimizer, make_schedule
 from trainer.state import TrainState
 from trainer.trainer import Trainer
@@ -19,5 +19,5 @@ from trainer.trainer import Trainer
 __all__ = [
     "ArrayLoader", "ArrayLoaderIterator", "Callback", "CallbackList", "Checkpoint", "CheckpointError",
     "DefaultInterval", "Evaluator", "OptimConfig", "TrainState", "Trainer", "export", "load_model", "losses",
-    "last_value", "make_optimizer", "make_schedule", "optim",
+    "last_value", "make_optimizer", "make_schedule", "optim", "read_model_info",
 ]

@@ -115,7 +115,7 @@ def tuned_settings(trainer: "Trainer", jaxpr: Any) -> dict[str, Any]:
                      "threefry (its rolled CPU loop cost ~8 ns a word; the same bits)")
     if convs:
         notes.append(f"{convs} convolution layer(s) compute their kernel gradients as matrix products (XLA:CPU's "
-                     "own convolution for them ran up to 4x slower; float rounding differs, within 1e-6)")
+                     "own convolution for them ran up to 4x slower; float rounding differs, within ~4e-6 relative)")
     if denses:
         notes.append("dense layers on sequences compute their kernel gradients as one 2-D product (XLA:CPU ran "
                      "the transposed product 1.5-2.3x slower; float rounding differs)")

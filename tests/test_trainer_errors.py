@@ -226,14 +226,14 @@ def test_a_second_trainer_of_the_same_module_leaves_the_first_and_earlier_snapsh
     before = jax.tree.leaves(nnx.state(model, nnx.Param))  # the module's own arrays, before any training
     first = Trainer(model, optax.adam(1e-2), max_epochs=1)
     first.fit(ArrayLoader(data, 32))
-    trained_first = np.asarray(first.model.l1.kernel[...])
+    first_params = jax.tree.map(np.array, nnx.state(first.model, nnx.Param))  # copies, not views
     second = Trainer(model, optax.adam(1e-3), max_epochs=2)  # fine-tuning the same module
     second.fit(ArrayLoader(data, 32))
     assert not any(a.is_deleted() for a in before)  # donated by neither trainer
-    # the module is one: what the second trainer last wrote into it is what the first evaluates now
-    loader = ArrayLoader(data, 32, shuffle=False)
-    assert first.evaluate(loader)["loss"] == second.evaluate(loader)["loss"] > 0
-    assert not np.array_equal(trained_first, np.asarray(first.state.params["l1"]["kernel"][...]))
+    # what the second trainer put into the module is no user's write: the first keeps its own state
+    assert first.evaluate(ArrayLoader(data, 32, shuffle=False))["loss"] > 0  # the first trainer still works
+    np.testing.assert_array_equal(jax.tree.leaves(first_params)[0],
+                                  np.asarray(jax.tree.leaves(first.state.params)[0]))
     assert model(data["x"][:2]).shape == (2, 3)
 
 
@@ -391,3 +391,45 @@ def test_parameters_written_into_the_model_are_trained_and_evaluated(data):
     trainer.model.l1.kernel.value = jnp.zeros((3, 3))
     with pytest.raises(ValueError, match=r"parameter .*l1.*kernel.* was given shape \(3, 3\), but it has shape \(8, 16\)"):
         trainer.evaluate(ArrayLoader(data, 32))
+
+
+def test_loaded_batch_statistics_and_writes_through_a_kept_reference_are_taken(data):
+    """A pretrained BatchNorm model loaded after the Trainer was built: its statistics were dropped
+    (only parameters were taken) and a later read of trainer.model wiped them from the module; a
+    callback that kept ``trainer.model`` from on_fit_start (Keras's ``self.model``) and wrote through it
+    later was never trained on, and the end of fit overwrote its write."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from callbacks import Callback
+
+    class Normed(nnx.Module):
+        def __init__(self, seed):
+            rngs = nnx.Rngs(seed)
+            self.l1, self.bn, self.l2 = nnx.Linear(8, 16, rngs=rngs), nnx.BatchNorm(16, rngs=rngs), nnx.Linear(16, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(nnx.relu(self.bn(self.l1(x))))
+
+    loader = ArrayLoader(data, 32, shuffle=False)
+    pretrained = Normed(1)
+    reference = Trainer(pretrained, optax.adam(1e-2), max_epochs=2)
+    reference.fit(ArrayLoader(data, 32))
+    expected = reference.evaluate(loader)["loss"]
+    model = Normed(0)
+    trainer = Trainer(model, optax.sgd(0.0), max_epochs=2)
+    nnx.update(model, nnx.state(pretrained))  # parameters and batch statistics, after the Trainer was built
+    assert trainer.evaluate(loader)["loss"] == pytest.approx(expected, rel=1e-6)
+    np.testing.assert_array_equal(np.asarray(trainer.model.bn.mean[...]), np.asarray(pretrained.bn.mean[...]))
+
+    class KeepRef(Callback):
+        def on_fit_start(self, trainer):
+            self.model = trainer.model
+
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 0:
+                self.model.l2.bias.value = jnp.full((3,), 0.5)  # [...] = would read the donated array
+
+    trainer.callbacks.callbacks.append(KeepRef())
+    trainer.fit(ArrayLoader(data, 32))  # lr 0: only the write changes the bias, from epoch 1 on
+    np.testing.assert_array_equal(np.asarray(trainer.state.params["l2"]["bias"][...]), np.full((3,), 0.5, np.float32))

@@ -17,7 +17,7 @@ from trainer.data import (ArrayLoader, batch_size_of, check_batch_source, check_
                           first_line, pad_batch, placing, warn_if_rows_left_out)
 from trainer.evaluation import refuse_shared_prefixes
 from trainer.loop import finished_metrics
-from trainer.module_link import adopt_written_params
+from trainer.module_link import adopt_written_weights
 from trainer.preemption import Preempted
 from trainer.state import zeros_like_tree
 from trainer.step import make_eval_step, make_predict_step
@@ -52,7 +52,7 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
     if not trainer.fitting:  # an Evaluator warned when it was built
         warn_if_rows_left_out(data, "evaluate's data", stacklevel=4)
     _build_eval_step(trainer)
-    adopt_written_params(trainer)  # weights loaded into the model since: evaluated, as Keras would
+    adopt_written_weights(trainer)  # weights loaded into the model since: evaluated, as Keras would
     trainer.eval_prefix = prefix
     trainer.callbacks.dispatch("on_eval_start", trainer)
     sums, size, place = None, None, _placer(trainer)
@@ -82,7 +82,7 @@ def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:
     check_batch_source(data, "predict's data")
     check_every_row_in_order(data, "predict's data")
     _build_predict_step(trainer)
-    adopt_written_params(trainer)
+    adopt_written_weights(trainer)
     outputs, size, place = [], None, _placer(trainer)
     for batch in data:
         size = size or batch_size_of(batch)

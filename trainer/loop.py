@@ -26,7 +26,7 @@ from trainer.data import (add_note, batch_shapes, describe_shapes, epoch_iterato
                           placing)
 from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
-from trainer.module_link import adopt_written_params
+from trainer.module_link import adopt_written_weights
 from trainer.prefetch import Feed
 from trainer.preemption import Preempted
 from trainer.sums import EPOCH_SUMS, PARTIAL_EPOCH, compute_sums, snapshot_means
@@ -56,6 +56,7 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
         train_data, epoch, trainer.position, trainer.restored_data_state)
     trainer.restored_data_state = None
     trainer.epoch_length = known_length(train_data)
+    adopt_written_weights(trainer)  # written through a reference a callback kept (Keras's self.model)
     trainer.callbacks.dispatch("on_epoch_start", trainer, epoch)
     if trainer._preemption.signal:  # arrived in on_epoch_start (an evaluation's redo): no step follows it
         raise Preempted()
@@ -153,8 +154,8 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
         trainer.step_positions[first + i] = (epoch, position)
         trainer.step_positions.pop(first + i - 1000, None)
     trainer.callbacks.dispatch("on_step_start", trainer, first)
-    if trainer._link.lent:  # a callback read trainer.model: what it wrote into the parameters is trained
-        adopt_written_params(trainer)
+    if trainer._link.lent:  # a callback read trainer.model: what it wrote into it is trained
+        adopt_written_weights(trainer)
     steps = trainer._train_steps
     run = steps.fused if execution.stacked else steps.single
     started = time.perf_counter()

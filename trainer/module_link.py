@@ -1,17 +1,21 @@
-"""The user's module and the trainer's state kept one: parameters written into the module are trained.
+"""The user's module and the trainer's state kept one: weights written into the module are trained.
 
 The trainer trains a split copy of the module (``TrainState``) and writes it back into the module when
-someone reads ``trainer.model``. A write the other way, into the module's parameters (pretrained
-weights loaded after the Trainer was built, a Keras-style ``set_weights`` in a callback), was lost:
-the next step trained the state's parameters. ``ModuleLink`` remembers which arrays the trainer last
-put into the module; ``adopt_written_params`` (when ``fit`` starts, and at the next step after a
-callback read ``trainer.model``) takes any others into the state. Only parameters are taken: running
-the model (Monte-Carlo dropout through ``trainer.model``) changes its RNG counters, never its
-parameters, so reading the model mid-fit still leaves training bit for bit as it was.
+someone reads ``trainer.model``. A write the other way, into the module (pretrained weights or an
+export loaded after the Trainer was built, a Keras-style ``set_weights`` in a callback), was lost:
+the next step trained the state's copy. ``ModuleLink`` remembers which arrays the trainer last put
+into the module; ``adopt_written_weights`` takes any others into the state: when ``fit``, ``evaluate``
+or ``predict`` start, at each epoch's start, at the next step after a callback read ``trainer.model``,
+and before a read of ``trainer.model`` would overwrite them. Taken are the parameters and the other
+state but the RNG streams (BatchNorm's statistics, say): running the model in eval mode, or Monte-Carlo
+dropout through ``trainer.model`` without BatchNorm, moves only its RNG counters, so training goes on as
+it was (a call in train mode moves BatchNorm's statistics, which are then taken, as in Keras). What a
+second Trainer of the same module puts there is no write: each trains its own copy.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -22,21 +26,45 @@ from flax import nnx
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
 
+WEIGHTS = nnx.Not(nnx.RngState)  # what a write into the module means: parameters and statistics, not RNG streams
 
-def _ref(value: Any) -> Any:
+
+_PLACED: dict[int, tuple[weakref.ref, frozenset[int]]] = {}  # id(array) -> (it, ids of the modules a trainer put it in)
+
+
+def _register(value: Any, module: nnx.Module) -> None:
+    """Records that a trainer put ``value`` into ``module``: there it is no user's write."""
+    entry = _PLACED.get(id(value))
+    if entry is not None and entry[0]() is value:
+        _PLACED[id(value)] = (entry[0], entry[1] | {id(module)})
+        return
     try:
-        return weakref.ref(value)
-    except TypeError:  # a Python number in a Param: held as it is
-        return lambda: value
+        ref = weakref.ref(value, functools.partial(_forget, id(value)))
+    except TypeError:  # a Python number in a Variable: not tracked
+        return
+    _PLACED[id(value)] = (ref, frozenset({id(module)}))
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    entry = _PLACED.get(key)
+    if entry is not None and entry[0] is ref:  # not another array's since given the same id
+        del _PLACED[key]
+
+
+def _put_there_by_a_trainer(value: Any, module: nnx.Module) -> bool:
+    """Whether a trainer put ``value`` into ``module`` (this trainer, perhaps donated since, or a second
+    Trainer of the same module): the first keeps training its own copy. An array a trainer put into
+    another module (a pretrained model's, loaded into this one) is a write."""
+    entry = _PLACED.get(id(value))
+    return entry is not None and entry[0]() is value and id(module) in entry[1]
 
 
 class ModuleLink:
-    """The user's module and the parameter arrays the trainer last put into it."""
+    """The user's module, and (``hold``) the weight arrays a trainer put into it."""
 
     def __init__(self, model: nnx.Module):
         self.model = model
         self.lent = False  # trainer.model was handed out since the last check: a callback may have written to it
-        self._held: list = []
         self._holds: weakref.ref | None = None  # the state the module was last updated from
         self.hold()
 
@@ -47,44 +75,66 @@ class ModuleLink:
             nnx.update(self.model, state.params, state.model_state)
             self._holds = weakref.ref(state)
             self.hold()
-        self.lent = True  # what a callback writes into its parameters is trained from the next step
+        self.lent = True  # what a callback writes into it is trained from the next step
         return self.model
 
     def hold(self) -> None:
-        """Remembers the module's parameter arrays as the trainer's (after the trainer wrote them)."""
-        self._held = [_ref(x) for x in jax.tree.leaves(nnx.state(self.model, nnx.Param))]
+        """Remembers the module's weight arrays as the trainer's (after the trainer wrote them)."""
+        for x in jax.tree.leaves(nnx.state(self.model, WEIGHTS)):
+            _register(x, self.model)
 
-    def written_params(self) -> nnx.State | None:
-        """The module's parameters when any was written since ``hold``, else ``None``."""
-        params = nnx.state(self.model, nnx.Param)
-        leaves = jax.tree.leaves(params)
-        if len(leaves) == len(self._held) and all(ref() is x for ref, x in zip(self._held, leaves)):
-            return None
-        return params
+    def written(self) -> bool:
+        """Whether any weight of the module was written since ``hold`` by someone else than a trainer (a
+        second Trainer of the same module puts its own copy there: the first keeps training its own)."""
+        leaves = jax.tree.leaves(nnx.state(self.model, WEIGHTS))
+        return any(not _put_there_by_a_trainer(x, self.model) for x in leaves)
 
 
-def adopt_written_params(trainer: "Trainer") -> bool:
-    """Takes parameters written into ``trainer.model`` since the trainer last wrote it into the state
-    (each placed, and of the dtype, as the parameter it replaces); True when it took any."""
+def _placed(new: Any, old: jax.Array) -> jax.Array:
+    """``new`` as a copy of ``old``'s dtype, placed as ``old`` was: with its sharding where it was put there
+    on purpose (committed), else uncommitted on the default device, where jit moves it next to the batch
+    (a committed copy pinned data parallel's parameters to device 0 and recompiled every step function)."""
+    new = new.astype(old.dtype) if isinstance(new, jax.Array) else np.asarray(new, old.dtype)
+    return jax.device_put(new, old.sharding, may_alias=False) if old.committed else jax.device_put(new, may_alias=False)
+
+
+def _replaced(current: Any, written: Any, what: str, module: nnx.Module) -> Any:
+    """``current`` with each leaf that ``written`` has at the same path, and no trainer put there, replaced
+    by its placed copy."""
+    by_path = {jax.tree_util.keystr(path): value for path, value in jax.tree_util.tree_flatten_with_path(written)[0]}
+    paths, treedef = jax.tree_util.tree_flatten_with_path(current)
+    leaves = []
+    for path, old in paths:
+        name = jax.tree_util.keystr(path)
+        new = by_path.pop(name, None)
+        if new is not None and _put_there_by_a_trainer(new, module):
+            new = None  # a trainer's own array (this one's, perhaps donated since, or another's): not a write
+        if new is not None and np.shape(new) != old.shape:
+            raise ValueError(f"the model's {what} {name} was given shape {np.shape(new)}, but it has shape {old.shape}: "
+                             "write values of each one's shape (or build a new Trainer for a model of other shapes).")
+        leaves.append(old if new is None else _placed(new, old))
+    if by_path:
+        raise ValueError(f"the model has {what}s the Trainer was not built with ({', '.join(sorted(by_path)[:3])}): a layer "
+                         "added or replaced since; build a new Trainer for the changed model.")
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def adopt_written_weights(trainer: "Trainer") -> bool:
+    """Takes the weights written into ``trainer.model`` since the trainer last wrote it into the state
+    (each placed, and of the dtype, as the array it replaces); True when it took any."""
     link = trainer._link
     link.lent = False
-    written = link.written_params()
-    if written is None:
+    if not link.written():
         return False
-    current = trainer.state.params
-    if jax.tree.structure(written) != jax.tree.structure(current):
+    state = trainer.state
+    written = nnx.state(link.model, nnx.Param)
+    if jax.tree.structure(written) != jax.tree.structure(state.params):
         raise ValueError("the model's parameters no longer have the structure the Trainer was built with (a layer "
                          "added, removed or replaced since): build a new Trainer for the changed model.")
-    bad = [(jax.tree_util.keystr(path), np.shape(new), old.shape) for (path, new), old in
-           zip(jax.tree_util.tree_leaves_with_path(written), jax.tree.leaves(current)) if np.shape(new) != old.shape]
-    if bad:
-        name, new, old = bad[0]
-        raise ValueError(f"the model's parameter {name} was given shape {new}, but it has shape {old}: write values "
-                         "of each parameter's shape (or build a new Trainer for a model of other shapes).")
-    params = jax.tree.map(lambda new, old: jax.device_put(np.asarray(new, old.dtype) if not isinstance(new, jax.Array)
-                                                          else new.astype(old.dtype), old.sharding, may_alias=False),
-                          written, current)
-    trainer.state = trainer.state.replace(params=params)
-    nnx.update(link.model, params)
+    params = _replaced(state.params, written, "parameter", link.model)
+    others = nnx.state(link.model, nnx.All(WEIGHTS, nnx.Not(nnx.Param)))
+    model_state = _replaced(state.model_state, others, "state", link.model)
+    trainer.state = state.replace(params=params, model_state=model_state)
+    nnx.update(link.model, params, model_state)
     link.hold()
     return True

@@ -16,7 +16,7 @@ from trainer import resume as resuming
 from trainer.build import check_intervals
 from trainer.data import check_batch_source, known_length
 from trainer.feed import RAGGED
-from trainer.module_link import adopt_written_params
+from trainer.module_link import adopt_written_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -87,7 +87,7 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
     _warn_if_placing_chunks_unaware(trainer)
     if trainer.workdir is not None:  # there before on_fit_start: a callback of one's own writes into it
         trainer.workdir.mkdir(parents=True, exist_ok=True)
-    adopt_written_params(trainer)  # pretrained weights loaded into the module after the Trainer was built
+    adopt_written_weights(trainer)  # pretrained weights loaded into the module after the Trainer was built
 
 
 def _warn_if_placing_chunks_unaware(trainer: "Trainer") -> None:

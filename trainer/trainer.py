@@ -30,7 +30,7 @@ from trainer.data import batches_of
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, end_fit, finish_partial_epoch, has_partial_row, run_epoch
-from trainer.module_link import ModuleLink
+from trainer.module_link import ModuleLink, adopt_written_weights
 from trainer.options import check_fit_inputs, check_options, recorded_number, warn_if_loss_fn_unused
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
@@ -274,9 +274,10 @@ class Trainer:
 
         Read it again after more training: the next step reuses (donates) the arrays it holds. It is
         updated only when the state changed since the last read, so what calling it changes (dropout's
-        RNG counters: Monte-Carlo dropout) is not reset by reading it again. Parameters written into it
-        (pretrained weights loaded, a callback's edit) are trained from ``fit``'s start or the next step.
+        RNG counters: Monte-Carlo dropout) is not reset by reading it again. Weights written into it
+        (pretrained ones loaded, a callback's edit) are trained (``trainer.module_link``).
         """
+        adopt_written_weights(self)  # written through a reference kept from an earlier read: kept, not overwritten
         return self._link.lend(self.state)
 
     @property

@@ -204,3 +204,25 @@ def test_two_checkpoint_callbacks_save_side_by_side(tmp_path):
                         callbacks=[Checkpoint(tmp_path / folder, max_to_keep=2)])
         again.fit(ArrayLoader(data, 32), resume=True)
         assert again.step == 64
+
+
+def test_a_store_whose_save_failed_does_not_fail_another_stores_saves(tmp_path):
+    """The second store waits for the others' saves to finish: one that failed (a full disk) raised its
+    error into every save of the other, which then never saved again."""
+    import numpy as np
+
+    from trainer.checkpoint_store import flatten
+
+    broken, healthy = CheckpointStore(tmp_path / "broken"), CheckpointStore(tmp_path / "healthy")
+    calls = []
+
+    def failed():
+        calls.append(1)
+        raise OSError("No space left on device")
+
+    broken.manager.wait_until_finished = failed
+    arrays, leaves = flatten({"w": np.ones((4, 4), np.float32)}, checksums=False)
+    for step in (1, 2):
+        healthy.save(step, arrays, {"format": 1, "leaves": leaves})
+        healthy.wait()
+    assert healthy.steps() == [2, 1] and len(calls) == 1  # asked once, then left to report its own failure

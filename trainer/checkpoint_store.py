@@ -275,8 +275,9 @@ class CheckpointStore:
             preservation_policy=policies.AnyPreservationPolicy(keep), **best)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._writer = SerialWorker("checkpoint-writer") if async_save else None
-        self._closed = False
-        _STORES.add(self)
+        self._closed = self._failed = False
+        with _ORBAX_SAVES:  # writer threads list the stores under it
+            _STORES.add(self)
 
     def clean_temporary(self) -> list[Path]:
         """Removes folders a killed save left behind (orbax's temporary names)."""
@@ -317,8 +318,12 @@ class CheckpointStore:
         args = ocp.args.Composite(state=ocp.args.StandardSave(stored), meta=ocp.args.JsonSave(dict(meta)))
         with _ORBAX_SAVES:  # orbax's asynchronous saves share process-wide state (operation ids, signals): two
             for other in list(_STORES):  # stores' saves under way together (best + last) failed or hung 300 s
-                if other is not self and not other._closed:
-                    other.manager.wait_until_finished()
+                if other is not self and not other._closed and not other._failed:
+                    try:
+                        other.manager.wait_until_finished()
+                    except Exception:  # noqa: BLE001 - that store's failure: its own wait() raises it, not this save
+                        other._failed = True  # and asked once (orbax raises, and logs, it at every wait)
+            self._failed = False
             if step in self.manager.all_steps():  # a run resumed from an older step passes this one again
                 self.manager.wait_until_finished()
                 self.manager.delete(step)

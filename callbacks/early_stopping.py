@@ -60,6 +60,7 @@ class EarlyStopping(Callback):
         self._checked_step: int | None = None
         self._missing: KeyError | None = None
         self._reported = False  # an evaluation of this fit reported the monitor (an epoch's logs need not)
+        self._evaluators: list = []  # this fit's
 
     @property
     def state_key(self) -> str:
@@ -110,7 +111,8 @@ class EarlyStopping(Callback):
 
     def on_fit_start(self, trainer: Any) -> None:
         self._missing, self._reported = None, False
-        if trainer.step == 0 and not trainer.resuming:  # a fresh run (a sweep reusing it): nothing of the last
+        self._evaluators = list(trainer.evaluators)  # fit's own (eval_data) are gone by on_fit_end
+        if trainer.step == 0:  # a fresh run (a sweep reusing it): nothing of the last (a resume restores after this)
             self.best = self.best_step = self.best_epoch = self.stopped_epoch = self._checked_step = None
             self.wait, self._best_state = 0, None  # (its best parameters were put into the next model)
         if self.monitor.startswith("eval/") and not trainer.evaluators:
@@ -130,7 +132,8 @@ class EarlyStopping(Callback):
         if self._checked_step == trainer.step:
             return  # this epoch's evaluation already checked
         if self.monitor not in logs and (self._reported or any(
-                e.every_n_steps or self.monitor.startswith(e.prefix) for e in trainer.evaluators)):
+                e.every_n_steps or (self.monitor.startswith(e.prefix) and not e.due_at_epoch_end(epoch))
+                for e in trainer.evaluators)):
             return  # checked at the evaluations (every N steps, or every N epochs: not due this one)
         if self.monitor not in logs:  # stop after this epoch's checkpoint; fit raises at its end
             skipped = logs.get("nonfinite_total", 0) > 0 and "loss" not in logs
@@ -148,7 +151,7 @@ class EarlyStopping(Callback):
     def on_fit_end(self, trainer: Any) -> None:
         if self._missing is not None:
             raise self._missing
-        seen = [m for e in trainer.evaluators for _, m in e.history]
+        seen = [m for e in self._evaluators for _, m in e.history]
         if not self._reported and seen and self.monitor not in seen[-1]:
             warnings.warn(f"EarlyStopping never saw {self.monitor!r}: the evaluations reported {sorted(seen[-1])}, so "
                           "it never checked; fix monitor=.", RuntimeWarning, stacklevel=2)

@@ -376,6 +376,16 @@ def test_early_stopping_waits_for_an_evaluator_every_two_epochs(model, data):
     assert stopper.best_step == 12
 
 
+def test_a_misspelt_eval_monitor_with_eval_data_still_stops_with_the_names_there(model, data):
+    """Waiting for an evaluator of the monitor's prefix (every N epochs) made a misspelt eval/acc silent:
+    no check, no stop, no warning, for the whole run."""
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=5, callbacks=[EarlyStopping("eval/acc", mode="max")])
+    with pytest.raises(KeyError, match=r"monitors 'eval/acc', which no evaluation or epoch reported; available: "
+                                       r"\['accuracy', 'eval/accuracy', 'eval/loss', 'loss'\]"):
+        trainer.fit(ArrayLoader(data, 32), eval_data=ArrayLoader(data, 32, shuffle=False))
+    assert trainer.epoch == 1
+
+
 def test_a_second_fit_after_an_early_stop_with_restore_best_trains_on(model, data):
     from callbacks import Callback
 
@@ -468,7 +478,8 @@ def test_two_evaluators_of_one_prefix_are_refused_when_fit_starts(model, data):
     assert {"eval/loss", "test/loss"} <= set(trainer.history[-1])
 
 
-def test_callbacks_reused_by_a_second_trainer_start_afresh(tmp_path, data):
+@pytest.mark.parametrize("resume", [False, True])  # True: a recipe's --resume that finds nothing starts fresh
+def test_callbacks_reused_by_a_second_trainer_start_afresh(tmp_path, data, resume):
     """A sweep sharing one callbacks list: EarlyStopping put the first run's best parameters into the
     second model, an Evaluator gave the first run's result as the second's (same last step), and
     Checkpoint saved into the first run's workdir."""
@@ -480,7 +491,7 @@ def test_callbacks_reused_by_a_second_trainer_start_afresh(tmp_path, data):
     for run, lr in enumerate((3e-2, 0.0)):  # the second run's loss stays above the first's
         trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(lr), max_steps=4, workdir=tmp_path / f"run{run}",
                           callbacks=[evaluator, stopper, checkpoint])
-        trainer.fit(ArrayLoader(data, 16))  # 4 steps of 6: an epoch cut short, evaluated at step 4
+        trainer.fit(ArrayLoader(data, 16), resume=resume)  # 4 steps of 6: an epoch cut short, evaluated at step 4
         results.append((trainer.history[-1]["eval/loss"], trainer.evaluate(loader)["loss"]))
         assert stopper.best_step == 4 and stopper.best == pytest.approx(results[-1][0], rel=1e-6)
         assert (tmp_path / f"run{run}" / "checkpoints" / "step_4").is_dir()

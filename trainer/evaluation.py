@@ -82,7 +82,7 @@ class Evaluator(Callback):
             self.run(trainer)
 
     def on_fit_start(self, trainer: "Trainer") -> None:
-        if trainer.step == 0 and not trainer.resuming:  # a fresh run (a sweep reusing it): the last run's
+        if trainer.step == 0:  # a fresh run (a sweep reusing it; a resume restores after this): the last run's
             self.last_metrics, self.last_step, self.history = {}, None, []  # step-4 result is not this one's
 
     def on_checkpoint_restore(self, trainer: "Trainer", checkpoint: dict) -> None:

@@ -314,6 +314,15 @@ def test_a_per_position_mask_averages_training_and_evaluation_over_real_position
     result = trainer.evaluate(batches)  # evaluation: the mean over every real position
     assert result["loss"] == pytest.approx(nll[mask].mean(), rel=1e-5)
     assert result["accuracy"] == pytest.approx(hits[mask].mean(), rel=1e-6)
+
+    def per_sequence(model, batch):  # a loss of one's own that reads the mask itself: each sequence counts once
+        nll = losses.cross_entropy(model(batch["tokens"]), batch["label"])
+        real = batch["mask"].astype(jnp.float32)
+        return jnp.mean(jnp.sum(nll * real, 1) / jnp.maximum(jnp.sum(real, 1), 1.0))
+
+    own = Trainer(model, optax.sgd(0.0), loss_fn=per_sequence, max_steps=1).evaluate(batches)
+    per_row = np.array([nll[i][mask[i]].mean() if mask[i].any() else 0.0 for i in range(8)])
+    assert own["loss"] == pytest.approx(per_row.mean(), rel=1e-5)  # not weighted by the mask's count
     wrong = [{"tokens": tokens[:4], "label": targets[:4], "mask": mask[:4, :5]}]
     with pytest.raises(ValueError, match=r"'mask' has shape \(4, 5\), but the loss gives values of shape \(4, 6\)"):
         Trainer(Tagger(), optax.sgd(0.1), max_steps=1).fit(wrong)

@@ -182,6 +182,7 @@ def supervised(
         return loss, metrics
 
     loss_fn.integer_class_labels = criterion is cross_entropy  # the Trainer then checks each batch's labels
+    loss_fn.weighs_by_mask = True  # evaluation counts each example by what its "mask" marks real
     return loss_fn
 
 

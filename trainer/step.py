@@ -329,11 +329,17 @@ def use_matmul_kernel_grads(model: nnx.Module) -> None:
         module.dot_general = dense_grads.dot_general
 
 
-def per_example_metrics(loss_fn: Callable[[nnx.Module, Any], Any]) -> Callable[[nnx.Module, Any], Metrics]:
+WEIGHT_KEY = "_weight"  # per_example_metrics' weight of each example, when its loss averages over a batch's "mask"
+
+
+def per_example_metrics(loss_fn: Callable[[nnx.Module, Any], Any],
+                        weigh_by_mask: bool = False) -> Callable[[nnx.Module, Any], Metrics]:
     """Evaluates a batch-mean ``loss_fn`` on each example alone (``vmap``), so padding can be masked.
 
     For any loss that is a mean over the batch this gives exact per-example values of the loss
-    and of every metric it returns.
+    and of every metric it returns. ``weigh_by_mask``: the loss averages over what a batch's own
+    ``"mask"`` marks (``losses.supervised``: real rows, or real positions of padded sequences), so each
+    example counts by what its mask marks, and the evaluation's means are the loss's over the whole data.
     """
 
     def metrics_fn(model: nnx.Module, batch: Any) -> Metrics:
@@ -341,22 +347,13 @@ def per_example_metrics(loss_fn: Callable[[nnx.Module, Any], Any]) -> Callable[[
             single = jax.tree.map(lambda a: a[None], example)
             loss, metrics = split_loss_output(loss_fn(model, single), "the loss function (called by compute_metrics "
                                               "on each example alone, as a batch of 1)")
+            if weigh_by_mask and isinstance(example, Mapping) and MASK_KEY in example:
+                metrics = {**metrics, WEIGHT_KEY: jnp.sum(jnp.asarray(example[MASK_KEY]).astype(jnp.int32))}
             return {"loss": loss, **metrics}
 
         return jax.vmap(one)(batch)
 
     return metrics_fn
-
-
-def example_weights(batch: Any, mask: jax.Array) -> jax.Array:
-    """How much each example of an evaluated batch counts (int32 ``[batch]``): 1 for a real row, 0 for
-    padding; a batch's own ``[batch, time]`` ``"mask"`` (padded sequences) makes it the example's real
-    positions, so that a per-position loss is averaged over positions, as in training."""
-    weights = mask.astype(jnp.int32)
-    own = batch.get(MASK_KEY) if isinstance(batch, Mapping) else None
-    if own is not None and jnp.ndim(own) >= 2 and jnp.shape(own)[0] == mask.shape[0]:
-        weights = weights * jnp.sum(jnp.asarray(own).reshape(mask.shape[0], -1).astype(jnp.int32), axis=1)
-    return weights
 
 
 def make_eval_step(graphdef: nnx.GraphDef, metrics_fn: Callable[[nnx.Module, Any], Metrics]) -> tuple[Callable, Callable]:
@@ -371,9 +368,10 @@ def make_eval_step(graphdef: nnx.GraphDef, metrics_fn: Callable[[nnx.Module, Any
     def batch_sums(state: TrainState, batch: Any, mask: jax.Array) -> Sums:
         model = state.merge(graphdef)
         model.eval()
-        weights = example_weights(batch, mask)
+        metrics = dict(metrics_fn(model, batch))
+        weights = mask.astype(jnp.int32) * metrics.pop(WEIGHT_KEY, 1)  # 1 a real row, 0 padding (or its positions)
         out = {}
-        for k, v in metrics_fn(model, batch).items():
+        for k, v in metrics.items():
             v = jnp.asarray(v, jnp.float32)
             if v.ndim == 0:
                 real = jnp.sum(weights)

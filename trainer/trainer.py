@@ -203,7 +203,9 @@ class Trainer:
 
         Default: the loss and its metrics, evaluated per example so that padding is masked.
         """
-        return per_example_metrics(self.compute_loss)(model, batch)
+        by_mask = type(self).compute_loss is Trainer.compute_loss and getattr(self.loss_fn or losses.default_loss,
+                                                                             "weighs_by_mask", False)
+        return per_example_metrics(self.compute_loss, by_mask)(model, batch)
 
     def finish_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """Host metrics (an evaluation's, an epoch's) before reporting; override to add derived ones."""

@@ -103,10 +103,13 @@ def test_bad_schedule_values_are_refused():
         make_optimizer("lamb", learning_rate=0.1)
 
 
-def test_an_end_learning_rate_above_the_peak_is_refused():
+def test_an_end_learning_rate_above_the_peak_is_refused_and_a_growing_exponential_ignores_it():
     for name in ("warmup_cosine", "exponential"):
         with pytest.raises(ValueError, match=r"end_learning_rate=0.5 is above learning_rate=0.003"):
             make_schedule(name, learning_rate=3e-3, total_steps=100, end_learning_rate=0.5)
+    with pytest.warns(UserWarning, match=r"decay_rate=2.0 grows the rate: ignored"):  # optax pinned it at the end
+        growing = make_schedule("exponential", learning_rate=1e-3, decay_rate=2.0, decay_steps=2, end_learning_rate=1e-4)
+    assert [round(float(growing(s)), 6) for s in (0, 2, 4)] == [0.001, 0.002, 0.004]
 
 
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])

@@ -86,9 +86,14 @@ def make_schedule(
             raise ValueError("schedule='exponential' needs decay_steps (or total_steps) > 0.")
         if not 0 < decay_rate:
             raise ValueError(f"decay_rate={decay_rate} must be positive (0.1 decays tenfold).")
-        if decay_rate < 1:
+        floor = None
+        if decay_rate < 1 and end_learning_rate:
             _check_end(end_learning_rate, learning_rate, name)
-        main = optax.exponential_decay(learning_rate, steps, decay_rate, end_value=end_learning_rate or None)
+            floor = end_learning_rate
+        elif end_learning_rate:  # optax would take it as a ceiling of the growth and pin the rate there
+            warnings.warn(f"end_learning_rate={end_learning_rate} is the floor of a decaying exponential; "
+                          f"decay_rate={decay_rate} grows the rate: ignored.", stacklevel=2)
+        main = optax.exponential_decay(learning_rate, steps, decay_rate, end_value=floor)
     if warmup_steps == 0:
         return main
     warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)

@@ -433,3 +433,97 @@ def test_loaded_batch_statistics_and_writes_through_a_kept_reference_are_taken(d
     trainer.callbacks.callbacks.append(KeepRef())
     trainer.fit(ArrayLoader(data, 32))  # lr 0: only the write changes the bias, from epoch 1 on
     np.testing.assert_array_equal(np.asarray(trainer.state.params["l2"]["bias"][...]), np.full((3,), 0.5, np.float32))
+
+
+def test_a_restore_wins_over_a_pending_write_and_a_checkpoint_saves_a_written_one(tmp_path, data):
+    """A write into trainer.model waits for the next step: EarlyStopping's restore of the best (or a
+    rollback) made meanwhile was mixed with it (that layer from the discarded steps), and a checkpoint
+    saved meanwhile missed it (the resumed run differed from the unbroken one)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from callbacks import Callback, Checkpoint, EarlyStopping
+    from conftest import TinyMLP
+
+    class Constrain(Callback):  # Keras's weight constraint, at each epoch's end: numerically no change
+        def on_epoch_end(self, trainer, epoch, logs):
+            kernel = trainer.model.l1.kernel
+            kernel[...] = jnp.clip(kernel[...], -10.0, 10.0)
+
+    class Best(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 0:
+                self.params = jax.tree.map(np.array, trainer.state.params)
+
+    best = Best()
+    stopper = EarlyStopping(monitor="loss", mode="max", patience=1)  # epoch 0 the best: restored after epoch 1
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=4, callbacks=[best, Constrain(), stopper])
+    trainer.fit(ArrayLoader(data, 32))
+    for a, b in zip(jax.tree.leaves(trainer.state.params), jax.tree.leaves(best.params)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+    class Zero(Callback):  # learning rate 0: only this write changes the kernel
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 0:
+                trainer.model.l1.kernel[...] = jnp.zeros((8, 16))
+
+    class CrashAt(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 4:
+                raise RuntimeError("crash")
+
+    def run(workdir, *extra, resume=False):
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.0), max_epochs=2, workdir=workdir,
+                          callbacks=[Zero(), *extra, Checkpoint(async_save=False)])
+        trainer.fit(ArrayLoader(data, 32), resume=resume)
+        return trainer
+
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "run", CrashAt())
+    resumed = run(tmp_path / "run", resume=True)  # from the checkpoint of epoch 0's end
+    assert float(jnp.abs(resumed.state.params["l1"]["kernel"][...]).sum()) == 0.0
+
+
+def test_loaded_weights_are_taken_though_a_freed_module_of_the_same_address_once_held_them(data):
+    """The registry of arrays a trainer put into a module knew modules by id(): a module freed, a new
+    one at its address, and weights the old one's trainer had put there, loaded into the new one, were
+    taken for the new trainer's own and ignored."""
+    import gc
+
+    from flax import nnx
+
+    from conftest import TinyMLP
+
+    class Pool:
+        reuse = None
+
+    class Pooled(TinyMLP):
+        def __new__(cls, *args, **kwargs):
+            obj, Pool.reuse = Pool.reuse, None
+            return obj if obj is not None else object.__new__(cls)
+
+    def pretrain():
+        model = Pooled(rngs=nnx.Rngs(0))
+        trainer = Trainer(model, optax.adam(1e-2), max_steps=3)
+        trainer.fit(ArrayLoader(data, 32))
+        return nnx.state(trainer.model), id(model)
+
+    pretrained, address = pretrain()
+    gc.collect()
+    kept = []
+    for _ in range(300_000):  # CPython reuses freed addresses: find the old module's
+        obj = object.__new__(Pooled)
+        if id(obj) == address:
+            Pool.reuse = obj
+            break
+        kept.append(obj)
+    del kept
+    if Pool.reuse is None:
+        pytest.skip("the freed module's address was not handed out again")
+    model = Pooled(rngs=nnx.Rngs(1))
+    assert id(model) == address
+    trainer = Trainer(model, optax.sgd(0.0), max_steps=1)
+    nnx.update(model, pretrained)  # loaded after the Trainer was built
+    trainer.fit(ArrayLoader(data, 32))
+    np.testing.assert_array_equal(np.asarray(trainer.state.params["l1"]["kernel"][...]),
+                                  np.asarray(pretrained["l1"]["kernel"][...]))

@@ -32,6 +32,7 @@ from trainer.events import Callback
 from trainer.sums import EPOCH_SUMS, PARTIAL_EPOCH
 from trainer.optim import optimizer_signature
 from trainer.metric_names import check_mode, resolve_mode
+from trainer.module_link import adopt_written_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -218,6 +219,7 @@ class Checkpoint(Callback):
         ``checkpoint.store.wait()`` or the end of ``fit`` waits for it and raises its failure.
         """
         store = self.open(trainer)
+        adopt_written_weights(trainer)  # a callback's write into trainer.model (in on_epoch_end, say) is saved
         at_epoch_end = trainer.position == 0 and bool(trainer.history) and trainer.history[-1].get("epoch") == trainer.epoch - 1
         value = self._monitored_value(trainer, at_epoch_end)
         ranked = value is not None

@@ -29,20 +29,19 @@ if TYPE_CHECKING:  # pragma: no cover
 WEIGHTS = nnx.Not(nnx.RngState)  # what a write into the module means: parameters and statistics, not RNG streams
 
 
-_PLACED: dict[int, tuple[weakref.ref, frozenset[int]]] = {}  # id(array) -> (it, ids of the modules a trainer put it in)
+_PLACED: dict[int, tuple[weakref.ref, weakref.WeakSet]] = {}  # id(array) -> (it, the modules a trainer put it in)
 
 
 def _register(value: Any, module: nnx.Module) -> None:
     """Records that a trainer put ``value`` into ``module``: there it is no user's write."""
     entry = _PLACED.get(id(value))
-    if entry is not None and entry[0]() is value:
-        _PLACED[id(value)] = (entry[0], entry[1] | {id(module)})
-        return
-    try:
-        ref = weakref.ref(value, functools.partial(_forget, id(value)))
-    except TypeError:  # a Python number in a Variable: not tracked
-        return
-    _PLACED[id(value)] = (ref, frozenset({id(module)}))
+    if entry is None or entry[0]() is not value:
+        try:
+            entry = (weakref.ref(value, functools.partial(_forget, id(value))), weakref.WeakSet())
+        except TypeError:  # a Python number in a Variable: not tracked
+            return
+        _PLACED[id(value)] = entry
+    entry[1].add(module)
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
@@ -54,9 +53,10 @@ def _forget(key: int, ref: weakref.ref) -> None:
 def _put_there_by_a_trainer(value: Any, module: nnx.Module) -> bool:
     """Whether a trainer put ``value`` into ``module`` (this trainer, perhaps donated since, or a second
     Trainer of the same module): the first keeps training its own copy. An array a trainer put into
-    another module (a pretrained model's, loaded into this one) is a write."""
+    another module (a pretrained model's, loaded into this one) is a write. Both held weakly: a freed
+    module's or array's successor at the same address is not taken for it."""
     entry = _PLACED.get(id(value))
-    return entry is not None and entry[0]() is value and id(module) in entry[1]
+    return entry is not None and entry[0]() is value and module in entry[1]
 
 
 class ModuleLink:
@@ -68,10 +68,14 @@ class ModuleLink:
         self._holds: weakref.ref | None = None  # the state the module was last updated from
         self.hold()
 
+    def stale(self, state: Any) -> bool:
+        """Whether the module holds another state than ``state``: lending it would write over the module."""
+        return self._holds is None or self._holds() is not state
+
     def lend(self, state: Any) -> nnx.Module:
         """The module holding ``state``: updated only when the state changed since the last lend, so what
         calling it changes (dropout's RNG counters: Monte-Carlo dropout) is not reset by reading it again."""
-        if self._holds is None or self._holds() is not state:
+        if self.stale(state):
             nnx.update(self.model, state.params, state.model_state)
             self._holds = weakref.ref(state)
             self.hold()
@@ -79,7 +83,9 @@ class ModuleLink:
         return self.model
 
     def hold(self) -> None:
-        """Remembers the module's weight arrays as the trainer's (after the trainer wrote them)."""
+        """Remembers the module's weight arrays as the trainer's: after the trainer wrote them, or when
+        a state is assigned (a restore: what was written into the module then belongs to the state it
+        replaced, which the restore discards)."""
         for x in jax.tree.leaves(nnx.state(self.model, WEIGHTS)):
             _register(x, self.model)
 
@@ -138,3 +144,12 @@ def adopt_written_weights(trainer: "Trainer") -> bool:
     nnx.update(link.model, params, model_state)
     link.hold()
     return True
+
+
+def lend_model(trainer: "Trainer") -> nnx.Module:
+    """``trainer.model``: the module holding the trainer's state; a write through a reference kept from an
+    earlier read is taken first, not written over."""
+    link, state = trainer._link, trainer.state
+    if link.stale(state) and adopt_written_weights(trainer):
+        state = trainer.state
+    return link.lend(state)

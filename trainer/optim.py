@@ -90,7 +90,7 @@ def make_schedule(
         if decay_rate < 1 and end_learning_rate:
             _check_end(end_learning_rate, learning_rate, name)
             floor = end_learning_rate
-        elif end_learning_rate:  # optax would take it as a ceiling of the growth and pin the rate there
+        elif decay_rate > 1 and end_learning_rate:  # optax would take it as a ceiling and pin the rate there
             warnings.warn(f"end_learning_rate={end_learning_rate} is the floor of a decaying exponential; "
                           f"decay_rate={decay_rate} grows the rate: ignored.", stacklevel=2)
         main = optax.exponential_decay(learning_rate, steps, decay_rate, end_value=floor)

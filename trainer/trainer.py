@@ -30,7 +30,7 @@ from trainer.data import batches_of
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, end_fit, finish_partial_epoch, has_partial_row, run_epoch
-from trainer.module_link import ModuleLink, adopt_written_weights
+from trainer.module_link import ModuleLink, lend_model
 from trainer.options import check_fit_inputs, check_options, recorded_number, warn_if_loss_fn_unused
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
@@ -261,6 +261,8 @@ class Trainer:
         self._carry.state = value
         if not same_step:  # max_steps, intervals and checkpoints count with trainer.step
             self.step = int(jax.device_get(value.step))
+        if hasattr(self, "_link"):  # a write into the module was to the state replaced: the new one wins
+            self._link.hold()
 
     @property
     def _sums(self) -> dict[str, Sums | None]:  # named running sums of the step metrics
@@ -279,8 +281,7 @@ class Trainer:
         RNG counters: Monte-Carlo dropout) is not reset by reading it again. Weights written into it
         (pretrained ones loaded, a callback's edit) are trained (``trainer.module_link``).
         """
-        adopt_written_weights(self)  # written through a reference kept from an earlier read: kept, not overwritten
-        return self._link.lend(self.state)
+        return lend_model(self)
 
     @property
     def learning_rate(self) -> jax.Array | None:

@@ -1183,3 +1183,26 @@ def test_a_save_a_callback_makes_in_on_epoch_end_resumes_into_the_next_epoch(tmp
     resumed = run(tmp_path / "run", resume=True)
     unbroken = run(tmp_path / "ref")
     assert [(h["epoch"], h["loss"]) for h in resumed] == [(h["epoch"], h["loss"]) for h in unbroken]
+
+
+def test_a_resume_trains_with_the_hyperparameters_it_was_built_with(tmp_path, data):
+    """inject_hyperparams keeps b1, b2, weight decay in the optimizer state: a resume with changed
+    values (the recipes' --b1, --weight-decay) trained on with the saved ones, silently, while the
+    warning named the new ones and a changed learning rate (a schedule) did change."""
+    from optax import tree_utils
+
+    from trainer import make_optimizer
+
+    def run(max_steps, resume=False, **settings):
+        tx = make_optimizer("adamw", learning_rate=1e-2, **settings)
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), tx, max_steps=max_steps, workdir=tmp_path,
+                          callbacks=[Checkpoint(every_n_epochs=None)])
+        trainer.fit(ArrayLoader(data, 32), resume=resume)
+        return trainer
+
+    run(3, b1=0.9, weight_decay=0.1)
+    resumed = run(6, resume=True, b1=0.5, b2=0.95, weight_decay=0.3)
+    state = resumed.state.opt_state
+    assert resumed.step == 6
+    assert [float(tree_utils.tree_get(state, name)) for name in ("b1", "b2", "weight_decay")] == pytest.approx(
+        [0.5, 0.95, 0.3], rel=1e-6)

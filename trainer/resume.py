@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from trainer.checkpoint import _differences, _jsonable, _load_callback_states, environment
 from trainer.checkpoint_store import CheckpointError, CheckpointStore, check_structure, expected_leaves
@@ -71,6 +72,22 @@ def find_store(trainer: "Trainer", resume: bool | str | os.PathLike) -> tuple[Ch
     if (path / "checkpoints").is_dir() and not any(path.glob("step_*")):  # a run's workdir
         return CheckpointStore(path / "checkpoints"), None
     return CheckpointStore(path), None
+
+
+def _configured_hyperparams(restored: Any, current: Any) -> Any:
+    """The restored optimizer state with the hyperparameters this trainer's optimizer was built with (b1,
+    b2, weight decay, momentum): ``inject_hyperparams`` keeps them in the state, so a checkpoint's kept
+    the saved values over a changed setting while the learning rate (a schedule) changed. The learning
+    rate's own value stays the checkpoint's: the schedule sets it at the next step."""
+    def pick(path: tuple, saved: Any, now: Any) -> Any:
+        names = [getattr(key, "name", getattr(key, "key", None)) for key in path]
+        configured = "hyperparams" in names and names[-1] != "learning_rate"
+        return now if configured and jnp.shape(saved) == jnp.shape(now) else saved
+
+    try:
+        return jax.tree_util.tree_map_with_path(pick, restored, current)
+    except ValueError:  # another structure (an optimizer of other kind, warned about): as saved
+        return restored
 
 
 def read_saved_state(trainer: "Trainer", step: int) -> Any:
@@ -152,6 +169,7 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     state = place_like(template, unflatten(template, arrays, meta["leaves"]))
     if current.guard is not None and state.guard is None:
         state = state.replace(guard=current.guard)
+    state = state.replace(opt_state=_configured_hyperparams(state.opt_state, current.opt_state))
     trainer.state = state
     trainer.step, trainer.epoch, trainer.position = meta["step"], meta["epoch"], meta["position"]
     trainer.history = [dict(h) for h in meta["history"]]

@@ -132,8 +132,8 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, descriptio
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_arguments(parser, cls, help_texts)
     config = config_from_args(cls, parser.parse_args(argv))
-    problem = (bounds_problem(config) or interval_problem(config) or export_problem(config) or workdir_problem(config)
-               or resume_problem(config) or rollback_problem(config)
+    problem = (bounds_problem(config) or optim_problem(config) or interval_problem(config) or export_problem(config)
+               or workdir_problem(config) or resume_problem(config) or rollback_problem(config)
                or next((p for p in (check(config) for check in checks) if p), None))
     if problem:
         parser.error(problem)  # a usage line and the problem on stderr, exit status 2
@@ -145,6 +145,19 @@ def bounds_problem(config: Any) -> str | None:
     for name, value, bounds in setting_problems(config):
         why = f": {bounds.why}" if bounds.why else ""
         return f"{flag_of(name)} {value} {bounds.refusal(value)}{why}."
+    return None
+
+
+def optim_problem(config: Any) -> str | None:
+    """An end learning rate above the peak of a schedule that decays to it (the transformer's default
+    --end-learning-rate 1e-4 under a --learning-rate below it), named by flags, not a traceback later."""
+    optim = getattr(config, "optim", None)
+    if optim is None or not hasattr(optim, "end_learning_rate"):
+        return None
+    decays = optim.schedule in ("warmup_cosine", "cosine") or (optim.schedule == "exponential" and optim.decay_rate < 1)
+    if decays and optim.end_learning_rate > optim.learning_rate:
+        return (f"--end-learning-rate {optim.end_learning_rate} is above --learning-rate {optim.learning_rate}, but "
+                f"--schedule {optim.schedule} decays from the learning rate to it; lower --end-learning-rate too.")
     return None
 
 

@@ -406,3 +406,19 @@ def test_a_resume_keeps_the_saved_batch_size_seed_optimizer_and_recipe_and_the_c
     mnist.main([*common, "--max-steps", "4", "--resume"])  # the checkpoint still resumes
     out = capsys.readouterr()
     assert "resumed from checkpoint step 2" in out.err and "trained 4 steps" in out.out
+
+
+def test_cli_refuses_an_end_learning_rate_above_the_peak_by_its_flags(capsys):
+    """It failed after the data was read, with a traceback naming neither flag (the transformer's
+    default --end-learning-rate 1e-4 under any --learning-rate below it)."""
+    from recipes.config_cli import parse_config
+    from recipes.transformer import TransformerConfig
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(TransformerConfig, ["--learning-rate", "5e-5"], prog="nnx-train transformer", description="")
+    assert exit_.value.code == 2
+    assert ("--end-learning-rate 0.0001 is above --learning-rate 5e-05, but --schedule warmup_cosine decays"
+            in capsys.readouterr().err)
+    growing = parse_config(TransformerConfig, ["--learning-rate", "5e-5", "--schedule", "exponential",
+                                               "--decay-rate", "2"], prog="p", description="")
+    assert growing.optim.end_learning_rate == 1e-4  # no floor of a growing rate: warned about when built

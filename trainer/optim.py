@@ -111,13 +111,20 @@ WEIGHT_DECAY_MASKS = ("all", "matrices")
 
 def decay_mask(weight_decay_mask: Any) -> Any:
     """optax's ``mask`` for weight decay: ``None`` for ``"all"``; for ``"matrices"`` the parameters of 2 or
-    more axes (kernels, embeddings), not biases or norm scales (GPT-2's practice); else as given."""
+    more axes (kernels, embeddings), not biases or norm scales (GPT-2's practice: a parameter named
+    ``bias`` or ``scale`` is left out whatever its shape, attention's ``[heads, head_dim]`` biases too);
+    else as given."""
     if isinstance(weight_decay_mask, str):
         _check_choice("weight_decay_mask", weight_decay_mask, WEIGHT_DECAY_MASKS)
         if weight_decay_mask == "all":
             return None
-        return lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+        return lambda params: jax.tree_util.tree_map_with_path(_is_matrix, params)
     return weight_decay_mask
+
+
+def _is_matrix(path: tuple, param: Any) -> bool:
+    names = {str(getattr(key, "key", getattr(key, "name", ""))) for key in path}
+    return jnp.ndim(param) >= 2 and not names & {"bias", "scale"}
 
 
 def make_optimizer(

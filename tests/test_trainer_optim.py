@@ -148,9 +148,13 @@ def test_optim_config_passes_adams_betas_and_warns_about_settings_its_choice_ign
     noisy = OptimConfig(optimizer="adam", momentum=0.3, nesterov=True, decay_rate=0.5, weight_decay=0.0,
                         weight_decay_mask="matrices")
     assert noisy.ignored_settings() == ["decay_rate", "momentum", "nesterov", "weight_decay_mask"]
-    with pytest.warns(UserWarning, match=r"optimizer='adam' with schedule='warmup_cosine' does not use "
-                                         r"decay_rate=0.5, momentum=0.3, nesterov=True, weight_decay_mask='matrices'"):
+    with pytest.warns(UserWarning, match=r"optimizer='adam', schedule='warmup_cosine': ignored decay_rate=0.5 \(only "
+                                         r"exponential reads it\); momentum=0.3 \(only sgd reads it\); nesterov=True "
+                                         r"\(only sgd reads it\); weight_decay_mask='matrices' \(weight_decay is 0\)"):
         noisy.build(100)
+    plain = OptimConfig(optimizer="sgd", momentum=0.0, nesterov=True)  # Nesterov without momentum: plain SGD
+    with pytest.warns(UserWarning, match=r"ignored nesterov=True \(momentum is 0\)"):
+        plain.build(100)
 
 
 def test_plain_optax_optimizer_has_no_injected_learning_rate():

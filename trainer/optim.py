@@ -203,12 +203,21 @@ class OptimConfig:
     def ignored_settings(self) -> list[str]:
         """The settings changed from their defaults that this optimizer or schedule does not use
         (``momentum`` of an Adam): ``build`` warns about them rather than ignoring them in silence."""
-        unused = {name for name, users in _USED_ONLY_BY.items()
-                  if self.optimizer not in users and self.schedule not in users}
-        if not self.weight_decay:
-            unused.add("weight_decay_mask")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        return [name for name in defaults if name in unused and getattr(self, name) != defaults[name]]
+        return [name for name in defaults if self._unused_because(name) and getattr(self, name) != defaults[name]]
+
+    def _unused_because(self, name: str) -> str | None:
+        """Why setting ``name`` is not read with the other settings, or ``None`` when it is."""
+        users = _USED_ONLY_BY.get(name)
+        if users and self.optimizer not in users and self.schedule not in users:
+            return f"only {' / '.join(users)} read{'s' if len(users) == 1 else ''} it"
+        if name == "weight_decay_mask" and not self.weight_decay:
+            return "weight_decay is 0"
+        if name == "nesterov" and self.optimizer == "sgd" and not self.momentum:
+            return "momentum is 0"
+        if name == "end_learning_rate" and self.schedule == "exponential" and self.decay_rate == 1:
+            return "decay_rate 1 keeps the rate constant"
+        return None
 
     def make_schedule(self, total_steps: int | None) -> optax.Schedule:
         """The learning-rate schedule of these settings over ``total_steps`` (``make_schedule``)."""
@@ -220,8 +229,8 @@ class OptimConfig:
         """The optax transformation (``make_optimizer``) with this schedule over ``total_steps``."""
         ignored = self.ignored_settings()
         if ignored:
-            warnings.warn(f"optimizer={self.optimizer!r} with schedule={self.schedule!r} does not use "
-                          f"{', '.join(f'{n}={getattr(self, n)!r}' for n in ignored)}: ignored.", stacklevel=2)
+            warnings.warn(f"optimizer={self.optimizer!r}, schedule={self.schedule!r}: ignored " + "; ".join(
+                f"{n}={getattr(self, n)!r} ({self._unused_because(n)})" for n in ignored) + ".", stacklevel=2)
         return make_optimizer(self.optimizer, learning_rate=self.make_schedule(total_steps),
                               weight_decay=self.weight_decay, momentum=self.momentum, nesterov=self.nesterov,
                               b1=self.b1, b2=self.b2, clip_norm=self.clip_norm,

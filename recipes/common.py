@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,13 @@ def _holds(output: Path) -> bool:
     if output.is_dir():
         return any(output.iterdir())
     return output.is_file() and output.stat().st_size > 0
+
+
+def build_optimizer(optim: Any, total_steps: int) -> Any:
+    """``optim.build`` over the run's ``total_steps`` (at least past the warmup, which a schedule needs),
+    warning when the run ends inside its warmup: the rate would never reach the peak the flags name."""
+    if total_steps <= optim.warmup_steps:
+        warnings.warn(f"the run's {total_steps} steps end inside the --warmup-steps {optim.warmup_steps} warmup: the "
+                      f"learning rate never reaches --learning-rate {optim.learning_rate} (lower --warmup-steps).",
+                      stacklevel=3)
+    return optim.build(total_steps=max(total_steps, optim.warmup_steps + 1))

@@ -23,7 +23,7 @@ from flax import nnx
 
 from callbacks import Checkpoint, EpochSummary, Plots, PredictionGrid
 from callbacks.nan_detector import POLICIES
-from recipes.common import DefaultWorkdir, run_config, standard_callbacks
+from recipes.common import DefaultWorkdir, build_optimizer, run_config, standard_callbacks
 from recipes.config_cli import UsageError, parse_config, reading_options, usage_errors
 from recipes.datasets import load_mnist_bundled, load_mnist_idx
 from recipes.runs import fitting, prepare_workdir
@@ -170,7 +170,7 @@ def build(config: MnistConfig, train: dict, test: dict, callbacks: Sequence | No
     total_steps = config.epochs * len(train_loader)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    tx = config.optim.build(total_steps=max(total_steps, config.optim.warmup_steps + 1))
+    tx = build_optimizer(config.optim, total_steps)
     model = CNN(dropout=config.dropout, max_shift=config.max_shift, rngs=nnx.Rngs(config.seed))
     if callbacks is None:
         callbacks = default_callbacks(config, test)
@@ -200,7 +200,7 @@ def run(config: MnistConfig) -> float:
     if config.export:
         print(f"exported the model to {trainer.save_model(config.export)}")
     seconds = time.perf_counter() - started
-    print(f"trained {trainer.step} steps in {seconds:.1f}s")
+    print(f"trained to step {trainer.step} in {seconds:.1f}s")
     print(f"test accuracy: {accuracy:.4f}")
     return accuracy
 

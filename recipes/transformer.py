@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from callbacks import Checkpoint, Evaluator, TextSamples
-from recipes.common import DefaultWorkdir, run_config, standard_callbacks
+from recipes.common import DefaultWorkdir, build_optimizer, run_config, standard_callbacks
 from recipes.config_cli import UsageError, parse_config, reading_options, usage_errors
 from recipes.runs import fitting, prepare_workdir, saved_config
 from recipes.text import CharVocab, TextWindows, default_corpus, eval_windows, load_text
@@ -190,7 +190,7 @@ def build(config: TransformerConfig, text: str, callbacks: Sequence | None = Non
                          max_windows=None if config.eval_batches is None else config.eval_batches * config.batch_size)
     model = CharTransformer(len(vocab), context=config.context, layers=config.layers, width=config.width,
                             heads=config.heads, dropout=config.dropout, rngs=nnx.Rngs(config.seed))
-    tx = config.optim.build(total_steps=max(config.steps, config.optim.warmup_steps + 1))
+    tx = build_optimizer(config.optim, config.steps)
     if callbacks is None:
         callbacks = default_callbacks(config, vocab, valid)
     trainer = LanguageModelTrainer(model, tx, max_steps=config.steps, seed=config.seed, workdir=config.workdir or None,
@@ -252,7 +252,7 @@ def run(config: TransformerConfig) -> float:
         f"eval/{name}": value for name, value in trainer.evaluate(valid).items()}  # so no log repeats a step
     if config.export:
         print(f"exported the model to {trainer.save_model(config.export)}")
-    print(f"trained {trainer.step} steps in {time.perf_counter() - started:.1f}s")
+    print(f"trained to step {trainer.step} in {time.perf_counter() - started:.1f}s")
     print(f"validation bits per character: {metrics['eval/bpc']:.4f}")
     return metrics["eval/bpc"]
 

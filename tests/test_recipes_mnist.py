@@ -167,7 +167,7 @@ def test_recipe_smoke_on_bundled_digits_through_python_m(tmp_path):
     command = [sys.executable, "-m", "recipes.mnist", "--max-steps", "6", "--epochs", "1", "--steps-per-execution", "3"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "trained 6 steps" in out.stdout and out.stdout.strip().splitlines()[-1].startswith("test accuracy: ")
+    assert "trained to step 6" in out.stdout and out.stdout.strip().splitlines()[-1].startswith("test accuracy: ")
     # the default --log-every 50 rounds up to a multiple of 3
     assert "MetricsLogger(log_every=50, a default) runs every 51 steps" in out.stderr
     # the same command again: a second run in a fresh sibling of the default workdir, the first left as it was
@@ -262,7 +262,7 @@ def test_recipe_resume_and_export_through_the_command_line(idx_dir, tmp_path):
     assert (run / "checkpoints" / "step_2").is_dir()
     second = run_cli(*common, "--epochs", "2", "--resume", "--export", str(tmp_path / "export"))
     assert second.returncode == 0, second.stderr
-    assert "resumed from checkpoint step 2" in second.stderr and "trained 4 steps" in second.stdout
+    assert "resumed from checkpoint step 2" in second.stderr and "trained to step 4" in second.stdout
     from recipes.mnist import load_exported
     from recipes.datasets import load_mnist_idx
     model = load_exported(str(tmp_path / "export"))
@@ -405,7 +405,7 @@ def test_a_resume_keeps_the_saved_batch_size_seed_optimizer_and_recipe_and_the_c
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == saved
     mnist.main([*common, "--max-steps", "4", "--resume"])  # the checkpoint still resumes
     out = capsys.readouterr()
-    assert "resumed from checkpoint step 2" in out.err and "trained 4 steps" in out.out
+    assert "resumed from checkpoint step 2" in out.err and "trained to step 4" in out.out
 
 
 def test_cli_refuses_an_end_learning_rate_above_the_peak_by_its_flags(capsys):
@@ -422,3 +422,17 @@ def test_cli_refuses_an_end_learning_rate_above_the_peak_by_its_flags(capsys):
     growing = parse_config(TransformerConfig, ["--learning-rate", "5e-5", "--schedule", "exponential",
                                                "--decay-rate", "2"], prog="p", description="")
     assert growing.optim.end_learning_rate == 1e-4  # no floor of a growing rate: warned about when built
+
+
+def test_a_run_shorter_than_its_warmup_is_warned_about():
+    """A 20-step run of the MNIST recipe (31 warmup steps) never reached the peak rate, silently."""
+    from recipes.common import build_optimizer
+    from recipes.mnist import MnistOptim
+
+    with pytest.warns(UserWarning, match=r"the run's 20 steps end inside the --warmup-steps 31 warmup"):
+        build_optimizer(MnistOptim(), 20)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_optimizer(MnistOptim(), 100)

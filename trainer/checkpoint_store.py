@@ -174,11 +174,12 @@ def place_like(template: Any, tree: Any) -> Any:
     """``tree``'s arrays on the devices, each with the sharding of ``template``'s array in its place where
     that array was placed on purpose (committed: a sharded model stays sharded after a restore; or an
     abstract one with a sharding); the others uncommitted on the default device, as ``jax.device_put``
-    leaves them, so that jit still moves them next to the batch (data parallel)."""
+    leaves them, so that jit still moves them next to the batch (data parallel). Always copies: a JAX
+    array given (a weight written into the model) is not the one the next step donates."""
     def put(like: Any, value: Any) -> Any:
         sharding = getattr(like, "sharding", None)
         placed = like.committed if isinstance(like, jax.Array) else sharding is not None
-        return jax.device_put(value, sharding) if placed else jax.device_put(value)
+        return jax.device_put(value, sharding, may_alias=False) if placed else jax.device_put(value, may_alias=False)
 
     return jax.tree.map(put, template, tree)
 

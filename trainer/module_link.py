@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from trainer.checkpoint_store import place_like
+
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
 
@@ -97,11 +99,9 @@ class ModuleLink:
 
 
 def _placed(new: Any, old: jax.Array) -> jax.Array:
-    """``new`` as a copy of ``old``'s dtype, placed as ``old`` was: with its sharding where it was put there
-    on purpose (committed), else uncommitted on the default device, where jit moves it next to the batch
-    (a committed copy pinned data parallel's parameters to device 0 and recompiled every step function)."""
-    new = new.astype(old.dtype) if isinstance(new, jax.Array) else np.asarray(new, old.dtype)
-    return jax.device_put(new, old.sharding, may_alias=False) if old.committed else jax.device_put(new, may_alias=False)
+    """``new`` as a copy of ``old``'s dtype, placed as ``old`` was (``place_like``, as a restore places: a
+    committed copy pinned data parallel's parameters to device 0 and recompiled every step function)."""
+    return place_like(old, new.astype(old.dtype) if isinstance(new, jax.Array) else np.asarray(new, old.dtype))
 
 
 def _replaced(current: Any, written: Any, what: str, module: nnx.Module) -> Any:

@@ -122,9 +122,13 @@ def decay_mask(weight_decay_mask: Any) -> Any:
     return weight_decay_mask
 
 
+def key_names(path: tuple) -> list[str]:
+    """The names along a pytree path (dict keys, attribute names): ``['attention', 'query', 'bias', 'value']``."""
+    return [str(getattr(key, "key", getattr(key, "name", ""))) for key in path]
+
+
 def _is_matrix(path: tuple, param: Any) -> bool:
-    names = {str(getattr(key, "key", getattr(key, "name", ""))) for key in path}
-    return jnp.ndim(param) >= 2 and not names & {"bias", "scale"}
+    return jnp.ndim(param) >= 2 and not set(key_names(path)) & {"bias", "scale"}
 
 
 def make_optimizer(

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from trainer.checkpoint import _differences, _jsonable, _load_callback_states, environment
 from trainer.checkpoint_store import CheckpointError, CheckpointStore, check_structure, expected_leaves
 from trainer.checkpoint_store import place_like, unflatten
-from trainer.optim import optimizer_signature
+from trainer.optim import key_names, optimizer_signature
 from trainer.sums import restart_trainer_sums
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,7 +80,7 @@ def _configured_hyperparams(restored: Any, current: Any) -> Any:
     the saved values over a changed setting while the learning rate (a schedule) changed. The learning
     rate's own value stays the checkpoint's: the schedule sets it at the next step."""
     def pick(path: tuple, saved: Any, now: Any) -> Any:
-        names = [getattr(key, "name", getattr(key, "key", None)) for key in path]
+        names = key_names(path)
         configured = "hyperparams" in names and names[-1] != "learning_rate"
         return now if configured and jnp.shape(saved) == jnp.shape(now) else saved
 

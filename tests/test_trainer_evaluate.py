@@ -116,3 +116,112 @@ def test_a_metric_a_callback_derives_in_on_eval_end_is_kept_and_can_be_monitored
     result = trainer.evaluate(ArrayLoader(data, 64, shuffle=False), prefix="test/")
     assert result["test/perplexity"] == pytest.approx(math.exp(result["test/loss"]))
     assert trainer.eval_metrics == result
+
+
+def test_a_pad_trainers_evaluation_batches_carry_the_mask_a_custom_loss_weighs_by(model, data):
+    """``ragged_batches="pad"`` writes ``batch["mask"]`` into training batches; a loss written to weigh by it
+    finds it in evaluation batches too, and the evaluation is the plain per-example mean."""
+    import jax.numpy as jnp
+
+    def masked_loss(model, batch):
+        ce = optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["label"])
+        weights = batch["mask"].astype(jnp.float32)
+        return jnp.sum(ce * weights) / jnp.maximum(weights.sum(), 1.0)
+
+    trainer = Trainer(model, optax.sgd(0.1), loss_fn=masked_loss, max_epochs=1, ragged_batches="pad")
+    history = trainer.fit(ArrayLoader(data, 40, drop_remainder=False),
+                          eval_data=ArrayLoader(data, 40, shuffle=False, drop_remainder=False))
+    loss, _ = _reference(trainer, data)
+    assert history[-1]["eval/loss"] == pytest.approx(loss, rel=1e-5)
+    assert trainer.evaluate(ArrayLoader(data, 40, shuffle=False, drop_remainder=False))["loss"] == pytest.approx(loss, rel=1e-5)
+    assert trainer.predict(ArrayLoader({"x": data["x"]}, 40, shuffle=False, drop_remainder=False)).shape == (96, 3)
+
+
+def test_a_loss_that_fails_on_a_whole_batch_is_not_evaluated_example_by_example(model, data):
+    """Evaluation calls the loss on each example alone, where size-1 axes broadcast: one-hot cross-entropy on
+    integer labels of one example gave a number in silence. It is traced on a whole batch first."""
+    from trainer import losses
+
+    trainer = Trainer(model, optax.sgd(0.1), loss_fn=losses.supervised(losses.cross_entropy_onehot), max_steps=1)
+    with pytest.raises(ValueError, match=r"the loss function on a whole batch of the evaluation data \(shapes .*"
+                                         r"fails with .*Incompatible shapes"):
+        trainer.evaluate(data)
+    with pytest.raises(ValueError, match="the loss function on a whole batch"):
+        trainer.fit(ArrayLoader(dict(data, label=np.eye(3, dtype=np.float32)[data["label"]]), 32),
+                    eval_data=ArrayLoader(data, 32, shuffle=False))
+    assert trainer.step == 0  # refused before training
+
+
+def test_evaluation_traces_its_sums_once_per_batch_shapes_not_once_per_call(model, data, monkeypatch):
+    import jax
+
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=1)
+    loader = ArrayLoader(data, 40, shuffle=False, drop_remainder=False)
+    first = trainer.evaluate(loader)
+    traced = []
+    real = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: traced.append(1) or real(*a, **k))
+    assert trainer.evaluate(loader) == first and trainer.evaluate(loader) == first
+    assert traced == []
+
+
+def test_predict_refuses_outputs_whose_first_axis_is_not_the_batch(model, data):
+    import jax.numpy as jnp
+
+    class TimeMajor(Trainer):
+        def predict_step(self, model, batch):
+            return jnp.stack([model(batch["x"])] * 4)  # [time, batch, classes]
+
+    class PerBatch(Trainer):
+        def predict_step(self, model, batch):
+            return {"logits": model(batch["x"]), "mean": jnp.mean(model(batch["x"]))}
+
+    loader = ArrayLoader({"x": data["x"]}, 40, shuffle=False, drop_remainder=False)
+    with pytest.raises(ValueError, match=r"predict_step's output has shape \(4, 40, 3\), but a batch has 40 rows"):
+        TimeMajor(model, optax.sgd(0.1), max_steps=1).predict(loader)
+    with pytest.raises(ValueError, match=r"predict_step's output \['mean'\] has shape \(\)"):
+        PerBatch(model, optax.sgd(0.1), max_steps=1).predict(loader)
+
+
+def test_an_input_the_model_cannot_take_is_named_in_evaluate_and_predict_after_a_first_trace(model, data):
+    trainer = Trainer(model, optax.adam(1e-2), loss_fn=lambda m, b: m(b["x"]).mean() ** 2, max_steps=1)
+    trainer.evaluate(data)
+    trainer.predict(data["x"])
+    wide = {"x": np.zeros((16, 5), np.float32), "label": data["label"][:16]}
+    with pytest.raises(ValueError, match=r"whole batch of the evaluation data \(shapes \{'label': \(16,\) int32, "
+                                         r"'x': \(16, 5\) float32\}\) fails with TypeError: dot_general"):
+        trainer.evaluate([wide])
+    with pytest.raises(TypeError, match="dot_general") as err:
+        trainer.predict([wide["x"]])
+    assert "(predicting, a batch of shapes (16, 5) float32)" in err.value.__notes__
+
+
+def test_masks_that_are_not_marks_and_data_masked_out_entirely_are_refused(model, data):
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=1)
+    weights = np.where(np.arange(96) % 2, 0.5, 1.0).astype(np.float32)
+    with pytest.raises(ValueError, match="the batch's 'mask' is float32; a mask marks real rows"):
+        trainer.evaluate([dict(data, mask=weights)])
+    assert trainer.evaluate([dict(data, mask=np.ones(96, np.int32))]) == trainer.evaluate(data, batch_size=96)
+    with pytest.raises(ValueError, match="every example of the evaluation data is masked out"):
+        trainer.evaluate([dict(data, mask=np.zeros(96, bool))])
+
+
+def test_keras_shaped_mistakes_in_evaluate_say_what_to_pass(model, data):
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=1)
+    with pytest.raises(TypeError, match="evaluate got None for its data"):
+        trainer.evaluate(None)
+    with pytest.raises(ValueError, match=r"a list is read as a list of batches: .* pass the tuple \(x, y\)"):
+        trainer.evaluate([data["x"], data["label"]])
+    with pytest.raises(TypeError, match=r"wrap them: ArrayLoader\(\{'x': \.\.\., 'label': \.\.\.\}, batch_size=96, "
+                                        r"shuffle=False, drop_remainder=False\)"):
+        trainer.fit(ArrayLoader(data, 32), eval_data=data)
+    with pytest.raises(TypeError, match=r"wrap them: ArrayLoader\(\{'x': x, 'label': y\}, batch_size=96\)"):
+        trainer.fit((data["x"], data["label"]))
+
+
+def test_eval_labels_out_of_range_are_refused_before_training(model, data):
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=1)
+    bad = ArrayLoader(dict(data, label=np.full(96, 7, np.int32)), 32, shuffle=False)
+    with pytest.raises(ValueError, match=r"labels at evaluation lie in \[7, 7\] but the model gives 3 classes"):
+        trainer.fit(ArrayLoader(data, 32), eval_data=bad)
+    assert trainer.step == 0

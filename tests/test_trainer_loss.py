@@ -341,3 +341,18 @@ def test_accuracy_is_reported_for_a_class_axis_only_and_mse_refuses_targets_of_a
     assert losses.mse(predictions, jnp.ones((4, 6, 1))).shape == (4,)  # a trailing axis of 1: fine
     with pytest.raises(ValueError, match=r"mse got targets of shape \(6, 4\) for predictions of shape \(4, 6\)"):
         losses.mse(predictions, jnp.ones((6, 4)))
+
+
+def test_the_default_loss_on_a_model_returning_a_dict_or_tuple_says_to_pass_loss_fn(data):
+    class Outputs(nnx.Module):
+        def __init__(self, wrap, *, rngs):
+            self.layer, self.wrap = nnx.Linear(8, 3, rngs=rngs), wrap
+
+        def __call__(self, x):
+            return self.wrap(self.layer(x))
+
+    for wrap, kind in ((lambda y: {"logits": y}, "dict"), (lambda y: (y, y.sum()), "tuple")):
+        trainer = Trainer(Outputs(wrap, rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1)
+        with pytest.raises(TypeError, match=f"the model returned a {kind}, but this loss .* takes one array of "
+                                            "predictions .* Pass loss_fn="):
+            trainer.fit(ArrayLoader(data, 32))

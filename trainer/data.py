@@ -188,12 +188,30 @@ def check_batch_source(data: Any, name: str) -> None:
     """Refuses raw arrays where an iterable of batches is expected, saying how to wrap them."""
     if raw_arrays(data):
         raise TypeError(f"{name} must be an iterable of batches, not raw arrays ({type(data).__name__}); wrap "
-                        f"them: ArrayLoader({{'image': x, 'label': y}}, batch_size=128).")
+                        f"them: {wrapping_hint(data, name)}.")
+
+
+def wrapping_hint(data: Any, name: str) -> str:
+    """The ``ArrayLoader(...)`` call that makes batches of the raw arrays ``data``: its own keys (a dict), a
+    batch size it can fill, and, for data that is evaluated, every row in order."""
+    if isinstance(data, Mapping):
+        arrays = ", ".join(f"{key!r}: ..." for key in list(data)[:4])
+    else:
+        arrays = "'x': x, 'label': y" if isinstance(data, tuple) and len(data) == 2 else "'x': x"
+    leaves = [a for a in jax.tree.leaves(data) if np.ndim(a)]
+    rows = min(len(a) for a in leaves) if leaves else 0
+    size = max(1, min(128, rows)) if rows else 128
+    evaluated = "eval" in name.lower() or "predict" in name.lower()
+    order = ", shuffle=False, drop_remainder=False" if evaluated else ""
+    return f"ArrayLoader({{{arrays}}}, batch_size={size}{order})"
 
 
 def batches_of(data: Any, batch_size: int | None, name: str) -> Any:
     """``data`` as batches for ``evaluate`` / ``predict``: raw arrays (``x``, ``{'image': x, 'label': y}``)
     in order, every row, ``batch_size`` (default 32, Keras's) at a time; batches as they are."""
+    if data is None:
+        raise TypeError(f"{name} got None for its data; pass an iterable of batches (a list, an ArrayLoader) or "
+                        "arrays ({'x': x, 'label': y}, (x, y), x).")
     if raw_arrays(data):
         return ArrayLoader(data, 32 if batch_size is None else batch_size, shuffle=False, drop_remainder=False)
     if batch_size is not None:

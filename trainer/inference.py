@@ -13,14 +13,16 @@ import jax
 import numpy as np
 
 from trainer.build import check_labels
-from trainer.data import (ArrayLoader, batch_size_of, check_batch_source, check_every_row_in_order, describe_shapes,
-                          first_line, pad_batch, placing, warn_if_rows_left_out)
+from trainer.data import (ArrayLoader, add_note, batch_shapes, batch_size_of, check_batch_source,
+                          check_every_row_in_order, describe_shapes, first_line, non_numeric_note, pad_batch, placing,
+                          warn_if_rows_left_out)
 from trainer.evaluation import refuse_shared_prefixes
+from trainer.feed import with_mask
 from trainer.loop import finished_metrics
 from trainer.module_link import adopt_written_weights
 from trainer.preemption import Preempted
 from trainer.state import zeros_like_tree
-from trainer.step import make_eval_step, make_predict_step
+from trainer.step import make_eval_step, make_predict_step, split_loss_output
 from trainer.sums import compute_sums
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,6 +48,46 @@ def _placer(trainer: "Trainer") -> Callable[[Any], Any]:
     return trainer.place_batch if type(trainer).place_batch is not Trainer.place_batch else (lambda batch: batch)
 
 
+def padded_batch(trainer: "Trainer", batch: Any, size: int) -> tuple[Any, np.ndarray]:
+    """``batch`` padded to ``size`` rows, and its mask of real rows; with ``ragged_batches="pad"`` the mask is
+    also ``batch["mask"]``, as in every training batch (a custom loss that weighs by it finds it)."""
+    padded, mask = pad_batch(batch, size)
+    return (with_mask(padded, mask) if trainer.ragged_batches == "pad" else padded), mask
+
+
+def check_whole_batch_loss(trainer: "Trainer", batch: Any, where: str) -> None:
+    """Traces (shapes only) the loss on a whole batch, as training calls it. The default ``compute_metrics``
+    calls it on each example alone, where size-1 axes broadcast: labels of the wrong shape, or
+    predictions ``[B, 1]`` against targets ``[B]`` of one example, then pass with a wrong value."""
+    from trainer.trainer import Trainer
+
+    if type(trainer).compute_metrics is not Trainer.compute_metrics:
+        return
+
+    def whole(state, b):
+        model = state.merge(trainer.graphdef)
+        model.eval()
+        return split_loss_output(trainer.compute_loss(model, b), "the loss function")
+
+    try:
+        jax.eval_shape(whole, trainer._state_shapes, batch)
+    except Exception as err:  # noqa: BLE001 - whatever the loss raised, named with the batch's shapes
+        raise ValueError(f"the loss function on a whole batch of {where} (shapes {describe_shapes(batch)}) fails with "
+                         f"{type(err).__name__}: {first_line(err)}. Evaluation computes each example's loss alone, "
+                         "where this would give a wrong number in silence: fix the data or the loss."
+                         + (f" {non_numeric_note(batch)}" if non_numeric_note(batch) else "")) from err
+
+
+def _first_call(call: Callable[[], Any], batch: Any, where: str) -> Any:
+    """``call()`` for a batch of new shapes (its trace): an error says which batch it was."""
+    try:
+        return call()
+    except Exception as err:
+        add_note(err, f"({where}, a batch of shapes {describe_shapes(batch)})")
+        add_note(err, non_numeric_note(batch) or "")
+        raise
+
+
 def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict[str, float]:
     """Mean of ``trainer.compute_metrics`` over every example of ``data``, between the eval hooks."""
     check_batch_source(data, "evaluate's data")
@@ -60,16 +102,27 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
         if trainer._preemption.signal:
             raise Preempted()  # leave the evaluation; fit saves and exits
         size = size or batch_size_of(batch)
-        padded, mask = pad_batch(batch, size)
+        padded, mask = padded_batch(trainer, batch, size)
         check_labels(trainer, batch, "eval")
+        shapes = batch_shapes(padded)
+        known = trainer._eval_sums_shapes.get(shapes)  # traced once per batch shapes, not once per evaluation
         padded = placing(padded, place)
-        if sums is None:
-            sums = zeros_like_tree(jax.eval_shape(trainer._eval_sums, trainer.state, padded, mask))
-        sums = trainer._eval_step(trainer.state, sums, padded, mask)
+        if known is None:
+            check_whole_batch_loss(trainer, padded, "the evaluation data")
+            traced = _first_call(lambda: jax.eval_shape(trainer._eval_sums, trainer.state, padded, mask), batch,
+                                 "evaluating")
+            sums = zeros_like_tree(traced) if sums is None else sums
+            sums = _first_call(lambda: trainer._eval_step(trainer.state, sums, padded, mask), batch, "evaluating")
+            trainer._eval_sums_shapes[shapes] = traced
+        else:
+            sums = trainer._eval_step(trainer.state, zeros_like_tree(known) if sums is None else sums, padded, mask)
     if sums is None:
         raise ValueError("the evaluation data yielded no batches: it is empty, or a one-pass iterator (a generator) "
                          "used up by an earlier evaluation; pass a non-empty list or ArrayLoader.")
     metrics = finished_metrics(trainer, compute_sums(jax.device_get(sums)))
+    if sums and not metrics:  # every count 0
+        raise ValueError("every example of the evaluation data is masked out (its 'mask' marks nothing real), so "
+                         "there is nothing to average; evaluate data with real rows.")
     reported = {prefix + k: v for k, v in metrics.items()}
     trainer.eval_metrics = dict(reported)
     trainer.callbacks.dispatch("on_eval_end", trainer, reported)
@@ -78,22 +131,43 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
 
 
 def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:
-    """``trainer.predict_step`` over every batch, concatenated on the host."""
+    """``trainer.predict_step`` over every batch, concatenated on the host along the batch axis."""
     check_batch_source(data, "predict's data")
     check_every_row_in_order(data, "predict's data")
     _build_predict_step(trainer)
     adopt_written_weights(trainer)
-    outputs, size, place = [], None, _placer(trainer)
+    outputs, size, place, seen = [], None, _placer(trainer), set()
     for batch in data:
         size = size or batch_size_of(batch)
         n = batch_size_of(batch)
-        padded, _ = pad_batch(batch, size)
-        outputs.append((trainer._predict_step(trainer.state, placing(padded, place)), n))
+        padded, _ = padded_batch(trainer, batch, size)
+        shapes = batch_shapes(padded)
+        padded = placing(padded, place)
+        if shapes in seen:
+            out = trainer._predict_step(trainer.state, padded)
+        else:
+            out = _first_call(lambda: trainer._predict_step(trainer.state, padded), batch, "predicting")
+            _check_batch_major(out, size)
+            seen.add(shapes)
+        outputs.append((out, n))
     if not outputs:
         raise ValueError("predict got no batches; pass a non-empty dataset.")
     host = jax.device_get([out for out, _ in outputs])
     parts = [jax.tree.map(lambda a, n=n: a[:n], out) for out, (_, n) in zip(host, outputs)]
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
+
+
+def _check_batch_major(outputs: Any, size: int) -> None:
+    """``predict`` cuts the padding off and joins batches along each output's first axis: that axis must be
+    the batch's (its shape is metadata: nothing is read from the device)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(outputs)[0]:
+        shape = tuple(np.shape(leaf))
+        if not shape or shape[0] != size:
+            name = f"output {jax.tree_util.keystr(path)}".strip()
+            raise ValueError(f"predict_step's {name} has shape {shape}, but a batch has {size} rows: predict joins "
+                             "the batches' outputs along their first axis, which must be the batch's. Return "
+                             "batch-major outputs (e.g. jnp.swapaxes(out, 0, 1)) and no per-batch values, by "
+                             "overriding Trainer.predict_step.")
 
 
 def prediction_shape(trainer: "Trainer", batch: Any) -> Any:
@@ -124,7 +198,7 @@ def check_eval_data_fits(trainer: "Trainer") -> None:
         if batch is None:
             continue
         _build_eval_step(trainer)
-        padded, mask = pad_batch(batch, batch_size_of(batch))
+        padded, mask = padded_batch(trainer, batch, batch_size_of(batch))
         placing(padded, _placer(trainer))  # a sharding override: a batch it cannot split fails now, not after an epoch
         try:  # what the evaluation's first call will trace, on shapes only
             jax.eval_shape(trainer._eval_sums, trainer._state_shapes, padded, mask)
@@ -132,3 +206,5 @@ def check_eval_data_fits(trainer: "Trainer") -> None:
             raise ValueError(f"evaluating the first batch of the evaluation data (shapes {describe_shapes(batch)}) "
                              f"fails with {type(err).__name__}: {first_line(err)} (the data, the model, or the "
                              "loss / compute_metrics, traced at the start of fit)") from err
+        check_whole_batch_loss(trainer, padded, "the evaluation data")
+        check_labels(trainer, batch, "evaluation")  # out of range: refused before an epoch is trained

@@ -65,8 +65,10 @@ def batch_labels(batch: Batch) -> Any:
         return _pick(batch, LABEL_KEYS, "labels")
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[1]
+    listed = (" (a list is read as a list of batches: for arrays x and labels y pass the tuple (x, y) or a dict "
+              "{'x': x, 'label': y})") if hasattr(batch, "shape") else ""
     raise BatchKeyError(
-        f"the batch is a {type(batch).__name__} without labels; the default loss needs "
+        f"the batch is a {type(batch).__name__} without labels{listed}; the default loss needs "
         "(inputs, labels) or a dict with a 'label' key. Pass loss_fn=... for unlabelled data."
     )
 
@@ -165,6 +167,11 @@ def supervised(
     def loss_fn(model: nnx.Module, batch: Batch):
         labels = batch_labels(batch)
         predictions = model(batch_inputs(batch))
+        if not hasattr(predictions, "ndim"):  # optax's own error would be numpy's, from deep inside
+            raise TypeError(f"the model returned a {type(predictions).__name__}, but this loss (losses.supervised, "
+                            "the default) takes one array of predictions (logits). Pass loss_fn=... that picks them "
+                            "out, e.g. lambda model, batch: losses.cross_entropy(model(batch['x'])['logits'], "
+                            "batch['label']).mean().")
         mean = _masked_mean(batch.get("mask") if isinstance(batch, Mapping) else None)
         loss = mean(criterion(predictions, labels))
         metrics = {}
@@ -193,6 +200,10 @@ def _masked_mean(mask: jax.Array | None) -> Callable[[jax.Array], jax.Array]:
     if mask is None:
         return jnp.mean
     mask = jnp.asarray(mask)
+    if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.integer)):
+        raise ValueError(f"the batch's 'mask' is {mask.dtype}; a mask marks real rows or positions (bool, or 0/1 "
+                         "integers). Per-example weights are no mask: pass loss_fn=... that weighs by them (and "
+                         "compute_metrics, for evaluation), under a key other than 'mask'.")
 
     def mean(values: jax.Array) -> jax.Array:
         if values.ndim == 0:  # a criterion that averaged already

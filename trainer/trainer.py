@@ -187,7 +187,7 @@ class Trainer:
         self._compiled: set = set()
         self._built_signature: Any = None
         self._eval_step = self._eval_sums = None
-        self._predict_step = None
+        self._predict_step, self._eval_sums_shapes = None, {}  # evaluated batch shapes -> their sums' shapes
         self._output_shapes: dict[tuple, tuple] = {}  # the model's output shape by the batch's shapes (label checks)
         self.data_iterator: Iterator[Any] | None = None
         self.epoch_length: int | None = None

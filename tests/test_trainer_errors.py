@@ -513,7 +513,7 @@ def test_loaded_weights_are_taken_though_a_freed_module_of_the_same_address_once
     pretrained, address = pretrain()
     gc.collect()
     leaf = pretrained["l1"]["kernel"][...]  # the registry holds the freed module weakly: it is gone from it
-    assert len(module_link._PLACED[id(leaf)][1]) == 0
+    assert len(module_link._LEFT[id(leaf)][1]) == 0
     kept = []
     for _ in range(300_000):  # CPython reuses freed addresses: find the old module's
         obj = object.__new__(Pooled)

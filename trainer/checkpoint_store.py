@@ -179,7 +179,11 @@ def place_like(template: Any, tree: Any) -> Any:
     def put(like: Any, value: Any) -> Any:
         sharding = getattr(like, "sharding", None)
         placed = like.committed if isinstance(like, jax.Array) else sharding is not None
-        return jax.device_put(value, sharding, may_alias=False) if placed else jax.device_put(value, may_alias=False)
+        if placed:
+            return jax.device_put(value, sharding, may_alias=False)
+        if isinstance(value, jax.Array) and value.committed:  # device_put would keep it where it is, committed
+            value = np.asarray(value)
+        return jax.device_put(value, may_alias=False)
 
     return jax.tree.map(put, template, tree)
 

@@ -155,7 +155,7 @@ def _run_execution(trainer: "Trainer", epoch: int, execution: Execution) -> None
         trainer.step_positions.pop(first + i - 1000, None)
     trainer.callbacks.dispatch("on_step_start", trainer, first)
     if trainer._link.lent:  # a callback read trainer.model: what it wrote into it is trained
-        adopt_written_weights(trainer)
+        adopt_written_weights(trainer, walk=False)  # the variables it holds; its layers at the epoch's start
     steps = trainer._train_steps
     run = steps.fused if execution.stacked else steps.single
     started = time.perf_counter()

@@ -2,20 +2,26 @@
 
 The trainer trains a split copy of the module (``TrainState``) and writes it back into the module when
 someone reads ``trainer.model``. A write the other way, into the module (pretrained weights or an
-export loaded after the Trainer was built, a Keras-style ``set_weights`` in a callback), was lost:
-the next step trained the state's copy. ``ModuleLink`` remembers which arrays the trainer last put
-into the module; ``adopt_written_weights`` takes any others into the state: when ``fit``, ``evaluate``
-or ``predict`` start, at each epoch's start, at the next step after a callback read ``trainer.model``,
-and before a read of ``trainer.model`` would overwrite them. Taken are the parameters and the other
-state but the RNG streams (BatchNorm's statistics, say): running the model in eval mode, or Monte-Carlo
-dropout through ``trainer.model`` without BatchNorm, moves only its RNG counters, so training goes on as
-it was (a call in train mode moves BatchNorm's statistics, which are then taken, as in Keras). What a
-second Trainer of the same module puts there is no write: each trains its own copy.
+export loaded after the Trainer was built, a Keras-style ``set_weights`` in a callback), would be lost:
+the next step trains the state's copy. ``ModuleLink`` remembers, for each variable of the module, the
+array the trainer last left there; ``adopt_written_weights`` takes any other into the state: when
+``fit``, ``evaluate`` or ``predict`` start, at each epoch's start, before a checkpoint saves, at the next
+step after a callback read ``trainer.model``, and before a read of ``trainer.model`` would overwrite it.
+Taken are the parameters and the other state but the RNG streams (BatchNorm's statistics, say):
+running the model in eval mode, or Monte-Carlo dropout through ``trainer.model``, moves only its RNG
+counters, so training goes on as it was (a call in train mode moves BatchNorm's statistics, which are
+then taken, as in Keras).
+
+Several Trainers of one module each train their own copy: what one leaves in the module is no write
+for the others, and a write one of them takes first is still taken by the others (``_pending``).
+A layer added, removed or replaced by another class is refused, found where the module is walked
+(every point above but the step after a read, which looks only at the variables of the last walk).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -28,74 +34,176 @@ from trainer.checkpoint_store import place_like
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
 
-WEIGHTS = nnx.Not(nnx.RngState)  # what a write into the module means: parameters and statistics, not RNG streams
+Path = tuple  # a variable's attribute path in the module: ("layers", 0, "kernel")
+
+_LEFT: dict[int, tuple[weakref.ref, weakref.WeakKeyDictionary]] = {}  # id(array) -> (it, {module: {paths}})
+"""Every array a trainer left in a module, and where: there it is no user's write, for any Trainer of the
+module (the one that left it may be gone since). Held weakly: a freed array's successor at the same
+address is not taken for it."""
+
+_LINKS: "weakref.WeakKeyDictionary[nnx.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+"""Every live ``ModuleLink`` of a module: the Trainers that must each take a write one of them found."""
 
 
-_PLACED: dict[int, tuple[weakref.ref, weakref.WeakSet]] = {}  # id(array) -> (it, the modules a trainer put it in)
+def _left_by_a_trainer(value: Any, module: nnx.Module, path: Path) -> bool:
+    entry = _LEFT.get(id(value))
+    return entry is not None and entry[0]() is value and path in entry[1].get(module, ())
 
 
-def _register(value: Any, module: nnx.Module) -> None:
-    """Records that a trainer put ``value`` into ``module``: there it is no user's write."""
-    entry = _PLACED.get(id(value))
+def _register(value: Any, module: nnx.Module, path: Path) -> None:
+    entry = _LEFT.get(id(value))
     if entry is None or entry[0]() is not value:
         try:
-            entry = (weakref.ref(value, functools.partial(_forget, id(value))), weakref.WeakSet())
+            entry = (weakref.ref(value, functools.partial(_forget, id(value))), weakref.WeakKeyDictionary())
         except TypeError:  # a Python number in a Variable: not tracked
             return
-        _PLACED[id(value)] = entry
-    entry[1].add(module)
+        _LEFT[id(value)] = entry
+    entry[1].setdefault(module, set()).add(path)
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
-    entry = _PLACED.get(key)
+    entry = _LEFT.get(key)
     if entry is not None and entry[0] is ref:  # not another array's since given the same id
-        del _PLACED[key]
+        del _LEFT[key]
 
 
-def _put_there_by_a_trainer(value: Any, module: nnx.Module) -> bool:
-    """Whether a trainer put ``value`` into ``module`` (this trainer, perhaps donated since, or a second
-    Trainer of the same module): the first keeps training its own copy. An array a trainer put into
-    another module (a pretrained model's, loaded into this one) is a write. Both held weakly: a freed
-    module's or array's successor at the same address is not taken for it."""
-    entry = _PLACED.get(id(value))
-    return entry is not None and entry[0]() is value and module in entry[1]
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _variables(tree: Any) -> list[tuple[Path, nnx.Variable]]:
+    """A state's (or the module's) variables with their attribute paths, in the state's leaf order."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)[0]
+    return [(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), v) for path, v in flat]
+
+
+def _state_variables(state: Any) -> list[tuple[Path, nnx.Variable]]:
+    """A ``TrainState``'s variables, parameters first: the order of ``jax.tree.leaves((params, model_state))``."""
+    return _variables(state.params) + _variables(state.model_state)
+
+
+def _name(path: Path) -> str:
+    return ".".join(map(str, path))
 
 
 class ModuleLink:
-    """The user's module, and (``hold``) the weight arrays a trainer put into it."""
+    """The user's module, the arrays this trainer last left in each of its variables, and writes another
+    Trainer of the module took first (``_pending``)."""
 
-    def __init__(self, model: nnx.Module):
+    def __init__(self, model: nnx.Module, state: Any):
         self.model = model
         self.lent = False  # trainer.model was handed out since the last check: a callback may have written to it
         self._holds: weakref.ref | None = None  # the state the module was last updated from
+        variables = _state_variables(state)
+        self._paths = [path for path, _ in variables]  # in the state's leaf order
+        # one array a variable (nnx's own layers): the state's values are its leaves, read in one C++ flatten
+        self._one_leaf_each = len(variables) == len(jax.tree.leaves((state.params, state.model_state)))
+        self._pending: dict[Path, Any] = {}
+        self._structure = self._walk()
         self.hold()
+        _LINKS.setdefault(model, weakref.WeakSet()).add(self)
 
-    def stale(self, state: Any) -> bool:
-        """Whether the module holds another state than ``state``: lending it would write over the module."""
-        return self._holds is None or self._holds() is not state
+    def _walk(self) -> tuple:
+        """Finds the module's variables again (a layer replaced since has new ones) and returns its structure:
+        each submodule's and variable's path and class."""
+        nodes = [(path, node) for path, node in nnx.iter_graph(self.model) if isinstance(node, (nnx.Module, nnx.Variable))]
+        by_path = {path: node for path, node in nodes if isinstance(node, nnx.Variable)}
+        self._vars = [(path, by_path.get(path)) for path in self._paths]  # None: a variable the module lost
+        self._weights = [(path, v) for path, v in self._vars if v is not None and not isinstance(v, nnx.RngState)]
+        self._targets = [(path, v, not isinstance(v, nnx.RngState)) for path, v in self._vars if v is not None]
+        return tuple((path, type(node)) for path, node in nodes)
 
-    def lend(self, state: Any) -> nnx.Module:
-        """The module holding ``state``: updated only when the state changed since the last lend, so what
-        calling it changes (dropout's RNG counters: Monte-Carlo dropout) is not reset by reading it again."""
-        if self.stale(state):
-            nnx.update(self.model, state.params, state.model_state)
-            self._holds = weakref.ref(state)
-            self.hold()
-        self.lent = True  # what a callback writes into it is trained from the next step
-        return self.model
+    def check_structure(self) -> None:
+        """Walks the module and refuses it when a layer was added, removed or replaced by another class."""
+        structure = self._walk()
+        if structure == self._structure:
+            return
+        was, now = dict(self._structure), dict(structure)
+        paths = {p for p in {*was, *now} if was.get(p) is not now.get(p)}
+        paths = [p for p in paths if not any(p[:i] in paths for i in range(len(p)))]  # a layer, not each of its parts
+        changed = [f"{_name(p)} ({'added' if p not in was else 'removed' if p not in now else 'now a ' + now[p].__name__})"
+                   for p in sorted(paths, key=str)]
+        raise ValueError(f"the model's layers changed since the Trainer was built: {', '.join(changed[:4])}. Build a "
+                         "new Trainer for the changed model (write weights into the existing layers to train from them).")
 
     def hold(self) -> None:
-        """Remembers the module's weight arrays as the trainer's: after the trainer wrote them, or when
-        a state is assigned (a restore: what was written into the module then belongs to the state it
-        replaced, which the restore discards)."""
-        for x in jax.tree.leaves(nnx.state(self.model, WEIGHTS)):
-            _register(x, self.model)
+        """Takes what the module holds now as what this trainer left there (after the trainer wrote it, or
+        when a state is assigned: a restore, which discards what was written into the module before)."""
+        self._left = {path: _token(v.get_raw_value()) for path, v in self._weights}
+        self._pending.clear()
 
-    def written(self) -> bool:
-        """Whether any weight of the module was written since ``hold`` by someone else than a trainer (a
-        second Trainer of the same module puts its own copy there: the first keeps training its own)."""
-        leaves = jax.tree.leaves(nnx.state(self.model, WEIGHTS))
-        return any(not _put_there_by_a_trainer(x, self.model) for x in leaves)
+    def stale(self, state: Any) -> bool:
+        """Whether the module was last updated from another state than ``state``."""
+        return self._holds is None or self._holds() is not state
+
+    def writes(self) -> tuple[dict[Path, Any], dict[Path, Any]]:
+        """``(found, pending)``: the values written into the module's variables (of the last walk) since this
+        trainer left its own there, by someone else than a Trainer; and those another Trainer of the module
+        found and took first."""
+        found = {}
+        for path, v in self._weights:
+            value = v.get_raw_value()
+            if _held(self._left.get(path)) is value or _left_by_a_trainer(value, self.model, path):
+                continue
+            found[path] = value
+        return found, {p: x for p, x in self._pending.items() if p not in found}
+
+    def holds_its_own(self) -> bool:
+        """Whether every weight of the module is the one this trainer left there (not another Trainer's)."""
+        return all(_held(self._left.get(path)) is v.get_raw_value() for path, v in self._weights)
+
+    def write(self, state: Any) -> None:
+        """Puts ``state``'s arrays into the module's variables, as the ones this trainer left there."""
+        if self._one_leaf_each:
+            values = jax.tree.leaves((state.params, state.model_state))
+        else:
+            values = [v.get_raw_value() for _, v in _state_variables(state)]
+        values = dict(zip(self._paths, values))
+        for path, var, weight in self._targets:
+            _set_raw_value(var, values[path])
+            if weight:
+                _register(values[path], self.model, path)
+        self._holds = weakref.ref(state)
+        self.hold()
+
+    def siblings(self) -> list["ModuleLink"]:
+        return [link for link in _LINKS.get(self.model, ()) if link is not self]
+
+
+def _raw_value_setter():
+    """``Variable.set_raw_value`` without its check of the trace it is called in (10 us a call; the link
+    writes on the host, outside any trace), where this flax version takes the flag."""
+    try:
+        inspect.signature(nnx.Variable.set_raw_value).bind(None, None, _unsafe_bypass_check=True)
+    except TypeError:
+        return lambda variable, value: variable.set_raw_value(value)
+    return lambda variable, value: variable.set_raw_value(value, _unsafe_bypass_check=True)
+
+
+_set_raw_value = _raw_value_setter()
+
+
+class _Plain:
+    """A value that cannot be held weakly (a Python number), held as it is."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __call__(self) -> Any:
+        return self.value
+
+
+def _token(value: Any) -> Any:
+    try:
+        return weakref.ref(value)
+    except TypeError:
+        return _Plain(value)
+
+
+def _held(token: Any) -> Any:
+    return None if token is None else token()
 
 
 def _placed(new: Any, old: jax.Array) -> jax.Array:
@@ -104,52 +212,51 @@ def _placed(new: Any, old: jax.Array) -> jax.Array:
     return place_like(old, new.astype(old.dtype) if isinstance(new, jax.Array) else np.asarray(new, old.dtype))
 
 
-def _replaced(current: Any, written: Any, what: str, module: nnx.Module) -> Any:
-    """``current`` with each leaf that ``written`` has at the same path, and no trainer put there, replaced
-    by its placed copy."""
-    by_path = {jax.tree_util.keystr(path): value for path, value in jax.tree_util.tree_flatten_with_path(written)[0]}
-    paths, treedef = jax.tree_util.tree_flatten_with_path(current)
-    leaves = []
-    for path, old in paths:
-        name = jax.tree_util.keystr(path)
-        new = by_path.pop(name, None)
-        if new is not None and _put_there_by_a_trainer(new, module):
-            new = None  # a trainer's own array (this one's, perhaps donated since, or another's): not a write
-        if new is not None and np.shape(new) != old.shape:
-            raise ValueError(f"the model's {what} {name} was given shape {np.shape(new)}, but it has shape {old.shape}: "
-                             "write values of each one's shape (or build a new Trainer for a model of other shapes).")
-        leaves.append(old if new is None else _placed(new, old))
-    if by_path:
-        raise ValueError(f"the model has {what}s the Trainer was not built with ({', '.join(sorted(by_path)[:3])}): a layer "
-                         "added or replaced since; build a new Trainer for the changed model.")
-    return jax.tree.unflatten(treedef, leaves)
-
-
-def adopt_written_weights(trainer: "Trainer") -> bool:
-    """Takes the weights written into ``trainer.model`` since the trainer last wrote it into the state
-    (each placed, and of the dtype, as the array it replaces); True when it took any."""
+def adopt_written_weights(trainer: "Trainer", walk: bool = True) -> bool:
+    """Takes the weights written into ``trainer.model`` since the trainer last left its own there (each
+    placed, and of the dtype, as the array it replaces); True when it took any. ``walk``: look for layers
+    replaced since (the module walked); without, only the variables of the last walk are looked at."""
     link = trainer._link
     link.lent = False
-    if not link.written():
+    if walk:
+        link.check_structure()
+    found, pending = link.writes()
+    if not found and not pending:
         return False
+    if not walk:  # a write: the layers are checked before it is taken
+        link.check_structure()
+        found, pending = link.writes()
     state = trainer.state
-    written = nnx.state(link.model, nnx.Param)
-    if jax.tree.structure(written) != jax.tree.structure(state.params):
-        raise ValueError("the model's parameters no longer have the structure the Trainer was built with (a layer "
-                         "added, removed or replaced since): build a new Trainer for the changed model.")
-    params = _replaced(state.params, written, "parameter", link.model)
-    others = nnx.state(link.model, nnx.All(WEIGHTS, nnx.Not(nnx.Param)))
-    model_state = _replaced(state.model_state, others, "state", link.model)
-    trainer.state = state.replace(params=params, model_state=model_state)
-    nnx.update(link.model, params, model_state)
-    link.hold()
+    written = {**pending, **found}
+    leaves, treedef = jax.tree.flatten((state.params, state.model_state))
+    adopted = []
+    num_params = len(jax.tree.leaves(state.params))
+    for i, (path, old) in enumerate(zip(link._paths, leaves)):
+        new = written.get(path)
+        if new is None:
+            adopted.append(old)
+            continue
+        if np.shape(new) != old.shape:
+            kind = "parameter" if i < num_params else "state"
+            raise ValueError(f"the model's {kind} {_name(path)} was given shape {np.shape(new)}, but it has shape {old.shape}: "
+                             "write values of each one's shape (or build a new Trainer for a model of other shapes).")
+        adopted.append(_placed(new, old))
+    params, model_state = jax.tree.unflatten(treedef, adopted)
+    trainer._carry.state = state.replace(params=params, model_state=model_state)  # not a restore: no hold
+    link.write(trainer.state)
+    for sibling in link.siblings():  # each trains its own copy, from the same write
+        sibling._pending.update(found)
     return True
 
 
 def lend_model(trainer: "Trainer") -> nnx.Module:
-    """``trainer.model``: the module holding the trainer's state; a write through a reference kept from an
-    earlier read is taken first, not written over."""
-    link, state = trainer._link, trainer.state
-    if link.stale(state) and adopt_written_weights(trainer):
-        state = trainer.state
-    return link.lend(state)
+    """``trainer.model``: the module holding the trainer's state. A write since (through a reference kept
+    from an earlier read) is taken first, not written over; another Trainer's weights there are."""
+    link = trainer._link
+    fitting = trainer.fitting  # during fit, the loop's step after a read checks; outside it, the module is walked
+    adopt_written_weights(trainer, walk=not fitting)
+    state = trainer.state
+    if link.stale(state) or not link.holds_its_own():
+        link.write(state)
+    link.lent = True  # what a callback writes into it is trained from the next step
+    return link.model

@@ -153,7 +153,7 @@ class Trainer:
         self.step = 0
         self._step_handed_out: tuple = (None, None)  # the step array last read with trainer.state, at what step
         self.graphdef, self.state = TrainState.create(model, optimizer, own_arrays=True)
-        self._link = ModuleLink(model)  # the module, and the arrays put into it: parameters written there are trained
+        self._link = ModuleLink(model, self.state)  # the module, and the arrays put into it: parameters written there are trained
         self._state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
         self.epoch = 0
         self.should_stop = False
@@ -337,8 +337,8 @@ class Trainer:
         if not isinstance(halt_after, int) or halt_after < 1:
             raise ValueError(f"halt_after={halt_after!r} must be a positive integer.")
         self._halt_after = halt_after
-        if self.state.guard is None:
-            self.state = self.state.replace(guard=init_guard())
+        if self.state.guard is None:  # not a restore: a weight written into the module is still taken
+            self._carry.state = self.state.replace(guard=init_guard())
 
     def sums_snapshots(self) -> dict[str, dict[str, list[float]]]:
         """Every reader's running sums (``add_metric_sums``) as ``{name: {metric: [total, count]}}``."""

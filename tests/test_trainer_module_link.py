@@ -1,0 +1,159 @@
+"""Weights written into the user's module are trained (``trainer.module_link``): by path, by every Trainer of
+the module, placed as the state's, with layers added, removed or replaced refused, and cheap to read."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from callbacks import Callback, NaNDetector
+from conftest import make_data
+from trainer import ArrayLoader, Trainer
+
+DATA = make_data(n=64)
+
+
+class Two(nnx.Module):
+    """Two square layers, so one's weights fit the other."""
+
+    def __init__(self, seed: int = 0):
+        rngs = nnx.Rngs(seed)
+        self.a, self.b, self.out = nnx.Linear(8, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.b(nnx.relu(self.a(x)))))
+
+
+def loader():
+    return ArrayLoader(DATA, 16, shuffle=False)
+
+
+def params(module_or_state) -> dict[str, np.ndarray]:
+    state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
+    return {jax.tree_util.keystr(p): np.array(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def trained_from(module: Two, tx=None) -> dict[str, np.ndarray]:
+    """A clean run: a Trainer built on a module that holds the weights already."""
+    trainer = Trainer(module, tx or optax.sgd(0.1), max_epochs=1)
+    trainer.fit(loader())
+    return params(trainer.state.params)
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_weights_copied_from_one_layer_into_another_are_taken():
+    """The registry knew arrays, not where they sat: layer b's array copied into layer a was 'the trainer's own'."""
+    module = Two()
+    trainer = Trainer(module, optax.sgd(0.1), max_epochs=1)
+    lent = trainer.model
+    lent.a.kernel[...] = lent.b.kernel[...]
+    lent.a.bias[...] = lent.b.bias[...]
+    trainer.fit(loader())
+    clean = Two()
+    clean.a.kernel[...], clean.a.bias[...] = clean.b.kernel[...], clean.b.bias[...]
+    assert_same(params(trainer.state.params), trained_from(clean))
+
+
+def test_a_write_in_on_fit_start_before_a_nan_detector_is_taken():
+    """NaNDetector turns the guard on by assigning the state, which counted as a restore and dropped the write."""
+    pretrained = nnx.state(Two(7), nnx.Param)
+
+    class Load(Callback):
+        def on_fit_start(self, trainer):
+            nnx.update(trainer.model, pretrained)
+
+    trainer = Trainer(Two(), optax.sgd(0.1), max_epochs=1, callbacks=[Load(), NaNDetector()])
+    trainer.fit(loader())
+    assert_same(params(trainer.state.params), trained_from(Two(7)))
+
+
+def test_the_same_arrays_written_again_after_a_restore_and_a_read_are_taken():
+    module = Two()
+    trainer = Trainer(module, optax.sgd(0.1), max_epochs=1)
+    pretrained = nnx.state(Two(7), nnx.Param)
+    nnx.update(module, pretrained)
+    trainer.state = jax.tree.map(jnp.copy, trainer.state)  # a restore: the pending write is discarded
+    trainer.model  # the module holds the trainer's weights again
+    nnx.update(module, pretrained)  # the same arrays, written again
+    trainer.fit(loader())
+    assert_same(params(trainer.state.params), trained_from(Two(7)))
+
+
+def test_two_trainers_of_one_module_each_train_their_own_copy_from_every_write():
+    module = Two()
+    first, second = Trainer(module, optax.sgd(0.1), max_epochs=1), Trainer(module, optax.adam(1e-2), max_epochs=1)
+    first.fit(loader())
+    second.fit(loader())
+    assert_same(params(first.model), trained_from(Two()))  # not the second's weights, which the module held
+    assert_same(params(second.model), trained_from(Two(), optax.adam(1e-2)))
+
+    module = Two()
+    first, second = Trainer(module, optax.sgd(0.1), max_epochs=1), Trainer(module, optax.sgd(0.1), max_epochs=1)
+    nnx.update(module, nnx.state(Two(7), nnx.Param))  # after both were built
+    first.fit(loader())
+    second.fit(loader())  # the first took the write, and left its own weights in the module since
+    expected = trained_from(Two(7))
+    assert_same(params(first.state.params), expected)
+    assert_same(params(second.state.params), expected)
+
+
+def test_a_committed_write_takes_the_placement_of_the_array_it_replaces():
+    """``device_put`` kept a committed array where it was: the state became committed, and (data parallel)
+    fit failed with incompatible devices."""
+    module = Two()
+    trainer = Trainer(module, optax.sgd(0.1), max_steps=1)
+    assert not trainer.state.params["a"]["kernel"][...].committed
+    module.a.kernel[...] = jax.device_put(jnp.ones((8, 8)), jax.devices()[0])
+    trainer.fit(loader())
+    kernel = trainer.state.params["a"]["kernel"][...]
+    assert not kernel.committed and not trainer.state.params["b"]["kernel"][...].committed
+
+
+def test_layers_removed_or_replaced_by_another_class_are_refused_by_name():
+    class Doubled(nnx.Linear):
+        def __call__(self, x):
+            return 2 * super().__call__(x)
+
+    module = Two()
+    trainer = Trainer(module, optax.sgd(0.1), max_epochs=1)
+    module.b = Doubled(8, 8, rngs=nnx.Rngs(0))  # the same parameters, another computation
+    with pytest.raises(ValueError, match=r"the model's layers changed since the Trainer was built: b \(now a Doubled\)"):
+        trainer.evaluate(loader())
+    module = Two()
+    trainer = Trainer(module, optax.sgd(0.1), max_epochs=1)
+    del module.b
+    with pytest.raises(ValueError, match=r"layers changed since the Trainer was built: b \(removed\)\. Build a new"):
+        trainer.fit(loader())
+    assert trainer.step == 0
+
+
+def test_a_read_of_trainer_model_every_step_walks_the_module_once_an_epoch(monkeypatch):
+    """A read took three walks of the module (each a few hundred us): reading it every step cost a tiny
+    model ~9x its steps. In the loop a read now writes the variables of the last walk; layers are checked
+    when an epoch starts. The weights a callback writes after its read are still trained from the next step."""
+    from trainer.module_link import ModuleLink
+
+    walks = []
+    real = ModuleLink._walk
+    monkeypatch.setattr(ModuleLink, "_walk", lambda link: walks.append(1) or real(link))
+
+    class ReadThenScale(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            model = trainer.model
+            if step == 6:
+                model.out.kernel[...] = model.out.kernel[...] * 0  # read, then write: trained from step 7
+
+    trainer = Trainer(Two(), optax.sgd(0.0), max_epochs=4, callbacks=[ReadThenScale()])
+    trainer.fit(loader())  # 4 epochs of 4 steps
+    # built, fit's start and end, each epoch's start, and the write's check of the layers
+    assert trainer.step == 16 and len(walks) == 1 + 2 + 4 + 1, len(walks)
+    assert float(jnp.abs(trainer.state.params["out"]["kernel"][...]).sum()) == 0.0

@@ -146,6 +146,7 @@ class EarlyStopping(Callback):
                 f"{sorted(logs)}. Fix monitor= or add an Evaluator / eval_data.")
             trainer.request_stop(f"EarlyStopping: {self.monitor!r} is not among the epoch's metrics")
             return
+        self._reported = True  # a train metric (an evaluator's names do not hold it): no "never saw" warning
         self._check(trainer, float(logs[self.monitor]))
 
     def on_fit_end(self, trainer: Any) -> None:

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable, Mapping
 
 import jax
@@ -47,6 +48,14 @@ class Throughput(Callback):
         self._start: tuple[float, int, float] | None = None
         self._examples = 0
         self._previous: Any = None  # (step, loss) of the last execution: a handle to wait on, never read
+
+    def on_fit_start(self, trainer: Any) -> None:
+        from callbacks.metrics_logger import MetricsLogger
+
+        if not any(isinstance(cb, MetricsLogger) for cb in trainer.callbacks.callbacks):
+            warnings.warn("Throughput hands its values to the loggers (trainer.record), and this trainer has no "
+                          "MetricsLogger: they are not shown anywhere (Throughput.last holds the newest). Add "
+                          "MetricsLogger([ConsoleWriter()]) to the callbacks.", stacklevel=2)
 
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         self._start, self._previous = None, None

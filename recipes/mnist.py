@@ -189,7 +189,7 @@ def run(config: MnistConfig) -> float:
     examples = len(train["label"])
     if config.batch_size > examples:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {examples} training examples; "
-                         f"use --batch-size {min(128, examples)} or less.")
+                         f"use --batch-size {examples} or less (the default is 128).")
     trainer, train_loader, test_loader = build(config, train, test)
     with fitting(config, "mnist"):
         trainer.fit(train_loader, eval_data=test_loader, resume=config.resume)  # ends with a test evaluation

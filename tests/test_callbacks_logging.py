@@ -270,6 +270,14 @@ def test_throughput_arithmetic_with_an_injected_clock(model, data):
     assert 0.0 <= recorded[1]["throughput/data_share"] <= 1.0
 
 
+def test_throughput_without_a_metrics_logger_says_its_values_go_nowhere(model, data):
+    throughput = Throughput(every=2, min_seconds=0)
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=6, callbacks=[throughput])
+    with pytest.warns(UserWarning, match="Throughput hands its values to the loggers .* no MetricsLogger"):
+        trainer.fit(ArrayLoader(data, 16))
+    assert throughput.last["throughput/steps_per_sec"] > 0
+
+
 def test_throughput_waits_for_min_seconds_before_measuring(model, data):
     ticks = iter(range(100))  # one second per clock reading
     memory = Memory()

@@ -335,6 +335,18 @@ def test_early_stopping_with_a_step_evaluator_checks_at_its_evaluations_only(mod
     assert trainer.epoch == 3 and trainer.step == 9 and stopper.best_step in (2, 4, 6, 8)
 
 
+def test_early_stopping_on_a_train_metric_beside_an_evaluator_checks_each_epoch_without_a_warning(model, data):
+    """It warned that it 'never saw' 'loss' (the evaluator reports eval/...), though it checked it every epoch."""
+    import warnings
+
+    stopper = EarlyStopping(monitor="loss", patience=100)
+    evaluator = Evaluator(ArrayLoader(data, 32, shuffle=False, drop_remainder=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        history = Trainer(model, optax.adam(1e-2), max_epochs=3, callbacks=[evaluator, stopper]).fit(ArrayLoader(data, 32))
+    assert stopper.best == min(row["loss"] for row in history)
+
+
 def test_early_stopping_waits_for_a_step_evaluator_longer_than_an_epoch_and_warns_of_a_name_never_seen(model, data):
     evaluator = Evaluator(ArrayLoader(data, 32, shuffle=False), every_n_steps=4, every_n_epochs=None)
     stopper = EarlyStopping("eval/loss", patience=100)  # 3 steps an epoch: epoch 0 ends before any evaluation

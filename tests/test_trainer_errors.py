@@ -531,3 +531,21 @@ def test_loaded_weights_are_taken_though_a_freed_module_of_the_same_address_once
     trainer.fit(ArrayLoader(data, 32))
     np.testing.assert_array_equal(np.asarray(trainer.state.params["l1"]["kernel"][...]),
                                   np.asarray(pretrained["l1"]["kernel"][...]))
+
+
+def test_keras_and_lightning_argument_names_say_what_they_are_called_here(model, data):
+    import inspect
+
+    with pytest.raises(TypeError, match=r"Trainer\(\) got an unexpected keyword argument 'epochs': here it is max_epochs=N"):
+        Trainer(model, optax.sgd(0.1), epochs=3)
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1)
+    with pytest.raises(TypeError, match=r"fit\(\) got an unexpected keyword argument 'validation_data': here it is eval_data="):
+        trainer.fit(ArrayLoader(data, 32), validation_data=ArrayLoader(data, 32))
+    with pytest.raises(TypeError, match=r"'epochs': here it is Trainer\(\.\.\., max_epochs=N\)"):
+        trainer.fit(ArrayLoader(data, 32), epochs=2)
+    with pytest.raises(TypeError, match=r"evaluate\(\) takes 1 positional argument\(s\) but got 2: pass the data as one "
+                                        r"argument: \(x, y\)"):
+        trainer.evaluate(data["x"], data["label"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'$"):  # unknown anywhere: Python's own
+        Trainer(model, optax.sgd(0.1), colour="red")
+    assert trainer.step == 0 and "max_epochs" in inspect.signature(Trainer).parameters  # the signature as written

@@ -82,3 +82,12 @@ def test_an_export_path_under_a_file_is_a_clear_error_and_the_process_can_exit(t
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     # orbax's writer threads, left open by a failed save, kept such a process from ever exiting
     assert out.returncode == 1 and "cannot export the model to" in out.stderr and "Not a directory" in out.stderr
+
+
+def test_numpy_values_in_the_config_are_exported_as_numbers(data, tmp_path):
+    """The export wrote ``str(np.float32(1e-3))``: a loader rebuilding the model from it got "0.001" and "16"."""
+    config = {"lr": np.float32(1e-3), "width": np.int64(16), "sizes": (np.int32(8), 3), "name": "mlp"}
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, config=config)
+    info = read_model_info(trainer.save_model(tmp_path / "export"))
+    assert info["config"] == {"lr": pytest.approx(1e-3), "width": 16, "sizes": [8, 3], "name": "mlp"}
+    assert isinstance(info["config"]["width"], int) and isinstance(info["config"]["lr"], float)

@@ -289,6 +289,29 @@ def test_auto_measures_for_probe_seconds_not_just_a_few_fast_executions():
     assert feed.depth_in_use is None and feed.measured_share is None
 
 
+def test_auto_goes_on_measuring_over_epochs_shorter_than_its_probe():
+    """Each epoch's ``Feed`` started measuring from nothing: with epochs shorter than the probe it never
+    decided, and paid the probe's clock reads on every batch of every epoch."""
+    clock, cpu = FakeClock(), FakeClock()
+    measured: dict = {}
+    decided = []
+    for epoch in range(12):  # 5 executions of 10 ms an epoch (idle 80%: a thread), 0.05 s < probe_seconds
+        def source():
+            for i in range(5):
+                clock.now += 0.008
+                yield i
+
+        feed = Feed(source(), "auto", place=lambda x: x, probe=8, clock=clock, cpu_clock=cpu, probe_seconds=0.25,
+                    measured=measured)
+        assert list(feed) == list(range(5))
+        feed.close()
+        decided.append(feed.depth_in_use)
+        if feed.depth_in_use is not None:
+            break
+    assert decided[:-1] == [None] * (len(decided) - 1) and decided[-1] == 2
+    assert 5 <= len(decided) <= 8  # ~0.25 s of measured pulls (the first of each epoch not timed), not never
+
+
 def test_auto_picks_a_thread_for_a_slow_iterator_and_keeps_it(data):
     """An iterator that waits 20 ms per batch (a slow disk) against a sub-millisecond step."""
     import time

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import jax
 import numpy as np
 
-from trainer.checkpoint_store import FORMAT, CheckpointStore, flatten
+from trainer.checkpoint_store import FORMAT, CheckpointStore, flatten, jsonable
 from trainer.events import Callback
 from trainer.sums import EPOCH_SUMS, PARTIAL_EPOCH
 from trainer.optim import optimizer_signature
@@ -92,7 +92,7 @@ def _state_key(callback: Callback) -> str:
 
 def _callback_states(trainer: "Trainer") -> dict[str, Any]:
     callbacks = trainer.callbacks.callbacks
-    return {key: _jsonable(cb.state_dict(), f"{type(cb).__name__}.state_dict()")
+    return {key: jsonable(cb.state_dict(), f"{type(cb).__name__}.state_dict()")
             for key, cb in zip(callback_keys(callbacks), callbacks)}
 
 
@@ -313,7 +313,7 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
             **trainer.sums_snapshots()}  # the restored ones while the step is not built yet (a save before it)
     return {
         "format": FORMAT, "step": trainer.step, "epoch": epoch, "position": position,
-        "data_state": copy.deepcopy(data_state), "history": copy.deepcopy(trainer.history), "config": _jsonable(trainer.config),
+        "data_state": copy.deepcopy(data_state), "history": copy.deepcopy(trainer.history), "config": jsonable(trainer.config),
         "epoch_sums": sums.pop(EPOCH_SUMS, None), "window_sums": sums, "skip_batches": sorted(trainer.skip_batches),
         "compiled_batch_size": trainer.compiled_batch_size,
         "environment": environment(), "optimizer": optimizer_signature(trainer.state.opt_state),
@@ -322,25 +322,3 @@ def describe(trainer: "Trainer", leaves: list[dict]) -> dict[str, Any]:
     }
 
 
-def _jsonable(value: Any, where: str | None = None) -> Any:
-    """``value`` as JSON can hold it: arrays (numpy, JAX) and tuples as lists. Lenient (``where`` None,
-    a config): keys and other values as ``str``. Strict (a callback state, named by ``where``): a key
-    that is no string or a value JSON cannot keep (a set, bytes, an object) is refused by name, since
-    it would come back as a string."""
-    if isinstance(value, Mapping):
-        if where is not None:
-            for k in value:
-                if not isinstance(k, str):
-                    raise TypeError(f"{where} has the key {k!r}, a {type(k).__name__}: checkpoints keep states as "
-                                    "JSON, whose keys are strings; use str keys.")
-        return {str(k): _jsonable(v, where and f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, where and f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
-        return np.asarray(value).tolist()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if where is not None:
-        raise TypeError(f"{where} holds a {type(value).__name__} ({value!r:.60}), which a checkpoint (JSON) cannot "
-                        "keep: give numbers, strings, lists, dicts or arrays (a set as a sorted list).")
-    return str(value)

@@ -104,17 +104,28 @@ class Callback:
                                  "have: name the attributes that hold its step intervals.")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
-    def on_fit_start(self, trainer: "Trainer") -> None: ...
-    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...
-    def on_step_start(self, trainer: "Trainer", step: int) -> None: ...
-    def on_step_end(self, trainer: "Trainer", step: int, metrics: Mapping[str, Any]) -> None: ...
-    def on_eval_start(self, trainer: "Trainer") -> None: ...
-    def on_eval_end(self, trainer: "Trainer", metrics: Mapping[str, float]) -> None: ...
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, logs: Mapping[str, float]) -> None: ...
-    def on_checkpoint_save(self, trainer: "Trainer", checkpoint: dict) -> None: ...
-    def on_checkpoint_restore(self, trainer: "Trainer", checkpoint: dict) -> None: ...
-    def on_exception(self, trainer: "Trainer", exception: BaseException) -> None: ...
-    def on_fit_end(self, trainer: "Trainer") -> None: ...
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        """Before the first step of ``fit`` (a resume restores after it); the workdir exists."""
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+        """At an epoch's start; ``epoch`` is 0-based."""
+    def on_step_start(self, trainer: "Trainer", step: int) -> None:
+        """Before an execution (one step, or a chunk of ``steps_per_execution``) is dispatched; ``step`` its first, 1-based."""
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: Mapping[str, Any]) -> None:
+        """After an execution is dispatched: ``metrics`` are device arrays (stacked over a chunk); read them at an interval."""
+    def on_eval_start(self, trainer: "Trainer") -> None:
+        """Before an evaluation (``trainer.eval_prefix`` names it)."""
+    def on_eval_end(self, trainer: "Trainer", metrics: Mapping[str, float]) -> None:
+        """After an evaluation: host floats, prefixed; a metric added here is kept."""
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, logs: Mapping[str, float]) -> None:
+        """At an epoch's end: the epoch's means and its evaluation's metrics, host floats (``history``'s row)."""
+    def on_checkpoint_save(self, trainer: "Trainer", checkpoint: dict) -> None:
+        """A checkpoint is being saved: add JSON-able entries to ``checkpoint`` (``state_dict`` is saved already)."""
+    def on_checkpoint_restore(self, trainer: "Trainer", checkpoint: dict) -> None:
+        """A checkpoint was restored (a resume, a rollback): ``checkpoint`` is what the save held."""
+    def on_exception(self, trainer: "Trainer", exception: BaseException) -> None:
+        """``fit`` is failing with ``exception`` (re-raised unchanged after every callback saw it)."""
+    def on_fit_end(self, trainer: "Trainer") -> None:
+        """After the last step of ``fit`` (also after a stop request; not after an exception)."""
 
     def state_dict(self) -> dict[str, Any]:
         """This callback's state to checkpoint (plain Python / numpy values); empty by default."""

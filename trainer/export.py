@@ -22,8 +22,8 @@ from typing import Any, Mapping
 import jax
 from flax import nnx
 
-from trainer.checkpoint_store import (CheckpointError, check_structure, expected_leaves, flatten, orbax_checkpoint,
-                                     place_like, unflatten, verify_checksums)
+from trainer.checkpoint_store import (CheckpointError, check_structure, expected_leaves, flatten, jsonable,
+                                     orbax_checkpoint, place_like, unflatten, verify_checksums)
 from trainer.data import first_line
 
 INFERENCE_STATE = nnx.Not(nnx.RngState)
@@ -47,7 +47,7 @@ def save_model(model: nnx.Module, path: str | os.PathLike, config: Mapping[str, 
         checkpointer.close()  # its threads would otherwise keep a failed process from exiting
     model_class = f"{type(model).__module__}:{type(model).__qualname__}"
     (path / "model.json").write_text(json.dumps({"format": 1, "model_class": model_class, "leaves": leaves,
-                                                  "config": json.loads(json.dumps(config or {}, default=str))}))
+                                                  "config": jsonable(config or {})}))
     return path
 
 

@@ -68,7 +68,7 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
     depth = trainer.prefetch if trainer.prefetch_in_use is None else trainer.prefetch_in_use
     custom_placement = type(trainer).place_batch is not _trainer_class().place_batch  # e.g. sharding
     feed = Feed(executions(trainer.data_iterator, plan), depth, lambda e: _placed(trainer, e),
-                place_inline=custom_placement)
+                place_inline=custom_placement, measured=trainer._prefetch_probe)
     ran_out, trained = True, False
     with _closing(feed):
         for execution in _timed(trainer, feed):

@@ -249,12 +249,12 @@ def adopt_written_weights(trainer: "Trainer", walk: bool = True) -> bool:
     return True
 
 
-def lend_model(trainer: "Trainer") -> nnx.Module:
+def lend_model(trainer: "Trainer", walk: bool | None = None) -> nnx.Module:
     """``trainer.model``: the module holding the trainer's state. A write since (through a reference kept
-    from an earlier read) is taken first, not written over; another Trainer's weights there are."""
+    from an earlier read) is taken first, not written over; another Trainer's weights there are.
+    ``walk``: check the layers first (default: outside ``fit``; inside it the next epoch's start does)."""
     link = trainer._link
-    fitting = trainer.fitting  # during fit, the loop's step after a read checks; outside it, the module is walked
-    adopt_written_weights(trainer, walk=not fitting)
+    adopt_written_weights(trainer, walk=not trainer.fitting if walk is None else walk)
     state = trainer.state
     if link.stale(state) or not link.holds_its_own():
         link.write(state)

@@ -285,7 +285,7 @@ def current_learning_rate(opt_state: Any, hyperparam: str = "learning_rate") -> 
 
 def optimizer_signature(opt_state: Any) -> str:
     """The optimizer's state as the kinds of its transforms, ``(ScaleByAdamState, EmptyState, EmptyState)``
-    for AdamW: a checkpoint records it, and a resume under another optimizer whose state has the same
+    for a plain ``optax.adamw`` (``OptimConfig``'s wraps it: ``InjectStatefulHyperparamsState((...))``): a checkpoint records it, and a resume under another optimizer whose state has the same
     arrays (Adam's, into AdamW) is warned about rather than passed in silence."""
     def walk(node: Any) -> str:
         if not isinstance(node, tuple):

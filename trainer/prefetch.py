@@ -177,7 +177,8 @@ class Feed:
     def __init__(self, source: Iterator[Any], depth: int | str, place: Callable[[Any], Any],
                  probe: int = 8, threshold: float = 0.3, clock: Callable[[], float] = time.perf_counter,
                  probe_seconds: float = 0.25,
-                 place_inline: bool = False, cpu_clock: Callable[[], float] | None = None):
+                 place_inline: bool = False, cpu_clock: Callable[[], float] | None = None,
+                 measured: dict[str, float] | None = None):
         self._source, self._place = source, place
         self._thread: Prefetcher | None = None  # started by the first ``next``: inside the loop's ``with``
         self._depth = depth if isinstance(depth, int) and depth > 0 else 0
@@ -187,6 +188,9 @@ class Feed:
         self._clock, self._cpu_clock = clock, cpu_clock if cpu_clock is not None else BusyClock()
         self._place_inline = place_inline  # in the loop's thread, jit's own transfer is cheaper than device_put
         self.measured_share: float | None = None  # "auto": the share of time the loop sat blocked on the data
+        # "auto": what earlier epochs measured (pulls, seconds blocked, seconds), added to by ``close``: an
+        # epoch shorter than the probe goes on measuring in the next, not from nothing in each
+        self._measured = measured if measured is not None else {}
 
     def __iter__(self) -> "Feed":
         return self
@@ -205,20 +209,31 @@ class Feed:
         if self._pulled == 2:
             self._since, self._waited = started, 0.0
         self._waited += max(0.0, (self._clock() - started) - (self._cpu_clock() - cpu_started))
-        elapsed = self._clock() - self._since
-        if self._pulled >= self._probe + 2 and elapsed >= self._probe_seconds:
-            share = self.measured_share = self._waited / max(elapsed, 1e-9)
+        pulled, waited, elapsed = self._totals()
+        if pulled >= self._probe + 2 and elapsed >= self._probe_seconds:
+            share = self.measured_share = waited / max(elapsed, 1e-9)
             self.depth_in_use = 2 if share > self._threshold else 0
             if self.depth_in_use:
                 self._start_thread(self.depth_in_use)
         return self._place(item) if self._place_inline else item
+
+    def _totals(self) -> tuple[int, float, float]:
+        """Pulls, seconds blocked on the data and seconds measured, this epoch's (from its second pull: the
+        first compiles or follows the epoch's start) with the earlier epochs'."""
+        elapsed = self._clock() - self._since if self._pulled >= 2 else 0.0
+        waited = self._waited if self._pulled >= 2 else 0.0
+        m = self._measured
+        return m.get("pulled", 0) + self._pulled, m.get("waited", 0.0) + waited, m.get("elapsed", 0.0) + elapsed
 
     def _start_thread(self, depth: int) -> None:
         self._thread = Prefetcher(self._source, depth, self._place, start=False)
         self._thread.start()
 
     def close(self, wait: bool = True) -> None:
-        """Stops the prefetch thread, if any (``Prefetcher.close``)."""
+        """Stops the prefetch thread, if any (``Prefetcher.close``); "auto" still measuring keeps its tally."""
+        if self.depth_in_use is None and self._pulled:
+            pulled, waited, elapsed = self._totals()
+            self._measured.update(pulled=pulled, waited=waited, elapsed=elapsed)
         if self._thread is not None:
             self._thread.close(wait)
         if isinstance(self._cpu_clock, BusyClock):

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from trainer.checkpoint import _differences, _jsonable, _load_callback_states, environment
+from trainer.checkpoint import _differences, _load_callback_states, environment
+from trainer.checkpoint_store import jsonable
 from trainer.checkpoint_store import CheckpointError, CheckpointStore, check_structure, expected_leaves
 from trainer.checkpoint_store import place_like, unflatten
 from trainer.optim import key_names, optimizer_signature
@@ -187,7 +188,7 @@ def restore(trainer: "Trainer", resume: bool | str | os.PathLike) -> int | None:
     saved_optimizer = {"state": meta["optimizer"]} if "optimizer" in meta else {}  # older checkpoints: none
     optimizer = {"state": optimizer_signature(current.opt_state)} if saved_optimizer else {}
     for what, saved, now in (("environment", meta["environment"], environment()),
-                             ("config", meta["config"], _jsonable(trainer.config)),
+                             ("config", meta["config"], jsonable(trainer.config)),
                              ("optimizer", saved_optimizer, optimizer)):
         diffs = _differences(saved, now)
         if diffs:

@@ -31,6 +31,8 @@ from trainer.inference import check_eval_data_fits, run_evaluation, run_predicti
 from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, end_fit, finish_partial_epoch, has_partial_row, run_epoch
 from trainer.module_link import ModuleLink, lend_model
+from trainer import other_names as names
+from trainer.other_names import other_names
 from trainer.options import check_fit_inputs, check_options, recorded_number, warn_if_loss_fn_unused
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
@@ -108,6 +110,7 @@ class Trainer:
     cannot seek and start a fresh pass). A new ``Trainer`` always starts at epoch 0, batch 0.
     """
 
+    @other_names(names.TRAINER)
     def __init__(
         self,
         model: nnx.Module,
@@ -136,6 +139,7 @@ class Trainer:
         self.dispatch_ahead = None if dispatch_ahead is None else int(dispatch_ahead)
         self._in_flight: collections.deque = collections.deque()  # one output of each execution in flight
         self.prefetch_in_use: int | None = None  # what "auto" chose (0: the loop's thread)
+        self._prefetch_probe: dict[str, float] = {}  # "auto"'s measurement so far, over epochs shorter than it
         self.ragged_batches = ragged_batches
         self.cpu_tuning = cpu_tuning
         self.cpu_settings: list[str] = []  # what cpu_tuning applied to the current train step
@@ -360,6 +364,7 @@ class Trainer:
 
     # ----- fit / evaluate / predict --------------------------------------------------------
 
+    @other_names(names.FIT)
     def fit(self, train_data: Iterable[Any], eval_data: Iterable[Any] | None = None, *,
             resume: bool | str | Path = False) -> list[dict[str, float]]:
         """Trains until ``max_epochs`` / ``max_steps`` or a stop request; returns ``history``.
@@ -416,10 +421,12 @@ class Trainer:
             self.fitting = False
             self._preemption.uninstall()
             self._fit_evaluators = []
-            _ = self.model  # the caller's module holds the trained state, even after an error
+            lend_model(self, walk=False)  # the caller's module holds the trained state, even after an error
+            # (whose place a refusal of changed layers would take: they are checked when fit, evaluate... start)
         end_fit(self)
         return self.history
 
+    @other_names(names.INFERENCE)
     def evaluate(self, data: Any, *, prefix: str = "", batch_size: int | None = None) -> dict[str, float]:
         """Mean of ``compute_metrics`` over every example of ``data``, keys prefixed by ``prefix``.
 
@@ -429,6 +436,7 @@ class Trainer:
         """
         return run_evaluation(self, batches_of(data, batch_size, "evaluate"), prefix)
 
+    @other_names(names.INFERENCE)
     def predict(self, data: Any, *, batch_size: int | None = None) -> Any:
         """``predict_step`` over every batch, concatenated on the host (numpy array or pytree).
 

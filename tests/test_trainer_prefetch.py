@@ -433,3 +433,16 @@ def test_dispatch_ahead_is_checked(model):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="dispatch_ahead"):
             Trainer(model, optax.sgd(0.1), max_steps=1, dispatch_ahead=bad)
+
+
+def test_the_bound_on_running_ahead_waits_once_every_few_executions_not_after_each(model, monkeypatch):
+    """Each wait is a sleep and a wake-up of the loop's thread: waiting until half the bound is in flight
+    keeps the bound and wakes the thread every ``dispatch_ahead // 2 + 1`` executions."""
+    from jax._src.array import ArrayImpl
+
+    waits = []
+    real = ArrayImpl.block_until_ready
+    monkeypatch.setattr(ArrayImpl, "block_until_ready", lambda self: waits.append(1) or real(self))
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=12, prefetch=0, dispatch_ahead=4)
+    trainer.fit(ArrayLoader(make_data(n=192), 16, shuffle=False))
+    assert trainer.step == 12 and len(waits) == 3  # at steps 5, 8 and 11 (each waits for the one 2 back)

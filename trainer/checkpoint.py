@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import jax
 import numpy as np
 
-from trainer.checkpoint_store import FORMAT, CheckpointStore, flatten, jsonable
+from trainer.checkpoint_store import FORMAT, CheckpointStore, flatten
+from trainer.json_values import jsonable
 from trainer.events import Callback
 from trainer.sums import EPOCH_SUMS, PARTIAL_EPOCH
 from trainer.optim import optimizer_signature

@@ -22,8 +22,9 @@ from typing import Any, Mapping
 import jax
 from flax import nnx
 
-from trainer.checkpoint_store import (CheckpointError, check_structure, expected_leaves, flatten, jsonable,
-                                     orbax_checkpoint, place_like, unflatten, verify_checksums)
+from trainer.checkpoint_store import (CheckpointError, check_structure, expected_leaves, flatten, orbax_checkpoint,
+                                     place_like, unflatten, verify_checksums)
+from trainer.json_values import jsonable
 from trainer.data import first_line
 
 INFERENCE_STATE = nnx.Not(nnx.RngState)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from trainer.checkpoint import _differences, _load_callback_states, environment
-from trainer.checkpoint_store import jsonable
+from trainer.json_values import jsonable
 from trainer.checkpoint_store import CheckpointError, CheckpointStore, check_structure, expected_leaves
 from trainer.checkpoint_store import place_like, unflatten
 from trainer.optim import key_names, optimizer_signature

@@ -31,8 +31,7 @@ from trainer.inference import check_eval_data_fits, run_evaluation, run_predicti
 from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, end_fit, finish_partial_epoch, has_partial_row, run_epoch
 from trainer.module_link import ModuleLink, lend_model
-from trainer import other_names as names
-from trainer.other_names import other_names
+from trainer.other_names import FIT, INFERENCE, TRAINER, other_names
 from trainer.options import check_fit_inputs, check_options, recorded_number, warn_if_loss_fn_unused
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
@@ -67,31 +66,24 @@ class Trainer:
         of ``K`` (checked here). Chunks start at steps that are multiples of ``K``; batches left over
         at an epoch's end (or before ``max_steps``) run as single steps.
       prefetch: batches (or chunks) a background thread keeps ready on the device; 0 loads them in
-        the loop's own thread (dispatch is asynchronous, so that already overlaps with the device's
-        work, and no thread competes for the GIL: on 2 cores a thread cost 0.6 ms a step). ``"auto"``:
-        the loop's thread first; if the loop sits blocked waiting for data more than 30% of the
-        time over the first 0.25 s (a disk, a sleep: loading limits the loop), a thread of depth 2
-        (``prefetch_in_use`` says which once decided; ``None`` before); loading that keeps the loop's thread busy stays inline.
+        the loop's own thread (dispatch is asynchronous, so that overlaps with the device's work
+        already, and no thread competes for the GIL). ``"auto"``: the loop's thread, moving to a thread
+        of depth 2 if the loop sat blocked waiting for data more than 30% of its first 0.25 s (a disk,
+        a sleep; ``prefetch_in_use`` says which once decided).
       ragged_batches: a batch smaller than the first (an epoch's last) is ``"drop"``-ped (with a
         warning), or ``"pad"``-ded to full size with a boolean ``batch["mask"]`` of real rows, which
         the built-in losses (``trainer.losses.supervised``) honour; a custom loss must weight by it.
         Either way the step compiles once.
-      cpu_tuning: on CPU, build the step as measured fastest there (``benchmarks/HISTORY.md``):
-        eligible ``nnx.Conv`` layers compute kernel gradients as matrix products
-        (``trainer.conv_grads``), dense layers on sequences as one 2-D product
-        (``trainer.dense_grads``), a step drawing at least 2^20 random words (dropout masks) hashes
-        them with JAX's unrolled threefry (``trainer.threefry``; the same bits), a fused step with
-        convolutions is unrolled inside the scan, and a small model's non-finite guard checks the
-        chunk once, rerunning it guarded only when a step was bad. Each is announced once on stderr
-        and listed in ``cpu_settings``; ``False`` builds XLA's own kernel gradients, JAX's rolled
-        threefry and the plain rolled, per-step guarded scan.
+      cpu_tuning: on CPU, build the step as measured fastest there (``benchmarks/HISTORY.md``): kernel
+        gradients of convolutions and of dense layers on sequences as matrix products, large dropout
+        draws hashed with JAX's unrolled threefry (the same bits), convolutional chunks unrolled, a
+        small model's chunk checked for non-finite steps once. Each is announced once on stderr and
+        listed in ``cpu_settings``; ``False`` builds XLA's and JAX's own forms.
       dispatch_ahead: executions (steps, or chunks) the loop may have dispatched and not yet seen
-        finished; the next waits for the oldest. JAX dispatches asynchronously, so without a bound
-        the loop runs up to JAX's own queue (~32 executions on CPU) ahead of the device: progress
-        and hooks report steps not yet run, a stop or preemption waits for the whole queue, and each
-        queued step holds its batch. 2 or more keeps the next execution queued while one runs (on
-        CPU against no bound: the CNN and the transformer 1.0x with 2, the tiny MLP's single step
-        0.99x and its fused chunk 1.05x with 4); ``None``: no bound of the trainer's own.
+        finished; past that it waits until half as many are. Without a bound the loop runs up to
+        JAX's own queue (~32 executions on CPU) ahead of the device: progress and hooks report steps
+        not yet run, a stop waits for the whole queue, each queued step holds its batch. ``None``: no
+        bound of the trainer's own.
 
     Attributes:
       step: optimizer steps completed. ``epoch``: index of the current epoch (= epochs completed
@@ -101,8 +93,8 @@ class Trainer:
       ``eval_metrics``: the last evaluation's metrics. ``execution_steps``: steps the last dispatch
       ran (1, or ``steps_per_execution`` for a chunk). ``last_batch_size`` / ``last_examples``: real
       examples in the last batch / the last execution. ``data_wait_seconds``: time the loop waited
-      for data. ``compile_seconds``: time spent tracing and compiling the train step (each shape met). ``cpu_settings``:
-      what ``cpu_tuning`` changed in the train step, one sentence each (empty when nothing).
+      for data. ``compile_seconds``: time spent tracing and compiling the train step (each shape met).
+      ``cpu_settings``: what ``cpu_tuning`` changed in the train step, one sentence each.
 
     A second ``fit`` on the same trainer continues the run: up to the same ``max_epochs`` /
     ``max_steps`` totals (raise them to train longer), and after a stop in the middle of an epoch
@@ -110,7 +102,7 @@ class Trainer:
     cannot seek and start a fresh pass). A new ``Trainer`` always starts at epoch 0, batch 0.
     """
 
-    @other_names(names.TRAINER)
+    @other_names(TRAINER)
     def __init__(
         self,
         model: nnx.Module,
@@ -190,8 +182,8 @@ class Trainer:
         self._train_steps = None
         self._compiled: set = set()
         self._built_signature: Any = None
-        self._eval_step = self._eval_sums = None
-        self._predict_step, self._eval_sums_shapes = None, {}  # evaluated batch shapes -> their sums' shapes
+        self._eval_step = self._eval_sums = self._predict_step = None
+        self._eval_sums_shapes: dict = {}  # evaluated batch shapes -> their sums' shapes (traced once each)
         self._output_shapes: dict[tuple, tuple] = {}  # the model's output shape by the batch's shapes (label checks)
         self.data_iterator: Iterator[Any] | None = None
         self.epoch_length: int | None = None
@@ -364,7 +356,7 @@ class Trainer:
 
     # ----- fit / evaluate / predict --------------------------------------------------------
 
-    @other_names(names.FIT)
+    @other_names(FIT)
     def fit(self, train_data: Iterable[Any], eval_data: Iterable[Any] | None = None, *,
             resume: bool | str | Path = False) -> list[dict[str, float]]:
         """Trains until ``max_epochs`` / ``max_steps`` or a stop request; returns ``history``.
@@ -426,7 +418,7 @@ class Trainer:
         end_fit(self)
         return self.history
 
-    @other_names(names.INFERENCE)
+    @other_names(INFERENCE)
     def evaluate(self, data: Any, *, prefix: str = "", batch_size: int | None = None) -> dict[str, float]:
         """Mean of ``compute_metrics`` over every example of ``data``, keys prefixed by ``prefix``.
 
@@ -436,7 +428,7 @@ class Trainer:
         """
         return run_evaluation(self, batches_of(data, batch_size, "evaluate"), prefix)
 
-    @other_names(names.INFERENCE)
+    @other_names(INFERENCE)
     def predict(self, data: Any, *, batch_size: int | None = None) -> Any:
         """``predict_step`` over every batch, concatenated on the host (numpy array or pytree).
 

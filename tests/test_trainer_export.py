@@ -91,3 +91,11 @@ def test_numpy_values_in_the_config_are_exported_as_numbers(data, tmp_path):
     info = read_model_info(trainer.save_model(tmp_path / "export"))
     assert info["config"] == {"lr": pytest.approx(1e-3), "width": 16, "sizes": [8, 3], "name": "mlp"}
     assert isinstance(info["config"]["width"], int) and isinstance(info["config"]["lr"], float)
+
+
+def test_load_model_with_its_arguments_swapped_says_their_order(data, tmp_path):
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1)
+    path = trainer.save_model(tmp_path / "export")
+    with pytest.raises(TypeError, match=r"load_model\(path, model\) takes the export's folder, then the nnx.Module to "
+                                        r"fill; got a TinyMLP and a PosixPath"):
+        load_model(TinyMLP(rngs=nnx.Rngs(1)), path)

@@ -73,6 +73,9 @@ def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
       CheckpointError: the module's structure differs (names the path and both shapes), an array
         fails its checksum, or ``model.json`` or the weights are damaged.
     """
+    if isinstance(path, nnx.Module) or not isinstance(model, nnx.Module):
+        raise TypeError(f"load_model(path, model) takes the export's folder, then the nnx.Module to fill; got a "
+                        f"{type(path).__name__} and a {type(model).__name__}.")
     path = Path(path).absolute()
     info = read_model_info(path)
     _, state, _ = nnx.split(model, INFERENCE_STATE, ...)

@@ -60,6 +60,7 @@ class EarlyStopping(Callback):
         self._checked_step: int | None = None
         self._missing: KeyError | None = None
         self._reported = False  # an evaluation of this fit reported the monitor (an epoch's logs need not)
+        self._seen_in_logs = False  # an epoch's logs held it (a train metric)
         self._evaluators: list = []  # this fit's
 
     @property
@@ -110,7 +111,7 @@ class EarlyStopping(Callback):
         return f" (restored from checkpoint step {self.best_step})"
 
     def on_fit_start(self, trainer: Any) -> None:
-        self._missing, self._reported = None, False
+        self._missing, self._reported, self._seen_in_logs = None, False, False
         self._evaluators = list(trainer.evaluators)  # fit's own (eval_data) are gone by on_fit_end
         if trainer.step == 0:  # a fresh run (a sweep reusing it): nothing of the last (a resume restores after this)
             self.best = self.best_step = self.best_epoch = self.stopped_epoch = self._checked_step = None
@@ -146,14 +147,14 @@ class EarlyStopping(Callback):
                 f"{sorted(logs)}. Fix monitor= or add an Evaluator / eval_data.")
             trainer.request_stop(f"EarlyStopping: {self.monitor!r} is not among the epoch's metrics")
             return
-        self._reported = True  # a train metric (an evaluator's names do not hold it): no "never saw" warning
+        self._seen_in_logs = True  # a train metric, which no evaluation reports: no "never saw" warning
         self._check(trainer, float(logs[self.monitor]))
 
     def on_fit_end(self, trainer: Any) -> None:
         if self._missing is not None:
             raise self._missing
         seen = [m for e in self._evaluators for _, m in e.history]
-        if not self._reported and seen and self.monitor not in seen[-1]:
+        if not self._reported and not self._seen_in_logs and seen and self.monitor not in seen[-1]:
             warnings.warn(f"EarlyStopping never saw {self.monitor!r}: the evaluations reported {sorted(seen[-1])}, so "
                           "it never checked; fix monitor=.", RuntimeWarning, stacklevel=2)
 

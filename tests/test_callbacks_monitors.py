@@ -326,6 +326,24 @@ def test_early_stopping_on_an_epoch_whose_every_step_was_skipped_names_the_skips
         trainer.fit(ArrayLoader({"x": x, "label": data["label"]}, 16, shuffle=False))
     assert trainer.epoch == 1
 
+    class CleanThenBad:  # after a clean epoch (the monitor seen), every step of the next skipped
+        def __init__(self):
+            self.passes = 0
+
+        def __len__(self):
+            return 6
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(ArrayLoader(data if self.passes == 1 else {"x": x, "label": data["label"]}, 16, shuffle=False))
+
+    detector = NaNDetector(policy="skip", max_consecutive_skips=100)
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=3, callbacks=[detector, EarlyStopping("loss")])
+    with pytest.warns(RuntimeWarning, match="skipped .* step"), \
+            pytest.raises(KeyError, match=r"epoch 1 did not report: every step of it was skipped"):
+        trainer.fit(CleanThenBad())
+    assert trainer.epoch == 2
+
 
 def test_early_stopping_with_a_step_evaluator_checks_at_its_evaluations_only(model, data):
     evaluator = Evaluator(ArrayLoader(data, 32, shuffle=False), every_n_steps=2, every_n_epochs=None)

@@ -544,8 +544,13 @@ def test_keras_and_lightning_argument_names_say_what_they_are_called_here(model,
     with pytest.raises(TypeError, match=r"'epochs': here it is Trainer\(\.\.\., max_epochs=N\)"):
         trainer.fit(ArrayLoader(data, 32), epochs=2)
     with pytest.raises(TypeError, match=r"evaluate\(\) takes 1 positional argument\(s\) but got 2: pass the data as one "
-                                        r"argument: \(x, y\)"):
+                                        r"argument \(\(x, y\), .* and batch_size by name"):
         trainer.evaluate(data["x"], data["label"])
+    with pytest.raises(TypeError, match=r"predict\(\) takes 1 positional argument\(s\) but got 2: .* "
+                                        r"predict\(x, batch_size=32\)"):
+        trainer.predict(data["x"], 32)
+    with pytest.raises(TypeError, match=r"fit\(x, y\) as Keras takes it: .* fit\(ArrayLoader\(\{'x': x, 'label': y\}"):
+        trainer.fit(data["x"], data["label"])
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'$"):  # unknown anywhere: Python's own
         Trainer(model, optax.sgd(0.1), colour="red")
     assert trainer.step == 0 and "max_epochs" in inspect.signature(Trainer).parameters  # the signature as written

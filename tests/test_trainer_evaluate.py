@@ -210,7 +210,8 @@ def test_keras_shaped_mistakes_in_evaluate_say_what_to_pass(model, data):
     trainer = Trainer(model, optax.adam(1e-2), max_steps=1)
     with pytest.raises(TypeError, match="evaluate got None for its data"):
         trainer.evaluate(None)
-    with pytest.raises(ValueError, match=r"a list is read as a list of batches: .* pass the tuple \(x, y\)"):
+    with pytest.raises(ValueError, match=r"pass the tuple \(x, y\) or a dict .*: a list \[x, y\] is read as a list of "
+                                         "batches"):
         trainer.evaluate([data["x"], data["label"]])
     with pytest.raises(TypeError, match=r"wrap them: ArrayLoader\(\{'x': \.\.\., 'label': \.\.\.\}, batch_size=96, "
                                         r"shuffle=False, drop_remainder=False\)"):
@@ -225,3 +226,11 @@ def test_eval_labels_out_of_range_are_refused_before_training(model, data):
     with pytest.raises(ValueError, match=r"labels at evaluation lie in \[7, 7\] but the model gives 3 classes"):
         trainer.fit(ArrayLoader(data, 32), eval_data=bad)
     assert trainer.step == 0
+
+
+def test_a_pad_trainer_evaluates_and_predicts_batches_that_are_not_dicts(model, data):
+    """Only a dict batch can hold batch["mask"]: raw arrays and tuple batches are padded and masked as before."""
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1, ragged_batches="pad")
+    assert trainer.predict(data["x"][:40], batch_size=16).shape == (40, 3)
+    loss, accuracy = _reference(trainer, data)
+    assert trainer.evaluate((data["x"], data["label"]), batch_size=40)["loss"] == pytest.approx(loss, rel=1e-5)

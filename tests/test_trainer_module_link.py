@@ -157,3 +157,58 @@ def test_a_read_of_trainer_model_every_step_walks_the_module_once_an_epoch(monke
     # built, fit's start, each epoch's start, and the write's check of the layers
     assert trainer.step == 16 and len(walks) == 1 + 1 + 4 + 1, len(walks)
     assert float(jnp.abs(trainer.state.params["out"]["kernel"][...]).sum()) == 0.0
+
+
+class Odd(nnx.Module):
+    """Variables that hold no array (a cache filled later) and two (a pair), between ordinary ones."""
+
+    def __init__(self):
+        rngs = nnx.Rngs(0)
+        self.a = nnx.Linear(8, 8, rngs=rngs)
+        self.cache = nnx.Cache(None)
+        self.pair = nnx.Param((jnp.ones((8,)), jnp.zeros((3,))))
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.out = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        scale, shift = self.pair.get_value()
+        return self.out(self.bn(self.a(x)) * scale) + shift
+
+
+def test_writes_land_in_their_own_variable_beside_variables_of_no_or_several_arrays():
+    """Variables paired with the state's arrays one to one: a None cache shifted every later write by one
+    (a loaded BatchNorm mean landed in its variance)."""
+    module = Odd()
+    trainer = Trainer(module, optax.sgd(0.0), max_steps=1)
+    module.bn.mean.set_value(jnp.full((8,), 7.0))
+    module.pair.set_value((jnp.full((8,), 2.0), jnp.full((3,), 0.5)))
+    trainer.evaluate(loader())
+    state = trainer.state
+    np.testing.assert_array_equal(np.asarray(state.model_state["bn"]["mean"][...]), np.full(8, 7.0))
+    np.testing.assert_array_equal(np.asarray(state.model_state["bn"]["var"][...]), np.ones(8))
+    scale, shift = state.params["pair"].get_value()
+    np.testing.assert_array_equal(np.asarray(scale), np.full(8, 2.0))
+    np.testing.assert_array_equal(np.asarray(shift), np.full(3, 0.5))
+    module.pair.set_value((jnp.ones((3,)), jnp.ones((3,))))
+    with pytest.raises(ValueError, match=r"parameter pair was given shape \(3,\) \(3,\), but it has shape \(8,\) \(3,\)"):
+        trainer.evaluate(loader())
+
+
+def test_a_second_trainer_built_on_the_module_is_no_write_for_the_first_but_a_write_before_it_is():
+    module = Two()
+    first = Trainer(module, optax.sgd(0.1), max_steps=1)
+    zeros = jax.tree.map(jnp.zeros_like, first.state.params)
+    first.state = first.state.replace(params=zeros)
+    Trainer(module, optax.sgd(0.1), max_steps=1)  # puts its copies of the module's weights into it
+    first.evaluate(loader())
+    assert float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(first.state.params))) == 0.0
+
+    module = Two()
+    first = Trainer(module, optax.sgd(0.1), max_epochs=1)
+    nnx.update(module, nnx.state(Two(7), nnx.Param))  # a write, then another Trainer built on the module
+    second = Trainer(module, optax.sgd(0.1), max_epochs=1)
+    first.fit(loader())
+    second.fit(loader())
+    expected = trained_from(Two(7))
+    assert_same(params(first.state.params), expected)
+    assert_same(params(second.state.params), expected)

@@ -446,3 +446,17 @@ def test_the_bound_on_running_ahead_waits_once_every_few_executions_not_after_ea
     trainer = Trainer(model, optax.sgd(0.1), max_steps=12, prefetch=0, dispatch_ahead=4)
     trainer.fit(ArrayLoader(make_data(n=192), 16, shuffle=False))
     assert trainer.step == 12 and len(waits) == 3  # at steps 5, 8 and 11 (each waits for the one 2 back)
+
+
+
+def test_a_bound_of_one_keeps_the_newest_execution_in_flight(model):
+    """Waiting until half of 1 (0) were in flight waited for the step just dispatched: the device idled."""
+    seen = []
+
+    class InFlight(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            seen.append(len(trainer._in_flight))
+
+    Trainer(model, optax.sgd(0.1), max_steps=8, prefetch=0, dispatch_ahead=1, callbacks=[InFlight()]).fit(
+        ArrayLoader(make_data(n=128), 16, shuffle=False))
+    assert seen == [1] * 8

@@ -49,10 +49,10 @@ def _placer(trainer: "Trainer") -> Callable[[Any], Any]:
 
 
 def padded_batch(trainer: "Trainer", batch: Any, size: int) -> tuple[Any, np.ndarray]:
-    """``batch`` padded to ``size`` rows, and its mask of real rows; with ``ragged_batches="pad"`` the mask is
-    also ``batch["mask"]``, as in every training batch (a custom loss that weighs by it finds it)."""
+    """``batch`` padded to ``size`` rows, and its mask of real rows; with ``ragged_batches="pad"`` a dict batch
+    also holds it as ``batch["mask"]``, as every training batch does (a custom loss that weighs by it finds it)."""
     padded, mask = pad_batch(batch, size)
-    return (with_mask(padded, mask) if trainer.ragged_batches == "pad" else padded), mask
+    return (with_mask(padded, mask) if trainer.ragged_batches == "pad" and isinstance(padded, dict) else padded), mask
 
 
 def check_whole_batch_loss(trainer: "Trainer", batch: Any, where: str) -> None:

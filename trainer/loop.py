@@ -205,8 +205,8 @@ def _bound_run_ahead(trainer: "Trainer", metrics: Any) -> None:
     in_flight = trainer._in_flight
     in_flight.append(marker)
     if len(in_flight) > limit:
-        while len(in_flight) > limit // 2 + 1:  # finished before the one waited for
-            in_flight.popleft()
+        while len(in_flight) > max(1, limit // 2) + 1:  # finished before the one waited for; at least the
+            in_flight.popleft()  # newest stays in flight, so the device never idles (dispatch_ahead=1)
         in_flight.popleft().block_until_ready()
 
 

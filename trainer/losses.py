@@ -65,8 +65,8 @@ def batch_labels(batch: Batch) -> Any:
         return _pick(batch, LABEL_KEYS, "labels")
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[1]
-    listed = (" (a list is read as a list of batches: for arrays x and labels y pass the tuple (x, y) or a dict "
-              "{'x': x, 'label': y})") if hasattr(batch, "shape") else ""
+    listed = (" (for arrays x and labels y pass the tuple (x, y) or a dict {'x': x, 'label': y}: a list [x, y] is "
+              "read as a list of batches)") if hasattr(batch, "shape") else ""
     raise BatchKeyError(
         f"the batch is a {type(batch).__name__} without labels{listed}; the default loss needs "
         "(inputs, labels) or a dict with a 'label' key. Pass loss_fn=... for unlabelled data."

@@ -95,12 +95,16 @@ class ModuleLink:
         self.lent = False  # trainer.model was handed out since the last check: a callback may have written to it
         self._holds: weakref.ref | None = None  # the state the module was last updated from
         variables = _state_variables(state)
-        self._paths = [path for path, _ in variables]  # in the state's leaf order
-        # one array a variable (nnx's own layers): the state's values are its leaves, read in one C++ flatten
-        self._one_leaf_each = len(variables) == len(jax.tree.leaves((state.params, state.model_state)))
+        self._paths = [path for path, _ in variables]  # in the state's order
+        self._num_params = len(_variables(state.params))
+        # arrays each variable holds (0 for None, several for a tuple): where its leaves sit in the state's
+        self._counts = [len(jax.tree.leaves(v.get_raw_value())) for _, v in variables]
+        self._one_leaf_each = all(count == 1 for count in self._counts)  # values read in one C++ flatten
         self._pending: dict[Path, Any] = {}
         self._structure = self._walk()
         self.hold()
+        for path, v in self._weights:  # its own copies, just put there (TrainState.create): no write for the others
+            _register(v.get_raw_value(), model, path)
         _LINKS.setdefault(model, weakref.WeakSet()).add(self)
 
     def _walk(self) -> tuple:
@@ -170,6 +174,14 @@ class ModuleLink:
         return [link for link in _LINKS.get(self.model, ()) if link is not self]
 
 
+def before_another_trainer(model: nnx.Module) -> None:
+    """A new Trainer of ``model`` is about to put its copies into it: what was written there since each
+    existing Trainer of it left its own is kept for them to take (their next check would see only copies)."""
+    for link in list(_LINKS.get(model, ())):
+        found, _ = link.writes()
+        link._pending.update(found)
+
+
 def _raw_value_setter():
     """``Variable.set_raw_value`` without its check of the trace it is called in (10 us a call; the link
     writes on the host, outside any trace), where this flax version takes the flag."""
@@ -229,18 +241,18 @@ def adopt_written_weights(trainer: "Trainer", walk: bool = True) -> bool:
     state = trainer.state
     written = {**pending, **found}
     leaves, treedef = jax.tree.flatten((state.params, state.model_state))
-    adopted = []
-    num_params = len(jax.tree.leaves(state.params))
-    for i, (path, old) in enumerate(zip(link._paths, leaves)):
-        new = written.get(path)
-        if new is None:
-            adopted.append(old)
-            continue
-        if np.shape(new) != old.shape:
-            kind = "parameter" if i < num_params else "state"
-            raise ValueError(f"the model's {kind} {_name(path)} was given shape {np.shape(new)}, but it has shape {old.shape}: "
-                             "write values of each one's shape (or build a new Trainer for a model of other shapes).")
-        adopted.append(_placed(new, old))
+    adopted, start = [], 0
+    for i, (path, count) in enumerate(zip(link._paths, link._counts)):  # each variable's arrays, in order
+        olds, start = leaves[start:start + count], start + count
+        new = written.get(path, olds)
+        news = olds if new is olds else jax.tree.leaves(new)
+        if [np.shape(x) for x in news] != [x.shape for x in olds]:
+            kind = "parameter" if i < link._num_params else "state"
+            shape = lambda xs: " ".join(str(np.shape(x)) for x in xs) or "nothing"  # noqa: E731
+            raise ValueError(f"the model's {kind} {_name(path)} was given shape {shape(news)}, but it has shape "
+                             f"{shape(olds)}: write values of each one's shape (or build a new Trainer for a model "
+                             "of other shapes).")
+        adopted += olds if new is olds else [_placed(n, o) for n, o in zip(news, olds)]
     params, model_state = jax.tree.unflatten(treedef, adopted)
     trainer._carry.state = state.replace(params=params, model_state=model_state)  # not a restore: no hold
     link.write(trainer.state)

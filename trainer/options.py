@@ -14,7 +14,7 @@ from flax import nnx
 
 from trainer import resume as resuming
 from trainer.build import check_intervals
-from trainer.data import check_batch_source, known_length
+from trainer.data import check_batch_source, known_length, raw_arrays
 from trainer.feed import RAGGED
 from trainer.module_link import adopt_written_weights
 
@@ -69,6 +69,9 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
     """What ``fit`` refuses before it starts: raw arrays for data, ``resume=True`` with nowhere to look, a
     one-pass iterator for several epochs, and step intervals that do not fit ``steps_per_execution``;
     then makes the workdir and takes parameters written into the model since the trainer last did."""
+    if raw_arrays(train_data) and not isinstance(train_data, (Mapping, tuple)) and raw_arrays(eval_data):
+        raise TypeError("fit(x, y) as Keras takes it: fit takes batches, and its second argument is the evaluation "
+                        "data. Wrap the arrays: fit(ArrayLoader({'x': x, 'label': y}, batch_size=32)).")
     check_batch_source(train_data, "train_data"), check_batch_source(eval_data, "eval_data")
     if isinstance(train_data, (list, tuple)) and not train_data:
         raise ValueError("train_data is an empty list: give it at least one batch.")

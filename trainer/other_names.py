@@ -8,6 +8,7 @@ import inspect
 from typing import Any, Callable, Mapping
 
 ARRAYS = "ArrayLoader({'x': x, 'label': y}, batch_size=32)"
+POSITIONAL = "(positional)"  # the hint for more positional arguments than the method takes
 
 TRAINER = {
     "epochs": "max_epochs=N (Keras's epochs)",
@@ -34,13 +35,21 @@ FIT = {
     "callbacks": "Trainer(..., callbacks=[...])",
     "verbose": "callbacks: ProgressBar(), MetricsLogger([ConsoleWriter()])",
     "steps_per_epoch": "max_steps=N on the Trainer (an epoch is one pass over the data)",
+    POSITIONAL: f"fit takes batches, and the evaluation data as eval_data: fit({ARRAYS}, eval_data=...)",
 }
-INFERENCE = {
+EVALUATE = {
     "x": "the data as one argument: (x, y), {'x': x, 'label': y}, or x",
     "y": "the data as one argument: (x, y), {'x': x, 'label': y}, or x",
     "verbose": "callbacks (on_eval_end), or print the returned dict",
     "steps": "a list of the batches to use, or a shorter ArrayLoader",
     "return_dict": "nothing: evaluate returns a dict",
+    POSITIONAL: "pass the data as one argument ((x, y), {'x': x, 'label': y}, or x) and batch_size by name",
+}
+PREDICT = {
+    "x": "the inputs as the one argument: predict(x, batch_size=32)",
+    "verbose": "nothing: predict prints nothing",
+    "steps": "a list of the batches to use, or a shorter ArrayLoader",
+    POSITIONAL: "pass the inputs as one argument and batch_size by name: predict(x, batch_size=32)",
 }
 
 
@@ -58,9 +67,9 @@ def other_names(hints: Mapping[str, str]) -> Callable[[Callable], Callable]:
                 if name not in params and name in hints:
                     raise TypeError(f"{where}() got an unexpected keyword argument {name!r}: here it is "
                                     f"{_sentence(hints[name])}")
-            if len(args) > positional and "x" in hints:
-                raise TypeError(f"{where}() takes {positional - 1} positional argument(s) but got {len(args) - 1}: pass "
-                                f"{_sentence(hints['x'])}")
+            if len(args) > positional and POSITIONAL in hints:
+                raise TypeError(f"{where}() takes {positional - 1} positional argument(s) but got {len(args) - 1}: "
+                                f"{_sentence(hints[POSITIONAL])}")
             return method(*args, **kwargs)
 
         return checked

@@ -30,8 +30,8 @@ from trainer.data import batches_of
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, end_fit, finish_partial_epoch, has_partial_row, run_epoch
-from trainer.module_link import ModuleLink, lend_model
-from trainer.other_names import FIT, INFERENCE, TRAINER, other_names
+from trainer.module_link import ModuleLink, before_another_trainer, lend_model
+from trainer.other_names import EVALUATE, FIT, PREDICT, TRAINER, other_names
 from trainer.options import check_fit_inputs, check_options, recorded_number, warn_if_loss_fn_unused
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
@@ -148,6 +148,7 @@ class Trainer:
         self._carry = Carry()  # state and running sums, flat between steps (see trainer.carry)
         self.step = 0
         self._step_handed_out: tuple = (None, None)  # the step array last read with trainer.state, at what step
+        before_another_trainer(model)  # writes into it that earlier Trainers of it have not taken yet: kept for them
         self.graphdef, self.state = TrainState.create(model, optimizer, own_arrays=True)
         self._link = ModuleLink(model, self.state)  # the module, and the arrays put into it: parameters written there are trained
         self._state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
@@ -418,7 +419,7 @@ class Trainer:
         end_fit(self)
         return self.history
 
-    @other_names(INFERENCE)
+    @other_names(EVALUATE)
     def evaluate(self, data: Any, *, prefix: str = "", batch_size: int | None = None) -> dict[str, float]:
         """Mean of ``compute_metrics`` over every example of ``data``, keys prefixed by ``prefix``.
 
@@ -428,7 +429,7 @@ class Trainer:
         """
         return run_evaluation(self, batches_of(data, batch_size, "evaluate"), prefix)
 
-    @other_names(INFERENCE)
+    @other_names(PREDICT)
     def predict(self, data: Any, *, batch_size: int | None = None) -> Any:
         """``predict_step`` over every batch, concatenated on the host (numpy array or pytree).
 

@@ -66,6 +66,8 @@ class GradNormMonitor(Callback):
     def on_fit_start(self, trainer: Any) -> None:
         if self.probe not in trainer.probes:
             trainer.probes.append(self.probe)
+        if trainer.step == 0:  # a fresh run (a sweep reusing it): not the last run's checks
+            self.warnings, self._outside = [], None
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
         self._check(block=False)

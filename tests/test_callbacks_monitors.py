@@ -528,3 +528,23 @@ def test_callbacks_reused_by_a_second_trainer_start_afresh(tmp_path, data, resum
     for logged, now in results:
         assert logged == pytest.approx(now, rel=1e-6)
     assert results[0][0] != pytest.approx(results[1][0], rel=1e-3)
+
+
+def test_a_grad_norm_monitor_reused_for_a_fresh_run_lists_only_that_runs_checks(model, data):
+    monitor = GradNormMonitor(every=1, warn_below=None, warn_above=1e-9)  # every check is outside
+    for _ in range(2):
+        with pytest.warns(Warning, match="gradient norm"):
+            Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=3, callbacks=[monitor]).fit(ArrayLoader(data, 32))
+        assert [step for step, _ in monitor.warnings] == [1, 2, 3]
+
+
+def test_a_checkpoint_keeps_the_history_as_it_was_when_saved():
+    """Rows of numbers are copied as dicts (deepcopy took most of a save after thousands of epochs); a row a
+    callback put a list into is copied deeply."""
+    from trainer.checkpoint import _history_copy
+
+    history = [{"loss": 0.5, "epoch": 1, "partial_epoch": True}, {"loss": 0.4, "sizes": [1, 2]}]
+    saved = _history_copy(history)
+    history[0]["loss"] = 9.0
+    history[1]["sizes"].append(3)
+    assert saved == [{"loss": 0.5, "epoch": 1, "partial_epoch": True}, {"loss": 0.4, "sizes": [1, 2]}]

@@ -234,3 +234,20 @@ def test_a_pad_trainer_evaluates_and_predicts_batches_that_are_not_dicts(model, 
     assert trainer.predict(data["x"][:40], batch_size=16).shape == (40, 3)
     loss, accuracy = _reference(trainer, data)
     assert trainer.evaluate((data["x"], data["label"]), batch_size=40)["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_fit_traces_its_evaluation_data_once_not_at_every_fit(model, data, monkeypatch):
+    """Each fit traced the evaluation's sums again at its start; JAX keeps every trace (~0.2 MB a fit for a
+    30-layer MLP)."""
+    import jax
+
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=1)
+    eval_data = ArrayLoader(data, 32, shuffle=False, drop_remainder=False)
+    trainer.fit(ArrayLoader(data, 32), eval_data=eval_data)
+    traced = []
+    real = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: traced.append(a[0]) or real(*a, **k))
+    for epochs in (2, 3, 4):
+        trainer.max_epochs = epochs
+        trainer.fit(ArrayLoader(data, 32), eval_data=eval_data)
+    assert trainer.epoch == 4 and not [f for f in traced if "sums" in getattr(f, "__name__", "")], traced

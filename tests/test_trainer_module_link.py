@@ -12,7 +12,7 @@ from flax import nnx
 
 from callbacks import Callback, NaNDetector
 from conftest import make_data
-from trainer import ArrayLoader, Trainer
+from trainer import ArrayLoader, OptimConfig, Trainer
 
 DATA = make_data(n=64)
 
@@ -212,3 +212,28 @@ def test_a_second_trainer_built_on_the_module_is_no_write_for_the_first_but_a_wr
     expected = trained_from(Two(7))
     assert_same(params(first.state.params), expected)
     assert_same(params(second.state.params), expected)
+
+
+def test_a_fitted_trainer_is_freed_when_its_last_reference_goes(tmp_path):
+    """Its compiled steps held bound methods of it (a cycle): a sweep kept dead trainers and their device arrays
+    until Python's cycle collector ran."""
+    import gc
+    import weakref
+
+    from recipes.common import standard_callbacks
+
+    gc.collect()
+    gc.disable()
+    try:
+        tx = OptimConfig(learning_rate=1e-2).build(total_steps=8)  # LearningRateMonitor reads its rate
+        trainer = Trainer(Two(), tx, max_epochs=2, workdir=tmp_path,
+                          callbacks=standard_callbacks(str(tmp_path), log_every=2, progress=False, tensorboard=False))
+        trainer.fit(loader(), eval_data=ArrayLoader(DATA, 16, shuffle=False, drop_remainder=False))
+        trainer.evaluate(loader())
+        trainer.predict(DATA["x"])
+        _ = trainer.model
+        ref = weakref.ref(trainer)
+        del trainer
+        assert ref() is None
+    finally:
+        gc.enable()

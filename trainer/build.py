@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numbers
 import sys
-from typing import TYPE_CHECKING, Any, Mapping
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -64,10 +65,23 @@ def check_reductions(reductions: Mapping[str, str], metric_shapes: Mapping[str, 
                              f"{sorted(k for k in metric_shapes if not k.startswith('_'))}.")
 
 
+def weak_method(method: Callable) -> Callable:
+    """``method`` (a trainer's, bound) held weakly: a compiled step keeps its function, and a bound method in
+    it would keep the trainer, a cycle that only Python's cycle collector frees (a sweep held dead trainers'
+    device arrays until it ran)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return ref()(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = method.__name__
+    return call
+
+
 def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     """Defines the train step for this batch structure (shapes suffice) and sizes the running sums."""
     trainer._built_signature = trainer._step_signature()
-    args = (trainer.graphdef, trainer.tx, trainer.compute_loss, tuple(trainer.probes), trainer._halt_after,
+    args = (trainer.graphdef, trainer.tx, weak_method(trainer.compute_loss), tuple(trainer.probes), trainer._halt_after,
             trainer.metric_reductions)
     by_real_rows = {"weigh_by_mask": trainer.ragged_batches == "pad"}  # a padded batch counts by its real rows
     pure = make_train_step(*args, **by_real_rows).pure

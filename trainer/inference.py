@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import jax
 import numpy as np
 
-from trainer.build import check_labels
+from trainer.build import check_labels, weak_method
 from trainer.data import (ArrayLoader, add_note, batch_shapes, batch_size_of, check_batch_source,
                           check_every_row_in_order, describe_shapes, first_line, non_numeric_note, pad_batch, placing,
                           warn_if_rows_left_out)
@@ -32,13 +32,13 @@ if TYPE_CHECKING:  # pragma: no cover
 def _build_eval_step(trainer: "Trainer") -> None:
     """The compiled eval step and its pure sums function, made once per trainer."""
     if trainer._eval_step is None:
-        trainer._eval_sums, trainer._eval_step = make_eval_step(trainer.graphdef, trainer.compute_metrics)
+        trainer._eval_sums, trainer._eval_step = make_eval_step(trainer.graphdef, weak_method(trainer.compute_metrics))
 
 
 def _build_predict_step(trainer: "Trainer") -> None:
     """The compiled predict step, made once per trainer."""
     if trainer._predict_step is None:
-        trainer._predict_step = make_predict_step(trainer.graphdef, trainer.predict_step)
+        trainer._predict_step = make_predict_step(trainer.graphdef, weak_method(trainer.predict_step))
 
 
 def _placer(trainer: "Trainer") -> Callable[[Any], Any]:
@@ -200,11 +200,14 @@ def check_eval_data_fits(trainer: "Trainer") -> None:
         _build_eval_step(trainer)
         padded, mask = padded_batch(trainer, batch, batch_size_of(batch))
         placing(padded, _placer(trainer))  # a sharding override: a batch it cannot split fails now, not after an epoch
-        try:  # what the evaluation's first call will trace, on shapes only
-            jax.eval_shape(trainer._eval_sums, trainer._state_shapes, padded, mask)
-        except Exception as err:  # noqa: BLE001 - whatever the model raised, named with the batch's shapes
-            raise ValueError(f"evaluating the first batch of the evaluation data (shapes {describe_shapes(batch)}) "
-                             f"fails with {type(err).__name__}: {first_line(err)} (the data, the model, or the "
-                             "loss / compute_metrics, traced at the start of fit)") from err
-        check_whole_batch_loss(trainer, padded, "the evaluation data")
+        shapes = batch_shapes(padded)
+        if shapes not in trainer._eval_sums_shapes:  # traced once per shapes, not at every fit (JAX keeps each trace)
+            try:  # what the evaluation's first call will trace, on shapes only
+                traced = jax.eval_shape(trainer._eval_sums, trainer._state_shapes, padded, mask)
+            except Exception as err:  # noqa: BLE001 - whatever the model raised, named with the batch's shapes
+                raise ValueError(f"evaluating the first batch of the evaluation data (shapes {describe_shapes(batch)}) "
+                                 f"fails with {type(err).__name__}: {first_line(err)} (the data, the model, or the "
+                                 "loss / compute_metrics, traced at the start of fit)") from err
+            check_whole_batch_loss(trainer, padded, "the evaluation data")
+            trainer._eval_sums_shapes[shapes] = traced
         check_labels(trainer, batch, "evaluation")  # out of range: refused before an epoch is trained

@@ -199,8 +199,9 @@ def test_a_second_trainer_built_on_the_module_is_no_write_for_the_first_but_a_wr
     first = Trainer(module, optax.sgd(0.1), max_steps=1)
     zeros = jax.tree.map(jnp.zeros_like, first.state.params)
     first.state = first.state.replace(params=zeros)
-    Trainer(module, optax.sgd(0.1), max_steps=1)  # puts its copies of the module's weights into it
+    second = Trainer(module, optax.sgd(0.1), max_steps=1)  # puts its copies of the module's weights into it
     first.evaluate(loader())
+    assert second.step == 0  # alive: what it left is its own (a freed one's weights would be the module's)
     assert float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(first.state.params))) == 0.0
 
     module = Two()
@@ -237,3 +238,45 @@ def test_a_fitted_trainer_is_freed_when_its_last_reference_goes(tmp_path):
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_losses_and_steps_that_are_no_bound_methods_are_called_as_they_are():
+    """Holding the trainer's methods weakly refused a staticmethod or a function set on the instance."""
+    def mean_square(model, batch):
+        return jnp.mean(model(batch["x"]) ** 2)
+
+    class Static(Trainer):
+        compute_loss = staticmethod(mean_square)
+
+        @staticmethod
+        def predict_step(model, batch):
+            return model(batch["x"]) * 2
+
+    trainer = Static(Two(), optax.sgd(0.1), max_steps=2)
+    trainer.fit(loader())
+    assert trainer.predict(loader()).shape == (64, 3)
+    instance = Trainer(Two(), optax.sgd(0.1), max_steps=2)
+    instance.compute_loss = mean_square
+    instance.fit(loader())
+    assert instance.step == 2 and np.isfinite(instance.history[-1]["loss"])
+
+
+def test_a_tuple_valued_variable_is_each_trainers_own_and_a_kept_snapshot_written_back_is_taken():
+    module = Odd()
+    first = Trainer(module, optax.sgd(0.1), max_steps=2)
+    first.fit(loader())
+    mine = first.state.params["pair"].get_value()
+    second = Trainer(module, optax.adam(1e-2), max_steps=2)
+    second.fit(loader())  # leaves its own pair in the module
+    first.evaluate(loader())
+    for a, b in zip(first.state.params["pair"].get_value(), mine):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    module = Two()
+    trainer = Trainer(module, optax.sgd(0.0), max_steps=1)
+    kept = jax.tree.map(lambda x: x, nnx.state(module, nnx.Param))  # the trainer's copies, as built
+    nnx.update(module, jax.tree.map(jnp.zeros_like, kept))
+    trainer.evaluate(loader())
+    nnx.update(module, kept)  # written back: taken again
+    trainer.evaluate(loader())
+    assert_same(params(trainer.state.params), params(kept))

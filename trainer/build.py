@@ -65,23 +65,29 @@ def check_reductions(reductions: Mapping[str, str], metric_shapes: Mapping[str, 
                              f"{sorted(k for k in metric_shapes if not k.startswith('_'))}.")
 
 
-def weak_method(method: Callable) -> Callable:
-    """``method`` (a trainer's, bound) held weakly: a compiled step keeps its function, and a bound method in
-    it would keep the trainer, a cycle that only Python's cycle collector frees (a sweep held dead trainers'
-    device arrays until it ran)."""
-    ref = weakref.WeakMethod(method)
+def weak_method(method: Callable, owner: Any) -> Callable:
+    """``method``, when bound to ``owner`` (a trainer), held weakly: a compiled step keeps its function, and a
+    bound method in it would keep the trainer, a cycle that only Python's cycle collector frees (a sweep held
+    dead trainers' device arrays until it ran). Anything else (a staticmethod, a function set on the instance)
+    is returned as it is."""
+    if getattr(method, "__self__", None) is not owner:
+        return method
+    ref, name = weakref.WeakMethod(method), method.__name__
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        return ref()(*args, **kwargs)
+        bound = ref()
+        if bound is None:
+            raise ReferenceError(f"the Trainer whose {name} this compiled step calls was freed; keep the Trainer.")
+        return bound(*args, **kwargs)
 
-    call.__name__ = call.__qualname__ = method.__name__
+    call.__name__ = call.__qualname__ = name
     return call
 
 
 def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     """Defines the train step for this batch structure (shapes suffice) and sizes the running sums."""
     trainer._built_signature = trainer._step_signature()
-    args = (trainer.graphdef, trainer.tx, weak_method(trainer.compute_loss), tuple(trainer.probes), trainer._halt_after,
+    args = (trainer.graphdef, trainer.tx, weak_method(trainer.compute_loss, trainer), tuple(trainer.probes), trainer._halt_after,
             trainer.metric_reductions)
     by_real_rows = {"weigh_by_mask": trainer.ragged_batches == "pad"}  # a padded batch counts by its real rows
     pure = make_train_step(*args, **by_real_rows).pure

@@ -32,13 +32,13 @@ if TYPE_CHECKING:  # pragma: no cover
 def _build_eval_step(trainer: "Trainer") -> None:
     """The compiled eval step and its pure sums function, made once per trainer."""
     if trainer._eval_step is None:
-        trainer._eval_sums, trainer._eval_step = make_eval_step(trainer.graphdef, weak_method(trainer.compute_metrics))
+        trainer._eval_sums, trainer._eval_step = make_eval_step(trainer.graphdef, weak_method(trainer.compute_metrics, trainer))
 
 
 def _build_predict_step(trainer: "Trainer") -> None:
     """The compiled predict step, made once per trainer."""
     if trainer._predict_step is None:
-        trainer._predict_step = make_predict_step(trainer.graphdef, weak_method(trainer.predict_step))
+        trainer._predict_step = make_predict_step(trainer.graphdef, weak_method(trainer.predict_step, trainer))
 
 
 def _placer(trainer: "Trainer") -> Callable[[Any], Any]:

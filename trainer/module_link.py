@@ -12,15 +12,15 @@ running the model in eval mode, or Monte-Carlo dropout through ``trainer.model``
 counters, so training goes on as it was (a call in train mode moves BatchNorm's statistics, which are
 then taken, as in Keras).
 
-Several Trainers of one module each train their own copy: what one leaves in the module is no write
-for the others, and a write one of them takes first is still taken by the others (``_pending``).
+Several Trainers of one module each train their own copy: what a live one left in the module is no write
+for the others (a freed one's weights there are the module's, taken as any write), and a write one of them
+takes first is still taken by the others (``_pending``).
 A layer added, removed or replaced by another class is refused, found where the module is walked
 (every point above but the step after a read, which looks only at the variables of the last walk).
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -36,35 +36,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Path = tuple  # a variable's attribute path in the module: ("layers", 0, "kernel")
 
-_LEFT: dict[int, tuple[weakref.ref, weakref.WeakKeyDictionary]] = {}  # id(array) -> (it, {module: {paths}})
-"""Every array a trainer left in a module, and where: there it is no user's write, for any Trainer of the
-module (the one that left it may be gone since). Held weakly: a freed array's successor at the same
-address is not taken for it."""
-
 _LINKS: "weakref.WeakKeyDictionary[nnx.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
-"""Every live ``ModuleLink`` of a module: the Trainers that must each take a write one of them found."""
-
-
-def _left_by_a_trainer(value: Any, module: nnx.Module, path: Path) -> bool:
-    entry = _LEFT.get(id(value))
-    return entry is not None and entry[0]() is value and path in entry[1].get(module, ())
-
-
-def _register(value: Any, module: nnx.Module, path: Path) -> None:
-    entry = _LEFT.get(id(value))
-    if entry is None or entry[0]() is not value:
-        try:
-            entry = (weakref.ref(value, functools.partial(_forget, id(value))), weakref.WeakKeyDictionary())
-        except TypeError:  # a Python number in a Variable: not tracked
-            return
-        _LEFT[id(value)] = entry
-    entry[1].setdefault(module, set()).add(path)
-
-
-def _forget(key: int, ref: weakref.ref) -> None:
-    entry = _LEFT.get(key)
-    if entry is not None and entry[0] is ref:  # not another array's since given the same id
-        del _LEFT[key]
+"""Every live ``ModuleLink`` of a module: what one of them left there is no write for the others, and a
+write one of them found first is kept for the others to take."""
 
 
 def _is_variable(x: Any) -> bool:
@@ -102,9 +76,7 @@ class ModuleLink:
         self._one_leaf_each = all(count == 1 for count in self._counts)  # values read in one C++ flatten
         self._pending: dict[Path, Any] = {}
         self._structure = self._walk()
-        self.hold()
-        for path, v in self._weights:  # its own copies, just put there (TrainState.create): no write for the others
-            _register(v.get_raw_value(), model, path)
+        self.hold()  # its own copies, just put there (TrainState.create): no write for it or the others
         _LINKS.setdefault(model, weakref.WeakSet()).add(self)
 
     def _walk(self) -> tuple:
@@ -114,7 +86,7 @@ class ModuleLink:
         by_path = {path: node for path, node in nodes if isinstance(node, nnx.Variable)}
         self._vars = [(path, by_path.get(path)) for path in self._paths]  # None: a variable the module lost
         self._weights = [(path, v) for path, v in self._vars if v is not None and not isinstance(v, nnx.RngState)]
-        self._targets = [(path, v, not isinstance(v, nnx.RngState)) for path, v in self._vars if v is not None]
+        self._targets = [(path, v) for path, v in self._vars if v is not None]
         return tuple((path, type(node)) for path, node in nodes)
 
     def check_structure(self) -> None:
@@ -144,11 +116,11 @@ class ModuleLink:
         """``(found, pending)``: the values written into the module's variables (of the last walk) since this
         trainer left its own there, by someone else than a Trainer; and those another Trainer of the module
         found and took first."""
-        found = {}
+        found, siblings = {}, self.siblings()
         for path, v in self._weights:
             value = v.get_raw_value()
-            if _held(self._left.get(path)) is value or _left_by_a_trainer(value, self.model, path):
-                continue
+            if _held(self._left.get(path)) is value or any(_held(s._left.get(path)) is value for s in siblings):
+                continue  # this trainer's, or what another live Trainer of the module left there
             found[path] = value
         return found, {p: x for p, x in self._pending.items() if p not in found}
 
@@ -163,10 +135,8 @@ class ModuleLink:
         else:
             values = [v.get_raw_value() for _, v in _state_variables(state)]
         values = dict(zip(self._paths, values))
-        for path, var, weight in self._targets:
+        for path, var in self._targets:
             _set_raw_value(var, values[path])
-            if weight:
-                _register(values[path], self.model, path)
         self._holds = weakref.ref(state)
         self.hold()
 

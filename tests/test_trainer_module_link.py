@@ -280,3 +280,34 @@ def test_a_tuple_valued_variable_is_each_trainers_own_and_a_kept_snapshot_writte
     nnx.update(module, kept)  # written back: taken again
     trainer.evaluate(loader())
     assert_same(params(trainer.state.params), params(kept))
+
+
+def test_a_restore_discards_a_pending_write_for_its_trainer_only_and_a_write_after_it_is_taken():
+    """A restore claimed whatever the module held as its trainer's own: another Trainer of the module then
+    skipped the write too, and the same arrays written again after the restore were ignored."""
+    module = Two()
+    first, second = Trainer(module, optax.sgd(0.1), max_epochs=1), Trainer(module, optax.sgd(0.1), max_epochs=1)
+    kept = jax.tree.map(jnp.copy, first.state)
+    written = nnx.state(Two(7), nnx.Param)
+    nnx.update(module, written)
+    first.state = kept  # a restore: the write is discarded for the first only
+    second.fit(loader())
+    assert_same(params(second.state.params), trained_from(Two(7)))
+    nnx.update(module, written)  # the same arrays, written again after the restore
+    first.fit(loader())
+    assert_same(params(first.state.params), trained_from(Two(7)))
+
+
+def test_a_snapshot_written_back_is_the_newest_write_for_every_trainer_of_the_module():
+    """A value one live Trainer had left was no write for any, though another Trainer had written since."""
+    module = Two()
+    first, second = Trainer(module, optax.sgd(0.1), max_epochs=1), Trainer(module, optax.sgd(0.1), max_epochs=1)
+    snapshot = jax.tree.map(lambda x: x, nnx.state(second.model, nnx.Param))  # the second's arrays, as lent
+    nnx.update(module, nnx.state(Two(7), nnx.Param))
+    first.evaluate(loader())  # takes that write (the second keeps it pending)
+    nnx.update(module, snapshot)  # written back: the newest write, for both
+    first.fit(loader())
+    second.fit(loader())
+    expected = trained_from(Two())
+    assert_same(params(first.state.params), expected)
+    assert_same(params(second.state.params), expected)

@@ -12,9 +12,10 @@ running the model in eval mode, or Monte-Carlo dropout through ``trainer.model``
 counters, so training goes on as it was (a call in train mode moves BatchNorm's statistics, which are
 then taken, as in Keras).
 
-Several Trainers of one module each train their own copy: what a live one left in the module is no write
-for the others (a freed one's weights there are the module's, taken as any write), and a write one of them
-takes first is still taken by the others (``_pending``).
+Several Trainers of one module each train their own copy: what the last Trainer to write a variable put
+there, while that Trainer lives, is no write for any of them (a freed one's weights there are the module's,
+taken as any write); a write one of them takes first is still taken by the others (``_pending``), and a
+restore of one (a state assigned) discards it for that one only.
 A layer added, removed or replaced by another class is refused, found where the module is walked
 (every point above but the step after a read, which looks only at the variables of the last walk).
 """
@@ -37,8 +38,11 @@ if TYPE_CHECKING:  # pragma: no cover
 Path = tuple  # a variable's attribute path in the module: ("layers", 0, "kernel")
 
 _LINKS: "weakref.WeakKeyDictionary[nnx.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
-"""Every live ``ModuleLink`` of a module: what one of them left there is no write for the others, and a
-write one of them found first is kept for the others to take."""
+"""Every live ``ModuleLink`` of a module: a write one of them found first is kept for the others to take."""
+
+_LAST: "weakref.WeakKeyDictionary[nnx.Module, dict]" = weakref.WeakKeyDictionary()
+"""For each module and variable path, the Trainer that last put a value there and the value (both weakly):
+that value, while its Trainer lives, is no write for any Trainer of the module; anything else there is."""
 
 
 def _is_variable(x: Any) -> bool:
@@ -76,7 +80,7 @@ class ModuleLink:
         self._one_leaf_each = all(count == 1 for count in self._counts)  # values read in one C++ flatten
         self._pending: dict[Path, Any] = {}
         self._structure = self._walk()
-        self.hold()  # its own copies, just put there (TrainState.create): no write for it or the others
+        self._claim()  # its own copies, just put there (TrainState.create): no write for it or the others
         _LINKS.setdefault(model, weakref.WeakSet()).add(self)
 
     def _walk(self) -> tuple:
@@ -102,11 +106,28 @@ class ModuleLink:
         raise ValueError(f"the model's layers changed since the Trainer was built: {', '.join(changed[:4])}. Build a "
                          "new Trainer for the changed model (write weights into the existing layers to train from them).")
 
-    def hold(self) -> None:
-        """Takes what the module holds now as what this trainer left there (after the trainer wrote it, or
-        when a state is assigned: a restore, which discards what was written into the module before)."""
-        self._left = {path: _token(v.get_raw_value()) for path, v in self._weights}
+    def _claim(self) -> None:
+        """Records what the module holds now as put there by this trainer (the last to write each path)."""
+        last, me = _LAST.setdefault(self.model, {}), weakref.ref(self)
+        for path, v in self._weights:
+            last[path] = (me, _token(v.get_raw_value()))
         self._pending.clear()
+
+    def _put_by_a_trainer(self, path: Path, value: Any, mine: bool = False) -> bool:
+        """Whether ``value`` at ``path`` is what the last Trainer to write there put (``mine``: this one), and
+        that Trainer lives: a freed one's weights there are the module's, taken as a write."""
+        record = _LAST.get(self.model, {}).get(path)
+        if record is None:
+            return False
+        writer = record[0]()
+        return writer is not None and (writer is self or not mine) and _held(record[1]) is value
+
+    def restore(self, state: Any) -> None:
+        """A state assigned (a restore, a rollback, a resume): what was written into the module and not yet
+        taken is discarded for this trainer, kept for the others, and the module holds the restored state."""
+        for sibling in self.siblings():
+            sibling._pending.update(sibling.writes()[0])
+        self.write(state)
 
     def stale(self, state: Any) -> bool:
         """Whether the module was last updated from another state than ``state``."""
@@ -116,17 +137,16 @@ class ModuleLink:
         """``(found, pending)``: the values written into the module's variables (of the last walk) since this
         trainer left its own there, by someone else than a Trainer; and those another Trainer of the module
         found and took first."""
-        found, siblings = {}, self.siblings()
+        found = {}
         for path, v in self._weights:
             value = v.get_raw_value()
-            if _held(self._left.get(path)) is value or any(_held(s._left.get(path)) is value for s in siblings):
-                continue  # this trainer's, or what another live Trainer of the module left there
-            found[path] = value
+            if not self._put_by_a_trainer(path, value):  # this trainer's, or another live one's, last put
+                found[path] = value
         return found, {p: x for p, x in self._pending.items() if p not in found}
 
     def holds_its_own(self) -> bool:
         """Whether every weight of the module is the one this trainer left there (not another Trainer's)."""
-        return all(_held(self._left.get(path)) is v.get_raw_value() for path, v in self._weights)
+        return all(self._put_by_a_trainer(path, v.get_raw_value(), mine=True) for path, v in self._weights)
 
     def write(self, state: Any) -> None:
         """Puts ``state``'s arrays into the module's variables, as the ones this trainer left there."""
@@ -138,7 +158,7 @@ class ModuleLink:
         for path, var in self._targets:
             _set_raw_value(var, values[path])
         self._holds = weakref.ref(state)
-        self.hold()
+        self._claim()
 
     def siblings(self) -> list["ModuleLink"]:
         return [link for link in _LINKS.get(self.model, ()) if link is not self]
@@ -224,7 +244,7 @@ def adopt_written_weights(trainer: "Trainer", walk: bool = True) -> bool:
                              "of other shapes).")
         adopted += olds if new is olds else [_placed(n, o) for n, o in zip(news, olds)]
     params, model_state = jax.tree.unflatten(treedef, adopted)
-    trainer._carry.state = state.replace(params=params, model_state=model_state)  # not a restore: no hold
+    trainer._carry.state = state.replace(params=params, model_state=model_state)  # not a restore (the setter)
     link.write(trainer.state)
     for sibling in link.siblings():  # each trains its own copy, from the same write
         sibling._pending.update(found)

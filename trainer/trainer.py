@@ -259,7 +259,7 @@ class Trainer:
         if not same_step:  # max_steps, intervals and checkpoints count with trainer.step
             self.step = int(jax.device_get(value.step))
         if hasattr(self, "_link"):  # a write into the module was to the state replaced: the new one wins
-            self._link.hold()
+            self._link.restore(value)
 
     @property
     def _sums(self) -> dict[str, Sums | None]:  # named running sums of the step metrics

@@ -72,10 +72,11 @@ def check_whole_batch_loss(trainer: "Trainer", batch: Any, where: str) -> None:
     try:
         jax.eval_shape(whole, trainer._state_shapes, batch)
     except Exception as err:  # noqa: BLE001 - whatever the loss raised, named with the batch's shapes
+        note = non_numeric_note(batch)
         raise ValueError(f"the loss function on a whole batch of {where} (shapes {describe_shapes(batch)}) fails with "
                          f"{type(err).__name__}: {first_line(err)}. Evaluation computes each example's loss alone, "
                          "where this would give a wrong number in silence: fix the data or the loss."
-                         + (f" {non_numeric_note(batch)}" if non_numeric_note(batch) else "")) from err
+                         + (f" {note}" if note else "")) from err
 
 
 def _first_call(call: Callable[[], Any], batch: Any, where: str) -> Any:

@@ -113,10 +113,11 @@ class ModuleLink:
             last[path] = (me, _token(v.get_raw_value()))
         self._pending.clear()
 
-    def _put_by_a_trainer(self, path: Path, value: Any, mine: bool = False) -> bool:
-        """Whether ``value`` at ``path`` is what the last Trainer to write there put (``mine``: this one), and
-        that Trainer lives: a freed one's weights there are the module's, taken as a write."""
-        record = _LAST.get(self.model, {}).get(path)
+    def _put_by_a_trainer(self, last: dict, path: Path, value: Any, mine: bool = False) -> bool:
+        """Whether ``value`` at ``path`` is what the last Trainer to write there put (``last``: the module's
+        records; ``mine``: this one), and that Trainer lives: a freed one's weights there are the module's,
+        taken as a write."""
+        record = last.get(path)
         if record is None:
             return False
         writer = record[0]()
@@ -125,8 +126,7 @@ class ModuleLink:
     def restore(self, state: Any) -> None:
         """A state assigned (a restore, a rollback, a resume): what was written into the module and not yet
         taken is discarded for this trainer, kept for the others, and the module holds the restored state."""
-        for sibling in self.siblings():
-            sibling._pending.update(sibling.writes()[0])
+        _keep_unseen_writes(self.siblings())
         self.write(state)
 
     def stale(self, state: Any) -> bool:
@@ -134,19 +134,20 @@ class ModuleLink:
         return self._holds is None or self._holds() is not state
 
     def writes(self) -> tuple[dict[Path, Any], dict[Path, Any]]:
-        """``(found, pending)``: the values written into the module's variables (of the last walk) since this
-        trainer left its own there, by someone else than a Trainer; and those another Trainer of the module
-        found and took first."""
-        found = {}
+        """``(found, pending)``: the values in the module's variables (of the last walk) that no live Trainer
+        put there last (a user's, or a callback's, write); and those another Trainer of the module found and
+        took first."""
+        found, last = {}, _LAST.get(self.model, {})
         for path, v in self._weights:
             value = v.get_raw_value()
-            if not self._put_by_a_trainer(path, value):  # this trainer's, or another live one's, last put
+            if not self._put_by_a_trainer(last, path, value):  # this trainer's, or another live one's, last put
                 found[path] = value
         return found, {p: x for p, x in self._pending.items() if p not in found}
 
     def holds_its_own(self) -> bool:
         """Whether every weight of the module is the one this trainer left there (not another Trainer's)."""
-        return all(self._put_by_a_trainer(path, v.get_raw_value(), mine=True) for path, v in self._weights)
+        last = _LAST.get(self.model, {})
+        return all(self._put_by_a_trainer(last, path, v.get_raw_value(), mine=True) for path, v in self._weights)
 
     def write(self, state: Any) -> None:
         """Puts ``state``'s arrays into the module's variables, as the ones this trainer left there."""
@@ -165,11 +166,16 @@ class ModuleLink:
 
 
 def before_another_trainer(model: nnx.Module) -> None:
-    """A new Trainer of ``model`` is about to put its copies into it: what was written there since each
-    existing Trainer of it left its own is kept for them to take (their next check would see only copies)."""
-    for link in list(_LINKS.get(model, ())):
-        found, _ = link.writes()
-        link._pending.update(found)
+    """A new Trainer of ``model`` is about to put its copies into it: what was written there and not yet taken
+    by each existing Trainer of it is kept for them to take (their next check would see only copies)."""
+    _keep_unseen_writes(list(_LINKS.get(model, ())))
+
+
+def _keep_unseen_writes(links: list[ModuleLink]) -> None:
+    """Each link keeps the writes now in the module that it has not taken, before another Trainer's values
+    replace them there (a new Trainer's copies, a restore's state)."""
+    for link in links:
+        link._pending.update(link.writes()[0])
 
 
 def _raw_value_setter():

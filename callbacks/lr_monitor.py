@@ -34,6 +34,7 @@ class LearningRateMonitor(Callback):
         self.hyperparam = hyperparam
 
     def probe(self, info: StepInfo) -> dict[str, jax.Array]:
+        """The in-step probe: the learning rate the step used, read from the optimizer state."""
         return {self.name: current_learning_rate(info.opt_state, self.hyperparam)}
 
     def on_fit_start(self, trainer: Any) -> None:

@@ -69,6 +69,8 @@ class MetricsLogger(Callback):
         self._before: tuple | None = None  # (trainer ref, writers holding output) before its evaluations ahead of fit
         self._trained = False  # this fit trained a step
         self._taken: dict[str, tuple] = {}  # name -> the trainer.record entry this logger wrote last
+        self._captured: dict[int, dict[str, tuple]] = {}  # window step -> trainer.record entries held for it
+        self._open: int | None = None  # the window pushed at the last step (records after this logger to take)
 
     @property
     def fetches(self) -> int:
@@ -83,6 +85,7 @@ class MetricsLogger(Callback):
         self._hparams_due = trainer.config  # written before the first record: after a resume's restore
         self._trained = False
         self._earlier = []
+        self._captured, self._open = {}, None
         _refuse_shared_targets([cb for cb in callbacks if isinstance(cb, MetricsLogger)])
         if trainer.step == 0 and not trainer.resuming:  # a fresh run: what the files held is an earlier run's,
             baseline = self._held_before(trainer)  # less this trainer's evaluations before the fit (step 0)
@@ -120,9 +123,14 @@ class MetricsLogger(Callback):
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, Any]) -> None:
         self._trained = True
+        if self._open is not None:  # the window of the last step: what callbacks after this one recorded there
+            self._capture(trainer, self._open)
+            self._open = None
         self._write_pending(trainer, block=False)
         if step % self.log_every == 0:
             self._fetch.push(step, trainer.take_metric_sums(self._key, packed=True))
+            self._capture(trainer, step)  # what callbacks before this one recorded (the next step may replace it)
+            self._open = step
         if self._fetch.pending and any(cp.due_after_step(step) for cp in trainer.checkpoints):
             self._write_pending(trainer)  # before the checkpoint: a kill after it would lose these windows
 
@@ -184,10 +192,18 @@ class MetricsLogger(Callback):
         while (popped := self._fetch.pop(block)) is not None:
             self._write_window(trainer, *popped)
 
+    def _capture(self, trainer: Any, step: int) -> None:
+        """Holds, for the window ending at ``step`` (written a step or more later), the newest ``trainer.record``
+        entries of that step or before: a callback recording every step replaces them before the write."""
+        if trainer.pending_logs:
+            _newest_up_to(step, trainer.pending_logs, self._captured.setdefault(step, {}))
+
     def _write_window(self, trainer: Any, step: int, sums: Any, scalars: dict[str, float] | None = None) -> None:
         scalars = compute_sums(sums) if sums is not None else dict(scalars or {})
-        taken = {k: entry for k, entry in trainer.pending_logs.items()  # this window's, new to this logger
-                 if entry[0] <= step and self._taken.get(k) is not entry}
+        if self._open == step:
+            self._open = None
+        entries = _newest_up_to(step, trainer.pending_logs, self._captured.pop(step, {}))
+        taken = {k: entry for k, entry in entries.items() if self._taken.get(k) is not entry}  # new to this logger
         scalars.update({k: value for k, (_, value) in taken.items()})
         self._taken.update(taken)
         loggers = [cb for cb in trainer.callbacks.callbacks if isinstance(cb, MetricsLogger)]
@@ -227,6 +243,7 @@ class MetricsLogger(Callback):
         a logger that already holds the run's history (a rollback inside the run) keeps it, cut back."""
         while self._fetch.pop() is not None:
             pass
+        self._captured, self._open = {}, None
         held = bool(self.history)
         self.history = [(s, v) for s, v in self.history if s <= trainer.step]
         for writer in self.writers:
@@ -250,6 +267,14 @@ class MetricsLogger(Callback):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.last_logged_step = int(state.get("last_logged_step", 0))
         self._hparams_written = state.get("hparams", self._hparams_written)
+
+
+def _newest_up_to(step: int, entries: Mapping[str, tuple], into: dict[str, tuple]) -> dict[str, tuple]:
+    """``into`` with each of ``entries`` recorded at ``step`` or before that is newer than ``into``'s own."""
+    for name, entry in entries.items():
+        if entry[0] <= step and (name not in into or into[name][0] <= entry[0]):
+            into[name] = entry
+    return into
 
 
 def _refuse_shared_targets(loggers: list[MetricsLogger]) -> None:

@@ -114,6 +114,7 @@ class TextSamples(FitEndOutput):
         self.samples: list[tuple[int, str]] = []
 
     def sample(self, trainer: Any) -> str:
+        """A continuation of ``prompt`` from the current weights (seeded by ``seed`` and the step)."""
         state = (trainer.state.params, trainer.state.model_state)
         key = jax.random.fold_in(jax.random.key(self.seed), trainer.step)
         tokens = sample_tokens(trainer.graphdef, state, self.encode(self.prompt), length=self.length,

@@ -565,6 +565,22 @@ def test_every_logger_writes_the_values_callbacks_record(model, data):
     assert trainer.pending_logs == {}  # dropped once every logger wrote it
 
 
+@pytest.mark.parametrize("recorder_first", [True, False])
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_value_recorded_every_step_reaches_every_window_with_its_steps_value(model, data, recorder_first, k):
+    """A window is written a step or more after it ends: a callback listed before the logger had replaced its
+    value by then with the next step's, so only the fit's last window got one (Throughput(every=1) too)."""
+
+    class EveryStep(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            trainer.record("probe", step)
+
+    logger = MetricsLogger([Memory()], log_every=4)
+    callbacks = [EveryStep(), logger] if recorder_first else [logger, EveryStep()]
+    Trainer(model, optax.sgd(0.1), max_steps=32, steps_per_execution=k, callbacks=callbacks).fit(ArrayLoader(data, 8))
+    assert [(step, s.get("probe")) for step, s in logger.history] == [(step, step) for step in range(4, 33, 4)]
+
+
 def test_epoch_summary_prints_counts_as_integers():
     from callbacks.epoch_summary import _format
 

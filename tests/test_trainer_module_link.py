@@ -311,3 +311,53 @@ def test_a_snapshot_written_back_is_the_newest_write_for_every_trainer_of_the_mo
     expected = trained_from(Two())
     assert_same(params(first.state.params), expected)
     assert_same(params(second.state.params), expected)
+
+
+def test_a_variable_replaced_by_a_new_object_is_seen_by_a_restore_and_by_a_second_trainer():
+    """Restores and a new Trainer used the variables of the last walk: a restore wrote into the replaced
+    (detached) variable, so the replacement won over it; a Trainer built after it left the first without it."""
+    module = Two()
+    trainer = Trainer(module, optax.sgd(0.1), max_epochs=1)
+    snapshot = jax.tree.map(jnp.copy, trainer.state)
+    module.out.kernel = nnx.Param(jnp.zeros((8, 3)))
+    trainer.state = snapshot  # the restore wins, and the module shows it at once
+    np.testing.assert_array_equal(module.out.kernel[...], snapshot.params["out"]["kernel"][...])
+    trainer.evaluate(loader())
+    np.testing.assert_array_equal(trainer.state.params["out"]["kernel"][...], snapshot.params["out"]["kernel"][...])
+
+    module = Two()
+    first = Trainer(module, optax.sgd(0.0), max_epochs=1)
+    module.out = nnx.Linear(8, 3, rngs=nnx.Rngs(5))  # a new layer of the same class: taken by name
+    new = np.array(module.out.kernel[...])
+    second = Trainer(module, optax.sgd(0.0), max_epochs=1)
+    first.evaluate(loader())
+    for each in (first, second):
+        np.testing.assert_array_equal(each.state.params["out"]["kernel"][...], new)
+
+
+def test_a_write_another_trainer_takes_first_survives_that_trainers_donation():
+    """The other Trainers kept the very array written, which may be the first Trainer's own (a layer copied
+    from one it lent) or end up in its state (a state assigned from the module): its next step donated it."""
+    module = Two()
+    first, second = Trainer(module, optax.sgd(0.1), max_epochs=1), Trainer(module, optax.sgd(0.1), max_epochs=1)
+    lent = first.model
+    lent.b.kernel.set_value(lent.a.kernel.get_value())  # first's own array, in layer b too
+    lent.b.bias.set_value(lent.a.bias.get_value())
+    clean = Two()
+    clean.b.kernel.set_value(clean.a.kernel.get_value())
+    clean.b.bias.set_value(clean.a.bias.get_value())
+    expected = trained_from(clean)
+    first.fit(loader())
+    second.fit(loader())
+    assert_same(params(first.state.params), expected)
+    assert_same(params(second.state.params), expected)
+
+    module = Two()
+    first, second = Trainer(module, optax.sgd(0.1), max_epochs=1), Trainer(module, optax.sgd(0.1), max_epochs=1)
+    module.out.kernel.set_value(jnp.full((8, 3), 0.1))
+    first.state = first.state.replace(params=nnx.state(module, nnx.Param))  # the written array is first's now
+    first.fit(loader())
+    second.fit(loader())
+    clean = Two()
+    clean.out.kernel.set_value(jnp.full((8, 3), 0.1))
+    assert_same(params(second.state.params), trained_from(clean))

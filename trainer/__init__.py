@@ -1,8 +1,9 @@
 """nnx-trainer's engine: the Trainer, its events, state, compiled steps, data, optimizers and losses.
 
-Public names: ``Trainer``, ``Callback``, ``TrainState``, ``ArrayLoader``, ``ArrayLoaderIterator``,
-``OptimConfig``, ``make_optimizer``, ``make_schedule``, ``Evaluator``, ``Checkpoint``,
-``CheckpointError``, ``load_model``, ``read_model_info``, ``last_value``, and the modules ``losses``, ``optim``, ``export``.
+Public names: ``Trainer``, ``Callback``, ``CallbackList``, ``DefaultInterval``, ``TrainState``,
+``ArrayLoader``, ``ArrayLoaderIterator``, ``OptimConfig``, ``make_optimizer``, ``make_schedule``,
+``Evaluator``, ``Checkpoint``, ``CheckpointError``, ``load_model``, ``read_model_info``, ``last_value``,
+and the modules ``losses``, ``optim``, ``export``.
 """
 
 from trainer import export, losses, optim

@@ -213,9 +213,11 @@ class Checkpoint(Callback):
         self.open(trainer)
 
     def due_after_step(self, step: int) -> bool:
+        """Whether a save is due after optimizer step ``step`` (``every_n_steps``, ``min_interval_seconds``)."""
         return self.every_n_steps is not None and step % self.every_n_steps == 0 and self._interval_passed()
 
     def due_after_epoch(self, epoch: int) -> bool:
+        """Whether a save is due at the end of epoch ``epoch`` (``every_n_epochs``, ``min_interval_seconds``)."""
         return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0 and self._interval_passed()
 
     def _interval_passed(self) -> bool:

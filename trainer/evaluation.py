@@ -40,6 +40,7 @@ class Evaluator(Callback):
 
     @property
     def state_key(self) -> str:
+        """The key of its checkpointed state: class and prefix, so two evaluators keep their own."""
         return f"{type(self).__name__}[{self.prefix}]"
 
     def __init__(self, data: Iterable[Any], *, every_n_steps: int | None = None,
@@ -75,6 +76,7 @@ class Evaluator(Callback):
         return self.last_metrics
 
     def due_at_epoch_end(self, epoch: int) -> bool:
+        """Whether an evaluation is due at the end of epoch ``epoch`` (``every_n_epochs``)."""
         return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
 
     def on_step_end(self, trainer: "Trainer", step: int, metrics: Mapping[str, Any]) -> None:

@@ -3,6 +3,7 @@
 Per-example criteria (``cross_entropy``, ``cross_entropy_onehot``, ``mse``) return one value per
 example so that evaluation can mask padded rows; ``supervised`` turns a criterion into the
 ``loss_fn(model, batch) -> (loss, metrics)`` that :class:`trainer.Trainer` takes.
+``INPUT_KEYS`` and ``LABEL_KEYS`` are the dict keys ``batch_inputs`` and ``batch_labels`` look for, in order.
 
 Example::
 

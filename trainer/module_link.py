@@ -123,11 +123,28 @@ class ModuleLink:
         writer = record[0]()
         return writer is not None and (writer is self or not mine) and _held(record[1]) is value
 
-    def restore(self, state: Any) -> None:
+    def restore(self, state: Any) -> Any:
         """A state assigned (a restore, a rollback, a resume): what was written into the module and not yet
-        taken is discarded for this trainer, kept for the others, and the module holds the restored state."""
+        taken is discarded for this trainer, kept for the others, and the module holds the restored state
+        (in the variables it has now: one replaced by a new object since the last walk is the one written).
+        Returns the state to train: ``state``, with copies of arrays another Trainer trains (``unshared``)."""
+        state = self.unshared(state)
         _keep_unseen_writes(self.siblings())
+        self._walk()
         self.write(state)
+        return state
+
+    def unshared(self, state: Any) -> Any:
+        """``state`` with copies of the arrays another live Trainer of the module put there and still trains (a
+        state assigned from the module, ``nnx.state(model)``): this trainer's steps donate what its state holds."""
+        theirs = set()
+        for writer, token in _LAST.get(self.model, {}).values():
+            if writer() not in (None, self):
+                theirs.add(id(_held(token)))
+        if not theirs:
+            return state
+        copy = lambda x: jax.device_put(x, may_alias=False) if id(x) in theirs else x  # noqa: E731
+        return jax.tree.map(copy, state)
 
     def stale(self, state: Any) -> bool:
         """Whether the module was last updated from another state than ``state``."""
@@ -172,10 +189,20 @@ def before_another_trainer(model: nnx.Module) -> None:
 
 
 def _keep_unseen_writes(links: list[ModuleLink]) -> None:
-    """Each link keeps the writes now in the module that it has not taken, before another Trainer's values
-    replace them there (a new Trainer's copies, a restore's state)."""
+    """Each link keeps the writes now in the module that it has not taken (in the variables the module has
+    now, found by a walk), before another Trainer's values replace them there (a new Trainer's copies, a
+    restore's state)."""
     for link in links:
-        link._pending.update(link.writes()[0])
+        link._walk()
+        link._pending.update(_kept(link.writes()[0]))
+
+
+def _kept(found: dict[Path, Any]) -> dict[Path, Any]:
+    """Copies of written values for a Trainer to take later: the value written may be an array another
+    Trainer's state holds (a layer copied from one it lent, a state assigned from the module), which that
+    Trainer's next step donates."""
+    copy = lambda x: jax.device_put(x, may_alias=False) if isinstance(x, jax.Array) else x  # noqa: E731
+    return {path: jax.tree.map(copy, value) for path, value in found.items()}
 
 
 def _raw_value_setter():
@@ -253,7 +280,7 @@ def adopt_written_weights(trainer: "Trainer", walk: bool = True) -> bool:
     trainer._carry.state = state.replace(params=params, model_state=model_state)  # not a restore (the setter)
     link.write(trainer.state)
     for sibling in link.siblings():  # each trains its own copy, from the same write
-        sibling._pending.update(found)
+        sibling._pending.update(_kept(found))
     return True
 
 

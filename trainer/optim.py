@@ -4,6 +4,7 @@
 ``OptimConfig`` bundles them as one dataclass. The learning rate is injected with
 ``optax.inject_hyperparams`` so that its current value lives in the optimizer state, where
 ``current_learning_rate`` (and the learning-rate monitor) read it, never recomputed by hand.
+``OPTIMIZERS`` and ``SCHEDULES`` list the names ``make_optimizer`` and ``make_schedule`` accept.
 
 Example::
 

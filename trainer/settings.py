@@ -5,6 +5,7 @@ metadata holds its bounds; ``setting_problems(config)`` lists the fields (nested
 included) whose values fall outside them. ``recipes.config_cli`` turns each into a usage error
 naming the flag (``--max-shift -1 must be >= 0``) before anything is built, where the value would
 otherwise fail deep inside JAX or a constructor that names a Python argument.
+A field's ``Bounds`` sit in its dataclass metadata under ``METADATA_KEY``.
 
 Example::
 

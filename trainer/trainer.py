@@ -255,11 +255,11 @@ class Trainer:
                              "saved = jax.tree.map(jnp.copy, trainer.state).")
         handed, at_step = self._step_handed_out
         same_step = value.step is handed and at_step == self.step  # read since the last step ran
+        if hasattr(self, "_link"):  # a write into the module was to the state replaced: the new one wins
+            value = self._link.restore(value)
         self._carry.state = value
         if not same_step:  # max_steps, intervals and checkpoints count with trainer.step
             self.step = int(jax.device_get(value.step))
-        if hasattr(self, "_link"):  # a write into the module was to the state replaced: the new one wins
-            self._link.restore(value)
 
     @property
     def _sums(self) -> dict[str, Sums | None]:  # named running sums of the step metrics
@@ -342,7 +342,7 @@ class Trainer:
         return {name: sums_snapshot(sums) for name, sums in self._carry.peek_sums().items() if sums is not None}
 
     def record(self, name: str, value: float) -> None:
-        """Hands a host value (throughput, a timing) to the loggers' window that ends at this step (or the next)."""
+        """Hands a host value (throughput, a timing) to the loggers' first window ending at this step or later."""
         self.pending_logs[name] = (self.step, recorded_number(name, value))
 
     @property

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import jax
 import numpy as np
 
+from trainer.dtypes import is_floating
 from trainer.checkpoint_store import FORMAT, CheckpointStore, flatten
 from trainer.json_values import jsonable
 from trainer.events import Callback
@@ -242,7 +243,7 @@ class Checkpoint(Callback):
         arrays, leaves = flatten(trainer.state, checksums=False)  # the store computes them off the loop
         by_path = {d["path"]: a for d, a in zip(leaves, arrays.values())}
         bad = [path for path, a in by_path.items()
-               if not path.startswith(".guard") and a.dtype.kind == "f" and not np.isfinite(a).all()]
+               if not path.startswith(".guard") and is_floating(a.dtype) and not np.isfinite(a).all()]
         if bad:
             warnings.warn(f"not saving step {trainer.step}: {bad[:3]} hold non-finite values; the last good "
                           "checkpoint stays the newest.", RuntimeWarning, stacklevel=2)

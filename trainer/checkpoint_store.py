@@ -135,6 +135,8 @@ def expected_leaves(tree: Any) -> list[dict[str, Any]]:
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         shape = jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf
+        if not hasattr(shape, "shape"):  # a Python number in a variable: stored as JAX holds it (int32, float32)
+            shape = jax.ShapeDtypeStruct((), jax.dtypes.canonicalize_dtype(np.result_type(leaf)))
         out.append({"path": jax.tree_util.keystr(path), "shape": list(shape.shape), "dtype": str(shape.dtype)})
     return out
 

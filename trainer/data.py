@@ -23,6 +23,8 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
+from trainer.dtypes import holds_numbers
+
 
 class ArrayLoaderIterator:
     """One epoch of an ``ArrayLoader``: yields batches from ``position`` to the epoch's end."""
@@ -348,7 +350,7 @@ def non_numeric_note(batch: Any) -> str | None:
     """For an error tracing a batch: the arrays in it that hold no numbers (file names, say), which JAX
     cannot take, named by their path in the batch; ``None`` when there are none."""
     paths = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]
-             if np.asarray(leaf).dtype.kind in "USOVM"] if batch is not None else []
+             if not holds_numbers(np.asarray(leaf).dtype)] if batch is not None else []
     if not paths:
         return None
     return (f"(the batch's {', '.join(paths)} {'holds' if len(paths) == 1 else 'hold'} no numbers, which JAX cannot "

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from trainer.checkpoint_store import (CheckpointError, check_structure, expected_leaves, flatten, orbax_checkpoint,
@@ -91,4 +92,23 @@ def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
         checkpointer.close()
     verify_checksums(f"the export in {path}", arrays, info["leaves"])
     nnx.update(model, place_like(state, unflatten(state, arrays, info["leaves"])))
+    _fill_abstract_rng_streams(model)
     return model
+
+
+def _fill_abstract_rng_streams(model: nnx.Module) -> None:
+    """An ``nnx.eval_shape`` module's RNG streams, which no export holds, get keys of seed 0 and counts of 0:
+    a layer that draws even in eval mode (``nnx.RNN``'s carry) could not run on placeholders."""
+    streams = nnx.state(model, nnx.RngState)
+    if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(streams)):
+        return
+
+    def concrete(x: Any) -> Any:
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            key = jax.random.key(0)
+            return jax.random.split(key, x.shape) if x.shape else key
+        return jnp.zeros(x.shape, x.dtype)
+
+    nnx.update(model, jax.tree.map(concrete, streams))

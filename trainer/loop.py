@@ -24,6 +24,7 @@ import numpy as np
 from trainer import resume as resuming
 from trainer.data import (add_note, batch_shapes, describe_shapes, epoch_iterator, known_length, non_numeric_note,
                           placing)
+from trainer.dtypes import is_real_number
 from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
 from trainer.module_link import adopt_written_weights
@@ -303,7 +304,7 @@ def finished_metrics(trainer: "Trainer", metrics: dict[str, float]) -> dict[str,
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) or (hasattr(value, "shape") and value.shape == () and
-                                               np.asarray(value).dtype.kind in "biuf")
+                                               is_real_number(np.asarray(value).dtype))
 
 
 def finish_partial_epoch(trainer: "Trainer", evaluate: bool) -> None:

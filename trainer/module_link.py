@@ -86,7 +86,8 @@ class ModuleLink:
     def _walk(self) -> tuple:
         """Finds the module's variables again (a layer replaced since has new ones) and returns its structure:
         each submodule's and variable's path and class."""
-        nodes = [(path, node) for path, node in nnx.iter_graph(self.model) if isinstance(node, (nnx.Module, nnx.Variable))]
+        nodes = [(path, node) for path, node in nnx.iter_graph(self.model)  # a call's sown values come and go
+                 if isinstance(node, (nnx.Module, nnx.Variable)) and not isinstance(node, nnx.Intermediate)]
         by_path = {path: node for path, node in nodes if isinstance(node, nnx.Variable)}
         self._vars = [(path, by_path.get(path)) for path in self._paths]  # None: a variable the module lost
         self._weights = [(path, v) for path, v in self._vars if v is not None and not isinstance(v, nnx.RngState)]

@@ -43,6 +43,7 @@ class TrainState:
         another trainer of this module, a snapshot taken before) stay valid, and the originals are
         freed unless someone else holds them.
         """
+        nnx.pop(model, nnx.Intermediate)  # values an earlier call sowed: that call's own, not state to train
         graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
         if own_arrays:
             params, model_state = jax.device_put((params, model_state), may_alias=False)
@@ -73,8 +74,9 @@ def _zeros(specs: tuple) -> list:
 
 
 def reseed_streams(model: nnx.Module, seed: int) -> None:
-    """Gives every RNG stream of ``model`` a key derived from ``seed`` and the stream's name."""
+    """Gives every RNG stream of ``model`` a key derived from ``seed`` and the stream's name (split to the
+    shape of a stream's keys where they are not one: layers stacked by ``nnx.vmap``, one key per layer)."""
     tags = {node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)}
     if tags:
         base = jax.random.key(seed)
-        nnx.reseed(model, **{tag: jax.random.fold_in(base, zlib.crc32(tag.encode())) for tag in tags})
+        nnx.reseed(model, policy="match_shape", **{tag: jax.random.fold_in(base, zlib.crc32(tag.encode())) for tag in tags})

@@ -189,7 +189,9 @@ def make_train_step(
 
         grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
         (loss, metrics), grads = grad_fn(model)
+        nnx.pop(model, nnx.Intermediate)  # sown values are the call's own, not state to carry to the next step
         _, params, model_state = nnx.split(model, nnx.Param, ...)
+        check_same_structure(state.model_state, model_state)
         guarded = halt_after is not None and state.guard is not None
 
         def apply(params, opt_state):
@@ -329,6 +331,26 @@ def use_matmul_kernel_grads(model: nnx.Module) -> None:
         module.dot_general = dense_grads.dot_general
 
 
+def check_same_structure(before: Any, after: Any) -> None:
+    """Refuses a step that changed the model state's structure (a variable holding ``None`` filled, one of
+    another shape or dtype), naming each: the compiled step carries a state of one structure."""
+    def described(tree: Any) -> dict[str, str]:
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        name = lambda path: jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")  # noqa: E731
+        return {name(path): f"{x.dtype}{list(x.shape)}" for path, x in flat}
+
+    if jax.tree.structure(before) == jax.tree.structure(after) and all(
+            (a.shape, a.dtype) == (b.shape, b.dtype) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))):
+        return
+    was, now = described(before), described(after)
+    changed = [f"{name} ({was.get(name, 'None')} -> {now.get(name, 'None')})" for name in sorted({*was, *now})
+               if was.get(name) != now.get(name)]
+    raise ValueError(f"the model changed its state's structure when called in the train step: {', '.join(changed[:4])}. "
+                     "The compiled step carries one structure from step to step: give such a variable an array of "
+                     "its final shape and dtype in __init__ (not None), or keep per-call values out of the model "
+                     "(self.sow(nnx.Intermediate, ...) values are dropped after each step).")
+
+
 WEIGHT_KEY = "_weight"  # per_example_metrics' weight of each example, when its loss averages over a batch's "mask"
 
 
@@ -343,9 +365,12 @@ def per_example_metrics(loss_fn: Callable[[nnx.Module, Any], Any],
     """
 
     def metrics_fn(model: nnx.Module, batch: Any) -> Metrics:
+        graphdef, state = nnx.split(model)  # each example's own copy: what the model changes when called (an
+        # RNG stream it forks, nnx.RNN; a sow; a transform inside it) stays inside the vmap's trace
+
         def one(example):
             single = jax.tree.map(lambda a: a[None], example)
-            loss, metrics = split_loss_output(loss_fn(model, single), "the loss function (called by compute_metrics "
+            loss, metrics = split_loss_output(loss_fn(nnx.merge(graphdef, state, copy=True), single), "the loss function (called by compute_metrics "
                                               "on each example alone, as a batch of 1)")
             if weigh_by_mask and isinstance(example, Mapping) and MASK_KEY in example:
                 metrics = {**metrics, WEIGHT_KEY: jnp.sum(jnp.asarray(example[MASK_KEY]).astype(jnp.int32))}

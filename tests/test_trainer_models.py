@@ -1,0 +1,190 @@
+"""Models beyond a plain MLP: layers that change their own state when called (``nnx.RNN``'s RNG stream, a
+counter, ``sow``), NNX transforms inside the model, layers stacked by ``nnx.vmap``, bfloat16 parameters,
+Python numbers in variables, a frozen BatchNorm."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from callbacks import Checkpoint
+from trainer import ArrayLoader, Trainer, load_model, losses
+
+RNG = np.random.default_rng(0)
+
+
+def sequences(n: int = 20) -> dict[str, np.ndarray]:
+    x = RNG.normal(size=(n, 5, 3)).astype(np.float32)
+    return {"x": x, "label": (x[..., 0] > 0).astype(np.int32)}
+
+
+def rows(n: int = 32, width: int = 3) -> dict[str, np.ndarray]:
+    x = RNG.normal(size=(n, width)).astype(np.float32)
+    return {"x": x, "label": (x[:, 0] > 0).astype(np.int32)}
+
+
+class Recurrent(nnx.Module):
+    """Flax's own RNN: it forks its RNG stream on every call, in eval mode too."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.rnn = nnx.RNN(nnx.LSTMCell(3, 8, rngs=rngs))
+        self.head = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.rnn(x))
+
+
+class Sowing(nnx.Module):
+    """Sows a value on each call (and counts its calls' rows in a variable of its own)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(3, 2, rngs=rngs)
+        self.seen = nnx.Variable(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x):
+        h = self.lin(x)
+        self.sow(nnx.Intermediate, "logits_mean", h.mean())
+        self.seen.set_value(self.seen.get_value() + x.shape[0])
+        return h
+
+
+@pytest.mark.filterwarnings("ignore:Using 'Module.sow:DeprecationWarning")  # flax's newer nnx.capture: the same
+def test_models_that_change_their_state_when_called_are_evaluated_exactly():
+    """The default compute_metrics vmaps the loss over the examples with the model captured from outside the
+    vmap: nnx.RNN (its RNG stream), a counter or a sow raised TraceContextError, in evaluate and in fit."""
+    data = sequences()
+    loader = ArrayLoader(data, 8, shuffle=False, drop_remainder=False)  # a padded last batch of 4
+    trainer = Trainer(Recurrent(nnx.Rngs(0)), optax.adam(1e-2), max_steps=2)
+    history = trainer.fit(loader, eval_data=loader)
+    model = trainer.model
+    model.eval()
+    logits = model(jnp.asarray(data["x"]))
+    expected = float(losses.cross_entropy(logits, data["label"]).mean())
+    assert trainer.evaluate(loader)["loss"] == pytest.approx(expected, rel=1e-5)
+    assert history[-1]["eval/loss"] == pytest.approx(expected, rel=1e-5)
+
+    data = rows()
+    trainer = Trainer(Sowing(nnx.Rngs(0)), optax.sgd(0.1), max_steps=4)
+    trainer.fit(ArrayLoader(data, 8), eval_data=ArrayLoader(data, 8, shuffle=False))
+    assert int(trainer.state.model_state["seen"][...]) == 4 * 8  # training steps count; evaluations change nothing
+    assert not jax.tree.leaves(nnx.filter_state(trainer.state.model_state, nnx.Intermediate))  # dropped after each step
+    trainer.model(jnp.asarray(data["x"][:4]))  # an eager look sows into the module: no layer added for the trainer
+    np.testing.assert_allclose(trainer.predict(data["x"]), trainer.model.lin(jnp.asarray(data["x"])), rtol=1e-6)
+
+
+def test_a_variable_that_a_call_fills_is_refused_by_name():
+    class Filling(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 2, rngs=rngs)
+            self.last = nnx.Variable(None)
+
+        def __call__(self, x):
+            h = self.lin(x)
+            self.last.set_value(h)
+            return h
+
+    trainer = Trainer(Filling(nnx.Rngs(0)), optax.sgd(0.1), max_steps=1)
+    with pytest.raises(ValueError, match=r"last \(None -> float32\[8, 2\]\).*__init__"):
+        trainer.fit(ArrayLoader(rows(), 8))
+
+
+def test_layers_stacked_by_vmap_with_dropout_train_with_a_key_per_layer():
+    """nnx.reseed refused the stacked streams' keys (not scalars): no Trainer could be built for Flax's own
+    scan-over-layers pattern with dropout."""
+    layers = 3
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.lin, self.drop = nnx.Linear(4, 4, rngs=rngs), nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.drop(nnx.relu(self.lin(x)))
+
+    class Stacked(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Block(rngs)
+
+            self.inp, self.blocks, self.out = nnx.Linear(3, 4, rngs=rngs), make(rngs), nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def body(h, block):
+                return block(h)
+
+            return self.out(body(self.inp(x), self.blocks))
+
+    trainer = Trainer(Stacked(nnx.Rngs(0)), optax.sgd(0.1), max_steps=2, seed=3)
+    keys = jax.random.key_data(trainer.state.model_state["blocks"]["drop"]["rngs"]["key"][...])
+    assert keys.shape[0] == layers and len({tuple(k) for k in np.asarray(keys)}) == layers  # each layer its own
+    data = rows()
+    trainer.fit(ArrayLoader(data, 8))
+    model = trainer.model
+    model.eval()
+    assert trainer.evaluate(ArrayLoader(data, 8, shuffle=False))["loss"] == pytest.approx(
+        float(losses.cross_entropy(model(jnp.asarray(data["x"])), data["label"]).mean()), rel=1e-5)
+
+
+def test_non_finite_bfloat16_parameters_are_not_checkpointed(tmp_path):
+    """numpy's kind of bfloat16 is 'V', not 'f': the check of a save by kind let NaN parameters through."""
+    model = nnx.Linear(3, 2, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    trainer = Trainer(model, optax.sgd(jnp.inf), max_steps=1, workdir=tmp_path,
+                      callbacks=[Checkpoint(every_n_steps=1)])
+    with pytest.warns(RuntimeWarning, match="not saving step 1"):
+        trainer.fit(ArrayLoader(rows(16), 8))
+    assert not list((tmp_path / "checkpoints").glob("*1*"))
+
+
+def test_an_export_loads_into_a_fresh_module_with_a_python_number_and_an_abstract_one_with_rng_streams(tmp_path):
+    class Counting(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 2, rngs=rngs)
+            self.seen = nnx.Variable(0)  # a Python number, as Flax allows
+
+        def __call__(self, x):
+            self.seen.set_value(self.seen.get_value() + x.shape[0])
+            return self.lin(x)
+
+    trainer = Trainer(Counting(nnx.Rngs(0)), optax.sgd(0.1), max_steps=2)
+    trainer.fit(ArrayLoader(rows(), 8))
+    trainer.save_model(tmp_path / "counting")
+    assert int(load_model(tmp_path / "counting", Counting(nnx.Rngs(1))).seen.get_value()) == 16
+
+    data = sequences(8)
+    trainer = Trainer(Recurrent(nnx.Rngs(0)), optax.sgd(0.1), max_steps=1)
+    trainer.fit(ArrayLoader(data, 8))
+    trainer.save_model(tmp_path / "rnn")
+    loaded = load_model(tmp_path / "rnn", nnx.eval_shape(lambda: Recurrent(nnx.Rngs(0))))  # no RNG streams saved
+    loaded.eval()
+    np.testing.assert_allclose(loaded(jnp.asarray(data["x"])), trainer.predict(data["x"]), rtol=1e-5, atol=1e-6)
+
+
+class Normed(nnx.Module):
+    def __init__(self, rngs):
+        self.lin, self.bn, self.out = nnx.Linear(3, 4, rngs=rngs), nnx.BatchNorm(4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.bn(self.lin(x)))
+
+
+def test_padding_with_batch_statistics_warns_and_a_frozen_batchnorm_stays_frozen_by_the_readmes_override():
+    with pytest.warns(UserWarning, match="ragged_batches='pad' with batch statistics"):
+        Trainer(Normed(nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, ragged_batches="pad").fit(ArrayLoader(rows(), 8))
+
+    class FrozenNorm(Trainer):
+        def compute_loss(self, model, batch):
+            model.bn.eval()
+            return super().compute_loss(model, batch)
+
+    for cls, moves in ((Trainer, True), (FrozenNorm, False)):
+        model = Normed(nnx.Rngs(0))
+        before = np.array(model.bn.mean[...])
+        trainer = cls(model, optax.sgd(0.1), max_steps=3)
+        trainer.fit(ArrayLoader(rows(), 8))
+        assert (np.abs(np.array(trainer.model.bn.mean[...]) - before).max() > 0) == moves, cls.__name__

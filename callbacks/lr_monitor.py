@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from trainer.events import Callback
-from trainer.optim import current_learning_rate
+from trainer.optim import learning_rates
 from trainer.step import StepInfo
 
 
@@ -34,17 +34,21 @@ class LearningRateMonitor(Callback):
         self.hyperparam = hyperparam
 
     def probe(self, info: StepInfo) -> dict[str, jax.Array]:
-        """The in-step probe: the learning rate the step used, read from the optimizer state."""
-        return {self.name: current_learning_rate(info.opt_state, self.hyperparam)}
+        """The in-step probe: the learning rate the step used, read from the optimizer state (one per group of
+        ``optax.multi_transform`` with a rate of its own: ``learning_rate/<group>``)."""
+        rates = learning_rates(info.opt_state, self.hyperparam)
+        return {f"{self.name}/{label}" if label else self.name: rate for label, rate in rates.items()}
 
     def on_fit_start(self, trainer: Any) -> None:
-        if current_learning_rate(trainer.state.opt_state, self.hyperparam) is None:
+        rates = learning_rates(trainer.state.opt_state, self.hyperparam)
+        if not rates:
             raise ValueError(
                 f"LearningRateMonitor cannot find {self.hyperparam!r} in the optimizer state: build the "
                 "optimizer with trainer.optim.make_optimizer / OptimConfig, or wrap it with "
                 "optax.inject_hyperparams(optax.adamw)(learning_rate=...); an optimizer whose rate has "
                 "another name: LearningRateMonitor(hyperparam='step_size')."
             )
-        trainer.metric_reductions[self.name] = "last"
+        for label in rates:
+            trainer.metric_reductions[f"{self.name}/{label}" if label else self.name] = "last"
         if self.probe not in trainer.probes:
             trainer.probes.append(self.probe)

@@ -163,6 +163,8 @@ class MetricsLogger(Callback):
         does it, and so does a callback listed before this logger that reads ``history`` there (``Plots``)."""
         self._write_hparams_if_new()
         self._write_pending(trainer)
+        if trainer.preempted:  # the checkpoint holds the partial window's sums: the resumed run writes it whole,
+            return  # as the unbroken run does (written now, it would stay in the logs beside that one)
         if trainer.step > self.last_logged_step:  # the last, partial window, read without restarting it: a
             # checkpoint keeps its sums whichever callback saves first, and the window's own record (a
             # later fit, a resume) still counts all its steps, as the unbroken run's does
@@ -208,7 +210,7 @@ class MetricsLogger(Callback):
         self._taken.update(taken)
         loggers = [cb for cb in trainer.callbacks.callbacks if isinstance(cb, MetricsLogger)]
         for name, entry in taken.items():  # every logger has it: dropped (each logger writes each value once)
-            if all(logger._taken.get(name) is entry for logger in loggers):
+            if trainer.pending_logs.get(name) is entry and all(logger._taken.get(name) is entry for logger in loggers):
                 del trainer.pending_logs[name]
         self.last_logged_step = step
         if scalars:

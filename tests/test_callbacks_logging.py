@@ -581,6 +581,19 @@ def test_a_value_recorded_every_step_reaches_every_window_with_its_steps_value(m
     assert [(step, s.get("probe")) for step, s in logger.history] == [(step, step) for step in range(4, 33, 4)]
 
 
+def test_a_value_recorded_just_after_a_window_ended_is_not_dropped_with_the_windows_value(model, data):
+    """The window is written a step late: taking its (older) value dropped the name, the newer value with it."""
+
+    class At(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step in (3, 6, 13):
+                trainer.record("probe", step)
+
+    logger = MetricsLogger([Memory()], log_every=5)
+    Trainer(model, optax.sgd(0.1), max_steps=15, callbacks=[At(), logger]).fit(ArrayLoader(data, 8))
+    assert [(step, s["probe"]) for step, s in logger.history if "probe" in s] == [(5, 3), (10, 6), (15, 13)]
+
+
 def test_epoch_summary_prints_counts_as_integers():
     from callbacks.epoch_summary import _format
 

@@ -359,6 +359,34 @@ def test_max_to_keep_and_best_k_retention(tmp_path, data):
     assert kept == [6, 15, 18]  # the best (epoch 2, step 6) and the two newest
 
 
+def test_the_best_checkpoint_loads_into_a_model_built_afresh(tmp_path, data):
+    """No way led from a kept best checkpoint to a model (load_model read exports only)."""
+    from trainer import load_model
+
+    scores = iter([0.9, 0.1, 0.8, 0.7])
+    kept = {}
+
+    class Score(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            logs["score"] = next(scores)
+            kept[trainer.step] = jax.tree.map(np.array, trainer.state.params)
+
+    cp = Checkpoint(every_n_epochs=1, max_to_keep=1, monitor="score", mode="min")
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=4, workdir=tmp_path,
+                      callbacks=[Score(), cp])
+    trainer.fit(ArrayLoader(data, 32))
+    assert cp.best_step == 6 and cp.best_path == tmp_path.absolute() / "checkpoints" / "step_6"
+    best = load_model(cp.best_path, TinyMLP(rngs=nnx.Rngs(1)))
+    assert bitwise_equal([np.asarray(x) for x in jax.tree.leaves(nnx.state(best, nnx.Param))],
+                         [np.asarray(x) for x in jax.tree.leaves(kept[6])])
+    newest = load_model(tmp_path, TinyMLP(rngs=nnx.Rngs(1)))  # a run's workdir: its newest checkpoint
+    assert bitwise_equal([np.asarray(x) for x in jax.tree.leaves(nnx.state(newest, nnx.Param))],
+                         [np.asarray(x) for x in jax.tree.leaves(trainer.state.params)])
+    with pytest.raises(CheckpointError, match="lacks|has"):
+        load_model(cp.best_path, nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    assert Checkpoint().best_step is None  # no monitor
+
+
 @pytest.mark.parametrize("mode, scores, best", [("min", [0.5, float("nan"), 0.8, 0.9, 0.95], 3),
                                                 ("max", [0.5, float("nan"), 0.4, 0.3, 0.2], 3)])
 def test_a_nan_of_the_monitored_metric_ranks_last_and_the_best_is_kept(tmp_path, data, mode, scores, best):
@@ -514,6 +542,9 @@ def test_sigterm_saves_exits_143_and_resumes_bitwise(tmp_path):
     assert resumed.returncode == 0 and "resumed from checkpoint step 7" in resumed.stderr
     a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
     assert bitwise_equal([a[k] for k in a.files], [b[k] for k in b.files])
+    # the logs too: the preempted fit wrote no interim record of its partial window (step 7), which stayed
+    logged = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("ref", "run")]
+    assert logged[0] == logged[1] and any('"step": 8' in line for line in logged[0])
 
 
 def test_nan_rollback_restores_skips_the_bad_batch_and_matches_a_clean_run(tmp_path):

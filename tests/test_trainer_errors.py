@@ -554,3 +554,14 @@ def test_keras_and_lightning_argument_names_say_what_they_are_called_here(model,
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'$"):  # unknown anywhere: Python's own
         Trainer(model, optax.sgd(0.1), colour="red")
     assert trainer.step == 0 and "max_epochs" in inspect.signature(Trainer).parameters  # the signature as written
+
+
+def test_warnings_point_at_the_users_own_line(model, data):
+    """fit / evaluate are wrapped (Keras's names): warnings aimed one frame up named trainer/other_names.py."""
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1)
+    trainer.fit(ArrayLoader(data, 8))
+    with pytest.warns(UserWarning, match="nothing to do") as fit_warning:
+        trainer.fit(ArrayLoader(data, 8))
+    with pytest.warns(UserWarning, match="leaves out") as evaluate_warning:
+        trainer.evaluate(ArrayLoader({k: v[:20] for k, v in data.items()}, 8))
+    assert [w.filename for w in (*fit_warning, *evaluate_warning)] == [__file__, __file__]

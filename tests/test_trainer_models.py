@@ -188,3 +188,75 @@ def test_padding_with_batch_statistics_warns_and_a_frozen_batchnorm_stays_frozen
         trainer = cls(model, optax.sgd(0.1), max_steps=3)
         trainer.fit(ArrayLoader(rows(), 8))
         assert (np.abs(np.array(trainer.model.bn.mean[...]) - before).max() > 0) == moves, cls.__name__
+
+
+class Decoder(nnx.Module):
+    """Flax's attention with its decoding cache (``init_cache`` adds ``nnx.Cache`` variables)."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(11, 8, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(2, 8, decode=False, rngs=rngs)
+        self.out = nnx.Linear(8, 11, rngs=rngs)
+
+    def __call__(self, tokens, decode: bool = False):
+        h = self.embed(tokens)
+        mask = None if decode else nnx.make_causal_mask(tokens)
+        return self.out(self.attn(h, mask=mask, decode=decode))
+
+
+def test_a_decoding_cache_made_after_the_trainer_is_the_modules_own_and_no_export_holds_it(tmp_path):
+    """Caches made for generation through trainer.model counted as layers added: every later fit, evaluate,
+    predict and save was refused; an export held them (its batch size baked in) and a fresh model could not
+    load it."""
+    tokens = RNG.integers(0, 11, size=(16, 6)).astype(np.int32)
+    data = {"tokens": tokens[:, :-1], "label": tokens[:, 1:]}
+    trainer = Trainer(Decoder(nnx.Rngs(0)), optax.adam(1e-2), max_steps=2)
+    trainer.fit(ArrayLoader(data, 8))
+    model = trainer.model
+    model.attn.init_cache((3, 4, 8))  # generation for 3 prompts
+    step_logits = [model(jnp.asarray(tokens[:3, i:i + 1]), decode=True) for i in range(4)]
+    full = trainer.predict(tokens[:3, :4])
+    np.testing.assert_allclose(np.concatenate(step_logits, axis=1), full, atol=1e-5)
+    trainer.max_steps = 4
+    trainer.fit(ArrayLoader(data, 8))
+    assert trainer.step == 4 and model.attn.cached_key.shape[0] == 3  # the module keeps its cache
+    trainer.save_model(tmp_path / "export")
+    loaded = load_model(tmp_path / "export", Decoder(nnx.Rngs(1)))  # built afresh: no cache
+    np.testing.assert_allclose(loaded(jnp.asarray(tokens[:, :-1])), trainer.predict(data["tokens"]), atol=1e-6)
+
+
+def test_groups_of_multi_transform_with_rates_of_their_own_are_monitored_each():
+    """The monitor said to wrap the optimizer with inject_hyperparams, which the user had done, twice."""
+    from callbacks import LearningRateMonitor, MetricsLogger, MetricWriter
+
+    class Memory(MetricWriter):
+        def __init__(self):
+            self.rows = []
+
+        def write_scalars(self, step, scalars):
+            self.rows.append(dict(scalars))
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: "head" if path[0].key == "out" else "body", params)
+
+    tx = optax.multi_transform({"head": optax.inject_hyperparams(optax.adam)(1e-2),
+                                "body": optax.inject_hyperparams(optax.sgd)(1e-3)}, labels)
+    memory = Memory()
+    trainer = Trainer(Normed(nnx.Rngs(0)), tx, max_steps=2,
+                      callbacks=[LearningRateMonitor(), MetricsLogger([memory], log_every=2)])
+    trainer.fit(ArrayLoader(rows(), 8))
+    assert memory.rows[-1]["learning_rate/head"] == pytest.approx(1e-2)
+    assert memory.rows[-1]["learning_rate/body"] == pytest.approx(1e-3)
+    assert trainer.learning_rate is None  # which one would it be
+
+
+def test_a_trainer_without_an_optimizer_evaluates_and_predicts_and_refuses_to_fit():
+    data = rows(20)
+    model = Normed(nnx.Rngs(0))
+    trainer = Trainer(model)  # Lightning's validate / predict need no optimizer; nor max_epochs / max_steps
+    model.eval()
+    logits = model(jnp.asarray(data["x"]))
+    assert trainer.evaluate(data)["loss"] == pytest.approx(float(losses.cross_entropy(logits, data["label"]).mean()))
+    np.testing.assert_allclose(trainer.predict(data["x"]), logits, rtol=1e-6)
+    with pytest.raises(TypeError, match="without an optimizer"):
+        trainer.fit(ArrayLoader(data, 4))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numbers
 import sys
-import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -24,6 +23,7 @@ from trainer.events import DefaultInterval
 from trainer.jaxprs import any_equation, equations, scan_unroll, use_chunk_guard
 from trainer.step import make_train_step
 from trainer.sums import restart_trainer_sums
+from trainer.user_warnings import warn
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -93,9 +93,9 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
             trainer.metric_reductions)
     by_real_rows = {"weigh_by_mask": trainer.ragged_batches == "pad"}  # a padded batch counts by its real rows
     if by_real_rows["weigh_by_mask"] and jax.tree.leaves(nnx.filter_state(trainer.state.model_state, nnx.BatchStat)):
-        warnings.warn("ragged_batches='pad' with batch statistics (BatchNorm): the rows that pad an epoch's last "
-                      "batch count in that batch's statistics in training (the mask reaches the loss, not the layers). "
-                      "Use ragged_batches='drop' for such a model, or batches that divide the data.", stacklevel=3)
+        warn("ragged_batches='pad' with batch statistics (BatchNorm): the rows that pad an epoch's last "
+             "batch count in that batch's statistics in training (the mask reaches the loss, not the layers). "
+             "Use ragged_batches='drop' for such a model, or batches that divide the data.", stacklevel=3)
     pure = make_train_step(*args, **by_real_rows).pure
     try:
         jaxpr, (_, metric_shapes) = jax.make_jaxpr(pure, return_shape=True)(trainer.state, batch)

@@ -189,6 +189,20 @@ class Checkpoint(Callback):
         self.last_saved_step: int | None = None
         self._last_saved_at: float | None = None
 
+    @property
+    def best_step(self) -> int | None:
+        """The step of the best checkpoint kept by ``monitor`` (``None``: no monitor, or nothing saved yet)."""
+        if self.monitor is None or self.store is None:
+            return None
+        self.store.wait()
+        return self.store.manager.best_step()
+
+    @property
+    def best_path(self) -> Path | None:
+        """The folder of the best checkpoint (``best_step``): ``load_model(checkpoint.best_path, model)``."""
+        step = self.best_step
+        return None if step is None else self.store.folder(step)
+
     def folder(self, trainer: "Trainer") -> Path | None:
         """Where this callback saves: ``directory``, or ``<workdir>/checkpoints`` (None: neither is set)."""
         if self._given_directory is not None:

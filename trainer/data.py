@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import collections.abc
 import numbers
-import warnings
 from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
 
 from trainer.dtypes import holds_numbers
+from trainer.user_warnings import warn
 
 
 class ArrayLoaderIterator:
@@ -238,14 +238,14 @@ def check_every_row_in_order(data: Any, name: str) -> None:
                          f"pass ArrayLoader(arrays, {data.batch_size}, shuffle=False, drop_remainder=False).")
 
 
-def warn_if_rows_left_out(data: Any, name: str, stacklevel: int = 3) -> None:
-    """Warns when an ``ArrayLoader`` evaluated leaves rows out (``drop_remainder=True``), so the metrics miss
-    them; ``stacklevel`` points the warning at the user's call."""
+def warn_if_rows_left_out(data: Any, name: str) -> None:
+    """Warns, at the user's call, when an ``ArrayLoader`` evaluated leaves rows out (``drop_remainder=True``), so
+    the metrics miss them."""
     dropped = rows_left_out(data)
     if dropped:
-        warnings.warn(f"{name} is an ArrayLoader that leaves out its last {dropped} of {data.num_examples} rows "
-                      "(drop_remainder=True), so the metrics miss them; pass drop_remainder=False (the last "
-                      "batch is padded and masked: every row counts once).", stacklevel=stacklevel)
+        warn(f"{name} is an ArrayLoader that leaves out its last {dropped} of {data.num_examples} rows "
+             "(drop_remainder=True), so the metrics miss them; pass drop_remainder=False (the last "
+             "batch is padded and masked: every row counts once).")
 
 
 def epoch_iterator(data: Any, epoch: int, position: int, saved_state: Mapping[str, Any] | None = None
@@ -262,13 +262,13 @@ def epoch_iterator(data: Any, epoch: int, position: int, saved_state: Mapping[st
             iterator.set_state({**saved_state, "epoch": epoch, "position": position})
         return iterator, position
     if position and isinstance(data, collections.abc.Iterator):  # one pass: it goes on, not from the start
-        warnings.warn(f"continuing epoch {epoch} after batch {position}: {type(data).__name__} is a one-pass "
-                      "iterator, so it goes on with the batches it has not given yet, less those a prefetch "
-                      "thread had read ahead (dropped when the last fit stopped). Use ArrayLoader for exact "
-                      "continuation.", stacklevel=4)
+        warn(f"continuing epoch {epoch} after batch {position}: {type(data).__name__} is a one-pass "
+             "iterator, so it goes on with the batches it has not given yet, less those a prefetch "
+             "thread had read ahead (dropped when the last fit stopped). Use ArrayLoader for exact "
+             "continuation.", stacklevel=4)
     elif position:
-        warnings.warn(f"continuing epoch {epoch} after batch {position}, but {type(data).__name__} cannot "
-                      "seek: it starts a fresh pass. Use ArrayLoader for exact continuation.", stacklevel=4)
+        warn(f"continuing epoch {epoch} after batch {position}, but {type(data).__name__} cannot "
+             "seek: it starts a fresh pass. Use ArrayLoader for exact continuation.", stacklevel=4)
     return iter(data), 0
 
 

@@ -28,8 +28,9 @@ from trainer.checkpoint_store import (CheckpointError, check_structure, expected
 from trainer.json_values import jsonable
 from trainer.data import first_line
 
-INFERENCE_STATE = nnx.Not(nnx.RngState)
-"""What inference needs: every variable but the RNG streams (parameters, batch statistics...)."""
+INFERENCE_STATE = nnx.Not(nnx.Any(nnx.RngState, nnx.Cache, nnx.Intermediate))
+"""What inference needs: every variable but the RNG streams, decoding caches and sown values (parameters, batch
+statistics...): a model built afresh has no caches or sown values, and their batch size is the caller's."""
 
 
 def save_model(model: nnx.Module, path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> Path:
@@ -70,6 +71,10 @@ def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
 def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
     """Loads an export into ``model`` (built like the saved one), in place, and returns it.
 
+    ``path`` may also be a training checkpoint: a ``step_<N>`` folder (``Checkpoint.best_path``, the best
+    by its monitor), or a checkpoints folder or run's workdir (its newest good checkpoint); the model's
+    parameters and other state (RNG streams included) are taken from it, the optimizer state left.
+
     Raises:
       CheckpointError: the module's structure differs (names the path and both shapes), an array
         fails its checksum, or ``model.json`` or the weights are damaged.
@@ -78,6 +83,8 @@ def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
         raise TypeError(f"load_model(path, model) takes the export's folder, then the nnx.Module to fill; got a "
                         f"{type(path).__name__} and a {type(model).__name__}.")
     path = Path(path).absolute()
+    if not (path / "model.json").exists() and _is_checkpoint(path):
+        return _load_checkpoint(path, model)
     info = read_model_info(path)
     _, state, _ = nnx.split(model, INFERENCE_STATE, ...)
     check_structure(f"the export in {path}", info["leaves"], expected_leaves(state), "model")
@@ -93,6 +100,33 @@ def load_model(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
     verify_checksums(f"the export in {path}", arrays, info["leaves"])
     nnx.update(model, place_like(state, unflatten(state, arrays, info["leaves"])))
     _fill_abstract_rng_streams(model)
+    return model
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a training checkpoint's step folder, a checkpoints folder, or a run's workdir."""
+    return (path / "meta").is_dir() or any(path.glob("step_*/meta")) or any(path.glob("checkpoints/step_*/meta"))
+
+
+def _load_checkpoint(path: Path, model: nnx.Module) -> nnx.Module:
+    """``load_model`` from a training checkpoint: its ``params`` and ``model_state`` into ``model``."""
+    from trainer.resume import find_store
+    from trainer.state import TrainState
+
+    store, step = find_store(None, path)
+    try:
+        found = store.restore_newest(step=step)
+    finally:
+        store.close()
+    if found is None:
+        raise CheckpointError(f"{path} holds no readable checkpoint; pass a step_<N> folder or an export.")
+    step, meta, arrays = found
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    template = TrainState(params=params, model_state=model_state, opt_state=None, step=None)
+    described = [d for d in meta["leaves"] if d["path"].startswith((".params", ".model_state"))]
+    check_structure(f"checkpoint step {step} in {store.directory}", described, expected_leaves(template), "model")
+    restored = place_like(template, unflatten(template, arrays, described))
+    nnx.update(model, restored.params, restored.model_state)
     return model
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import warnings
 from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 
 from trainer.data import batch_shapes, batch_size_of, describe_shapes, pad_batch
+from trainer.user_warnings import warn
 
 RAGGED = ("drop", "pad")
 MASK_KEY = "mask"
@@ -101,10 +101,10 @@ class CompiledShapes:
         described = self.others.get(shapes)
         if described is None:  # described once per set of shapes: bucketed data meets each again and again
             described = self.others[shapes] = describe_shapes(batch)
-            warnings.warn(f"{where} has shapes {described}, unlike the first batch's {self.first_described} "
-                          "(only the batch size of an epoch's last batch may differ): the step compiles again "
-                          "for them. Give every batch the same shapes (pad variable-length inputs to one "
-                          "length) to compile once.", stacklevel=3)
+            warn(f"{where} has shapes {described}, unlike the first batch's {self.first_described} "
+                 "(only the batch size of an epoch's last batch may differ): the step compiles again "
+                 "for them. Give every batch the same shapes (pad variable-length inputs to one "
+                 "length) to compile once.", stacklevel=3)
         return shapes, (f"{where} has shapes {described}, unlike the first batch's {self.first_described}")
 
 
@@ -157,19 +157,19 @@ def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
             batch = with_mask(padded, mask)
         elif size < full:
             if not warned:
-                warnings.warn(f"dropped a batch of {size} rows, fewer than the first batch's {full} (usually an epoch's "
-                              "last): a second shape would compile the step again. Trainer(ragged_batches='pad') "
-                              "trains on it padded and masked instead.", stacklevel=2)
+                warn(f"dropped a batch of {size} rows, fewer than the first batch's {full} (usually an epoch's "
+                     "last): a second shape would compile the step again. Trainer(ragged_batches='pad') "
+                     "trains on it padded and masked instead.", stacklevel=2)
                 warned = True
             continue
         if pending and shapes != pending_shapes:  # a chunk cannot stack two shapes: what it holds runs
             if not plan.shapes.split_chunk:  # as single steps, and chunks start again at the next multiple of K
                 plan.shapes.split_chunk = True
-                warnings.warn(f"{where} has shapes {describe_shapes(batch)}, unlike the {len(pending)} batch(es) "
-                              f"before it in a chunk of steps_per_execution={k}: those run as single steps, as "
-                              f"will the batches up to the next step that is a multiple of {k}. Give batches of "
-                              f"one shape in runs of {k} (bucketed lengths: whole chunks per bucket) to keep "
-                              "every step fused.", stacklevel=2)
+                warn(f"{where} has shapes {describe_shapes(batch)}, unlike the {len(pending)} batch(es) "
+                     f"before it in a chunk of steps_per_execution={k}: those run as single steps, as "
+                     f"will the batches up to the next step that is a multiple of {k}. Give batches of "
+                     f"one shape in runs of {k} (bucketed lengths: whole chunks per bucket) to keep "
+                     "every step fused.", stacklevel=2)
             for item in pending:
                 step += 1
                 yield single(item)

@@ -93,7 +93,7 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
     """Mean of ``trainer.compute_metrics`` over every example of ``data``, between the eval hooks."""
     check_batch_source(data, "evaluate's data")
     if not trainer.fitting:  # an Evaluator warned when it was built
-        warn_if_rows_left_out(data, "evaluate's data", stacklevel=4)
+        warn_if_rows_left_out(data, "evaluate's data")
     _build_eval_step(trainer)
     adopt_written_weights(trainer)  # weights loaded into the model since: evaluated, as Keras would
     trainer.eval_prefix = prefix

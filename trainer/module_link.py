@@ -45,6 +45,11 @@ _LAST: "weakref.WeakKeyDictionary[nnx.Module, dict]" = weakref.WeakKeyDictionary
 that value, while its Trainer lives, is no write for any Trainer of the module; anything else there is."""
 
 
+TRANSIENT = (nnx.Intermediate, nnx.Cache)
+"""Variables a call adds and fills for itself (``sow``; ``init_cache`` for decoding): no layer of the model,
+and none of the weights it trains. Those the module held when the Trainer was built stay in its state."""
+
+
 def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
@@ -74,6 +79,7 @@ class ModuleLink:
         self._holds: weakref.ref | None = None  # the state the module was last updated from
         variables = _state_variables(state)
         self._paths = [path for path, _ in variables]  # in the state's order
+        self._transient = {path for path, v in variables if isinstance(v, TRANSIENT)}  # the module's own to change
         self._num_params = len(_variables(state.params))
         # arrays each variable holds (0 for None, several for a tuple): where its leaves sit in the state's
         self._counts = [len(jax.tree.leaves(v.get_raw_value())) for _, v in variables]
@@ -86,10 +92,11 @@ class ModuleLink:
     def _walk(self) -> tuple:
         """Finds the module's variables again (a layer replaced since has new ones) and returns its structure:
         each submodule's and variable's path and class."""
-        nodes = [(path, node) for path, node in nnx.iter_graph(self.model)  # a call's sown values come and go
-                 if isinstance(node, (nnx.Module, nnx.Variable)) and not isinstance(node, nnx.Intermediate)]
-        by_path = {path: node for path, node in nodes if isinstance(node, nnx.Variable)}
-        self._vars = [(path, by_path.get(path)) for path in self._paths]  # None: a variable the module lost
+        nodes = [(path, node) for path, node in nnx.iter_graph(self.model)  # a call's sown values and decoding
+                 if isinstance(node, (nnx.Module, nnx.Variable)) and not isinstance(node, TRANSIENT)]  # caches
+        by_path = {path: node for path, node in nodes if isinstance(node, nnx.Variable)}  # come and go
+        self._vars = [(path, by_path.get(path)) for path in self._paths  # None: a variable the module lost
+                      if path not in self._transient]
         self._weights = [(path, v) for path, v in self._vars if v is not None and not isinstance(v, nnx.RngState)]
         self._targets = [(path, v) for path, v in self._vars if v is not None]
         return tuple((path, type(node)) for path, node in nodes)

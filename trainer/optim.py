@@ -273,15 +273,22 @@ def global_norm(tree: Any, squared: bool = False) -> jax.Array:
 
 
 def current_learning_rate(opt_state: Any, hyperparam: str = "learning_rate") -> jax.Array | None:
-    """The learning rate of the last update, read from ``inject_hyperparams`` state (else None);
-    ``hyperparam`` names it where the optimizer calls it otherwise (``step_size``)."""
-    try:
-        return optax.tree_utils.tree_get(
-            opt_state, hyperparam,
-            filtering=lambda _path, value: isinstance(value, (jax.Array, np.ndarray)),
-        )
-    except KeyError:
-        return None
+    """The learning rate of the last update, read from ``inject_hyperparams`` state (else None, and None
+    for several: ``learning_rates``); ``hyperparam`` names it where the optimizer calls it otherwise."""
+    rates = learning_rates(opt_state, hyperparam)
+    return rates[""] if list(rates) == [""] else None
+
+
+def learning_rates(opt_state: Any, hyperparam: str = "learning_rate") -> dict[str, jax.Array]:
+    """Every injected learning rate in ``opt_state`` by the labels leading to it: ``{"": rate}`` for one
+    optimizer, ``{"head": ..., "backbone": ...}`` for ``optax.multi_transform``'s groups of their own."""
+    found = optax.tree_utils.tree_get_all_with_path(
+        opt_state, hyperparam, filtering=lambda _path, value: isinstance(value, (jax.Array, np.ndarray)))
+    if len(found) == 1:
+        return {"": found[0][1]}
+    labels = ["/".join(str(k.key) for k in path[:-1] if isinstance(k, jax.tree_util.DictKey) and k.key != "hyperparams")
+              for path, _ in found]
+    return {label or str(i): value for i, (label, (_, value)) in enumerate(zip(labels, found))}
 
 
 def optimizer_signature(opt_state: Any) -> str:

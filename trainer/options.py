@@ -6,7 +6,6 @@ Kept apart from ``trainer.py`` (the public surface) so that the class reads as w
 from __future__ import annotations
 
 import collections.abc
-import warnings
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
@@ -17,6 +16,7 @@ from trainer.build import check_intervals
 from trainer.data import check_batch_source, known_length, raw_arrays
 from trainer.feed import RAGGED
 from trainer.module_link import adopt_written_weights
+from trainer.user_warnings import warn
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -29,12 +29,12 @@ def check_options(model: Any, optimizer: Any, *, max_epochs: Any, max_steps: Any
         raise TypeError(f"config must be a dict of the run's settings (name -> value); got {type(config).__name__}.")
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module; got {type(model).__name__}.")
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+    if optimizer is not None and not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(
-            f"optimizer must be an optax.GradientTransformation (e.g. optax.adamw(1e-3)); "
-            f"got {type(optimizer).__name__}."
+            f"optimizer must be an optax.GradientTransformation (e.g. optax.adamw(1e-3)), or None for a Trainer "
+            f"that only evaluates and predicts; got {type(optimizer).__name__}."
         )
-    if max_epochs is None and max_steps is None:
+    if optimizer is not None and max_epochs is None and max_steps is None:
         raise ValueError("give max_epochs or max_steps (or both): neither was set, so fit would never end.")
     for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
         if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
@@ -69,6 +69,9 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
     """What ``fit`` refuses before it starts: raw arrays for data, ``resume=True`` with nowhere to look, a
     one-pass iterator for several epochs, and step intervals that do not fit ``steps_per_execution``;
     then makes the workdir and takes parameters written into the model since the trainer last did."""
+    if trainer.tx is None:
+        raise TypeError("this Trainer was built without an optimizer, to evaluate and predict only; build one with "
+                        "an optimizer (and max_epochs or max_steps) to train: Trainer(model, optax.adamw(1e-3), ...).")
     if raw_arrays(train_data) and not isinstance(train_data, (Mapping, tuple)) and raw_arrays(eval_data):
         raise TypeError("fit(x, y) as Keras takes it: fit takes batches, and its second argument is the evaluation "
                         "data. Wrap the arrays: fit(ArrayLoader({'x': x, 'label': y}, batch_size=32)).")
@@ -84,9 +87,9 @@ def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume
     check_intervals(trainer)  # again: callbacks appended since, or shared with a trainer of another K
     k, batches = trainer.steps_per_execution, known_length(train_data)
     if k > 1 and batches is not None and batches < k:
-        warnings.warn(f"steps_per_execution={k} is more than the {batches} batches of an epoch: no chunk of {k} "
-                      f"fits in one, so every step runs alone. Use steps_per_execution={batches} or less (one "
-                      "that divides the epoch's length fuses all of it).", stacklevel=3)
+        warn(f"steps_per_execution={k} is more than the {batches} batches of an epoch: no chunk of {k} "
+             f"fits in one, so every step runs alone. Use steps_per_execution={batches} or less (one "
+             "that divides the epoch's length fuses all of it).", stacklevel=3)
     _warn_if_placing_chunks_unaware(trainer)
     if trainer.workdir is not None:  # there before on_fit_start: a callback of one's own writes into it
         trainer.workdir.mkdir(parents=True, exist_ok=True)
@@ -102,10 +105,10 @@ def _warn_if_placing_chunks_unaware(trainer: "Trainer") -> None:
 
     cls = type(trainer)
     if trainer.steps_per_execution > 1 and cls.place_batch is not Trainer.place_batch and not _takes_stacked(cls):
-        warnings.warn(f"{cls.__name__}.place_batch takes no stacked keyword, but steps_per_execution="
-                      f"{trainer.steps_per_execution} hands it chunks of [{trainer.steps_per_execution}, batch, ...]: "
-                      "a sharding of their first axis would split the steps, not the rows. Define "
-                      "place_batch(self, batch, *, stacked=False) and shard axis 1 when stacked.", stacklevel=4)
+        warn(f"{cls.__name__}.place_batch takes no stacked keyword, but steps_per_execution="
+             f"{trainer.steps_per_execution} hands it chunks of [{trainer.steps_per_execution}, batch, ...]: "
+             "a sharding of their first axis would split the steps, not the rows. Define "
+             "place_batch(self, batch, *, stacked=False) and shard axis 1 when stacked.", stacklevel=4)
 
 
 def warn_if_loss_fn_unused(trainer: "Trainer") -> None:
@@ -118,9 +121,9 @@ def warn_if_loss_fn_unused(trainer: "Trainer") -> None:
     if trainer.loss_fn is None or override is Trainer.compute_loss:
         return
     if not {"loss_fn", "super", "compute_loss"} & _names_used(getattr(override, "__code__", None)):
-        warnings.warn(f"{type(trainer).__name__} overrides compute_loss, which does not use loss_fn="
-                      f"{getattr(trainer.loss_fn, '__name__', trainer.loss_fn)!r}: that loss is ignored. Drop "
-                      "loss_fn, or call it from compute_loss (self.loss_fn(model, batch)).", UserWarning, stacklevel=3)
+        warn(f"{type(trainer).__name__} overrides compute_loss, which does not use loss_fn="
+             f"{getattr(trainer.loss_fn, '__name__', trainer.loss_fn)!r}: that loss is ignored. Drop "
+             "loss_fn, or call it from compute_loss (self.loss_fn(model, batch)).", UserWarning, stacklevel=3)
 
 
 def _names_used(code: Any) -> set[str]:

@@ -229,6 +229,7 @@ def roll_back(trainer: "Trainer", bad_step: int) -> None:
 def save_and_exit(trainer: "Trainer", preemption: Any) -> None:
     """After a preemption signal: save synchronously, fire ``on_fit_end``, exit with 128 + signal."""
     saved = [cb for cb in trainer.checkpoints if cb.save(trainer, wait=True)]
+    trainer.preempted = bool(saved)
     for error in trainer.callbacks.dispatch_all("on_fit_end", trainer):  # the save is done: exit regardless
         warnings.warn(f"a callback's on_fit_end raised {error!r} after the preemption save", RuntimeWarning,
                       stacklevel=2)

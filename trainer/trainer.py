@@ -39,6 +39,7 @@ from trainer.preemption import PreemptionHandler, Preempted
 from trainer.state import TrainState, reseed_streams, zeros_like_tree
 from trainer.step import Probe, init_guard, per_example_metrics
 from trainer.sums import Sums, empty_sums, sums_snapshot
+from trainer.user_warnings import warn
 
 
 class Trainer:
@@ -47,13 +48,14 @@ class Trainer:
     Args:
       model: the ``nnx.Module`` to train. It is updated in place: after ``fit`` (or when
         ``trainer.model`` is read) it holds the trained state.
-      optimizer: an ``optax.GradientTransformation`` (see ``trainer.optim`` to build one).
+      optimizer: an ``optax.GradientTransformation`` (see ``trainer.optim`` to build one); ``None``: a Trainer
+        that only evaluates and predicts (``fit`` refused; no ``max_epochs`` / ``max_steps`` needed).
       loss_fn: ``(model, batch) -> loss`` or ``-> (loss, metrics)``, a scalar batch mean. Default:
         cross-entropy on integer labels plus accuracy (``losses.default_loss``). Or override
         ``compute_loss``.
       callbacks: ``Callback`` instances (a list, or one), run in this order for every event.
       max_epochs: stop after this many epochs in total (counting earlier ``fit`` calls).
-      max_steps: stop after this many optimizer steps in total. At least one limit is required.
+      max_steps: stop after this many optimizer steps in total. At least one limit is required to train.
       seed: reseeds every RNG stream of the model (dropout, augmentation) with ``nnx.reseed``, so the
         training randomness is the trainer's: the same seed gives the same run.
       workdir: folder for run outputs (logs, checkpoints, plots); ``None`` writes nothing.
@@ -106,7 +108,7 @@ class Trainer:
     def __init__(
         self,
         model: nnx.Module,
-        optimizer: optax.GradientTransformation,
+        optimizer: optax.GradientTransformation | None = None,
         *,
         loss_fn: Callable[[nnx.Module, Any], Any] | None = None,
         callbacks: Iterable[Callback] = (),
@@ -149,12 +151,12 @@ class Trainer:
         self.step = 0
         self._step_handed_out: tuple = (None, None)  # the step array last read with trainer.state, at what step
         before_another_trainer(model)  # writes into it that earlier Trainers of it have not taken yet: kept for them
-        self.graphdef, self.state = TrainState.create(model, optimizer, own_arrays=True)
+        self.graphdef, self.state = TrainState.create(model, optimizer or optax.identity(), own_arrays=True)
         self._link = ModuleLink(model, self.state)  # the module, and the arrays put into it: parameters written there are trained
         self._state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
         self.epoch = 0
-        self.should_stop = False
-        self.stop_reason: str | None = None
+        self.should_stop, self.stop_reason = False, None  # a stop asked for, and why (request_stop)
+        self.preempted = False  # this fit ends on a preemption signal, its state checkpointed: a resume goes on
         self.history: list[dict[str, float]] = []
         self.eval_metrics: dict[str, float] = {}
         self.eval_prefix = ""  # the prefix of the evaluation under way (or last run)
@@ -282,7 +284,7 @@ class Trainer:
 
     @property
     def learning_rate(self) -> jax.Array | None:
-        """The learning rate of the last step, when the optimizer injects it (``trainer.optim``)."""
+        """The learning rate of the last step, when the optimizer injects one (``trainer.optim``; several: None)."""
         return current_learning_rate(self.state.opt_state)
 
     def save_model(self, path: str | Path) -> Path:
@@ -373,14 +375,14 @@ class Trainer:
         code 143 / 130.
         """
         if resume is False and self._limit_reached():
-            warnings.warn(
+            warn(
                 f"fit has nothing to do: the trainer already ran {self.epoch} epochs / {self.step} "
                 f"steps (max_epochs={self.max_epochs}, max_steps={self.max_steps}); raise them to train more.",
                 stacklevel=2,
             )
             return self.history
         check_fit_inputs(self, train_data, eval_data, resume)
-        self.should_stop, self.stop_reason = False, None
+        self.should_stop, self.stop_reason, self.preempted = False, None, False
         self.add_metric_sums(EPOCH_SUMS)
         if resume is False and self.step == 0:
             resuming.refuse_used_stores(self)

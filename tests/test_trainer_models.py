@@ -174,8 +174,9 @@ class Normed(nnx.Module):
 
 
 def test_padding_with_batch_statistics_warns_and_a_frozen_batchnorm_stays_frozen_by_the_readmes_override():
-    with pytest.warns(UserWarning, match="ragged_batches='pad' with batch statistics"):
-        Trainer(Normed(nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, ragged_batches="pad").fit(ArrayLoader(rows(), 8))
+    with pytest.warns(UserWarning, match="ragged_batches='pad'.*batch statistics"):
+        Trainer(Normed(nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1, ragged_batches="pad").fit(
+            ArrayLoader(rows(36), 8, drop_remainder=False))
 
     class FrozenNorm(Trainer):
         def compute_loss(self, model, batch):
@@ -260,3 +261,80 @@ def test_a_trainer_without_an_optimizer_evaluates_and_predicts_and_refuses_to_fi
     np.testing.assert_allclose(trainer.predict(data["x"]), logits, rtol=1e-6)
     with pytest.raises(TypeError, match="without an optimizer"):
         trainer.fit(ArrayLoader(data, 4))
+
+
+def test_intermediate_variables_the_model_holds_are_kept_and_only_what_a_call_sows_is_dropped():
+    """Popping every nnx.Intermediate at build and after each step removed a variable a model made in __init__
+    (an AttributeError), the perturbations of Flax's nnx.perturb pattern, and values sown before the build."""
+
+    class Scaled(nnx.Module):
+        def __init__(self, rngs):
+            self.lin, self.scale = nnx.Linear(3, 2, rngs=rngs), nnx.Intermediate(jnp.full((2,), 2.0))
+
+        def __call__(self, x):
+            h = self.lin(x) * self.scale[...]
+            self.sow(nnx.Intermediate, "act", h)
+            return h
+
+    model = Scaled(nnx.Rngs(0))
+    model(jnp.zeros((2, 3)))  # sown before the Trainer: the user's to read
+    sown = np.array(model.act.get_value()[0])
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=2)
+    np.testing.assert_array_equal(model.act.get_value()[0], sown)
+    trainer.fit(ArrayLoader(rows(), 8))
+    assert float(trainer.state.model_state["scale"][...][0]) == 2.0
+
+    class Perturbed(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.perturb("h", self.lin(x))
+
+    class IntermediateGrads(Trainer):
+        def compute_loss(self, model, batch):
+            graphdef, rest, perturbations = nnx.split(model, nnx.Not(nnx.Perturbation), nnx.Perturbation)
+
+            def loss_of(perturbations):
+                return losses.cross_entropy(nnx.merge(graphdef, rest, perturbations)(batch["x"]), batch["label"]).mean()
+
+            grads = jax.grad(loss_of)(perturbations)
+            return loss_of(perturbations), {"h_grad": sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))}
+
+    model = Perturbed(nnx.Rngs(0))
+    model(jnp.zeros((8, 3)))  # makes the perturbations, as Flax's guide says
+    history = IntermediateGrads(model, optax.sgd(0.1), max_steps=2).fit(ArrayLoader(rows(), 8))
+    assert history[-1]["h_grad"] > 0
+
+
+def test_a_state_whose_dtype_a_step_promotes_keeps_its_dtype():
+    """check_same_structure refused a float16 average updated with a float32 mean, which trained before."""
+
+    class Averaging(nnx.Module):
+        def __init__(self, rngs):
+            self.lin, self.mean = nnx.Linear(3, 2, rngs=rngs), nnx.BatchStat(jnp.zeros((), jnp.float16))
+
+        def __call__(self, x):
+            self.mean.set_value(0.9 * self.mean.get_value() + 0.1 * x.mean())
+            return self.lin(x)
+
+    for k in (1, 2):
+        trainer = Trainer(Averaging(nnx.Rngs(0)), optax.sgd(0.1), max_steps=4, steps_per_execution=k)
+        trainer.fit(ArrayLoader(rows(), 8))
+        assert trainer.state.model_state["mean"][...].dtype == jnp.float16
+
+
+def test_padding_warns_of_batch_statistics_only_when_a_batch_is_padded(recwarn):
+    Trainer(Normed(nnx.Rngs(0)), optax.sgd(0.1), max_steps=4, ragged_batches="pad").fit(ArrayLoader(rows(32), 8))
+    assert not [w for w in recwarn if "batch statistics" in str(w.message)]  # 32 rows: nothing padded
+    with pytest.warns(UserWarning, match="padded from 4 to 8 rows.*batch statistics") as caught:
+        Trainer(Normed(nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1, ragged_batches="pad").fit(ArrayLoader(rows(36), 8, drop_remainder=False))
+    assert {w.filename for w in caught if "batch statistics" in str(w.message)} == {__file__}
+
+
+def test_narrow_integers_and_bfloat16_are_numbers():
+    from trainer.dtypes import holds_numbers, is_floating, is_real_number
+
+    assert all(holds_numbers(d) and is_real_number(d) for d in (jnp.int4, jnp.uint4, jnp.bfloat16, np.bool_, np.int8))
+    assert is_floating(jnp.bfloat16) and not is_floating(np.int32) and holds_numbers(np.complex64)
+    assert not any(holds_numbers(np.dtype(d)) for d in ("U3", "O", "V4"))

@@ -361,3 +361,21 @@ def test_a_write_another_trainer_takes_first_survives_that_trainers_donation():
     clean = Two()
     clean.out.kernel.set_value(jnp.full((8, 3), 0.1))
     assert_same(params(second.state.params), trained_from(clean))
+
+
+def test_a_state_assigned_from_the_module_copies_another_trainers_rng_streams_too():
+    """unshared knew only the weights another Trainer put into the module, not its RNG streams' arrays."""
+
+    class Dropping(nnx.Module):
+        def __init__(self, rngs):
+            self.lin, self.drop = nnx.Linear(8, 3, rngs=rngs), nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.drop(self.lin(x))
+
+    module = Dropping(nnx.Rngs(0))
+    first, second = Trainer(module, optax.sgd(0.1), max_epochs=1), Trainer(module, optax.sgd(0.1), max_epochs=1)
+    first.state = first.state.replace(params=nnx.state(module, nnx.Param), model_state=nnx.state(module, nnx.Not(nnx.Param)))
+    first.fit(loader())
+    second.fit(loader())  # its RNG key was donated by first's first step
+    assert second.step == first.step == 4

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
 import numpy as np
-from flax import nnx
 
 from trainer import losses, threefry
 from trainer.data import add_note, batch_shapes, describe_shapes, non_numeric_note
@@ -23,7 +22,6 @@ from trainer.events import DefaultInterval
 from trainer.jaxprs import any_equation, equations, scan_unroll, use_chunk_guard
 from trainer.step import make_train_step
 from trainer.sums import restart_trainer_sums
-from trainer.user_warnings import warn
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -92,10 +90,6 @@ def build_train_steps(trainer: "Trainer", batch: Any) -> None:
     args = (trainer.graphdef, trainer.tx, weak_method(trainer.compute_loss, trainer), tuple(trainer.probes), trainer._halt_after,
             trainer.metric_reductions)
     by_real_rows = {"weigh_by_mask": trainer.ragged_batches == "pad"}  # a padded batch counts by its real rows
-    if by_real_rows["weigh_by_mask"] and jax.tree.leaves(nnx.filter_state(trainer.state.model_state, nnx.BatchStat)):
-        warn("ragged_batches='pad' with batch statistics (BatchNorm): the rows that pad an epoch's last "
-             "batch count in that batch's statistics in training (the mask reaches the loss, not the layers). "
-             "Use ragged_batches='drop' for such a model, or batches that divide the data.", stacklevel=3)
     pure = make_train_step(*args, **by_real_rows).pure
     try:
         jaxpr, (_, metric_shapes) = jax.make_jaxpr(pure, return_shape=True)(trainer.state, batch)

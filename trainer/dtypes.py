@@ -15,10 +15,10 @@ def is_floating(dtype: Any) -> bool:
 
 
 def is_real_number(dtype: Any) -> bool:
-    """Whether ``dtype`` holds booleans, integers or real floats (``bfloat16`` and float8 included; not complex,
-    strings, objects or raw bytes)."""
+    """Whether ``dtype`` holds booleans, integers or real floats (``bfloat16``, float8 and int4 included; not
+    complex, strings, objects or raw bytes)."""
     dtype = np.dtype(dtype)
-    return dtype.kind in "biu" or is_floating(dtype)
+    return dtype.kind == "b" or bool(jnp.issubdtype(dtype, jnp.integer)) or is_floating(dtype)
 
 
 def holds_numbers(dtype: Any) -> bool:

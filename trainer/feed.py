@@ -55,6 +55,7 @@ class FeedPlan:
     full_size_is_hint: bool = False  # nothing compiled yet: full_size is a checkpoint's, a larger first batch wins
     check: Callable[[Any, str], None] | None = None  # host check of a batch (labels), may raise
     shapes: "CompiledShapes" = dataclasses.field(default_factory=lambda: CompiledShapes())  # kept across epochs
+    batch_statistics: bool = False  # the model keeps batch statistics (BatchNorm): padding rows count in them
 
 
 def stack(batches: list[Any]) -> Any:
@@ -153,6 +154,11 @@ def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
             plan.check(batch, where)
         shapes, change = plan.shapes.change(batch, where)
         if plan.ragged == "pad":
+            if size < full and plan.batch_statistics:
+                warn(f"{where} is padded from {size} to {full} rows (ragged_batches='pad'), and the model keeps "
+                     "batch statistics (BatchNorm): the padding rows count in them in training (the mask reaches "
+                     "the loss, not the layers). Use ragged_batches='drop' for such a model, or batches that "
+                     "divide the data.", stacklevel=2)
             padded, mask = pad_batch(batch, full)
             batch = with_mask(padded, mask)
         elif size < full:

@@ -29,6 +29,7 @@ from trainer.feed import Execution, FeedPlan, executions
 from trainer.memory import release_freed_memory
 from trainer.module_link import adopt_written_weights
 from trainer.prefetch import Feed
+from trainer.state import has_batch_statistics
 from trainer.preemption import Preempted
 from trainer.sums import EPOCH_SUMS, PARTIAL_EPOCH, compute_sums, snapshot_means
 
@@ -65,7 +66,8 @@ def run_epoch(trainer: "Trainer", train_data: Iterable[Any]) -> None:
         return
     plan = FeedPlan(epoch, trainer.position, trainer.step, trainer.steps_per_execution, trainer.max_steps,
                     frozenset(trainer.skip_batches), trainer.ragged_batches, trainer.compiled_batch_size,
-                    trainer._train_steps is None, trainer.check_batch, trainer._compiled_shapes)
+                    trainer._train_steps is None, trainer.check_batch, trainer._compiled_shapes,
+                    trainer.ragged_batches == "pad" and has_batch_statistics(trainer.state.model_state))
     depth = trainer.prefetch if trainer.prefetch_in_use is None else trainer.prefetch_in_use
     custom_placement = type(trainer).place_batch is not _trainer_class().place_batch  # e.g. sharding
     feed = Feed(executions(trainer.data_iterator, plan), depth, lambda e: _placed(trainer, e),

@@ -117,7 +117,7 @@ class ModuleLink:
     def _claim(self) -> None:
         """Records what the module holds now as put there by this trainer (the last to write each path)."""
         last, me = _LAST.setdefault(self.model, {}), weakref.ref(self)
-        for path, v in self._weights:
+        for path, v in self._targets:  # RNG streams too: no write, but another Trainer's arrays (``unshared``)
             last[path] = (me, _token(v.get_raw_value()))
         self._pending.clear()
 

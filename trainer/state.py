@@ -43,7 +43,6 @@ class TrainState:
         another trainer of this module, a snapshot taken before) stay valid, and the originals are
         freed unless someone else holds them.
         """
-        nnx.pop(model, nnx.Intermediate)  # values an earlier call sowed: that call's own, not state to train
         graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
         if own_arrays:
             params, model_state = jax.device_put((params, model_state), may_alias=False)
@@ -60,6 +59,11 @@ class TrainState:
         non-finite guard skips would keep the bad batch's statistics instead of the old ones.
         """
         return nnx.merge(graphdef, self.params, self.model_state, copy=True)
+
+
+def has_batch_statistics(model_state: Any) -> bool:
+    """Whether a model state holds batch statistics (``nnx.BatchStat``: BatchNorm's running mean and variance)."""
+    return bool(jax.tree.leaves(nnx.filter_state(model_state, nnx.BatchStat)))
 
 
 def zeros_like_tree(tree: Any) -> Any:

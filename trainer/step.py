@@ -189,8 +189,8 @@ def make_train_step(
 
         grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
         (loss, metrics), grads = grad_fn(model)
-        nnx.pop(model, nnx.Intermediate)  # sown values are the call's own, not state to carry to the next step
         _, params, model_state = nnx.split(model, nnx.Param, ...)
+        model_state = without_sown(state.model_state, model_state)
         check_same_structure(state.model_state, model_state)
         guarded = halt_after is not None and state.guard is not None
 
@@ -331,20 +331,37 @@ def use_matmul_kernel_grads(model: nnx.Module) -> None:
         module.dot_general = dense_grads.dot_general
 
 
+def without_sown(before: Any, after: Any) -> Any:
+    """The model state after a call, less what the call sowed (``sow``: an ``nnx.Intermediate`` it added, or a
+    value it appended to one the model held before, which keeps its value): the call's own, not state."""
+    held = dict(nnx.to_flat_state(before))
+    kept, sown = [], False
+    for path, variable in nnx.to_flat_state(after):
+        if isinstance(variable, nnx.Intermediate) and (path not in held or jax.tree.structure(
+                variable.get_raw_value()) != jax.tree.structure(held[path].get_raw_value())):
+            sown = True
+            if path not in held:
+                continue
+            variable = held[path]
+        kept.append((path, variable))
+    return nnx.from_flat_state(kept) if sown else after
+
+
 def check_same_structure(before: Any, after: Any) -> None:
     """Refuses a step that changed the model state's structure (a variable holding ``None`` filled, one of
-    another shape or dtype), naming each: the compiled step carries a state of one structure."""
-    def described(tree: Any) -> dict[str, str]:
+    another shape), naming each: the compiled step carries a state of one structure (a dtype it keeps)."""
+    def described(tree: Any) -> dict[str, tuple]:
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
         name = lambda path: jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")  # noqa: E731
-        return {name(path): f"{x.dtype}{list(x.shape)}" for path, x in flat}
+        return {name(path): (tuple(x.shape), f"{x.dtype}{list(x.shape)}") for path, x in flat}
 
     if jax.tree.structure(before) == jax.tree.structure(after) and all(
-            (a.shape, a.dtype) == (b.shape, b.dtype) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))):
+            a.shape == b.shape for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))):
         return
     was, now = described(before), described(after)
-    changed = [f"{name} ({was.get(name, 'None')} -> {now.get(name, 'None')})" for name in sorted({*was, *now})
-               if was.get(name) != now.get(name)]
+    text = lambda described: described[1] if described else "None"  # noqa: E731
+    changed = [f"{name} ({text(was.get(name))} -> {text(now.get(name))})" for name in sorted({*was, *now})
+               if (was.get(name) or (None,))[0] != (now.get(name) or (None,))[0]]
     raise ValueError(f"the model changed its state's structure when called in the train step: {', '.join(changed[:4])}. "
                      "The compiled step carries one structure from step to step: give such a variable an array of "
                      "its final shape and dtype in __init__ (not None), or keep per-call values out of the model "

@@ -71,6 +71,8 @@ class MetricsLogger(Callback):
         self._taken: dict[str, tuple] = {}  # name -> the trainer.record entry this logger wrote last
         self._captured: dict[int, dict[str, tuple]] = {}  # window step -> trainer.record entries held for it
         self._open: int | None = None  # the window pushed at the last step (records after this logger to take)
+        self._carried: dict[str, tuple] = {}  # trainer.record entries a checkpoint kept for its next window
+        self._trainer: Any = None  # a weak reference: state_dict keeps the records this logger has not written
 
     @property
     def fetches(self) -> int:
@@ -85,13 +87,13 @@ class MetricsLogger(Callback):
         self._hparams_due = trainer.config  # written before the first record: after a resume's restore
         self._trained = False
         self._earlier = []
-        self._captured, self._open = {}, None
+        self._captured, self._open, self._trainer = {}, None, weakref.ref(trainer)
         _refuse_shared_targets([cb for cb in callbacks if isinstance(cb, MetricsLogger)])
         if trainer.step == 0 and not trainer.resuming:  # a fresh run: what the files held is an earlier run's,
             baseline = self._held_before(trainer)  # less this trainer's evaluations before the fit (step 0)
             self._earlier = self._before[1] if baseline else self._outputs()
             self.history = [(s, v) for s, v in self.history if s == 0] if baseline else []  # a logger used before
-            self.last_logged_step, self._hparams_written = 0, None
+            self.last_logged_step, self._hparams_written, self._carried = 0, None, {}
         self._before = None
 
     def _start_files_again(self) -> None:
@@ -204,7 +206,8 @@ class MetricsLogger(Callback):
         scalars = compute_sums(sums) if sums is not None else dict(scalars or {})
         if self._open == step:
             self._open = None
-        entries = _newest_up_to(step, trainer.pending_logs, self._captured.pop(step, {}))
+        entries = _newest_up_to(step, trainer.pending_logs, _newest_up_to(step, self._carried, self._captured.pop(step, {})))
+        self._carried = {k: entry for k, entry in self._carried.items() if entry[0] > step}
         taken = {k: entry for k, entry in entries.items() if self._taken.get(k) is not entry}  # new to this logger
         scalars.update({k: value for k, (_, value) in taken.items()})
         self._taken.update(taken)
@@ -264,11 +267,19 @@ class MetricsLogger(Callback):
                 break
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_logged_step": self.last_logged_step, "hparams": self._hparams_written}
+        """Its last logged step, the config it wrote, and the ``trainer.record`` values it has not written yet
+        (a resume writes them in their window, as the unbroken run does)."""
+        trainer = self._trainer() if self._trainer is not None else None
+        pending = {k: e for k, e in (trainer.pending_logs if trainer is not None else {}).items()
+                   if self._taken.get(k) is not e}
+        records = {k: list(e) for k, e in {**self._carried, **pending}.items()}
+        return {"last_logged_step": self.last_logged_step, "hparams": self._hparams_written, "records": records}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Takes back what ``state_dict`` kept."""
         self.last_logged_step = int(state.get("last_logged_step", 0))
         self._hparams_written = state.get("hparams", self._hparams_written)
+        self._carried = {k: (int(step), float(value)) for k, (step, value) in state.get("records", {}).items()}
 
 
 def _newest_up_to(step: int, entries: Mapping[str, tuple], into: dict[str, tuple]) -> dict[str, tuple]:

@@ -177,6 +177,28 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, data):
 
 
 
+def test_load_model_reads_a_runs_checkpoints_and_changes_nothing_there(tmp_path, data):
+    """load_model opened the store as a run does: it removed another process's save under way (that run then
+    failed) and renamed a damaged checkpoint."""
+    from trainer import load_model
+
+    trainer = make(tmp_path, 8)
+    trainer.fit(ArrayLoader(data, 16))  # saves 4 and 8
+    kept = jax.tree.map(np.array, trainer.state.params)
+    trainer.max_steps = 12
+    trainer.fit(ArrayLoader(data, 16))  # and 12
+    flip_a_byte(tmp_path / "checkpoints" / "step_12")
+    in_flight = tmp_path / "checkpoints" / "step_16.orbax-checkpoint-tmp-123"  # another process's save
+    in_flight.mkdir()
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.warns(RuntimeWarning, match="step 12 .* is damaged") as caught:
+        loaded = load_model(tmp_path, TinyMLP(dropout=0.3, rngs=nnx.Rngs(5)))
+    assert {w.filename for w in caught if "damaged" in str(w.message)} == {__file__}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert bitwise_equal([np.asarray(x) for x in jax.tree.leaves(nnx.state(loaded, nnx.Param))],
+                         [np.asarray(x) for x in jax.tree.leaves(kept)])
+
+
 def test_a_damaged_checkpoint_in_a_folder_that_cannot_be_renamed_is_skipped_in_place(tmp_path, data, monkeypatch):
     """A read-only checkpoints folder (one to fine-tune from): setting the damaged step aside failed and
     took the resume down with it; it is skipped where it is, and the older step restored."""
@@ -1237,3 +1259,32 @@ def test_a_resume_trains_with_the_hyperparameters_it_was_built_with(tmp_path, da
     assert resumed.step == 6
     assert [float(tree_utils.tree_get(state, name)) for name in ("b1", "b2", "weight_decay")] == pytest.approx(
         [0.5, 0.95, 0.3], rel=1e-6)
+
+
+def test_a_recorded_value_not_yet_logged_survives_a_preemption_into_its_window(tmp_path, data):
+    """The preempted fit writes no interim record, and trainer.record's values live in memory: one recorded
+    after the last window and before the signal was never logged by the resumed run."""
+
+    class RecordAt6(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 6:
+                trainer.record("probe", 6.0)
+
+    class TermAt7(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 7:
+                jax.block_until_ready(metrics)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def run(workdir, *extra, resume=False):
+        callbacks = [RecordAt6(), MetricsLogger([JsonlWriter(workdir / "metrics.jsonl")], log_every=5),
+                     Checkpoint(every_n_steps=3, every_n_epochs=None), *extra]
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=12, workdir=workdir,
+                callbacks=callbacks).fit(ArrayLoader(data, 8, shuffle=False), resume=resume)
+
+    run(tmp_path / "unbroken")
+    with pytest.raises(SystemExit):
+        run(tmp_path / "run", TermAt7())
+    run(tmp_path / "run", resume=True)
+    logged = [(tmp_path / name / "metrics.jsonl").read_text() for name in ("unbroken", "run")]
+    assert logged[0] == logged[1] and '"probe": 6.0' in logged[0]

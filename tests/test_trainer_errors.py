@@ -565,3 +565,11 @@ def test_warnings_point_at_the_users_own_line(model, data):
     with pytest.warns(UserWarning, match="leaves out") as evaluate_warning:
         trainer.evaluate(ArrayLoader({k: v[:20] for k, v in data.items()}, 8))
     assert [w.filename for w in (*fit_warning, *evaluate_warning)] == [__file__, __file__]
+
+
+def test_a_warning_from_the_prefetch_thread_names_no_threading_frame(model, data):
+    """user_warnings.warn walked out of the library into threading.py when the feed ran on the prefetch thread."""
+    with pytest.warns(UserWarning, match="dropped a batch") as caught:
+        Trainer(model, optax.sgd(0.1), max_epochs=1, prefetch=2).fit(
+            ArrayLoader({k: v[:20] for k, v in data.items()}, 8, drop_remainder=False))
+    assert not [w.filename for w in caught if w.filename.endswith("threading.py")]

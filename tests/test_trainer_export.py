@@ -67,7 +67,7 @@ def test_a_damaged_weights_folder_or_model_json_is_a_checkpoint_error(data, tmp_
 
 
 def test_not_an_export(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a model export"):
+    with pytest.raises(FileNotFoundError, match="neither a model export .* nor a training checkpoint"):
         load_model(tmp_path, TinyMLP(rngs=nnx.Rngs(0)))
 
 

@@ -301,6 +301,21 @@ def test_intermediate_variables_the_model_holds_are_kept_and_only_what_a_call_so
             grads = jax.grad(loss_of)(perturbations)
             return loss_of(perturbations), {"h_grad": sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))}
 
+    class PoppingLoss(Trainer):  # reads what the call sowed, as Flax's guide does
+        def compute_loss(self, model, batch):
+            logits = model(batch["x"])
+            sown = nnx.pop(model, nnx.Intermediate)
+            penalty = sum(jnp.mean(v ** 2) for v in jax.tree.leaves(sown) if v.ndim == 2)
+            return losses.cross_entropy(logits, batch["label"]).mean() + 0.1 * penalty
+
+    results, data = [], rows()
+    for called_before in (False, True):  # a value sown before the build is the user's: no state of the trainer
+        model = Scaled(nnx.Rngs(0))
+        if called_before:
+            model(jnp.zeros((2, 3)))
+        results.append(PoppingLoss(model, optax.sgd(0.1), max_steps=3).fit(ArrayLoader(data, 8, shuffle=False)))
+    assert results[0] == results[1]
+
     model = Perturbed(nnx.Rngs(0))
     model(jnp.zeros((8, 3)))  # makes the perturbations, as Flax's guide says
     history = IntermediateGrads(model, optax.sgd(0.1), max_steps=2).fit(ArrayLoader(rows(), 8))
@@ -323,13 +338,26 @@ def test_a_state_whose_dtype_a_step_promotes_keeps_its_dtype():
         trainer.fit(ArrayLoader(rows(), 8))
         assert trainer.state.model_state["mean"][...].dtype == jnp.float16
 
+    class Counting(nnx.Module):  # an integer made a float would be truncated back: refused
+        def __init__(self, rngs):
+            self.lin, self.n = nnx.Linear(3, 2, rngs=rngs), nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+        def __call__(self, x):
+            self.n.set_value(self.n.get_value() + 0.5)
+            return self.lin(x)
+
+    with pytest.raises(ValueError, match=r"n \(int32\[\] -> float32\[\]\)"):
+        Trainer(Counting(nnx.Rngs(0)), optax.sgd(0.1), max_steps=1).fit(ArrayLoader(rows(), 8))
+
 
 def test_padding_warns_of_batch_statistics_only_when_a_batch_is_padded(recwarn):
     Trainer(Normed(nnx.Rngs(0)), optax.sgd(0.1), max_steps=4, ragged_batches="pad").fit(ArrayLoader(rows(32), 8))
     assert not [w for w in recwarn if "batch statistics" in str(w.message)]  # 32 rows: nothing padded
     with pytest.warns(UserWarning, match="padded from 4 to 8 rows.*batch statistics") as caught:
-        Trainer(Normed(nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1, ragged_batches="pad").fit(ArrayLoader(rows(36), 8, drop_remainder=False))
-    assert {w.filename for w in caught if "batch statistics" in str(w.message)} == {__file__}
+        Trainer(Normed(nnx.Rngs(0)), optax.sgd(0.1), max_epochs=3, ragged_batches="pad", prefetch=0).fit(
+            ArrayLoader(rows(36), 8, drop_remainder=False))
+    said = [w.filename for w in caught if "batch statistics" in str(w.message)]
+    assert said == [__file__]  # once, not every epoch
 
 
 def test_narrow_integers_and_bfloat16_are_numbers():

@@ -191,7 +191,8 @@ class Checkpoint(Callback):
 
     @property
     def best_step(self) -> int | None:
-        """The step of the best checkpoint kept by ``monitor`` (``None``: no monitor, or nothing saved yet)."""
+        """The step of the best checkpoint kept by ``monitor`` (``None``: no monitor, nothing saved, or its folder
+        not opened yet: a ``fit`` opens it)."""
         if self.monitor is None or self.store is None:
             return None
         self.store.wait()

@@ -27,6 +27,7 @@ import numpy as np
 
 from trainer.background import SerialWorker
 from trainer.packing import is_prng_key as _is_key
+from trainer.user_warnings import warn
 
 FORMAT = 2  # 2: small arrays stored joined per dtype (``pack_small``); 1 (every array alone) still reads
 READABLE_FORMATS = (1, 2)
@@ -141,7 +142,9 @@ def expected_leaves(tree: Any) -> list[dict[str, Any]]:
     return out
 
 
-def check_structure(source: str, stored: list[dict], expected: list[dict], what: str) -> None:
+def check_structure(source: str, stored: list[dict], expected: list[dict], what: str,
+                    advice: str = "Restore into the model and optimizer it was saved from (same architecture and "
+                                  "optimizer chain).") -> None:
     """Raises ``CheckpointError`` naming the source (``checkpoint step 4``), the path, stored and expected."""
     stored_paths = [d["path"] for d in stored]
     expected_paths = [d["path"] for d in expected]
@@ -152,7 +155,7 @@ def check_structure(source: str, stored: list[dict], expected: list[dict], what:
                        f"it has {extra[:5]}, which the current {what} lacks" if extra else ""]
         raise CheckpointError(
             f"{source} does not fit the current {what}: {'; '.join(d for d in differences if d) or 'its arrays come in another order'}"
-            ". Restore into the model and optimizer it was saved from (same architecture and optimizer chain)."
+            f". {advice}"
         )
     for s, e in zip(stored, expected):
         if s["shape"] != e["shape"] or s["dtype"] != e["dtype"]:
@@ -199,7 +202,8 @@ def verify_checksums(source: str, arrays: Mapping[str, np.ndarray], described: l
 
 def _quiet_missing_metrics() -> None:
     """Drops orbax's warning for a save without metrics (a step saved mid-epoch, or one without the
-    epoch's metric) once it tracks a best: such steps are kept by recency alone, as intended."""
+    epoch's metric) once it tracks a best: such steps are kept by recency alone, as intended; and its notes
+    that a reader's manager (``read_only``) saves nothing, which is what it was asked."""
     import logging
 
     logger = logging.getLogger("absl")
@@ -209,7 +213,8 @@ def _quiet_missing_metrics() -> None:
 
 class _MissingMetricsFilter:
     def filter(self, record) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        message = record.getMessage()
+        return not any(part in message for part in ("did not provide metrics", "read_only=True", "is read only"))
 
 
 def _quiet_closed_loop_noise() -> None:
@@ -255,10 +260,12 @@ class CheckpointStore:
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, monitor: str | None = None,
-                 mode: str = "min", keep_best: int | None = None, async_save: bool = True):
+                 mode: str = "min", keep_best: int | None = None, async_save: bool = True, read_only: bool = False):
         self.directory = Path(directory).absolute()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.clean_temporary()
+        self.read_only = read_only  # a reader (load_model): another process's saves under way, damage, left alone
+        if not read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.clean_temporary()
         ocp = orbax_checkpoint()
         from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
@@ -276,9 +283,11 @@ class CheckpointStore:
             # orbax writes a step's metrics to disk only when it tracks a best itself: without them a
             # resumed run's manager sees the old best as metric-less, and BestN prunes it
             best = {"best_fn": score, "best_mode": mode}
+        if best or read_only:
             _quiet_missing_metrics()
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True, step_prefix=STEP_PREFIX,
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only, read_only=read_only,
+            step_prefix=STEP_PREFIX,
             preservation_policy=policies.AnyPreservationPolicy(keep), **best)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._writer = SerialWorker("checkpoint-writer") if async_save else None
@@ -429,6 +438,10 @@ class CheckpointStore:
     def _set_aside(self, step: int, err: BaseException) -> None:
         """A damaged step folder is renamed ``damaged_step_<N>``: kept for inspection, but no longer a
         checkpoint, so retention does not keep it in place of good ones and no later resume tries it."""
+        if self.read_only:
+            warn(f"checkpoint step {step} in {self.directory} is damaged ({_short(err)}); reading an older one.",
+                 RuntimeWarning)
+            return
         aside = self.directory / f"damaged_{self.folder(step).name}"
         n = 2
         while aside.exists():
@@ -436,12 +449,12 @@ class CheckpointStore:
         try:
             self.folder(step).rename(aside)
         except OSError as failed:  # a read-only folder (a checkpoint to fine-tune from): skipped, left in place
-            warnings.warn(f"checkpoint step {step} in {self.directory} is damaged ({_short(err)}) and could not be "
-                          f"moved aside ({failed.strerror}); falling back to an older one.", RuntimeWarning, stacklevel=4)
+            warn(f"checkpoint step {step} in {self.directory} is damaged ({_short(err)}) and could not be "
+                 f"moved aside ({failed.strerror}); falling back to an older one.", RuntimeWarning, stacklevel=4)
             return
         self.manager.reload()
-        warnings.warn(f"checkpoint step {step} in {self.directory} is damaged ({_short(err)}): moved to "
-                      f"{aside.name}, and falling back to an older one.", RuntimeWarning, stacklevel=4)
+        warn(f"checkpoint step {step} in {self.directory} is damaged ({_short(err)}): moved to "
+             f"{aside.name}, and falling back to an older one.", RuntimeWarning, stacklevel=4)
 
     def close(self) -> None:
         self._drain_writer()

@@ -58,7 +58,8 @@ def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
     """The ``model.json`` of an export (its config and model class)."""
     info_path = Path(path) / "model.json"
     if not info_path.exists():
-        raise FileNotFoundError(f"{path} is not a model export (no model.json); write one with trainer.save_model.")
+        raise FileNotFoundError(f"{path} is neither a model export (no model.json; write one with trainer.save_model) "
+                                "nor a training checkpoint (a step_<N> folder, a checkpoints folder or a run's workdir).")
     try:
         info = json.loads(info_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -113,7 +114,7 @@ def _load_checkpoint(path: Path, model: nnx.Module) -> nnx.Module:
     from trainer.resume import find_store
     from trainer.state import TrainState
 
-    store, step = find_store(None, path)
+    store, step = find_store(None, path, read_only=True)
     try:
         found = store.restore_newest(step=step)
     finally:
@@ -124,7 +125,8 @@ def _load_checkpoint(path: Path, model: nnx.Module) -> nnx.Module:
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     template = TrainState(params=params, model_state=model_state, opt_state=None, step=None)
     described = [d for d in meta["leaves"] if d["path"].startswith((".params", ".model_state"))]
-    check_structure(f"checkpoint step {step} in {store.directory}", described, expected_leaves(template), "model")
+    check_structure(f"checkpoint step {step} in {store.directory}", described, expected_leaves(template), "model",
+                    "Load it into a model built as the one it was saved from.")
     restored = place_like(template, unflatten(template, arrays, described))
     nnx.update(model, restored.params, restored.model_state)
     return model

@@ -91,6 +91,7 @@ class CompiledShapes:
     first_described: str | None = None
     others: dict = dataclasses.field(default_factory=dict)  # other shapes -> their description
     split_chunk: bool = False  # a chunk was cut short by a batch of other shapes (said once)
+    warned_padding: bool = False  # a padded batch met batch statistics (said once)
 
     def change(self, batch: Any, where: str) -> tuple[tuple, str | None]:
         """``batch``'s shapes, and ``None`` when they are the first batch's, else what changed."""
@@ -154,7 +155,8 @@ def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
             plan.check(batch, where)
         shapes, change = plan.shapes.change(batch, where)
         if plan.ragged == "pad":
-            if size < full and plan.batch_statistics:
+            if size < full and plan.batch_statistics and not plan.shapes.warned_padding:
+                plan.shapes.warned_padding = True
                 warn(f"{where} is padded from {size} to {full} rows (ragged_batches='pad'), and the model keeps "
                      "batch statistics (BatchNorm): the padding rows count in them in training (the mask reaches "
                      "the loss, not the layers). Use ragged_batches='drop' for such a model, or batches that "

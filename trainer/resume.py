@@ -51,8 +51,9 @@ def check_resume_source(trainer: "Trainer", resume: bool | str | os.PathLike) ->
                          "resume='path/to/checkpoints'.")
 
 
-def find_store(trainer: "Trainer", resume: bool | str | os.PathLike) -> tuple[CheckpointStore | None, int | None]:
-    """The store to resume from and, for a path to one step folder, that step."""
+def find_store(trainer: "Trainer", resume: bool | str | os.PathLike,
+               read_only: bool = False) -> tuple[CheckpointStore | None, int | None]:
+    """The store to resume from and, for a path to one step folder, that step (``read_only``: to read it)."""
     if resume is True:
         checkpoints = trainer.checkpoints
         if checkpoints:
@@ -69,10 +70,10 @@ def find_store(trainer: "Trainer", resume: bool | str | os.PathLike) -> tuple[Ch
                                 "newest checkpoint in the workdir, or the path of a checkpoint folder.")
     number = path.name.rsplit("_", 1)[-1]
     if number.isdigit() and (path / "meta").is_dir():
-        return CheckpointStore(path.parent), int(number)
+        return CheckpointStore(path.parent, read_only=read_only), int(number)
     if (path / "checkpoints").is_dir() and not any(path.glob("step_*")):  # a run's workdir
-        return CheckpointStore(path / "checkpoints"), None
-    return CheckpointStore(path), None
+        return CheckpointStore(path / "checkpoints", read_only=read_only), None
+    return CheckpointStore(path, read_only=read_only), None
 
 
 def _configured_hyperparams(restored: Any, current: Any) -> Any:

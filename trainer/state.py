@@ -44,6 +44,10 @@ class TrainState:
         freed unless someone else holds them.
         """
         graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+        if any(is_sown(v) for _, v in nnx.to_flat_state(model_state)):  # sown by a call before: the user's
+            module = nnx.merge(graphdef, params, model_state)  # (their module keeps them), not the trainer's
+            nnx.pop(module, lambda _, v: is_sown(v))
+            graphdef, params, model_state = nnx.split(module, nnx.Param, ...)
         if own_arrays:
             params, model_state = jax.device_put((params, model_state), may_alias=False)
             nnx.update(model, params, model_state)
@@ -59,6 +63,12 @@ class TrainState:
         non-finite guard skips would keep the bad batch's statistics instead of the old ones.
         """
         return nnx.merge(graphdef, self.params, self.model_state, copy=True)
+
+
+def is_sown(variable: Any) -> bool:
+    """Whether a variable holds values ``sow`` collected (an ``nnx.Intermediate`` holding a tuple): a call's
+    own, not the model's state (an ``Intermediate`` holding an array, ``nnx.perturb``'s say, is)."""
+    return isinstance(variable, nnx.Intermediate) and isinstance(variable.get_raw_value(), tuple)
 
 
 def has_batch_statistics(model_state: Any) -> bool:

@@ -17,4 +17,5 @@ def warn(message: str, category: type[Warning] = UserWarning, stacklevel: int = 
     frame, depth = sys._getframe(1), 0
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGES):
         frame, depth = frame.f_back, depth + 1
-    warnings.warn(message, category, stacklevel=2 + depth if frame is not None else stacklevel + 1)
+    ours = frame is None or frame.f_globals.get("__name__") == "threading"  # a thread of ours started it
+    warnings.warn(message, category, stacklevel=stacklevel + 1 if ours else 2 + depth)

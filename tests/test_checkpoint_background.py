@@ -211,7 +211,7 @@ def test_a_store_whose_save_failed_does_not_fail_another_stores_saves(tmp_path):
     error into every save of the other, which then never saved again."""
     import numpy as np
 
-    from trainer.checkpoint_store import flatten
+    from trainer.checkpoint_arrays import flatten
 
     broken, healthy = CheckpointStore(tmp_path / "broken"), CheckpointStore(tmp_path / "healthy")
     calls = []

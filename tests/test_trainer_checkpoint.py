@@ -873,7 +873,7 @@ def test_checksum_reads_the_same_bytes_as_a_copy():
 
     import ml_dtypes
 
-    from trainer.checkpoint_store import crc32
+    from trainer.checkpoint_arrays import crc32
 
     rng = np.random.default_rng(0)
     for value in (rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=7).astype(ml_dtypes.bfloat16),
@@ -884,6 +884,7 @@ def test_checksum_reads_the_same_bytes_as_a_copy():
 @pytest.mark.parametrize("pack_max_bytes", [1 << 20, 100, -1])
 def test_small_arrays_are_stored_joined_per_dtype_and_resume_bitwise(tmp_path, data, monkeypatch, pack_max_bytes):
     import trainer.checkpoint_store as store_module
+    from trainer.checkpoint_arrays import stored_shapes
 
     monkeypatch.setattr(store_module, "PACK_MAX_BYTES", pack_max_bytes)  # all, some or none joined
     unbroken = make(tmp_path / "a", 8)
@@ -891,7 +892,7 @@ def test_small_arrays_are_stored_joined_per_dtype_and_resume_bitwise(tmp_path, d
     first = make(tmp_path / "b", 8, StopAt(4))
     first.fit(ArrayLoader(data, 16, seed=2))
     meta = first.checkpoints[0].store.read_meta(4)
-    stored = store_module.stored_shapes(meta["leaves"])
+    stored = stored_shapes(meta["leaves"])
     small = [d for d in meta["leaves"] if int(np.prod(d["shape"])) * np.dtype(d["dtype"]).itemsize <= pack_max_bytes]
     assert len(stored) == len(meta["leaves"]) - len(small) + len({d["dtype"] for d in small})
     second = make(tmp_path / "b", 8)

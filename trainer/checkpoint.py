@@ -28,7 +28,8 @@ import jax
 import numpy as np
 
 from trainer.dtypes import is_floating
-from trainer.checkpoint_store import FORMAT, CheckpointStore, flatten
+from trainer.checkpoint_arrays import flatten
+from trainer.checkpoint_store import FORMAT, CheckpointStore
 from trainer.json_values import jsonable
 from trainer.events import Callback
 from trainer.sums import EPOCH_SUMS, PARTIAL_EPOCH

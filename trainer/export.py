@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trainer.checkpoint_store import (CheckpointError, check_structure, expected_leaves, flatten, orbax_checkpoint,
-                                     place_like, unflatten, verify_checksums)
+from trainer.checkpoint_arrays import (CheckpointError, check_structure, expected_leaves, flatten, place_like,
+                                       unflatten, verify_checksums)
+from trainer.checkpoint_store import orbax_checkpoint
 from trainer.json_values import jsonable
 from trainer.data import first_line
 

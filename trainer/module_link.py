@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from trainer.checkpoint_store import place_like
+from trainer.checkpoint_arrays import place_like
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 
 from trainer.checkpoint import _differences, _load_callback_states, environment
 from trainer.json_values import jsonable
-from trainer.checkpoint_store import CheckpointError, CheckpointStore, check_structure, expected_leaves
-from trainer.checkpoint_store import place_like, unflatten
+from trainer.checkpoint_arrays import CheckpointError, check_structure, expected_leaves, place_like, unflatten
+from trainer.checkpoint_store import CheckpointStore
 from trainer.optim import key_names, optimizer_signature
 from trainer.sums import restart_trainer_sums
 

@@ -251,12 +251,10 @@ class Trainer:
     @state.setter
     def state(self, value: TrainState) -> None:
         if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(value)):
-            raise ValueError("the state assigned to trainer.state holds arrays a later step has reused (the train "
-                             "step donates its input buffers, so a state read from trainer.state is valid only "
-                             "until the next step). Keep a copy to assign later: "
-                             "saved = jax.tree.map(jnp.copy, trainer.state).")
-        handed, at_step = self._step_handed_out
-        same_step = value.step is handed and at_step == self.step  # read since the last step ran
+            raise ValueError("the state assigned to trainer.state holds arrays a later step has reused (the train step "
+                             "donates its input buffers, so a state read from trainer.state is valid only until the "
+                             "next step). Keep a copy to assign later: saved = jax.tree.map(jnp.copy, trainer.state).")
+        same_step = value.step is self._step_handed_out[0] and self._step_handed_out[1] == self.step  # read since the last step
         if hasattr(self, "_link"):  # a write into the module was to the state replaced: the new one wins
             value = self._link.restore(value)
         self._carry.state = value

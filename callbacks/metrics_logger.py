@@ -72,6 +72,7 @@ class MetricsLogger(Callback):
         self._captured: dict[int, dict[str, tuple]] = {}  # window step -> trainer.record entries held for it
         self._open: int | None = None  # the window pushed at the last step (records after this logger to take)
         self._carried: dict[str, tuple] = {}  # trainer.record entries a checkpoint kept for its next window
+        self._pushed_step = 0  # the step of the newest window taken (written later)
         self._trainer: Any = None  # a weak reference: state_dict keeps the records this logger has not written
 
     @property
@@ -87,7 +88,7 @@ class MetricsLogger(Callback):
         self._hparams_due = trainer.config  # written before the first record: after a resume's restore
         self._trained = False
         self._earlier = []
-        self._captured, self._open, self._trainer = {}, None, weakref.ref(trainer)
+        self._captured, self._open, self._trainer, self._pushed_step = {}, None, weakref.ref(trainer), 0
         _refuse_shared_targets([cb for cb in callbacks if isinstance(cb, MetricsLogger)])
         if trainer.step == 0 and not trainer.resuming:  # a fresh run: what the files held is an earlier run's,
             baseline = self._held_before(trainer)  # less this trainer's evaluations before the fit (step 0)
@@ -131,6 +132,7 @@ class MetricsLogger(Callback):
         self._write_pending(trainer, block=False)
         if step % self.log_every == 0:
             self._fetch.push(step, trainer.take_metric_sums(self._key, packed=True))
+            self._pushed_step = step
             self._capture(trainer, step)  # what callbacks before this one recorded (the next step may replace it)
             self._open = step
         if self._fetch.pending and any(cp.due_after_step(step) for cp in trainer.checkpoints):
@@ -248,7 +250,7 @@ class MetricsLogger(Callback):
         a logger that already holds the run's history (a rollback inside the run) keeps it, cut back."""
         while self._fetch.pop() is not None:
             pass
-        self._captured, self._open = {}, None
+        self._captured, self._open, self._pushed_step = {}, None, 0
         held = bool(self.history)
         self.history = [(s, v) for s, v in self.history if s <= trainer.step]
         for writer in self.writers:
@@ -272,8 +274,12 @@ class MetricsLogger(Callback):
         trainer = self._trainer() if self._trainer is not None else None
         pending = {k: e for k, e in (trainer.pending_logs if trainer is not None else {}).items()
                    if self._taken.get(k) is not e}
-        records = {k: list(e) for k, e in {**self._carried, **pending}.items()}
-        return {"last_logged_step": self.last_logged_step, "hparams": self._hparams_written, "records": records}
+        unwritten = self._pushed_step if self._pushed_step > self.last_logged_step else -1  # its window takes those
+        records = {k: list(e) for k, e in {**self._carried, **pending}.items() if e[0] > unwritten}
+        hparams = self._hparams_written  # or the config that window writes first (a preemption saves before it)
+        if hparams is None and unwritten >= 0 and self._hparams_due is not None:
+            hparams = json.dumps(plain(self._hparams_due), sort_keys=True)
+        return {"last_logged_step": self.last_logged_step, "hparams": hparams, "records": records}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Takes back what ``state_dict`` kept."""

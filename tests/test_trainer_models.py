@@ -205,6 +205,10 @@ class Decoder(nnx.Module):
         return self.out(self.attn(h, mask=mask, decode=decode))
 
 
+def step_logits_after(trainer, tokens):
+    return trainer.predict(tokens[:3, :1])
+
+
 def test_a_decoding_cache_made_after_the_trainer_is_the_modules_own_and_no_export_holds_it(tmp_path):
     """Caches made for generation through trainer.model counted as layers added: every later fit, evaluate,
     predict and save was refused; an export held them (its batch size baked in) and a fresh model could not
@@ -221,6 +225,9 @@ def test_a_decoding_cache_made_after_the_trainer_is_the_modules_own_and_no_expor
     trainer.max_steps = 4
     trainer.fit(ArrayLoader(data, 8))
     assert trainer.step == 4 and model.attn.cached_key.shape[0] == 3  # the module keeps its cache
+    model.attn.init_cache((3, 4, 8))  # still the module's to use (not arrays a step donated)
+    np.testing.assert_allclose(model(jnp.asarray(tokens[:3, :1]), decode=True), step_logits_after(trainer, tokens),
+                               atol=1e-5)
     trainer.save_model(tmp_path / "export")
     loaded = load_model(tmp_path / "export", Decoder(nnx.Rngs(1)))  # built afresh: no cache
     np.testing.assert_allclose(loaded(jnp.asarray(tokens[:, :-1])), trainer.predict(data["tokens"]), atol=1e-6)
@@ -283,6 +290,7 @@ def test_intermediate_variables_the_model_holds_are_kept_and_only_what_a_call_so
     np.testing.assert_array_equal(model.act.get_value()[0], sown)
     trainer.fit(ArrayLoader(rows(), 8))
     assert float(trainer.state.model_state["scale"][...][0]) == 2.0
+    np.testing.assert_array_equal(trainer.model.scale[...], [2.0, 2.0])  # the module's own (the state's donated)
 
     class Perturbed(nnx.Module):
         def __init__(self, rngs):
@@ -366,3 +374,27 @@ def test_narrow_integers_and_bfloat16_are_numbers():
     assert all(holds_numbers(d) and is_real_number(d) for d in (jnp.int4, jnp.uint4, jnp.bfloat16, np.bool_, np.int8))
     assert is_floating(jnp.bfloat16) and not is_floating(np.int32) and holds_numbers(np.complex64)
     assert not any(holds_numbers(np.dtype(d)) for d in ("U3", "O", "V4"))
+
+
+def test_a_cache_made_before_the_trainer_stays_usable_and_a_checkpoint_loads_into_a_sowing_model(tmp_path):
+    """The module's caches (and Intermediates) held the state's arrays, which the first step donated; a model
+    holding sown values did not fit a checkpoint, which holds none."""
+    tokens = RNG.integers(0, 11, size=(16, 6)).astype(np.int32)
+    data = {"tokens": tokens[:, :-1], "label": tokens[:, 1:]}
+    model = Decoder(nnx.Rngs(0))
+    model.attn.init_cache((3, 4, 8))
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=2)
+    trainer.fit(ArrayLoader(data, 8))
+    lent = trainer.model
+    logits = lent(jnp.asarray(tokens[:3, :1]), decode=True)  # its cache was donated: "Array has been deleted"
+    np.testing.assert_allclose(logits, trainer.predict(tokens[:3, :1]), atol=1e-5)
+
+    from callbacks import Checkpoint
+
+    model = Sowing(nnx.Rngs(0))
+    model(jnp.zeros((2, 3)))
+    Trainer(model, optax.sgd(0.1), max_steps=2, workdir=tmp_path, callbacks=[Checkpoint()]).fit(ArrayLoader(rows(), 8))
+    target = Sowing(nnx.Rngs(1))
+    target(jnp.zeros((2, 3)))  # sown into, as the trained one was
+    load_model(tmp_path, target)
+    np.testing.assert_array_equal(target.lin.kernel[...], model.lin.kernel[...])

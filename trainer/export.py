@@ -113,7 +113,7 @@ def _is_checkpoint(path: Path) -> bool:
 def _load_checkpoint(path: Path, model: nnx.Module) -> nnx.Module:
     """``load_model`` from a training checkpoint: its ``params`` and ``model_state`` into ``model``."""
     from trainer.resume import find_store
-    from trainer.state import TrainState
+    from trainer.state import TrainState, is_sown
 
     store, step = find_store(None, path, read_only=True)
     try:
@@ -123,7 +123,7 @@ def _load_checkpoint(path: Path, model: nnx.Module) -> nnx.Module:
     if found is None:
         raise CheckpointError(f"{path} holds no readable checkpoint; pass a step_<N> folder or an export.")
     step, meta, arrays = found
-    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    _, params, _, model_state = nnx.split(model, nnx.Param, lambda _, v: is_sown(v), ...)  # sown: none saved
     template = TrainState(params=params, model_state=model_state, opt_state=None, step=None)
     described = [d for d in meta["leaves"] if d["path"].startswith((".params", ".model_state"))]
     check_structure(f"checkpoint step {step} in {store.directory}", described, expected_leaves(template), "model",

@@ -85,6 +85,11 @@ class ModuleLink:
         self._counts = [len(jax.tree.leaves(v.get_raw_value())) for _, v in variables]
         self._one_leaf_each = all(count == 1 for count in self._counts)  # values read in one C++ flatten
         self._pending: dict[Path, Any] = {}
+        if self._transient:  # the module's own from now on: arrays apart from the state's, which steps donate
+            copy = lambda x: jax.device_put(x, may_alias=False) if isinstance(x, jax.Array) else x  # noqa: E731
+            for path, node in nnx.iter_graph(model):
+                if path in self._transient and isinstance(node, nnx.Variable):
+                    _set_raw_value(node, jax.tree.map(copy, node.get_raw_value()))
         self._structure = self._walk()
         self._claim()  # its own copies, just put there (TrainState.create): no write for it or the others
         _LINKS.setdefault(model, weakref.WeakSet()).add(self)

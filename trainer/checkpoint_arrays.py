@@ -103,11 +103,16 @@ def crc32(value: np.ndarray) -> int:
     return zlib.crc32(value.reshape(-1).view(np.uint8))
 
 
+_key_data = jax.jit(jax.random.key_data)
+"""One traced function for every key's shape: ``eval_shape`` of the bare function traced anew at each call (a
+``load_model`` or a resume), each kept in JAX's cache of 2,048 (~11 MiB, pushing other functions out)."""
+
+
 def expected_leaves(tree: Any) -> list[dict[str, Any]]:
     """Path, shape and dtype of every leaf of ``tree`` as ``flatten`` would store it (no copy)."""
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        shape = jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf
+        shape = jax.eval_shape(_key_data, leaf) if _is_key(leaf) else leaf
         if not hasattr(shape, "shape"):  # a Python number in a variable: stored as JAX holds it (int32, float32)
             shape = jax.ShapeDtypeStruct((), jax.dtypes.canonicalize_dtype(np.result_type(leaf)))
         out.append({"path": jax.tree_util.keystr(path), "shape": list(shape.shape), "dtype": str(shape.dtype)})

@@ -72,7 +72,6 @@ class MetricsLogger(Callback):
         self._captured: dict[int, dict[str, tuple]] = {}  # window step -> trainer.record entries held for it
         self._open: int | None = None  # the window pushed at the last step (records after this logger to take)
         self._carried: dict[str, tuple] = {}  # trainer.record entries a checkpoint kept for its next window
-        self._pushed_step = 0  # the step of the newest window taken (written later)
         self._trainer: Any = None  # a weak reference: state_dict keeps the records this logger has not written
 
     @property
@@ -88,7 +87,7 @@ class MetricsLogger(Callback):
         self._hparams_due = trainer.config  # written before the first record: after a resume's restore
         self._trained = False
         self._earlier = []
-        self._captured, self._open, self._trainer, self._pushed_step = {}, None, weakref.ref(trainer), 0
+        self._captured, self._open, self._trainer = {}, None, weakref.ref(trainer)
         _refuse_shared_targets([cb for cb in callbacks if isinstance(cb, MetricsLogger)])
         if trainer.step == 0 and not trainer.resuming:  # a fresh run: what the files held is an earlier run's,
             baseline = self._held_before(trainer)  # less this trainer's evaluations before the fit (step 0)
@@ -132,15 +131,19 @@ class MetricsLogger(Callback):
         self._write_pending(trainer, block=False)
         if step % self.log_every == 0:
             self._fetch.push(step, trainer.take_metric_sums(self._key, packed=True))
-            self._pushed_step = step
             self._capture(trainer, step)  # what callbacks before this one recorded (the next step may replace it)
             self._open = step
-        if self._fetch.pending and any(cp.due_after_step(step) for cp in trainer.checkpoints):
-            self._write_pending(trainer)  # before the checkpoint: a kill after it would lose these windows
 
-    def on_epoch_end(self, trainer: Any, epoch: int, logs: Mapping[str, float]) -> None:
-        if self._fetch.pending and any(cp.due_after_epoch(epoch) for cp in trainer.checkpoints):
-            self._write_pending(trainer)  # the loop has just waited for the epoch's metrics: no wait here
+    def _write_before_save(self, trainer: Any) -> None:
+        """Called by ``Checkpoint.save`` first, after every callback of the step ran: the config and the windows
+        taken so far are written (at a fit's end, the last partial window too; not after a preemption, whose
+        resume writes it whole), so the checkpoint's state of this logger holds nothing that a resume would
+        write twice or lose, and a kill after the checkpoint loses no window."""
+        self._write_hparams_if_new()
+        if trainer.fitting or trainer.preempted:
+            self._write_pending(trainer)
+        else:
+            self.write_to_end(trainer)
 
     def on_eval_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
         if not trainer.fitting and not trainer.eval_prefix:  # ``trainer.evaluate(data)`` after a run: its
@@ -250,7 +253,7 @@ class MetricsLogger(Callback):
         a logger that already holds the run's history (a rollback inside the run) keeps it, cut back."""
         while self._fetch.pop() is not None:
             pass
-        self._captured, self._open, self._pushed_step = {}, None, 0
+        self._captured, self._open = {}, None
         held = bool(self.history)
         self.history = [(s, v) for s, v in self.history if s <= trainer.step]
         for writer in self.writers:
@@ -274,12 +277,8 @@ class MetricsLogger(Callback):
         trainer = self._trainer() if self._trainer is not None else None
         pending = {k: e for k, e in (trainer.pending_logs if trainer is not None else {}).items()
                    if self._taken.get(k) is not e}
-        unwritten = self._pushed_step if self._pushed_step > self.last_logged_step else -1  # its window takes those
-        records = {k: list(e) for k, e in {**self._carried, **pending}.items() if e[0] > unwritten}
-        hparams = self._hparams_written  # or the config that window writes first (a preemption saves before it)
-        if hparams is None and unwritten >= 0 and self._hparams_due is not None:
-            hparams = json.dumps(plain(self._hparams_due), sort_keys=True)
-        return {"last_logged_step": self.last_logged_step, "hparams": hparams, "records": records}
+        records = {k: list(e) for k, e in {**self._carried, **pending}.items()}  # (a save wrote its windows first)
+        return {"last_logged_step": self.last_logged_step, "hparams": self._hparams_written, "records": records}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Takes back what ``state_dict`` kept."""

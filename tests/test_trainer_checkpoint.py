@@ -1291,3 +1291,54 @@ def test_a_recorded_value_not_yet_logged_survives_a_preemption_into_its_window(t
     run(tmp_path / "run", resume=True)
     logged = [(tmp_path / name / "metrics.jsonl").read_text() for name in ("unbroken", "run")]
     assert logged[0] == logged[1] and logged[0].count('"probe": 6.0') == 1
+
+
+class RecordAt(Callback):
+    def __init__(self, *steps):
+        self.steps = steps
+
+    def on_step_end(self, trainer, step, metrics):
+        if step in self.steps:
+            trainer.record("probe", float(step))
+
+
+def logged_lines(path):
+    return Path(path).read_text().splitlines()
+
+
+def test_a_resume_after_a_crash_or_a_finished_fit_logs_the_config_and_each_record_once(tmp_path, data):
+    """A checkpoint saved before the logger wrote the config (a crash before the first window) or its last
+    partial window (Checkpoint listed first) recorded neither: the resumed run wrote them again."""
+    def run(workdir, callbacks, max_steps, resume=False):
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=max_steps, workdir=workdir,
+                callbacks=callbacks).fit(ArrayLoader(data, 8, shuffle=False), resume=resume)
+
+    class CrashAt3(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            if step == 3:
+                raise RuntimeError("crash")
+
+    logger = lambda: MetricsLogger([JsonlWriter(tmp_path / "crash" / "m.jsonl")], log_every=5)  # noqa: E731
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "crash", [logger(), Checkpoint(every_n_steps=2, every_n_epochs=None), CrashAt3()], 8)
+    run(tmp_path / "crash", [logger(), Checkpoint(every_n_steps=2, every_n_epochs=None)], 8, resume=True)
+    assert sum('"hparams"' in line for line in logged_lines(tmp_path / "crash" / "m.jsonl")) == 1
+
+    for order in ("checkpoint first", "logger first"):
+        workdir = tmp_path / order.replace(" ", "_")
+        logger = MetricsLogger([JsonlWriter(workdir / "m.jsonl")], log_every=4)
+        checkpoint = Checkpoint(every_n_steps=None, every_n_epochs=None)  # the save at fit's end only
+        callbacks = [checkpoint, RecordAt(5), logger] if order == "checkpoint first" else [RecordAt(5), logger, checkpoint]
+        run(workdir, callbacks, 6)
+        run(workdir, callbacks, 12, resume=True)
+        assert sum('"probe"' in line for line in logged_lines(workdir / "m.jsonl")) == 1, order
+
+
+def test_a_value_recorded_at_a_checkpoint_step_after_the_logger_reaches_that_steps_window(tmp_path, data):
+    """The logger wrote its window in its own on_step_end when a checkpoint was due, before later callbacks
+    of that step recorded: their value went to the next window."""
+    logger = MetricsLogger([JsonlWriter(tmp_path / "m.jsonl")], log_every=4)
+    Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_steps=12, workdir=tmp_path,
+            callbacks=[logger, RecordAt(4, 8, 12), Checkpoint(every_n_steps=4, every_n_epochs=None)]).fit(
+        ArrayLoader(data, 8, shuffle=False))
+    assert [(step, s["probe"]) for step, s in logger.history if "probe" in s] == [(4, 4.0), (8, 8.0), (12, 12.0)]

@@ -398,3 +398,18 @@ def test_a_cache_made_before_the_trainer_stays_usable_and_a_checkpoint_loads_int
     target(jnp.zeros((2, 3)))  # sown into, as the trained one was
     load_model(tmp_path, target)
     np.testing.assert_array_equal(target.lin.kernel[...], model.lin.kernel[...])
+
+
+def test_a_state_split_from_the_module_leaves_the_modules_cache_its_own():
+    """unshared copied only other Trainers' arrays: a state assigned from trainer.model shared the module's
+    cache again, and the next step donated it (decoding then failed)."""
+    tokens = RNG.integers(0, 11, size=(16, 6)).astype(np.int32)
+    data = {"tokens": tokens[:, :-1], "label": tokens[:, 1:]}
+    model = Decoder(nnx.Rngs(0))
+    model.attn.init_cache((3, 4, 8))
+    trainer = Trainer(model, optax.adam(1e-2), max_steps=2)
+    _, params, rest = nnx.split(trainer.model, nnx.Param, ...)
+    trainer.state = trainer.state.replace(params=params, model_state=rest)
+    trainer.fit(ArrayLoader(data, 8))
+    logits = trainer.model(jnp.asarray(tokens[:3, :1]), decode=True)
+    np.testing.assert_allclose(logits, trainer.predict(tokens[:3, :1]), atol=1e-5)

@@ -256,6 +256,8 @@ class Checkpoint(Callback):
             if wait:
                 store.wait()
             return True
+        for callback in trainer.callbacks.callbacks:  # a MetricsLogger writes what it holds first
+            getattr(callback, "_write_before_save", lambda trainer: None)(trainer)
         arrays, leaves = flatten(trainer.state, checksums=False)  # the store computes them off the loop
         by_path = {d["path"]: a for d, a in zip(leaves, arrays.values())}
         bad = [path for path, a in by_path.items()

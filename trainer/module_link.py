@@ -148,12 +148,16 @@ class ModuleLink:
         return state
 
     def unshared(self, state: Any) -> Any:
-        """``state`` with copies of the arrays another live Trainer of the module put there and still trains (a
-        state assigned from the module, ``nnx.state(model)``): this trainer's steps donate what its state holds."""
+        """``state`` with copies of the arrays another live Trainer of the module put there and still trains, and
+        of the module's own caches (a state assigned from the module, ``nnx.state(model)``): this trainer's steps
+        donate what its state holds."""
         theirs = set()
         for writer, token in _LAST.get(self.model, {}).values():
             if writer() not in (None, self):
                 theirs.add(id(_held(token)))
+        if self._transient:  # the module's own caches and sown values (a state split from trainer.model)
+            theirs |= {id(x) for path, node in nnx.iter_graph(self.model) if path in self._transient
+                       and isinstance(node, nnx.Variable) for x in jax.tree.leaves(node.get_raw_value())}
         if not theirs:
             return state
         copy = lambda x: jax.device_put(x, may_alias=False) if id(x) in theirs else x  # noqa: E731

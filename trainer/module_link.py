@@ -47,7 +47,8 @@ that value, while its Trainer lives, is no write for any Trainer of the module; 
 
 TRANSIENT = (nnx.Intermediate, nnx.Cache)
 """Variables a call adds and fills for itself (``sow``; ``init_cache`` for decoding): no layer of the model,
-and none of the weights it trains. Those the module held when the Trainer was built stay in its state."""
+and none of the weights it trains. Those the module held when the Trainer was built (sown values aside) stay in
+its state, and the module's get arrays of their own: the module's to change from then on."""
 
 
 def _is_variable(x: Any) -> bool:

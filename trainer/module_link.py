@@ -87,10 +87,9 @@ class ModuleLink:
         self._one_leaf_each = all(count == 1 for count in self._counts)  # values read in one C++ flatten
         self._pending: dict[Path, Any] = {}
         if self._transient:  # the module's own from now on: arrays apart from the state's, which steps donate
-            copy = lambda x: jax.device_put(x, may_alias=False) if isinstance(x, jax.Array) else x  # noqa: E731
             for path, node in nnx.iter_graph(model):
                 if path in self._transient and isinstance(node, nnx.Variable):
-                    _set_raw_value(node, jax.tree.map(copy, node.get_raw_value()))
+                    _set_raw_value(node, _copied(node.get_raw_value()))
         self._structure = self._walk()
         self._claim()  # its own copies, just put there (TrainState.create): no write for it or the others
         _LINKS.setdefault(model, weakref.WeakSet()).add(self)
@@ -161,8 +160,7 @@ class ModuleLink:
                        and isinstance(node, nnx.Variable) for x in jax.tree.leaves(node.get_raw_value())}
         if not theirs:
             return state
-        copy = lambda x: jax.device_put(x, may_alias=False) if id(x) in theirs else x  # noqa: E731
-        return jax.tree.map(copy, state)
+        return jax.tree.map(lambda x: _copied(x) if id(x) in theirs else x, state)
 
     def stale(self, state: Any) -> bool:
         """Whether the module was last updated from another state than ``state``."""
@@ -219,8 +217,12 @@ def _kept(found: dict[Path, Any]) -> dict[Path, Any]:
     """Copies of written values for a Trainer to take later: the value written may be an array another
     Trainer's state holds (a layer copied from one it lent, a state assigned from the module), which that
     Trainer's next step donates."""
-    copy = lambda x: jax.device_put(x, may_alias=False) if isinstance(x, jax.Array) else x  # noqa: E731
-    return {path: jax.tree.map(copy, value) for path, value in found.items()}
+    return {path: _copied(value) for path, value in found.items()}
+
+
+def _copied(tree: Any) -> Any:
+    """``tree`` with a copy of each JAX array in it (its placement kept), other leaves as they are."""
+    return jax.tree.map(lambda x: jax.device_put(x, may_alias=False) if isinstance(x, jax.Array) else x, tree)
 
 
 def _raw_value_setter():

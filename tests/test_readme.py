@@ -22,8 +22,9 @@ def readme_block(first_line: str) -> str:
     return next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith(first_line))
 
 
-def test_readme_overfit_one_batch_mixed_precision_and_freezing_run():
-    for title in ("# Overfit one batch", "# Mixed precision", "# Freeze part of the model"):
+def test_readme_patterns_run():
+    for title in ("# Overfit one batch", "# Mixed precision", "# Freeze part of the model", "# Lower the learning rate",
+                  "# Accumulate gradients"):
         exec(compile(readme_block(title), f"README.md: {title}", "exec"), {})  # each asserts what it shows
 
 

@@ -183,3 +183,81 @@ def test_global_norm_is_optaxs_over_every_leaf_in_float32():
     # a small tree is summed as one concatenation, a large one leaf by leaf (no copy of it all)
     assert "concatenate" in str(jax.make_jaxpr(global_norm)(tree))
     assert "concatenate" not in str(jax.make_jaxpr(global_norm)(large))
+
+
+def _plateau_run(data, tx, steps):
+    """Fits ``steps`` steps, returning each step's loss and the learning rate the trainer reports after it."""
+    from callbacks import Callback
+
+    losses, rates = [], []
+
+    class Spy(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            losses.append(float(metrics["loss"]))
+            rates.append(float(trainer.learning_rate))
+
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), tx, max_steps=steps, callbacks=[Spy()])
+    trainer.fit(ArrayLoader(data, 32))
+    return trainer, losses, rates
+
+
+def test_reduce_on_plateau_gets_each_steps_loss_and_the_reported_rate_falls_with_its_scale(data):
+    # optax's own plateau rule: the train step passes value=loss to a transformation taking extra arguments
+    plateau = optax.contrib.reduce_on_plateau(factor=0.5, patience=2, rtol=0.0, atol=1e-9, accumulation_size=1)
+    tx = optax.chain(make_optimizer("adam", learning_rate=1e-3), plateau)
+    trainer, losses, rates = _plateau_run(data, tx, 12)
+    state = trainer.state.opt_state[1]
+    assert float(state.best_value) == pytest.approx(min(losses), rel=1e-6)  # the value it saw is the loss
+    assert rates[0] == pytest.approx(1e-3)
+    # an unreachable improvement (a rate so small the loss cannot halve): the scale halves every 2 steps
+    stuck = optax.contrib.reduce_on_plateau(factor=0.5, patience=2, rtol=0.5, accumulation_size=1)
+    trainer, losses, rates = _plateau_run(data, optax.chain(make_optimizer("adam", learning_rate=1e-3), stuck), 8)
+    # the first step sets the best; then each 2 steps that do not halve it halve the scale (steps 3, 5, 7)
+    assert float(trainer.state.opt_state[1].scale) == 0.5 ** 3
+    np.testing.assert_allclose(rates, [1e-3 * 0.5 ** ((k - 1) // 2) for k in range(1, 9)], rtol=1e-6)
+
+
+def test_learning_rates_are_scaled_by_the_plateaus_of_their_own_group():
+    from trainer.optim import learning_rates
+
+    injected = optax.inject_hyperparams(optax.adam)(learning_rate=0.1)
+    tx = optax.multi_transform({"a": optax.chain(injected, optax.contrib.reduce_on_plateau()), "b": injected},
+                               {"w": "a", "v": "b"})
+    state = optax.tree_utils.tree_set(tx.init({"w": np.zeros(2), "v": np.zeros(3)}), scale=0.25)
+    assert {k: float(v) for k, v in learning_rates(state).items()} == {"a": pytest.approx(0.025), "b": pytest.approx(0.1)}
+    outer = optax.chain(injected, optax.contrib.reduce_on_plateau())  # one above every rate
+    state = optax.tree_utils.tree_set(outer.init({"w": np.zeros(2)}), scale=0.5)
+    assert float(current_learning_rate(state)) == pytest.approx(0.05)
+
+
+def test_an_optimizer_needing_more_than_the_loss_is_refused_by_what_it_needs(data):
+    tx = optax.chain(optax.sgd(1e-2), optax.scale_by_zoom_linesearch(max_linesearch_steps=4))
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), tx, max_steps=2)
+    with pytest.raises(TypeError, match=r"needs 'grad' and 'value_fn'.*passes optax's extra argument value="):
+        trainer.fit(ArrayLoader(data, 32))
+
+
+def test_accumulated_gradients_with_a_plateau_resume_between_updates_bit_for_bit(data, tmp_path):
+    # optax.MultiSteps as it stands (not its gradient_transformation()) hands value=loss on to the plateau,
+    # and a checkpoint at step 3 (between the updates of steps 2 and 4) holds the partial sum
+    import jax
+
+    from callbacks import Checkpoint
+
+    def tx():
+        plateau = optax.contrib.reduce_on_plateau(factor=0.5, patience=1, rtol=0.5, accumulation_size=1)
+        return optax.MultiSteps(optax.chain(make_optimizer("adam", learning_rate=1e-2), plateau), every_k_schedule=2)
+
+    model = TinyMLP(rngs=nnx.Rngs(0))
+    whole = Trainer(model, tx(), max_steps=8)
+    whole.fit(ArrayLoader(data, 16))
+    expected = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert float(whole.learning_rate) == pytest.approx(1e-2 * 0.5 ** 3)  # updates 1-4 saw the loss: 3 halvings
+    first = Trainer(TinyMLP(rngs=nnx.Rngs(0)), tx(), max_steps=3, workdir=tmp_path,
+                    callbacks=[Checkpoint(every_n_steps=3, every_n_epochs=None)])
+    first.fit(ArrayLoader(data, 16))
+    assert int(first.state.opt_state.mini_step) == 1  # a batch's gradients waiting for the next
+    model = TinyMLP(rngs=nnx.Rngs(0))
+    Trainer(model, tx(), max_steps=8, workdir=tmp_path, callbacks=[Checkpoint(every_n_steps=3, every_n_epochs=None)]
+            ).fit(ArrayLoader(data, 16), resume=True)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), expected))

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from typing import Any
 
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from optax.contrib import ReduceLROnPlateauState
 
 from trainer.settings import setting
 
@@ -281,14 +283,51 @@ def current_learning_rate(opt_state: Any, hyperparam: str = "learning_rate") -> 
 
 def learning_rates(opt_state: Any, hyperparam: str = "learning_rate") -> dict[str, jax.Array]:
     """Every injected learning rate in ``opt_state`` by the labels leading to it: ``{"": rate}`` for one
-    optimizer, ``{"head": ..., "backbone": ...}`` for ``optax.multi_transform``'s groups of their own."""
+    optimizer, ``{"head": ..., "backbone": ...}`` for ``optax.multi_transform``'s groups of their own.
+
+    Each rate is the one the updates get: times the ``scale`` of every ``optax.contrib.reduce_on_plateau``
+    in its group or above it (as Keras's and Lightning's monitors show a rate the plateau lowered)."""
     found = optax.tree_utils.tree_get_all_with_path(
         opt_state, hyperparam, filtering=lambda _path, value: isinstance(value, (jax.Array, np.ndarray)))
-    if len(found) == 1:
-        return {"": found[0][1]}
-    labels = ["/".join(str(k.key) for k in path[:-1] if isinstance(k, jax.tree_util.DictKey) and k.key != "hyperparams")
-              for path, _ in found]
-    return {label or str(i): value for i, (label, (_, value)) in enumerate(zip(labels, found))}
+    plateaus = [(_label(path), state.scale) for path, state in jax.tree_util.tree_flatten_with_path(
+        opt_state, is_leaf=lambda node: isinstance(node, ReduceLROnPlateauState))[0]
+        if isinstance(state, ReduceLROnPlateauState)]
+    rates = [(_label(path[:-1]), _scaled(value, _label(path[:-1]), plateaus)) for path, value in found]
+    if len(rates) == 1:
+        return {"": rates[0][1]}
+    return {label or str(i): value for i, (label, value) in enumerate(rates)}
+
+
+def _label(path: tuple) -> str:
+    """The group labels (``multi_transform``'s dict keys) along a path in an optimizer state."""
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey) and k.key != "hyperparams")
+
+
+def _scaled(rate: jax.Array, label: str, plateaus: list[tuple[str, jax.Array]]) -> jax.Array:
+    for where, scale in plateaus:  # a plateau scales the updates of its own group and of those inside it
+        if not where or label == where or label.startswith(where + "/"):
+            rate = rate * jnp.asarray(scale, rate.dtype)
+    return rate
+
+
+def update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any, loss: jax.Array) -> tuple[Any, Any]:
+    """``tx.update`` as the train step calls it: a transformation that takes extra arguments gets
+    ``value=loss`` (optax's convention: ``optax.contrib.reduce_on_plateau`` lowers the rate when the
+    loss stops falling; ``optax.MultiSteps`` hands it on). One that needs more (a line search's
+    ``value_fn``) is refused by name."""
+    if not isinstance(tx, (optax.GradientTransformationExtraArgs, optax.MultiSteps)):
+        return tx.update(grads, opt_state, params)
+    try:
+        return tx.update(grads, opt_state, params, value=loss)
+    except TypeError as error:
+        missing = re.search(r"missing \d+ required keyword-only arguments?: (.*)", str(error))
+        if not missing:
+            raise
+        raise TypeError(
+            f"the optimizer's update needs {missing.group(1)}, which a Trainer does not give: the train step "
+            "passes optax's extra argument value=<the step's loss> only (enough for optax.contrib."
+            "reduce_on_plateau). Optimizers with a line search (optax.lbfgs, scale_by_zoom_linesearch) "
+            "need value_fn: train them in a loop of your own.") from error
 
 
 def optimizer_signature(opt_state: Any) -> str:

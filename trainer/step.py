@@ -21,7 +21,7 @@ from flax import nnx
 from trainer.carry import flat_jit, pack_state, unpack_state
 from trainer import conv_grads, dense_grads, threefry
 from trainer.feed import MASK_KEY
-from trainer.optim import current_learning_rate, global_norm
+from trainer.optim import current_learning_rate, global_norm, update as optimizer_update
 from trainer.packing import scan_packed
 from trainer.state import TrainState
 from trainer.state_changes import check_same_structure, without_sown
@@ -196,7 +196,7 @@ def make_train_step(
         guarded = halt_after is not None and state.guard is not None
 
         def apply(params, opt_state):
-            updates, opt_state = tx.update(grads, opt_state, params)
+            updates, opt_state = optimizer_update(tx, grads, opt_state, params, loss)
             return optax.apply_updates(params, updates), opt_state, updates, _lr(opt_state)
 
         if guarded:
@@ -207,7 +207,7 @@ def make_train_step(
             ok = loss_ok & grads_ok & ~state.guard["halted"]
 
             def keep(params, opt_state):  # the learning rate this step would have used, for the report
-                _, would_be = tx.update(grads, opt_state, params)  # XLA keeps only what _lr reads of it
+                _, would_be = optimizer_update(tx, grads, opt_state, params, loss)  # XLA keeps only what _lr reads of it
                 return params, opt_state, jax.tree.map(jnp.zeros_like, params), _lr(would_be)
 
             if per_step_guard == "select":

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from trainer.resume import read_saved_state
 from trainer.events import Callback
 from trainer.metric_names import resolve_mode
+from trainer.other_names import EARLY_STOPPING, other_names
 
 
 class EarlyStopping(Callback):
@@ -42,6 +43,7 @@ class EarlyStopping(Callback):
       restore_best: restore the best state when stopping.
     """
 
+    @other_names(EARLY_STOPPING)
     def __init__(self, monitor: str = "eval/loss", mode: str = "auto", patience: int = 3,
                  min_delta: float = 0.0, restore_best: bool = True):
         mode = resolve_mode(monitor, mode, "EarlyStopping")

@@ -27,6 +27,7 @@ from callbacks.writers import MetricWriter, plain
 from trainer.checkpoint import callback_keys
 from trainer.events import Callback, DefaultInterval
 from trainer.sums import compute_sums, snapshot_means
+from trainer.other_names import METRICS_LOGGER, other_names
 
 
 class MetricsLogger(Callback):
@@ -50,6 +51,7 @@ class MetricsLogger(Callback):
 
     step_interval_attributes = ("log_every",)
 
+    @other_names(METRICS_LOGGER)
     def __init__(self, writers: Iterable[MetricWriter], log_every: int = DefaultInterval(50)):
         if not isinstance(log_every, int) or log_every <= 0:
             raise ValueError(f"log_every={log_every!r} must be a positive integer.")

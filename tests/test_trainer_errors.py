@@ -573,3 +573,37 @@ def test_a_warning_from_the_prefetch_thread_names_no_threading_frame(model, data
         Trainer(model, optax.sgd(0.1), max_epochs=1, prefetch=2).fit(
             ArrayLoader({k: v[:20] for k, v in data.items()}, 8, drop_remainder=False))
     assert not [w.filename for w in caught if w.filename.endswith("threading.py")]
+
+
+def test_every_other_name_is_refused_with_its_hint_and_each_hint_names_real_arguments(model, data):
+    """Each Keras / Lightning name in the hint tables fails with its hint, and every ``name=`` a hint
+    suggests is an argument of something this library (or optax, or a Flax layer) takes."""
+    import inspect
+    import re
+
+    from callbacks import Checkpoint, ConsoleWriter, CsvWriter, EarlyStopping, Evaluator, MetricsLogger
+    from trainer import OptimConfig, make_optimizer
+    from trainer import other_names as names
+
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1)
+    calls = {
+        "TRAINER": lambda **kw: Trainer(model, optax.sgd(0.1), **kw),
+        "FIT": lambda **kw: trainer.fit(ArrayLoader(data, 32), **kw),
+        "EVALUATE": lambda **kw: trainer.evaluate(ArrayLoader(data, 32), **kw),
+        "PREDICT": lambda **kw: trainer.predict(data["x"], **kw),
+        "CHECKPOINT": lambda **kw: Checkpoint(**kw),
+        "EARLY_STOPPING": lambda **kw: EarlyStopping(**kw),
+        "METRICS_LOGGER": lambda **kw: MetricsLogger([ConsoleWriter()], **kw),
+    }
+    takers = [Trainer, Trainer.fit, Trainer.evaluate, Trainer.predict, Checkpoint, EarlyStopping, MetricsLogger,
+              Evaluator, ArrayLoader, make_optimizer, OptimConfig, optax.MultiSteps, nnx.Linear.__init__, CsvWriter]
+    known = {name for taker in takers for name in inspect.signature(taker).parameters}
+    for table, call in calls.items():
+        for name, hint in getattr(names, table).items():
+            if name == names.POSITIONAL:
+                continue
+            with pytest.raises(TypeError, match=re.escape(f"keyword argument {name!r}: here it is {hint}")):
+                call(**{name: 1})
+            suggested = set(re.findall(r"\b([a-z_]+)=", hint))
+            assert suggested <= known, (table, name, suggested - known)
+    assert trainer.step == 0

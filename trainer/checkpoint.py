@@ -36,6 +36,7 @@ from trainer.sums import EPOCH_SUMS, PARTIAL_EPOCH
 from trainer.optim import optimizer_signature
 from trainer.metric_names import check_mode, resolve_mode
 from trainer.module_link import adopt_written_weights
+from trainer.other_names import CHECKPOINT, other_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.trainer import Trainer
@@ -157,6 +158,7 @@ class Checkpoint(Callback):
 
     step_interval_attributes = ("every_n_steps",)
 
+    @other_names(CHECKPOINT)
     def __init__(self, directory: str | os.PathLike | None = None, *, every_n_steps: int | None = None,
                  every_n_epochs: int | None = 1, max_to_keep: int | None = 3, monitor: str | None = None,
                  mode: str = "auto", keep_best: int | None = None, async_save: bool = True,

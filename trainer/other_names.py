@@ -1,5 +1,6 @@
-"""Keras's and Lightning's argument names met in ``Trainer``, ``fit``, ``evaluate`` and ``predict``: a clear
-``TypeError`` saying what this library calls them, where Python's own says only "unexpected keyword"."""
+"""Keras's and Lightning's argument names met in ``Trainer``, ``fit``, ``evaluate``, ``predict``, ``Checkpoint``,
+``EarlyStopping`` and ``MetricsLogger``: a clear ``TypeError`` saying what this library calls them, or how it
+does the same, where Python's own says only "unexpected keyword"."""
 
 from __future__ import annotations
 
@@ -21,6 +22,27 @@ TRAINER = {
     "batch_size": f"the data's batch size: {ARRAYS}",
     "validation_data": "fit(train_data, eval_data=...)",
     "eval_data": "fit(train_data, eval_data=...)",
+    "steps_per_epoch": "max_steps=N (an epoch is one pass over the data; a smaller ArrayLoader makes shorter ones)",
+    "fast_dev_run": "max_steps=1, with fit(train_data, eval_data=[one batch]): every part of the loop once",
+    "limit_train_batches": "max_steps=N for a short run; a smaller ArrayLoader for shorter epochs",
+    "limit_val_batches": "fit(..., eval_data=[the batches to use]) (a list, or a smaller ArrayLoader)",
+    "val_check_interval": "callbacks=[Evaluator(eval_data, every_n_steps=N, every_n_epochs=None)]",
+    "check_val_every_n_epoch": "callbacks=[Evaluator(eval_data, every_n_epochs=N)]",
+    "accumulate_grad_batches": "the optimizer optax.MultiSteps(tx, every_k_schedule=N) (README: 'Accumulate gradients')",
+    "gradient_accumulation_steps": "the optimizer optax.MultiSteps(tx, every_k_schedule=N) (README: 'Accumulate gradients')",
+    "gradient_clip_val": "the optimizer's clip_norm=...: make_optimizer(..., clip_norm=1.0) or OptimConfig(clip_norm=1.0)",
+    "gradient_clip_algorithm": "the optimizer's clip_norm=... (a global norm: optax.clip_by_global_norm)",
+    "clipnorm": "the optimizer's clip_norm=...: make_optimizer(..., clip_norm=1.0) or OptimConfig(clip_norm=1.0)",
+    "precision": "the layers' own dtype=jnp.bfloat16, param_dtype=jnp.float32 (README: 'Mixed precision')",
+    "devices": "JAX's devices: a place_batch override with a sharding (README: 'More than one device')",
+    "accelerator": "JAX's platform: JAX_PLATFORMS=cpu|cuda|tpu in the environment",
+    "strategy": "a place_batch override with a sharding (README: 'More than one device')",
+    "log_every_n_steps": "callbacks=[MetricsLogger(writers, log_every=N)]",
+    "logger": "callbacks=[MetricsLogger([ConsoleWriter(), CsvWriter(path), TensorBoardWriter(folder)])]",
+    "enable_progress_bar": "callbacks=[ProgressBar()] (none without it)",
+    "enable_checkpointing": "callbacks=[Checkpoint()] (none without it), with workdir=...",
+    "default_root_dir": "workdir=...",
+    "deterministic": "seed=... (on CPU a seed's run repeats bit for bit)",
 }
 FIT = {
     "epochs": "Trainer(..., max_epochs=N) (or trainer.max_epochs = N before fit)",
@@ -35,6 +57,18 @@ FIT = {
     "callbacks": "Trainer(..., callbacks=[...])",
     "verbose": "callbacks: ProgressBar(), MetricsLogger([ConsoleWriter()])",
     "steps_per_epoch": "max_steps=N on the Trainer (an epoch is one pass over the data)",
+    "validation_split": "split the arrays yourself: fit(ArrayLoader(first rows), eval_data=ArrayLoader(the rest))",
+    "validation_steps": "eval_data=[the batches to use] (a list, or a smaller ArrayLoader)",
+    "validation_freq": "callbacks=[Evaluator(eval_data, every_n_epochs=N)] on the Trainer",
+    "validation_batch_size": "the evaluation data's own batch size: eval_data=ArrayLoader(..., batch_size=N)",
+    "sample_weight": "a weight array in the batch and a loss_fn that uses it, e.g. the mean of weight * "
+                     "losses.cross_entropy(logits, labels) (Keras's own reduction)",
+    "class_weight": "a loss_fn that weighs each example's loss by its label's weight, e.g. the mean of "
+                    "jnp.asarray(weights)[labels] * losses.cross_entropy(logits, labels)",
+    "shuffle": "ArrayLoader(..., shuffle=True) (its default)",
+    "initial_epoch": "resume=True (from the newest checkpoint in workdir)",
+    "train_dataloaders": "fit(train_data)",
+    "datamodule": "fit(train_data, eval_data=...)",
     POSITIONAL: f"fit takes batches, and the evaluation data as eval_data: fit({ARRAYS}, eval_data=...)",
 }
 EVALUATE = {
@@ -50,6 +84,34 @@ PREDICT = {
     "verbose": "nothing: predict prints nothing",
     "steps": "a list of the batches to use, or a shorter ArrayLoader",
     POSITIONAL: "pass the inputs as one argument and batch_size by name: predict(x, batch_size=32)",
+}
+CHECKPOINT = {
+    "filepath": "directory=... (default <workdir>/checkpoints)",
+    "dirpath": "directory=... (default <workdir>/checkpoints)",
+    "save_best_only": "monitor='eval/loss' (keep_best=1 is then the default), and max_to_keep=1 for the newest "
+                      "beside it; Checkpoint.best_path names the best, load_model(best_path, model) loads it",
+    "save_top_k": "keep_best=K with monitor=... (the max_to_keep newest are kept beside them)",
+    "save_last": "max_to_keep=N: the N newest are always kept",
+    "save_weights_only": "trainer.save_model(path) (an export of the weights) at the end; a checkpoint holds "
+                         "the whole train state so that a run can resume",
+    "save_freq": "every_n_steps=N (or every_n_epochs=N)",
+    "every_n_train_steps": "every_n_steps=N",
+    "period": "every_n_epochs=N",
+    "verbose": "nothing: the saves are the step_<N> folders of its directory (best_path names the best)",
+}
+EARLY_STOPPING = {
+    "restore_best_weights": "restore_best=True (its default)",
+    "baseline": "nothing of its own: a subclass's on_epoch_end can call trainer.request_stop(reason)",
+    "start_from_epoch": "nothing of its own: a subclass whose on_epoch_end calls super() from epoch N on",
+    "verbose": "nothing: the stop's reason is printed when fit ends (trainer.stop_reason)",
+    "check_finite": "NaNDetector() (raise, skip or roll back a non-finite step)",
+    "stopping_threshold": "nothing of its own: a subclass's on_epoch_end can call trainer.request_stop(reason)",
+    "divergence_threshold": "NaNDetector() for non-finite values; a subclass's on_epoch_end for a bound",
+}
+METRICS_LOGGER = {
+    "log_every_n_steps": "log_every=N",
+    "every_n_steps": "log_every=N",
+    "filename": "the writer's own path: MetricsLogger([CsvWriter('metrics.csv')])",
 }
 
 

@@ -150,3 +150,66 @@ def test_a_second_fit_on_a_used_up_generator_ends_with_a_warning(data):
     with pytest.warns(RuntimeWarning, match="yielded no batches in epoch 0"):
         trainer.fit(generator)
     assert trainer.step == 6 and trainer.stop_reason.startswith("train_data ran out")
+
+
+class ForeignTensor:
+    """Another library's tensor, as PyTorch's looks to JAX: a shape, a dtype of its own kind, and ``__array__``."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype = array, array.shape, f"foreign.{array.dtype}"
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array if dtype is None else self.array.astype(dtype)
+
+
+def test_batches_of_another_librarys_tensors_train_evaluate_and_predict_as_numpy_ones(data):
+    """A torch DataLoader's tensors reached JAX as they were (its error: "... as an abstract array")."""
+    import jax
+
+    numpy_batches = [{k: v[i:i + 32] for k, v in data.items()} for i in range(0, 96, 32)]
+    foreign = [{k: ForeignTensor(v) for k, v in b.items()} for b in numpy_batches]
+    as_tuples = [(ForeignTensor(b["x"]), ForeignTensor(b["label"])) for b in numpy_batches]
+    results = []
+    for batches in (numpy_batches, foreign, as_tuples):
+        model = TinyMLP(rngs=nnx.Rngs(0))
+        trainer = Trainer(model, optax.adam(1e-2), max_epochs=2, steps_per_execution=2)
+        history = trainer.fit(batches, eval_data=batches)
+        results.append((history, trainer.evaluate(batches), trainer.predict([b[0] if isinstance(b, tuple) else b["x"]
+                                                                            for b in batches]),
+                        jax.tree.leaves(nnx.state(model, nnx.Param))))
+    expected = results[0]
+    for history, evaluated, predicted, params in results[1:]:
+        assert history == expected[0] and evaluated == expected[1]
+        np.testing.assert_array_equal(predicted, expected[2])
+        assert all(np.array_equal(a, b) for a, b in zip(params, expected[3]))
+
+
+def test_a_torch_data_loader_trains_as_its_numpy_arrays_would(data):
+    torch = pytest.importorskip("torch")  # an extra of the benchmarks only, never a dependency
+    from torch.utils.data import DataLoader, TensorDataset
+
+    tensors = TensorDataset(torch.from_numpy(data["x"]), torch.from_numpy(data["label"]))
+    loader = DataLoader(tensors, batch_size=32)
+    numpy_batches = [(data["x"][i:i + 32], data["label"][i:i + 32]) for i in range(0, 96, 32)]
+    fits = [Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2).fit(d, eval_data=d)
+            for d in (loader, numpy_batches)]
+    assert fits[0] == fits[1]
+
+
+@pytest.mark.parametrize("ragged", ["drop", "pad"])
+def test_empty_batches_are_skipped_in_fit_and_evaluate(data, ragged, recwarn):
+    """A slice past the data's end (0 rows) was "dropped" with a warning about compiling, broke a padded fit on
+    its mask, and an evaluation on a metric of shape (0,); it holds nothing, so it is passed over."""
+    import jax
+
+    batches = [{k: v[i:i + 32] for k, v in data.items()} for i in range(0, 96, 32)]
+    empty = {k: v[:0] for k, v in data.items()}
+    results = []
+    for fed in (batches, [empty, *batches[:2], empty, batches[2], empty]):
+        model = TinyMLP(rngs=nnx.Rngs(0))
+        trainer = Trainer(model, optax.adam(1e-2), max_epochs=2, ragged_batches=ragged)
+        results.append((trainer.fit(fed, eval_data=fed), trainer.evaluate(fed),
+                        jax.tree.leaves(nnx.state(model, nnx.Param)), trainer.step))
+    assert results[0][:2] == results[1][:2] and results[0][3] == results[1][3] == 6
+    assert all(np.array_equal(a, b) for a, b in zip(results[0][2], results[1][2]))
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]

@@ -272,6 +272,24 @@ def epoch_iterator(data: Any, epoch: int, position: int, saved_state: Mapping[st
     return iter(data), 0
 
 
+_HOST_KINDS = (np.ndarray, np.generic, jax.Array, int, float, bool, complex, str, bytes)
+
+
+def host_batch(batch: Any) -> Any:
+    """``batch`` with another library's tensors (PyTorch's, as a torch ``DataLoader`` yields them;
+    TensorFlow's) made numpy arrays (``np.asarray``: no copy for a CPU tensor), which JAX takes as its
+    own; numpy and JAX arrays pass as they are. Runs per batch: a dict of numpy arrays is not walked."""
+    if type(batch) is dict and all(type(a) is np.ndarray for a in batch.values()):
+        return batch
+    return jax.tree.map(_host_array, batch)
+
+
+def _host_array(leaf: Any) -> Any:
+    if isinstance(leaf, _HOST_KINDS) or not hasattr(leaf, "__array__"):
+        return leaf
+    return np.asarray(leaf)
+
+
 def batch_size_of(batch: Any) -> int:
     """The leading dimension shared by every array of a batch (runs per batch: kept cheap)."""
     leaves = batch.values() if type(batch) is dict else jax.tree.leaves(batch)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from trainer.data import batch_shapes, batch_size_of, describe_shapes, pad_batch
+from trainer.data import batch_shapes, batch_size_of, describe_shapes, host_batch, pad_batch
 from trainer.user_warnings import warn
 
 RAGGED = ("drop", "pad")
@@ -132,13 +132,15 @@ def executions(batches: Iterator[Any], plan: FeedPlan) -> Iterator[Execution]:
 
     while plan.max_steps is None or step + len(pending) < plan.max_steps:
         try:
-            batch = next(batches)
+            batch = host_batch(next(batches))
         except StopIteration:
             break
         pos, position = position, position + 1
         if (plan.epoch, pos) in plan.skip:
             continue  # a batch that produced non-finite values: consumed, never trained on
         size = batch_size_of(batch)
+        if not size:
+            continue  # an empty batch (a slice past the data's end) holds nothing to train on
         if plan.full_size_is_hint and plan.full_size is not None and size < plan.full_size:
             batches, last = _peek_last(batches)  # a resume's first batch: the epoch's smaller last one, or
             if not last:  # batches smaller than the checkpointed run's: they set the size now

@@ -14,7 +14,7 @@ import numpy as np
 
 from trainer.build import check_labels, weak_method
 from trainer.data import (ArrayLoader, add_note, batch_shapes, batch_size_of, check_batch_source,
-                          check_every_row_in_order, describe_shapes, first_line, non_numeric_note, pad_batch, placing,
+                          check_every_row_in_order, describe_shapes, first_line, host_batch, non_numeric_note, pad_batch, placing,
                           warn_if_rows_left_out)
 from trainer.evaluation import refuse_shared_prefixes
 from trainer.feed import with_mask
@@ -99,10 +99,13 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
     trainer.eval_prefix = prefix
     trainer.callbacks.dispatch("on_eval_start", trainer)
     sums, size, place = None, None, _placer(trainer)
-    for batch in data:
+    for batch in map(host_batch, data):
         if trainer._preemption.signal:
             raise Preempted()  # leave the evaluation; fit saves and exits
-        size = size or batch_size_of(batch)
+        rows = batch_size_of(batch)
+        if not rows:
+            continue  # an empty batch (a slice past the data's end) holds nothing to count
+        size = size or rows
         padded, mask = padded_batch(trainer, batch, size)
         check_labels(trainer, batch, "eval")
         shapes = batch_shapes(padded)
@@ -138,7 +141,7 @@ def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:
     _build_predict_step(trainer)
     adopt_written_weights(trainer)
     outputs, size, place, seen = [], None, _placer(trainer), set()
-    for batch in data:
+    for batch in map(host_batch, data):
         size = size or batch_size_of(batch)
         n = batch_size_of(batch)
         padded, _ = padded_batch(trainer, batch, size)
@@ -197,6 +200,9 @@ def check_eval_data_fits(trainer: "Trainer") -> None:
         else:
             continue
         if batch is None:
+            continue
+        batch = host_batch(batch)
+        if not batch_size_of(batch):
             continue
         _build_eval_step(trainer)
         padded, mask = padded_batch(trainer, batch, batch_size_of(batch))

@@ -607,3 +607,26 @@ def test_every_other_name_is_refused_with_its_hint_and_each_hint_names_real_argu
             suggested = set(re.findall(r"\b([a-z_]+)=", hint))
             assert suggested <= known, (table, name, suggested - known)
     assert trainer.step == 0
+
+
+def test_several_datasets_where_one_is_expected_say_how_to_evaluate_each(model, data):
+    """fit(eval_data=[val, test]) said a batch "holds no arrays (it holds ArrayLoader)"; a dict of them was told
+    to be wrapped in an ArrayLoader."""
+    from callbacks import Evaluator
+
+    val, test = (ArrayLoader({k: v[i:i + 32] for k, v in data.items()}, 16, shuffle=False) for i in (0, 32))
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=1)
+    with pytest.raises(TypeError, match=r"eval_data holds 2 datasets \(ArrayLoader, ArrayLoader\), not batches: .*"
+                                        r"Evaluator\(data\[0\], prefix='val/'\), Evaluator\(data\[1\], prefix='test/'\)"):
+        trainer.fit(val, eval_data=[val, test])
+    with pytest.raises(TypeError, match=r"Evaluator\(data\['val'\], prefix='val/'\), Evaluator\(data\['test'\]"):
+        Evaluator({"val": val, "test": test})
+    with pytest.raises(TypeError, match=r"evaluate's data holds 2 datasets .* \[trainer.evaluate\(d\) for d in data\]"):
+        trainer.evaluate((val, test))
+    with pytest.raises(TypeError, match=r"train_data holds 2 datasets .* join their arrays"):
+        trainer.fit([val, test])
+    assert trainer.step == 0
+    # what each message offers works, and lists of batches are still batches
+    trainer = Trainer(model, optax.sgd(0.1), max_epochs=1,
+                      callbacks=[Evaluator(val, prefix="val/"), Evaluator(test, prefix="test/")])
+    assert {"val/loss", "test/loss"} <= set(trainer.fit(list(val))[-1])

@@ -186,8 +186,38 @@ def raw_arrays(data: Any) -> bool:
         isinstance(data, tuple) and data and all(array(a) for a in data))
 
 
+def _is_loader(item: Any) -> bool:
+    """An iterable of batches in its own right (an ``ArrayLoader``, a torch ``DataLoader``), not a batch."""
+    return isinstance(item, ArrayLoader) or (hasattr(item, "__iter__") and not hasattr(item, "shape")
+                                             and not isinstance(item, (list, tuple, Mapping, str, bytes)))
+
+
+def several_sets_hint(data: Any, name: str) -> str | None:
+    """For a list, tuple or dict of loaders given where one is expected (Lightning's several val_dataloaders):
+    what to write instead; ``None`` for anything else."""
+    items = list(data.items()) if isinstance(data, Mapping) else (
+        [(f"set{i}", x) for i, x in enumerate(data)] if isinstance(data, (list, tuple)) else [])
+    if not items or not all(_is_loader(x) for _, x in items):
+        return None
+    kinds = ", ".join(type(x).__name__ for _, x in items)
+    start = f"{name} holds {len(items)} datasets ({kinds}), not batches"
+    if "train" in name:
+        return f"{start}: fit trains on one; join their arrays (np.concatenate) into one ArrayLoader."
+    if "evaluate" in name:
+        return f"{start}: evaluate each, [trainer.evaluate(d) for d in data]."
+    named = isinstance(data, Mapping)
+    first, last = (items[0][0], items[-1][0]) if named else ("val", "test")
+    where = (f"data[{first!r}]", f"data[{last!r}]") if named else ("data[0]", f"data[{len(items) - 1}]")
+    return (f"{start}: give each its own Evaluator and prefix, callbacks=[Evaluator({where[0]}, prefix='{first}/'), "
+            f"Evaluator({where[1]}, prefix='{last}/')] (Lightning's several val_dataloaders).")
+
+
 def check_batch_source(data: Any, name: str) -> None:
-    """Refuses raw arrays where an iterable of batches is expected, saying how to wrap them."""
+    """Refuses raw arrays where an iterable of batches is expected, saying how to wrap them, and several
+    datasets where one is expected, saying how to evaluate each."""
+    several = several_sets_hint(data, name)
+    if several:
+        raise TypeError(several)
     if raw_arrays(data):
         raise TypeError(f"{name} must be an iterable of batches, not raw arrays ({type(data).__name__}); wrap "
                         f"them: {wrapping_hint(data, name)}.")

@@ -251,3 +251,37 @@ def test_fit_traces_its_evaluation_data_once_not_at_every_fit(model, data, monke
         trainer.max_epochs = epochs
         trainer.fit(ArrayLoader(data, 32), eval_data=eval_data)
     assert trainer.epoch == 4 and not [f for f in traced if "sums" in getattr(f, "__name__", "")], traced
+
+
+def test_a_metric_that_is_no_mean_over_examples_is_warned_about_once(data):
+    """A loss divided by the batch's total weight (or an F1) in a loss_fn was evaluated per example in silence
+    (the audit's F1: 0.071 against 0.482)."""
+    import warnings
+
+    import jax.numpy as jnp
+    from conftest import TinyMLP
+    from flax import nnx
+
+    from trainer import losses
+
+    def weights(batch):
+        return jnp.where(batch["label"] == 1, 3.0, 1.0)
+
+    def normalised(model, batch):  # per example: w * l / w = l, so evaluation reports the unweighted mean
+        w = weights(batch)
+        return jnp.sum(w * losses.cross_entropy(model(batch["x"]), batch["label"])) / jnp.sum(w)
+
+    def kerass(model, batch):  # Keras's reduction, the mean of w * l: a mean over examples, no warning
+        return jnp.mean(weights(batch) * losses.cross_entropy(model(batch["x"]), batch["label"]))
+
+    loader = ArrayLoader(data, 32, shuffle=False)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2, loss_fn=normalised)
+    with pytest.warns(UserWarning, match=r"the evaluation \('eval/'\) computes each example's metrics alone .* first "
+                                         r"batch 'loss' .* \(the mean over its examples\) against .* \(the batch's\)") as caught:
+        trainer.fit(loader, eval_data=loader)
+        trainer.evaluate(loader)
+    assert len([w for w in caught if "each example's metrics alone" in str(w.message)]) == 1 and caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=1, loss_fn=kerass).fit(loader, eval_data=loader)
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=1).fit(loader, eval_data=loader)

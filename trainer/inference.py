@@ -17,12 +17,13 @@ from trainer.data import (ArrayLoader, add_note, batch_shapes, batch_size_of, ch
                           check_every_row_in_order, describe_shapes, first_line, host_batch, non_numeric_note, pad_batch, placing,
                           warn_if_rows_left_out)
 from trainer.evaluation import refuse_shared_prefixes
+from trainer.example_means import warn_if_not_example_means, whole_batch_loss
 from trainer.feed import with_mask
 from trainer.loop import finished_metrics
 from trainer.module_link import adopt_written_weights
 from trainer.preemption import Preempted
 from trainer.state import zeros_like_tree
-from trainer.step import make_eval_step, make_predict_step, split_loss_output
+from trainer.step import make_eval_step, make_predict_step
 from trainer.sums import compute_sums
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,11 +64,7 @@ def check_whole_batch_loss(trainer: "Trainer", batch: Any, where: str) -> None:
 
     if type(trainer).compute_metrics is not Trainer.compute_metrics:
         return
-
-    def whole(state, b):
-        model = state.merge(trainer.graphdef)
-        model.eval()
-        return split_loss_output(trainer.compute_loss(model, b), "the loss function")
+    whole = whole_batch_loss(trainer)
 
     try:
         jax.eval_shape(whole, trainer._state_shapes, batch)
@@ -115,11 +112,14 @@ def run_evaluation(trainer: "Trainer", data: Iterable[Any], prefix: str) -> dict
             check_whole_batch_loss(trainer, padded, "the evaluation data")
             traced = _first_call(lambda: jax.eval_shape(trainer._eval_sums, trainer.state, padded, mask), batch,
                                  "evaluating")
-            sums = zeros_like_tree(traced) if sums is None else sums
+            first, sums = sums is None, zeros_like_tree(traced) if sums is None else sums
             sums = _first_call(lambda: trainer._eval_step(trainer.state, sums, padded, mask), batch, "evaluating")
             trainer._eval_sums_shapes[shapes] = traced
         else:
-            sums = trainer._eval_step(trainer.state, zeros_like_tree(known) if sums is None else sums, padded, mask)
+            first, sums = sums is None, zeros_like_tree(known) if sums is None else sums
+            sums = trainer._eval_step(trainer.state, sums, padded, mask)
+        if first:
+            warn_if_not_example_means(trainer, padded, sums, prefix)
     if sums is None:
         raise ValueError("the evaluation data yielded no batches: it is empty, or a one-pass iterator (a generator) "
                          "used up by an earlier evaluation; pass a non-empty list or ArrayLoader.")

@@ -187,6 +187,7 @@ class Trainer:
         self._built_signature: Any = None
         self._eval_step = self._eval_sums = self._predict_step = None
         self._eval_sums_shapes: dict = {}  # evaluated batch shapes -> their sums' shapes (traced once each)
+        self._example_means_checked = False  # the first evaluation compares its metrics with whole-batch ones
         self._output_shapes: dict[tuple, tuple] = {}  # the model's output shape by the batch's shapes (label checks)
         self.data_iterator: Iterator[Any] | None = None
         self.epoch_length: int | None = None

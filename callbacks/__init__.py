@@ -3,7 +3,7 @@
 ``from callbacks import NAME`` for: ``Callback`` (the base class, defined in ``trainer.events``),
 ``MetricsLogger`` and the writers ``MetricWriter``, ``ConsoleWriter``, ``JsonlWriter``,
 ``CsvWriter``, ``TensorBoardWriter``; ``ProgressBar``, ``EpochSummary``, ``Evaluator``,
-``GradNormMonitor``, ``NaNDetector``, ``EarlyStopping``, ``LearningRateMonitor``, ``Throughput``,
+``GradNormMonitor``, ``NaNDetector``, ``EarlyStopping``, ``LambdaCallback`` (hooks as functions), ``LearningRateMonitor``, ``Throughput``,
 ``Profiler``, ``Plots``, ``PredictionGrid``, ``TextSamples``, ``Checkpoint`` (and its ``CheckpointError``).
 """
 
@@ -14,6 +14,7 @@ from trainer.events import Callback, DefaultInterval, last_value
 from callbacks.early_stopping import EarlyStopping
 from callbacks.epoch_summary import EpochSummary
 from callbacks.grad_norm import GradNormMonitor, GradNormWarning
+from callbacks.lambda_callback import LambdaCallback
 from callbacks.lr_monitor import LearningRateMonitor
 from callbacks.metrics_logger import MetricsLogger
 from callbacks.nan_detector import NaNDetector, NonFiniteError
@@ -28,7 +29,7 @@ from callbacks.writers import ConsoleWriter, CsvWriter, JsonlWriter, MetricWrite
 
 __all__ = [
     "Callback", "Checkpoint", "CheckpointError", "ConsoleWriter", "CsvWriter", "DefaultInterval", "EarlyStopping",
-    "EpochSummary", "Evaluator", "GradNormMonitor", "GradNormWarning", "JsonlWriter", "LearningRateMonitor",
+    "EpochSummary", "Evaluator", "GradNormMonitor", "GradNormWarning", "JsonlWriter", "LambdaCallback", "LearningRateMonitor",
     "MetricWriter", "MetricsLogger", "NaNDetector", "NonFiniteError", "Plots", "PredictionGrid", "Profiler",
     "ProgressBar", "TensorBoardWriter", "TextSamples", "Throughput", "last_value", "read_jsonl",
 ]

@@ -6,6 +6,8 @@ import optax
 import pytest
 
 from callbacks import Callback
+from conftest import TinyMLP
+from flax import nnx
 from trainer import ArrayLoader, Trainer
 from trainer.events import EVENTS
 
@@ -385,3 +387,47 @@ def test_the_workdir_exists_when_callbacks_start(model, data, tmp_path):
     Trainer(model, optax.sgd(0.1), max_steps=1, workdir=tmp_path / "new" / "run", callbacks=[Notes()]).fit(
         ArrayLoader(data, 32))
     assert (tmp_path / "new" / "run" / "notes.txt").read_text() == "run notes"
+
+
+def test_lambda_callback_hooks_are_functions_checked_as_methods_are(data):
+    from callbacks import LambdaCallback
+
+    seen = []
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=2, callbacks=[
+        LambdaCallback(on_epoch_end=lambda trainer, epoch, logs: seen.append((epoch, logs["loss"])),
+                       on_fit_end=lambda trainer: seen.append(("end", trainer.step)))])
+    history = trainer.fit(ArrayLoader(data, 32))
+    assert seen == [(0, history[0]["loss"]), (1, history[1]["loss"]), ("end", trainer.step)]
+    with pytest.raises(TypeError, match=r"on_train_batch_end=, which is no trainer event \(its event here is on_step_end\)"):
+        LambdaCallback(on_train_batch_end=lambda trainer, step, metrics: None)
+    with pytest.raises(TypeError, match=r"its first argument 'epoch' would get the trainer"):  # Keras's (epoch, logs)
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_epochs=1,
+                callbacks=[LambdaCallback(on_epoch_end=lambda epoch, logs: None)])
+
+
+def test_a_function_set_on_an_instance_under_no_events_name_is_warned_about(data):
+    """A hook set on a plain Callback instance under Keras's name was never called, in silence (a subclass's
+    method of that name was warned about)."""
+    from callbacks import Callback
+
+    hook = Callback()
+    hook.on_train_batch_end = lambda trainer, step, metrics: None
+    with pytest.warns(UserWarning, match=r"this Callback.on_train_batch_end is not a trainer event, so it is never "
+                                         r"called; its event here is on_step_end") as caught:
+        Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=1, callbacks=[hook]).fit(ArrayLoader(data, 32))
+    assert len([w for w in caught if "on_train_batch_end" in str(w.message)]) == 1  # at build, not again at fit
+
+
+def test_fit_returns_its_own_copy_of_the_history(data):
+    """fit returned trainer.history itself, so a list an earlier fit returned grew (and had its partial row
+    replaced) when a later fit went on; Keras's fit returns each call's own History."""
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.sgd(0.1), max_steps=4)
+    first = trainer.fit(ArrayLoader(data, 32))  # 3 batches an epoch: epoch 1 is partial at step 4
+    kept = [dict(row) for row in first]
+    trainer.max_steps = 9
+    second = trainer.fit(ArrayLoader(data, 32))
+    assert first == kept and first[-1]["partial_epoch"] and len(first) == 2
+    assert second == trainer.history and second is not trainer.history and len(second) == 3
+    assert "partial_epoch" not in second[1]
+    second[0]["loss"] = -1.0  # the caller's copy: the trainer's own rows stay
+    assert trainer.history[0]["loss"] == kept[0]["loss"]

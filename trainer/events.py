@@ -154,18 +154,27 @@ _WARNED_CLASSES: "weakref.WeakSet[type]" = weakref.WeakSet()
 
 
 def warn_unknown_hooks(callback: Callback) -> None:
-    """Warns (once per class) about ``on_*`` methods that are no event here, so never called: a typo or
-    another framework's name (``on_train_end``, whose event here is ``on_fit_end``)."""
+    """Warns (once per class, and once per instance for functions set on it) about ``on_*`` methods that are no
+    event here, so never called: a typo or another framework's name (``on_train_end``: here ``on_fit_end``)."""
     cls = type(callback)
-    if cls in _WARNED_CLASSES:
-        return
-    _WARNED_CLASSES.add(cls)
-    unknown = sorted(name for klass in cls.__mro__ if klass is not Callback and klass is not object
-                     for name, value in vars(klass).items()
-                     if name.startswith("on_") and callable(value) and name not in EVENTS)
-    for name in dict.fromkeys(unknown):
+    unknown = []
+    if cls not in _WARNED_CLASSES:
+        _WARNED_CLASSES.add(cls)
+        unknown = [(cls.__name__, name) for klass in cls.__mro__ if klass is not Callback and klass is not object
+                   for name, value in vars(klass).items()
+                   if name.startswith("on_") and callable(value) and name not in EVENTS]
+    own = sorted(name for name, value in getattr(callback, "__dict__", {}).items()
+                 if name.startswith("on_") and callable(value) and name not in EVENTS)
+    if own and _warned_instances.get(id(callback)) != own:  # set on this instance (cb.on_batch_end = ...)
+        _warned_instances[id(callback)] = own
+        weakref.finalize(callback, _warned_instances.pop, id(callback), None)
+        unknown += [(f"this {cls.__name__}", name) for name in own]
+    for owner, name in dict.fromkeys(sorted(unknown)):
         hint = f"; its event here is {OTHER_NAMES[name]}" if name in OTHER_NAMES else f"; the events are {list(EVENTS)}"
-        warnings.warn(f"{cls.__name__}.{name} is not a trainer event, so it is never called{hint}.", stacklevel=4)
+        warnings.warn(f"{owner}.{name} is not a trainer event, so it is never called{hint}.", stacklevel=4)
+
+
+_warned_instances: dict[int, list[str]] = {}  # id -> the unknown hook names warned about (forgotten with it)
 
 
 def check_hook_signatures(callback: Callback) -> None:

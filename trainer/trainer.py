@@ -361,7 +361,8 @@ class Trainer:
     @other_names(FIT)
     def fit(self, train_data: Iterable[Any], eval_data: Iterable[Any] | None = None, *,
             resume: bool | str | Path = False) -> list[dict[str, float]]:
-        """Trains until ``max_epochs`` / ``max_steps`` or a stop request; returns ``history``.
+        """Trains until ``max_epochs`` / ``max_steps`` or a stop request; returns a copy of ``history`` as it
+        then stands (a later ``fit`` changes ``trainer.history``, not a list an earlier one returned).
 
         ``train_data`` is an ``ArrayLoader`` or any re-iterable of batches (each epoch iterates it
         again). ``eval_data`` is sugar for an ``Evaluator(eval_data)``: every completed epoch ends
@@ -379,7 +380,7 @@ class Trainer:
                 f"steps (max_epochs={self.max_epochs}, max_steps={self.max_steps}); raise them to train more.",
                 stacklevel=2,
             )
-            return self.history
+            return [dict(row) for row in self.history]
         check_fit_inputs(self, train_data, eval_data, resume)
         self.should_stop, self.stop_reason, self.preempted = False, None, False
         self.add_metric_sums(EPOCH_SUMS)
@@ -418,7 +419,7 @@ class Trainer:
             lend_model(self, walk=False)  # the caller's module holds the trained state, even after an error
             # (whose place a refusal of changed layers would take: they are checked when fit, evaluate... start)
         end_fit(self)
-        return self.history
+        return [dict(row) for row in self.history]
 
     @other_names(EVALUATE)
     def evaluate(self, data: Any, *, prefix: str = "", batch_size: int | None = None) -> dict[str, float]:

@@ -41,18 +41,27 @@ class EarlyStopping(Callback):
       patience: checks without improvement before stopping.
       min_delta: the smallest change that counts as an improvement.
       restore_best: restore the best state when stopping.
+      baseline: a value to beat (Keras's): checks count as no improvement until one beats it.
+      start_from_epoch: epochs at the start whose checks are skipped (Keras's), for a model that first
+        gets worse (a warmup).
     """
 
     @other_names(EARLY_STOPPING)
     def __init__(self, monitor: str = "eval/loss", mode: str = "auto", patience: int = 3,
-                 min_delta: float = 0.0, restore_best: bool = True):
+                 min_delta: float = 0.0, restore_best: bool = True, *, baseline: float | None = None,
+                 start_from_epoch: int = 0):
         mode = resolve_mode(monitor, mode, "EarlyStopping")
         if not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience={patience!r} must be a positive integer.")
         if min_delta < 0:
             raise ValueError(f"min_delta={min_delta} must be >= 0.")
+        if not isinstance(start_from_epoch, int) or start_from_epoch < 0:
+            raise ValueError(f"start_from_epoch={start_from_epoch!r} must be an integer >= 0.")
+        if baseline is not None and not (isinstance(baseline, (int, float)) and math.isfinite(baseline)):
+            raise ValueError(f"baseline={baseline!r} must be a finite number (or None).")
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.min_delta, self.restore_best = min_delta, restore_best
+        self.baseline, self.start_from_epoch = baseline, start_from_epoch
         self.best: float | None = None
         self.best_step: int | None = None
         self.best_epoch: int | None = None
@@ -72,14 +81,17 @@ class EarlyStopping(Callback):
         return f"{type(self).__name__}[{self.monitor},{self.mode}]"
 
     def _improved(self, value: float) -> bool:
-        if self.best is None:
+        reference = self.best if self.best is not None else self.baseline
+        if reference is None:
             return not math.isnan(value)
         if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
+            return value < reference - self.min_delta
+        return value > reference + self.min_delta
 
     def _check(self, trainer: Any, value: float) -> None:
         self._checked_step = trainer.step
+        if trainer.epoch < self.start_from_epoch:
+            return  # Keras's start_from_epoch: these epochs are neither a best nor a lack of improvement
         if self._improved(value):
             self.best, self.best_step, self.best_epoch, self.wait = value, trainer.step, trainer.epoch, 0
             if self.restore_best:  # a copy: the step donates (reuses) the live arrays
@@ -91,6 +103,7 @@ class EarlyStopping(Callback):
             self.stopped_epoch = trainer.epoch
             restored = self._restore_best(trainer) if self.restore_best else ""
             best = (f"best {self.best:.6g} at step {self.best_step}{restored}" if self.best is not None else
+                    f"no check beat the baseline {self.baseline:.6g}" if self.baseline is not None else
                     "no check gave a number (every one was NaN)")
             trainer.request_stop(f"EarlyStopping: {self.monitor} did not improve for {self.patience} checks; {best}")
 

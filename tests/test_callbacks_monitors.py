@@ -263,6 +263,26 @@ def test_early_stopping_after_a_resume_restores_the_best_from_its_checkpoint_or_
     assert all(np.array_equal(a, b) for a, b in zip(params_of(pruned), snaps.at[3]))
 
 
+def test_early_stopping_skips_the_first_epochs_and_needs_to_beat_a_baseline(model, data):
+    """Keras's start_from_epoch and baseline (their hints pointed to subclasses, and the one for
+    start_from_epoch did not work for an eval/ monitor, checked at on_eval_end)."""
+    snaps = EpochParams()
+    late = EarlyStopping(monitor="score", mode="max", patience=2, start_from_epoch=3)
+    trainer = Trainer(model, optax.adam(1e-2), max_epochs=10,
+                      callbacks=[snaps, Scripted([0.9, 0.1, 0.1, 0.5, 0.4, 0.3, 0.2]), late])
+    trainer.fit(ArrayLoader(data, 32))  # epochs 0-2 are not checked: epoch 0's 0.9 is no best to beat
+    assert late.best == 0.5 and late.best_epoch == 3 and late.stopped_epoch == 5
+    assert all(np.array_equal(a, b) for a, b in zip(params_of(trainer), snaps.at[3]))
+    below = EarlyStopping(monitor="score", mode="max", patience=2, baseline=0.7)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=10,
+                      callbacks=[Scripted([0.5, 0.6, 0.65, 0.8]), below])
+    trainer.fit(ArrayLoader(data, 32))
+    assert trainer.epoch == 2 and below.best is None
+    assert trainer.stop_reason.endswith("no check beat the baseline 0.7")
+    with pytest.raises(ValueError, match=r"start_from_epoch=-1 must be an integer >= 0"):
+        EarlyStopping(start_from_epoch=-1)
+
+
 def test_early_stopping_when_every_check_was_nan_stops_and_says_so(data):
     stopper = EarlyStopping(monitor="score", mode="min", patience=2)
     trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=10,

@@ -625,8 +625,40 @@ def test_several_datasets_where_one_is_expected_say_how_to_evaluate_each(model, 
         trainer.evaluate((val, test))
     with pytest.raises(TypeError, match=r"train_data holds 2 datasets .* join their arrays"):
         trainer.fit([val, test])
+    with pytest.raises(TypeError, match=r"predict's data holds 2 datasets .* \[trainer.predict\(d\) for d in data\]"):
+        trainer.predict([val, test])
     assert trainer.step == 0
     # what each message offers works, and lists of batches are still batches
     trainer = Trainer(model, optax.sgd(0.1), max_epochs=1,
                       callbacks=[Evaluator(val, prefix="val/"), Evaluator(test, prefix="test/")])
     assert {"val/loss", "test/loss"} <= set(trainer.fit(list(val))[-1])
+
+
+def test_batches_of_a_registered_class_that_iterates_are_batches_not_datasets(data):
+    """The review's regression: a pytree batch class with ``__iter__`` (for ``x, y = batch``) was taken for a dataset."""
+    import dataclasses
+
+    import jax
+    from conftest import TinyMLP
+    from flax import nnx
+
+    from trainer import losses
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class Batch:
+        x: np.ndarray
+        label: np.ndarray
+
+        def __iter__(self):
+            return iter((self.x, self.label))
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return losses.cross_entropy(model(x), y).mean()
+
+    batches = [Batch(data["x"][i:i + 32], data["label"][i:i + 32]) for i in range(0, 96, 32)]
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=2, loss_fn=loss_fn)
+    history = trainer.fit(batches)
+    assert trainer.step == 6 and history[-1]["loss"] < history[0]["loss"]
+    assert trainer.evaluate(batches)["loss"] == pytest.approx(history[-1]["loss"], rel=0.2)

@@ -258,6 +258,7 @@ def test_a_metric_that_is_no_mean_over_examples_is_warned_about_once(data):
     (the audit's F1: 0.071 against 0.482)."""
     import warnings
 
+    import jax
     import jax.numpy as jnp
     from conftest import TinyMLP
     from flax import nnx
@@ -281,7 +282,37 @@ def test_a_metric_that_is_no_mean_over_examples_is_warned_about_once(data):
         trainer.fit(loader, eval_data=loader)
         trainer.evaluate(loader)
     assert len([w for w in caught if "each example's metrics alone" in str(w.message)]) == 1 and caught[0].filename == __file__
+    class Sampling(nnx.Module):  # a VAE's loss draws its sample in eval mode too: by chance unequal, a mean still
+        def __init__(self, rngs):
+            self.encode, self.decode, self.rngs = nnx.Linear(8, 4, rngs=rngs), nnx.Linear(2, 8, rngs=rngs), rngs
+
+        def __call__(self, x):
+            h = self.encode(x)
+            z = h[:, :2] + jnp.exp(0.5 * h[:, 2:]) * jax.random.normal(self.rngs.noise(), h[:, :2].shape)
+            return self.decode(z)
+
+    class Half(nnx.Module):  # bfloat16 logits reach the loss: its rounding is no difference of form
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(4, 64, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=rngs)
+            self.out = nnx.Linear(64, 2, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(nnx.relu(self.hidden(x)))
+
+    def reconstruction(model, batch):
+        return jnp.mean(jnp.sum((model(batch["x"]) - batch["x"]) ** 2, -1))
+
+    def plain(model, batch):
+        return jnp.mean(losses.cross_entropy(model(batch["x"]), batch["label"]))
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=1, loss_fn=kerass).fit(loader, eval_data=loader)
         Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=1).fit(loader, eval_data=loader)
+        Trainer(Sampling(nnx.Rngs(0, noise=1)), optax.adam(1e-3), max_epochs=1, loss_fn=reconstruction).fit(
+            loader, eval_data=loader)
+        x = np.random.default_rng(0).normal(size=(128, 4)).astype(np.float32)  # where bf16's rounding showed 0.16%
+        quadrants = {"x": x, "label": (x[:, 0] * x[:, 1] > 0).astype(np.int32)}
+        Trainer(Half(nnx.Rngs(0)), optax.adam(1e-2), max_epochs=1, loss_fn=plain).fit(
+            ArrayLoader(quadrants, 32), eval_data=ArrayLoader({k: v[:100] for k, v in quadrants.items()}, 32,
+                                                               shuffle=False, drop_remainder=False))

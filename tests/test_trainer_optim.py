@@ -228,6 +228,13 @@ def test_learning_rates_are_scaled_by_the_plateaus_of_their_own_group():
     outer = optax.chain(injected, optax.contrib.reduce_on_plateau())  # one above every rate
     state = optax.tree_utils.tree_set(outer.init({"w": np.zeros(2)}), scale=0.5)
     assert float(current_learning_rate(state)) == pytest.approx(0.05)
+    named = optax.named_chain(("adam", injected), ("plateau", optax.contrib.reduce_on_plateau()))  # its own name
+    state = optax.tree_utils.tree_set(named.init({"w": np.zeros(2)}), scale=0.5)  # is no group of the rates
+    assert float(current_learning_rate(state)) == pytest.approx(0.05)
+    nested = optax.multi_transform({"a": optax.chain(injected, optax.contrib.reduce_on_plateau()), "a/b": injected},
+                                   {"w": "a", "v": "a/b"})  # a group named like one inside another is not
+    state = optax.tree_utils.tree_set(nested.init({"w": np.zeros(2), "v": np.zeros(3)}), scale=0.25)
+    assert {k: float(v) for k, v in learning_rates(state).items()} == {"a": pytest.approx(0.025), "a/b": pytest.approx(0.1)}
 
 
 def test_an_optimizer_needing_more_than_the_loss_is_refused_by_what_it_needs(data):
@@ -261,3 +268,12 @@ def test_accumulated_gradients_with_a_plateau_resume_between_updates_bit_for_bit
     Trainer(model, tx(), max_steps=8, workdir=tmp_path, callbacks=[Checkpoint(every_n_steps=3, every_n_epochs=None)]
             ).fit(ArrayLoader(data, 16), resume=True)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), expected))
+
+
+def test_a_transformation_of_ones_own_taking_no_extra_argument_still_trains(data):
+    """The review's regression: one declared ``GradientTransformationExtraArgs`` whose update takes no ``value``."""
+    sgd = optax.sgd(0.1)
+    own = optax.GradientTransformationExtraArgs(sgd.init, lambda updates, state, params=None: sgd.update(updates, state))
+    reference = Trainer(TinyMLP(rngs=nnx.Rngs(0)), sgd, max_steps=3)
+    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), own, max_steps=3)
+    assert trainer.fit(ArrayLoader(data, 32)) == reference.fit(ArrayLoader(data, 32))

@@ -188,8 +188,9 @@ def raw_arrays(data: Any) -> bool:
 
 def _is_loader(item: Any) -> bool:
     """An iterable of batches in its own right (an ``ArrayLoader``, a torch ``DataLoader``), not a batch."""
-    return isinstance(item, ArrayLoader) or (hasattr(item, "__iter__") and not hasattr(item, "shape")
-                                             and not isinstance(item, (list, tuple, Mapping, str, bytes)))
+    return isinstance(item, ArrayLoader) or (
+        hasattr(item, "__iter__") and not hasattr(item, "shape") and not isinstance(item, (list, tuple, Mapping, str, bytes))
+        and jax.tree_util.treedef_is_leaf(jax.tree.structure(item)))  # a registered batch class is a pytree
 
 
 def several_sets_hint(data: Any, name: str) -> str | None:
@@ -205,6 +206,8 @@ def several_sets_hint(data: Any, name: str) -> str | None:
         return f"{start}: fit trains on one; join their arrays (np.concatenate) into one ArrayLoader."
     if "evaluate" in name:
         return f"{start}: evaluate each, [trainer.evaluate(d) for d in data]."
+    if "predict" in name:
+        return f"{start}: predict each, [trainer.predict(d) for d in data]."
     named = isinstance(data, Mapping)
     first, last = (items[0][0], items[-1][0]) if named else ("val", "test")
     where = (f"data[{first!r}]", f"data[{last!r}]") if named else ("data[0]", f"data[{len(items) - 1}]")

@@ -154,8 +154,9 @@ _WARNED_CLASSES: "weakref.WeakSet[type]" = weakref.WeakSet()
 
 
 def warn_unknown_hooks(callback: Callback) -> None:
-    """Warns (once per class, and once per instance for functions set on it) about ``on_*`` methods that are no
-    event here, so never called: a typo or another framework's name (``on_train_end``: here ``on_fit_end``)."""
+    """Warns (once per class, and once per instance for functions set on it under another framework's event name,
+    or any on a plain ``Callback``) about ``on_*`` methods that are no event here, so never called: a typo or
+    another framework's name (``on_train_end``: here ``on_fit_end``)."""
     cls = type(callback)
     unknown = []
     if cls not in _WARNED_CLASSES:
@@ -163,8 +164,9 @@ def warn_unknown_hooks(callback: Callback) -> None:
         unknown = [(cls.__name__, name) for klass in cls.__mro__ if klass is not Callback and klass is not object
                    for name, value in vars(klass).items()
                    if name.startswith("on_") and callable(value) and name not in EVENTS]
-    own = sorted(name for name, value in getattr(callback, "__dict__", {}).items()
-                 if name.startswith("on_") and callable(value) and name not in EVENTS)
+    own = sorted(name for name, value in getattr(callback, "__dict__", {}).items()  # another framework's event, or
+                 if name.startswith("on_") and callable(value) and name not in EVENTS  # any on a plain Callback (a
+                 and (name in OTHER_NAMES or cls is Callback))  # class of one's own may keep a function it calls)
     if own and _warned_instances.get(id(callback)) != own:  # set on this instance (cb.on_batch_end = ...)
         _warned_instances[id(callback)] = own
         weakref.finalize(callback, _warned_instances.pop, id(callback), None)

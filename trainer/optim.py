@@ -289,23 +289,23 @@ def learning_rates(opt_state: Any, hyperparam: str = "learning_rate") -> dict[st
     in its group or above it (as Keras's and Lightning's monitors show a rate the plateau lowered)."""
     found = optax.tree_utils.tree_get_all_with_path(
         opt_state, hyperparam, filtering=lambda _path, value: isinstance(value, (jax.Array, np.ndarray)))
-    plateaus = [(_label(path), state.scale) for path, state in jax.tree_util.tree_flatten_with_path(
+    plateaus = [(_groups(path[:-1]), state.scale) for path, state in jax.tree_util.tree_flatten_with_path(
         opt_state, is_leaf=lambda node: isinstance(node, ReduceLROnPlateauState))[0]
         if isinstance(state, ReduceLROnPlateauState)]
-    rates = [(_label(path[:-1]), _scaled(value, _label(path[:-1]), plateaus)) for path, value in found]
+    rates = [("/".join(_groups(path[:-1])), _scaled(value, _groups(path[:-1]), plateaus)) for path, value in found]
     if len(rates) == 1:
         return {"": rates[0][1]}
     return {label or str(i): value for i, (label, value) in enumerate(rates)}
 
 
-def _label(path: tuple) -> str:
-    """The group labels (``multi_transform``'s dict keys) along a path in an optimizer state."""
-    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey) and k.key != "hyperparams")
+def _groups(path: tuple) -> tuple[str, ...]:
+    """The group names (``multi_transform``'s, ``named_chain``'s dict keys) along a path in an optimizer state."""
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey) and k.key != "hyperparams")
 
 
-def _scaled(rate: jax.Array, label: str, plateaus: list[tuple[str, jax.Array]]) -> jax.Array:
-    for where, scale in plateaus:  # a plateau scales the updates of its own group and of those inside it
-        if not where or label == where or label.startswith(where + "/"):
+def _scaled(rate: jax.Array, groups: tuple[str, ...], plateaus: list[tuple[tuple[str, ...], jax.Array]]) -> jax.Array:
+    for where, scale in plateaus:  # a plateau scales the updates of the group it sits in, and of those inside it
+        if groups[:len(where)] == where:
             rate = rate * jnp.asarray(scale, rate.dtype)
     return rate
 
@@ -320,6 +320,8 @@ def update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params:
     try:
         return tx.update(grads, opt_state, params, value=loss)
     except TypeError as error:
+        if "unexpected keyword argument 'value'" in str(error):  # one of the user's own that takes no extra argument
+            return tx.update(grads, opt_state, params)
         missing = re.search(r"missing \d+ required keyword-only arguments?: (.*)", str(error))
         if not missing:
             raise

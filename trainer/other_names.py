@@ -101,8 +101,6 @@ CHECKPOINT = {
 }
 EARLY_STOPPING = {
     "restore_best_weights": "restore_best=True (its default)",
-    "baseline": "nothing of its own: a subclass's on_epoch_end can call trainer.request_stop(reason)",
-    "start_from_epoch": "nothing of its own: a subclass whose on_epoch_end calls super() from epoch N on",
     "verbose": "nothing: the stop's reason is printed when fit ends (trainer.stop_reason)",
     "check_finite": "NaNDetector() (raise, skip or roll back a non-finite step)",
     "stopping_threshold": "nothing of its own: a subclass's on_epoch_end can call trainer.request_stop(reason)",

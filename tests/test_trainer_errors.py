@@ -662,3 +662,27 @@ def test_batches_of_a_registered_class_that_iterates_are_batches_not_datasets(da
     history = trainer.fit(batches)
     assert trainer.step == 6 and history[-1]["loss"] < history[0]["loss"]
     assert trainer.evaluate(batches)["loss"] == pytest.approx(history[-1]["loss"], rel=0.2)
+
+
+def test_keras_and_lightning_method_names_on_a_trainer_say_what_does_the_same(model, data):
+    """trainer.test(...), model.summary(), ... ended in Python's bare AttributeError; Keras's
+    ``stop_training = True`` was set in silence and stopped nothing."""
+    import re
+
+    from flax import nnx
+
+    import trainer as package
+    from trainer.other_names import TRAINER_ATTRIBUTES
+
+    trainer = Trainer(model, optax.sgd(0.1), max_steps=1)
+    for name, hint in TRAINER_ATTRIBUTES.items():
+        with pytest.raises(AttributeError, match=re.escape(f"no attribute {name!r}: here it is {hint}")):
+            getattr(trainer, name)
+        for attribute in set(re.findall(r"\btrainer\.(\w+)", hint)) - {name}:  # what a hint offers is there
+            assert hasattr(trainer, attribute), (name, attribute)
+    assert hasattr(nnx, "tabulate") and hasattr(package, "load_model")
+    with pytest.raises(AttributeError, match=r"'stop_training': here it is trainer.should_stop = True"):
+        trainer.stop_training = True
+    with pytest.raises(AttributeError, match=r"no attribute 'colour'$"):  # unknown anywhere: Python's own
+        trainer.colour
+    assert getattr(trainer, "colour", None) is None and not hasattr(trainer, "test")

@@ -113,6 +113,39 @@ METRICS_LOGGER = {
 }
 
 
+TRAINER_ATTRIBUTES = {  # Keras's model and Lightning's trainer: the names a Trainer lacks, and what does the same
+    "test": "trainer.evaluate(data, prefix='test/') (Lightning's trainer.test)",
+    "validate": "trainer.evaluate(data, prefix='eval/') (Trainer(model) with no optimizer evaluates too)",
+    "compile": "the constructor: Trainer(model, optimizer, loss_fn=...) (Keras's compile)",
+    "summary": "nnx.tabulate(trainer.model, example_inputs) (Flax's own table of the layers)",
+    "save_checkpoint": "callbacks=[Checkpoint()] while fitting; trainer.save_model(path) exports the weights",
+    "save_weights": "trainer.save_model(path) (load_model(path, model) reads them back)",
+    "save": "trainer.save_model(path) (load_model(path, model) reads it back)",
+    "load_weights": "load_model(path, model) (from trainer import load_model), then Trainer(model, ...)",
+    "load_from_checkpoint": "load_model(path, model) for the weights, or fit(..., resume=path) to go on training",
+    "get_weights": "nnx.state(trainer.model, nnx.Param)",
+    "set_weights": "nnx.update(trainer.model, params) (the trainer takes them at its next fit, evaluate or predict)",
+    "fit_generator": "trainer.fit(batches)",
+    "evaluate_generator": "trainer.evaluate(batches)",
+    "predict_generator": "trainer.predict(batches)",
+    "train_on_batch": "Trainer(model, optimizer, max_steps=N).fit([batch]) (README: 'Overfit one batch')",
+    "test_on_batch": "trainer.evaluate([batch])",
+    "predict_on_batch": "trainer.predict([batch])",
+    "stop_training": "trainer.should_stop = True, or trainer.request_stop(reason) (Keras's model.stop_training)",
+    "current_epoch": "trainer.epoch (0-based)",
+    "global_step": "trainer.step",
+    "callback_metrics": "trainer.history[-1] (the last epoch's) and trainer.eval_metrics (the last evaluation's)",
+    "logged_metrics": "trainer.history, or MetricsLogger's history",
+    "lr_find": "nothing of its own: a short fit per learning rate",
+}
+
+
+def missing_attribute(owner: str, name: str) -> AttributeError:
+    """The ``AttributeError`` for a name a Trainer lacks: for another framework's name, what to write here."""
+    hint = TRAINER_ATTRIBUTES.get(name)
+    return AttributeError(f"{owner!r} object has no attribute {name!r}" + (f": here it is {_sentence(hint)}" if hint else ""))
+
+
 def other_names(hints: Mapping[str, str]) -> Callable[[Callable], Callable]:
     """Decorates a method so that a keyword it lacks which ``hints`` knows, or data passed as two
     positional arguments (Keras's ``evaluate(x, y)``), fails with what to write instead."""

@@ -35,3 +35,32 @@ def test_data_parallel_over_8_devices_matches_one_device_and_shards_evaluation_a
         assert run["param_specs"] == ["P()"], run  # replicated parameters: every device holds them whole
     # the override also places evaluate / predict batches: each device computes its share of the rows
     assert out["seen"] == [["evaluate", "P('data',)"], ["predict", "P('data',)"]]
+
+
+def test_two_processes_train_and_resume_with_the_default_checkpoints_and_say_what_is_not_process_aware(tmp_path):
+    """2 processes joined by jax.distributed (the multi-process audit): a background checkpoint write crashed or
+    hung them (orbax's barrier on the worker thread met the step's collectives out of order), as a prefetch
+    thread did; they now write on the loop, with no thread, and say once what is not yet process-aware."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    script = Path(__file__).with_name("processes_script.py")
+    runs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=dict(
+                                 os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                                 TEST_PORT=str(port), TEST_RANK=str(rank))) for rank in (0, 1)]
+    try:
+        done = [run.communicate(timeout=240) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+    for run, (_, err) in zip(runs, done):
+        assert run.returncode == 0, err[-3000:]
+    outs = [json.loads(out.strip().splitlines()[-1]) for out, _ in done]
+    for out in outs:
+        assert out["devices"] == 4 and out["steps"] == [6, 12] and out["prefetch"] == 0
+        assert len(out["warned"]) == 1 and "process-aware" in out["warned"][0]
+        assert "prefetch=2 with 2 processes" in out["refused"]
+    assert outs[0]["params"] == outs[1]["params"] and outs[0]["digest"] == outs[1]["digest"]

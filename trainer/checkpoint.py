@@ -36,6 +36,7 @@ from trainer.sums import EPOCH_SUMS, PARTIAL_EPOCH
 from trainer.optim import optimizer_signature
 from trainer.metric_names import check_mode, resolve_mode
 from trainer.module_link import adopt_written_weights
+from trainer.processes import several
 from trainer.other_names import CHECKPOINT, other_names
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -223,9 +224,13 @@ class Checkpoint(Callback):
             self.store.close()
             self.store, self.last_saved_step, self._last_ranked, self._last_saved_at = None, None, False, None
         if self.store is None:
+            if several() and self.min_interval_seconds is not None:
+                raise ValueError(f"min_interval_seconds={self.min_interval_seconds} with {jax.process_count()} processes: "
+                                 "each reads its own clock, so they disagree on when a save is due and hang; save "
+                                 "by steps or epochs (every_n_steps, every_n_epochs).")
             self.directory = folder
-            self.store = CheckpointStore(self.directory, max_to_keep=self.max_to_keep, monitor=self.monitor,
-                                         mode=self.mode, keep_best=self.keep_best, async_save=self.async_save)
+            self.store = CheckpointStore(self.directory, max_to_keep=self.max_to_keep, monitor=self.monitor, mode=self.mode,
+                                         keep_best=self.keep_best, async_save=self.async_save and not several())
         return self.store
 
     def on_fit_start(self, trainer: "Trainer") -> None:
@@ -277,7 +282,7 @@ class Checkpoint(Callback):
         if self.monitor and at_epoch_end and not ranked and not self._warned_monitor:
             self._warn_if_never_reported(trainer)
         store.save(trainer.step, arrays, meta, metrics)
-        if wait or not self.async_save:
+        if wait or not self.async_save or several():  # several processes: a write in the background hangs them
             store.wait()
         self.last_saved_step, self._last_ranked = trainer.step, ranked
         if self.min_interval_seconds is not None:

@@ -32,6 +32,7 @@ from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, end_fit, finish_partial_epoch, has_partial_row, run_epoch
 from trainer.module_link import ModuleLink, before_another_trainer, lend_model
 from trainer.other_names import EVALUATE, FIT, PREDICT, TRAINER, missing_attribute, other_names
+from trainer.processes import prefetch_for_processes
 from trainer.options import check_fit_inputs, check_options, recorded_number, warn_if_loss_fn_unused
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
@@ -129,7 +130,7 @@ class Trainer:
                       config=config)
         self.max_epochs, self.max_steps = max_epochs, max_steps
         self.steps_per_execution = int(steps_per_execution)
-        self.prefetch = prefetch if prefetch == "auto" else int(prefetch)
+        self.prefetch = prefetch_for_processes(prefetch if prefetch == "auto" else int(prefetch))
         self.dispatch_ahead = None if dispatch_ahead is None else int(dispatch_ahead)
         self._in_flight: collections.deque = collections.deque()  # one output of each execution in flight
         self.prefetch_in_use: int | None = None  # what "auto" chose (0: the loop's thread)

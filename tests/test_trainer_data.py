@@ -213,3 +213,5 @@ def test_empty_batches_are_skipped_in_fit_and_evaluate(data, ragged, recwarn):
     assert results[0][:2] == results[1][:2] and results[0][3] == results[1][3] == 6
     assert all(np.array_equal(a, b) for a, b in zip(results[0][2], results[1][2]))
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    inputs = [b["x"] for b in batches]  # and predict, an empty batch first (it set the batch size to 0)
+    np.testing.assert_array_equal(trainer.predict([empty["x"], *inputs, empty["x"]]), trainer.predict(inputs))

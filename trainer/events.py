@@ -169,7 +169,10 @@ def warn_unknown_hooks(callback: Callback) -> None:
                  and (name in OTHER_NAMES or cls is Callback))  # class of one's own may keep a function it calls)
     if own and _warned_instances.get(id(callback)) != own:  # set on this instance (cb.on_batch_end = ...)
         _warned_instances[id(callback)] = own
-        weakref.finalize(callback, _warned_instances.pop, id(callback), None)
+        try:
+            weakref.finalize(callback, _warned_instances.pop, id(callback), None)
+        except TypeError:  # a class with __slots__ and no __weakref__: its entry stays
+            pass
         unknown += [(f"this {cls.__name__}", name) for name in own]
     for owner, name in dict.fromkeys(sorted(unknown)):
         hint = f"; its event here is {OTHER_NAMES[name]}" if name in OTHER_NAMES else f"; the events are {list(EVENTS)}"

@@ -142,8 +142,10 @@ def run_prediction(trainer: "Trainer", data: Iterable[Any]) -> Any:
     adopt_written_weights(trainer)
     outputs, size, place, seen = [], None, _placer(trainer), set()
     for batch in map(host_batch, data):
-        size = size or batch_size_of(batch)
         n = batch_size_of(batch)
+        if not n:
+            continue  # an empty batch: no rows to predict
+        size = size or n
         padded, _ = padded_batch(trainer, batch, size)
         shapes = batch_shapes(padded)
         padded = placing(padded, place)

@@ -146,6 +146,23 @@ def missing_attribute(owner: str, name: str) -> AttributeError:
     return AttributeError(f"{owner!r} object has no attribute {name!r}" + (f": here it is {_sentence(hint)}" if hint else ""))
 
 
+class OtherAttributeNames:
+    """Mixed into ``Trainer``: a name no attribute has that Keras or Lightning would have (``trainer.test``,
+    ``summary``) fails saying what does the same here; Keras's ``stop_training``, set, would stop nothing."""
+
+    def __getattr__(self, name: str) -> Any:  # only for names no attribute has
+        raise missing_attribute(type(self).__name__, name)
+
+    @property
+    def stop_training(self) -> bool:
+        """Keras's ``model.stop_training``: refused, read or set, with ``should_stop``'s name."""
+        raise missing_attribute(type(self).__name__, "stop_training")
+
+    @stop_training.setter
+    def stop_training(self, value: bool) -> None:
+        raise missing_attribute(type(self).__name__, "stop_training")
+
+
 def other_names(hints: Mapping[str, str]) -> Callable[[Callable], Callable]:
     """Decorates a method so that a keyword it lacks which ``hints`` knows, or data passed as two
     positional arguments (Keras's ``evaluate(x, y)``), fails with what to write instead."""

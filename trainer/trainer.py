@@ -31,7 +31,7 @@ from trainer.inference import check_eval_data_fits, run_evaluation, run_predicti
 from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, end_fit, finish_partial_epoch, has_partial_row, run_epoch
 from trainer.module_link import ModuleLink, before_another_trainer, lend_model
-from trainer.other_names import EVALUATE, FIT, PREDICT, TRAINER, missing_attribute, other_names
+from trainer.other_names import EVALUATE, FIT, PREDICT, TRAINER, OtherAttributeNames, other_names
 from trainer.processes import prefetch_for_processes
 from trainer.options import check_fit_inputs, check_options, recorded_number, warn_if_loss_fn_unused
 from trainer.optim import current_learning_rate
@@ -43,7 +43,7 @@ from trainer.sums import Sums, empty_sums, sums_snapshot
 from trainer.user_warnings import warn
 
 
-class Trainer:
+class Trainer(OtherAttributeNames):
     """Trains an ``nnx.Module`` with an optax optimizer; callbacks react to its events.
 
     Args:
@@ -302,19 +302,6 @@ class Trainer:
         if not self.checkpoints:
             raise ValueError("a rollback needs a Checkpoint callback to restore from.")
         self._rollback_request = bad_step
-
-    def __getattr__(self, name: str) -> Any:
-        # only for names no attribute has: Keras's and Lightning's (trainer.test, model.stop_training) say what does the same here
-        raise missing_attribute(type(self).__name__, name)
-
-    @property
-    def stop_training(self) -> bool:
-        """Keras's ``model.stop_training``: refused, read or set, with ``should_stop``'s name (set it would do nothing)."""
-        raise missing_attribute(type(self).__name__, "stop_training")
-
-    @stop_training.setter
-    def stop_training(self, value: bool) -> None:
-        raise missing_attribute(type(self).__name__, "stop_training")
 
     def request_stop(self, reason: str) -> None:
         """Ends ``fit`` after the current step, recording why."""

@@ -8,6 +8,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any, Mapping
 
@@ -41,7 +42,8 @@ class EarlyStopping(Callback):
       patience: checks without improvement before stopping.
       min_delta: the smallest change that counts as an improvement.
       restore_best: restore the best state when stopping.
-      baseline: a value to beat (Keras's): checks count as no improvement until one beats it.
+      baseline: a value to beat (Keras's): until a check beats it, the patience runs on even while the
+        checks improve (the best of them is still the one restored).
       start_from_epoch: epochs at the start whose checks are skipped (Keras's), for a model that first
         gets worse (a warmup).
     """
@@ -55,13 +57,14 @@ class EarlyStopping(Callback):
             raise ValueError(f"patience={patience!r} must be a positive integer.")
         if min_delta < 0:
             raise ValueError(f"min_delta={min_delta} must be >= 0.")
-        if not isinstance(start_from_epoch, int) or start_from_epoch < 0:
+        if not isinstance(start_from_epoch, numbers.Integral) or start_from_epoch < 0:
             raise ValueError(f"start_from_epoch={start_from_epoch!r} must be an integer >= 0.")
-        if baseline is not None and not (isinstance(baseline, (int, float)) and math.isfinite(baseline)):
+        if baseline is not None and not (isinstance(baseline, numbers.Real) and math.isfinite(baseline)):
             raise ValueError(f"baseline={baseline!r} must be a finite number (or None).")
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.min_delta, self.restore_best = min_delta, restore_best
-        self.baseline, self.start_from_epoch = baseline, start_from_epoch
+        self.baseline = None if baseline is None else float(baseline)
+        self.start_from_epoch = int(start_from_epoch)
         self.best: float | None = None
         self.best_step: int | None = None
         self.best_epoch: int | None = None
@@ -80,8 +83,7 @@ class EarlyStopping(Callback):
         metric or direction starts afresh rather than comparing with the other's best."""
         return f"{type(self).__name__}[{self.monitor},{self.mode}]"
 
-    def _improved(self, value: float) -> bool:
-        reference = self.best if self.best is not None else self.baseline
+    def _better(self, value: float, reference: float | None) -> bool:
         if reference is None:
             return not math.isnan(value)
         if self.mode == "min":
@@ -92,18 +94,21 @@ class EarlyStopping(Callback):
         self._checked_step = trainer.step
         if trainer.epoch < self.start_from_epoch:
             return  # Keras's start_from_epoch: these epochs are neither a best nor a lack of improvement
-        if self._improved(value):
-            self.best, self.best_step, self.best_epoch, self.wait = value, trainer.step, trainer.epoch, 0
+        self.wait += 1
+        if self._better(value, self.best):  # Keras's order: a new best is kept, and never stops the run; the
+            self.best, self.best_step, self.best_epoch = value, trainer.step, trainer.epoch  # wait starts again
+            if self.baseline is None or self._better(value, self.baseline):  # only once it beats the baseline
+                self.wait = 0
             if self.restore_best:  # a copy: the step donates (reuses) the live arrays
                 state = trainer.state
                 self._best_state = jax.tree.map(jnp.copy, (state.params, state.model_state))
             return
-        self.wait += 1
         if self.wait >= self.patience:
             self.stopped_epoch = trainer.epoch
             restored = self._restore_best(trainer) if self.restore_best else ""
-            best = (f"best {self.best:.6g} at step {self.best_step}{restored}" if self.best is not None else
-                    f"no check beat the baseline {self.baseline:.6g}" if self.baseline is not None else
+            below = (f"; none beat the baseline {self.baseline:.6g}" if self.baseline is not None and self.best is not None
+                     and not self._better(self.best, self.baseline) else "")
+            best = (f"best {self.best:.6g} at step {self.best_step}{restored}{below}" if self.best is not None else
                     "no check gave a number (every one was NaN)")
             trainer.request_stop(f"EarlyStopping: {self.monitor} did not improve for {self.patience} checks; {best}")
 

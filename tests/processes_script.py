@@ -12,7 +12,8 @@ import warnings
 
 import jax
 
-faulthandler.enable(all_threads=True)  # a hang (the test's timeout) shows every thread's stack
+faulthandler.dump_traceback_later(180, exit=True)  # a hang prints every thread's stack and exits, before the test's
+# timeout kills the process (SIGKILL, which faulthandler cannot catch)
 jax.distributed.initialize(coordinator_address=f"localhost:{os.environ['TEST_PORT']}", num_processes=2,
                            process_id=int(os.environ["TEST_RANK"]))
 

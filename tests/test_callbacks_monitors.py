@@ -273,12 +273,18 @@ def test_early_stopping_skips_the_first_epochs_and_needs_to_beat_a_baseline(mode
     trainer.fit(ArrayLoader(data, 32))  # epochs 0-2 are not checked: epoch 0's 0.9 is no best to beat
     assert late.best == 0.5 and late.best_epoch == 3 and late.stopped_epoch == 5
     assert all(np.array_equal(a, b) for a, b in zip(params_of(trainer), snaps.at[3]))
-    below = EarlyStopping(monitor="score", mode="max", patience=2, baseline=0.7)
-    trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=10,
-                      callbacks=[Scripted([0.5, 0.6, 0.65, 0.8]), below])
-    trainer.fit(ArrayLoader(data, 32))
-    assert trainer.epoch == 2 and below.best is None
-    assert trainer.stop_reason.endswith("no check beat the baseline 0.7")
+    # Keras 3's baseline: a check that improves never stops the run, but the patience restarts only once a check
+    # beats the baseline; the best check is the one restored, baseline or not (the review's comparison with Keras)
+    for scores, stop_epoch, best_epoch in (([0.5, 0.6, 0.55, 0.58, 0.9], 2, 1), ([0.6, 0.5, 0.4], 1, 0),
+                                           ([0.5, 0.6, 0.65, 0.68, 0.69, 0.8, 0.7, 0.7, 0.7], 7, 5)):
+        snaps = EpochParams()
+        below = EarlyStopping(monitor="score", mode="max", patience=2, baseline=np.float32(0.7))
+        trainer = Trainer(TinyMLP(rngs=nnx.Rngs(0)), optax.adam(1e-2), max_epochs=10,
+                          callbacks=[snaps, Scripted(scores), below])
+        trainer.fit(ArrayLoader(data, 32))
+        assert below.stopped_epoch == stop_epoch and below.best_epoch == best_epoch, scores
+        assert all(np.array_equal(a, b) for a, b in zip(params_of(trainer), snaps.at[best_epoch]))
+        assert trainer.stop_reason.endswith("none beat the baseline 0.7") == (max(scores[:stop_epoch + 1]) < 0.7)
     with pytest.raises(ValueError, match=r"start_from_epoch=-1 must be an integer >= 0"):
         EarlyStopping(start_from_epoch=-1)
 

@@ -52,7 +52,7 @@ def test_two_processes_train_and_resume_with_the_default_checkpoints_and_say_wha
                                  os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                                  TEST_PORT=str(port), TEST_RANK=str(rank))) for rank in (0, 1)]
     try:
-        done = [run.communicate(timeout=240) for run in runs]
+        done = [run.communicate(timeout=240) for run in runs]  # a hang ends itself at 180 s, its stacks on stderr
     finally:
         for run in runs:
             run.kill()

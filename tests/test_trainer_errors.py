@@ -686,3 +686,14 @@ def test_keras_and_lightning_method_names_on_a_trainer_say_what_does_the_same(mo
     with pytest.raises(AttributeError, match=r"no attribute 'colour'$"):  # unknown anywhere: Python's own
         trainer.colour
     assert getattr(trainer, "colour", None) is None and not hasattr(trainer, "test")
+
+    class Mine(Trainer):  # the review: a __getattr__ named the property, not the attribute it lacked
+        @property
+        def group_rate(self):
+            return self.opt_config
+
+    mine = Mine(model, optax.sgd(0.1), max_steps=1)
+    with pytest.raises(AttributeError, match=r"no attribute 'opt_config'$"):
+        mine.group_rate
+    mine.summary = "a subclass's own"  # names other than stop_training stay free for an instance's own use
+    assert mine.summary == "a subclass's own"

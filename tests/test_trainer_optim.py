@@ -231,6 +231,9 @@ def test_learning_rates_are_scaled_by_the_plateaus_of_their_own_group():
     named = optax.named_chain(("adam", injected), ("plateau", optax.contrib.reduce_on_plateau()))  # its own name
     state = optax.tree_utils.tree_set(named.init({"w": np.zeros(2)}), scale=0.5)  # is no group of the rates
     assert float(current_learning_rate(state)) == pytest.approx(0.05)
+    tail = optax.named_chain(("adam", injected), ("tail", optax.chain(optax.clip(1.0), optax.contrib.reduce_on_plateau())))
+    state = optax.tree_utils.tree_set(tail.init({"w": np.zeros(2)}), scale=0.5)  # a stage's plateau scales the chain
+    assert float(current_learning_rate(state)) == pytest.approx(0.05)
     nested = optax.multi_transform({"a": optax.chain(injected, optax.contrib.reduce_on_plateau()), "a/b": injected},
                                    {"w": "a", "v": "a/b"})  # a group named like one inside another is not
     state = optax.tree_utils.tree_set(nested.init({"w": np.zeros(2), "v": np.zeros(3)}), scale=0.25)

@@ -289,18 +289,25 @@ def learning_rates(opt_state: Any, hyperparam: str = "learning_rate") -> dict[st
     in its group or above it (as Keras's and Lightning's monitors show a rate the plateau lowered)."""
     found = optax.tree_utils.tree_get_all_with_path(
         opt_state, hyperparam, filtering=lambda _path, value: isinstance(value, (jax.Array, np.ndarray)))
-    plateaus = [(_groups(path[:-1]), state.scale) for path, state in jax.tree_util.tree_flatten_with_path(
+    plateaus = [(_groups(path), state.scale) for path, state in jax.tree_util.tree_flatten_with_path(
         opt_state, is_leaf=lambda node: isinstance(node, ReduceLROnPlateauState))[0]
         if isinstance(state, ReduceLROnPlateauState)]
-    rates = [("/".join(_groups(path[:-1])), _scaled(value, _groups(path[:-1]), plateaus)) for path, value in found]
+    rates = [(_label(path[:-1]), _scaled(value, _groups(path), plateaus)) for path, value in found]
     if len(rates) == 1:
         return {"": rates[0][1]}
     return {label or str(i): value for i, (label, value) in enumerate(rates)}
 
 
+def _label(path: tuple) -> str:
+    """A rate's name: the dict keys along its path (``multi_transform``'s groups, ``named_chain``'s stages)."""
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey) and k.key != "hyperparams")
+
+
 def _groups(path: tuple) -> tuple[str, ...]:
-    """The group names (``multi_transform``'s, ``named_chain``'s dict keys) along a path in an optimizer state."""
-    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey) and k.key != "hyperparams")
+    """The ``multi_transform`` groups along a path: what a plateau's scale reaches (a ``named_chain``'s stages run
+    one after the other, so a plateau in any stage scales the whole chain's updates)."""
+    return tuple(str(k.key) for before, k in zip((None, *path), path) if isinstance(k, jax.tree_util.DictKey)
+                 and getattr(before, "name", None) == "inner_states")  # jax's GetAttrKey, optax's NamedTupleKey
 
 
 def _scaled(rate: jax.Array, groups: tuple[str, ...], plateaus: list[tuple[tuple[str, ...], jax.Array]]) -> jax.Array:

@@ -146,21 +146,30 @@ def missing_attribute(owner: str, name: str) -> AttributeError:
     return AttributeError(f"{owner!r} object has no attribute {name!r}" + (f": here it is {_sentence(hint)}" if hint else ""))
 
 
+class _OtherName:
+    """A class attribute for a name Keras or Lightning has and a Trainer lacks: reading it raises what does the same
+    here. Only ``stop_training`` also refuses a value (Keras's ``model.stop_training = True`` would stop nothing);
+    other names set on an instance (a subclass's own ``summary``) are the instance's."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        raise missing_attribute(owner.__name__, self.name)
+
+
+class _RefusedName(_OtherName):
+    def __set__(self, instance: Any, value: Any) -> None:
+        raise missing_attribute(type(instance).__name__, self.name)
+
+
 class OtherAttributeNames:
-    """Mixed into ``Trainer``: a name no attribute has that Keras or Lightning would have (``trainer.test``,
-    ``summary``) fails saying what does the same here; Keras's ``stop_training``, set, would stop nothing."""
+    """Mixed into ``Trainer``: each name of ``TRAINER_ATTRIBUTES`` (``trainer.test``, ``summary``) fails saying what
+    does the same here. Class attributes, not ``__getattr__``: an error inside a property keeps its own name."""
 
-    def __getattr__(self, name: str) -> Any:  # only for names no attribute has
-        raise missing_attribute(type(self).__name__, name)
 
-    @property
-    def stop_training(self) -> bool:
-        """Keras's ``model.stop_training``: refused, read or set, with ``should_stop``'s name."""
-        raise missing_attribute(type(self).__name__, "stop_training")
-
-    @stop_training.setter
-    def stop_training(self, value: bool) -> None:
-        raise missing_attribute(type(self).__name__, "stop_training")
+for _name in TRAINER_ATTRIBUTES:
+    setattr(OtherAttributeNames, _name, (_RefusedName if _name == "stop_training" else _OtherName)(_name))
 
 
 def other_names(hints: Mapping[str, str]) -> Callable[[Callable], Callable]:

@@ -32,15 +32,21 @@ def whole_batch_loss(trainer: "Trainer") -> Callable[[Any, Any], tuple[Any, dict
     return whole
 
 
+def library_loss(trainer: "Trainer") -> bool:
+    """Whether ``trainer`` trains with one of ``trainer.losses``'s losses, as it stands (no ``compute_loss``
+    override): means over examples that weigh by a batch's mask."""
+    from trainer.trainer import Trainer
+
+    return type(trainer).compute_loss is Trainer.compute_loss and bool(
+        getattr(trainer.loss_fn or losses.default_loss, "weighs_by_mask", False))
+
+
 def evaluates_own_loss(trainer: "Trainer") -> bool:
     """Whether the default ``compute_metrics`` evaluates a loss of the user's own (a ``loss_fn`` or a
     ``compute_loss`` override), not one of ``trainer.losses``'s."""
     from trainer.trainer import Trainer
 
-    if type(trainer).compute_metrics is not Trainer.compute_metrics:
-        return False
-    library = getattr(trainer.loss_fn or losses.default_loss, "weighs_by_mask", False)
-    return not (library and type(trainer).compute_loss is Trainer.compute_loss)
+    return type(trainer).compute_metrics is Trainer.compute_metrics and not library_loss(trainer)
 
 
 def warn_if_not_example_means(trainer: "Trainer", batch: Any, sums: Any, prefix: str) -> None:

@@ -16,6 +16,7 @@ from trainer.build import check_intervals
 from trainer.data import check_batch_source, known_length, raw_arrays
 from trainer.feed import RAGGED
 from trainer.module_link import adopt_written_weights
+from trainer.processes import prefetch_for_processes
 from trainer.user_warnings import warn
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,6 +64,12 @@ def recorded_number(name: str, value: Any) -> float:
     except (TypeError, ValueError):
         raise TypeError(f"record({name!r}, {value!r:.60}): record takes one number (a float, or a 0-d array) "
                         "per name.") from None
+
+
+def prefetch_setting(prefetch: Any) -> int | str:
+    """The checked ``prefetch`` as the trainer keeps it: ``"auto"`` or an int, which several processes
+    (``jax.distributed``) run with no thread (``trainer.processes``)."""
+    return prefetch_for_processes(prefetch if prefetch == "auto" else int(prefetch))
 
 
 def check_fit_inputs(trainer: "Trainer", train_data: Any, eval_data: Any, resume: Any) -> None:

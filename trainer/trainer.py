@@ -27,13 +27,13 @@ from trainer.checkpoint import Checkpoint
 from trainer.evaluation import Evaluator
 from trainer.events import Callback, CallbackList
 from trainer.data import batches_of
+from trainer.example_means import library_loss
 from trainer.inference import check_eval_data_fits, run_evaluation, run_prediction
 from trainer.feed import CompiledShapes
 from trainer.loop import EPOCH_SUMS, end_fit, finish_partial_epoch, has_partial_row, run_epoch
 from trainer.module_link import ModuleLink, before_another_trainer, lend_model
 from trainer.other_names import EVALUATE, FIT, PREDICT, TRAINER, OtherAttributeNames, other_names
-from trainer.processes import prefetch_for_processes
-from trainer.options import check_fit_inputs, check_options, recorded_number, warn_if_loss_fn_unused
+from trainer.options import check_fit_inputs, check_options, prefetch_setting, recorded_number, warn_if_loss_fn_unused
 from trainer.optim import current_learning_rate
 from trainer.packing import Packed
 from trainer.preemption import PreemptionHandler, Preempted
@@ -130,7 +130,7 @@ class Trainer(OtherAttributeNames):
                       config=config)
         self.max_epochs, self.max_steps = max_epochs, max_steps
         self.steps_per_execution = int(steps_per_execution)
-        self.prefetch = prefetch_for_processes(prefetch if prefetch == "auto" else int(prefetch))
+        self.prefetch = prefetch_setting(prefetch)
         self.dispatch_ahead = None if dispatch_ahead is None else int(dispatch_ahead)
         self._in_flight: collections.deque = collections.deque()  # one output of each execution in flight
         self.prefetch_in_use: int | None = None  # what "auto" chose (0: the loop's thread)
@@ -204,9 +204,7 @@ class Trainer(OtherAttributeNames):
 
         Default: the loss and its metrics, evaluated per example so that padding is masked.
         """
-        by_mask = type(self).compute_loss is Trainer.compute_loss and getattr(self.loss_fn or losses.default_loss,
-                                                                             "weighs_by_mask", False)
-        return per_example_metrics(self.compute_loss, by_mask)(model, batch)
+        return per_example_metrics(self.compute_loss, library_loss(self))(model, batch)
 
     def finish_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """Host metrics (an evaluation's, an epoch's) before reporting; override to add derived ones."""
